@@ -1,0 +1,46 @@
+"""Targets: the runtimes a canonical graph lowers to. One folder per target.
+
+A target declares whether it is usable here, and lowers a canonical GraphModule to a
+callable that takes the same inputs. What a target cannot run stays in PyTorch through
+`partition.lower_by_partition`, which warns (or, with strict, raises) naming each op.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch.fx
+
+
+class Target(Protocol):
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """None when the target runs on this machine, else why not and what to install."""
+
+    def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
+              precision: str = "f32", cache_dir: str | None = None) -> Callable:
+        """A callable taking the same inputs as `gm`; `cache_dir` keeps compiled artefacts."""
+
+
+def _targets() -> dict[str, Target]:
+    from .openvino import OpenVINOTarget
+    from .reference import ReferenceTarget
+
+    return {"openvino": OpenVINOTarget(), "reference": ReferenceTarget()}
+
+
+TARGET_NAMES = ("auto", "openvino", "reference")
+
+
+def get_target(name: str) -> Target:
+    """The target called `name`; `auto` picks the best one usable on this machine."""
+    targets = _targets()
+    if name == "auto":
+        return next(t for t in targets.values() if t.unavailable_reason() is None)
+    if name not in targets:
+        raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(TARGET_NAMES)}")
+    target = targets[name]
+    reason = target.unavailable_reason()
+    if reason:
+        raise RuntimeError(f"target {name!r} cannot run here: {reason}")
+    return target

@@ -1,0 +1,129 @@
+"""The `openvino` target: `openvino.convert_model` on the exported program, then `compile_model`.
+
+Inference precision is set explicitly (OpenVINO would pick bf16 on a CPU with AMX) and
+read back from the compiled model, so a report says what really ran. When OpenVINO's
+PyTorch frontend has no conversion for an op, the graph is split: OpenVINO runs the
+partitions it converts, PyTorch the rest, and one warning names each op left behind.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
+
+PRECISIONS = ("f32", "bf16")
+
+
+def compile_config(precision: str, cache_dir: str | None = None) -> dict[str, str]:
+    """The one CPU configuration we and the benchmark's direct-OpenVINO peer both use."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if cache_dir:
+        config["CACHE_DIR"] = str(cache_dir)
+    return config
+
+
+def compile_exported(exported: torch.export.ExportedProgram, precision: str = "f32", cache_dir: str | None = None):
+    """convert_model + compile_model for the CPU with our configuration."""
+    import openvino as ov
+
+    return ov.Core().compile_model(ov.convert_model(exported), "CPU", compile_config(precision, cache_dir))
+
+
+class OpenVINOProgram(torch.nn.Module):
+    """A compiled OpenVINO model behind the calling convention of the module it replaced."""
+
+    def __init__(self, compiled, in_spec, out_spec):
+        super().__init__()
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.in_spec, self.out_spec = in_spec, out_spec
+        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, example_inputs: tuple, precision: str,
+                    cache_dir: str | None = None) -> "OpenVINOProgram":
+        return cls.from_exported(torch.export.export(module, example_inputs), precision, cache_dir)
+
+    @classmethod
+    def from_exported(cls, exported: torch.export.ExportedProgram, precision: str,
+                      cache_dir: str | None = None) -> "OpenVINOProgram":
+        compiled = compile_exported(exported, precision, cache_dir)
+        return cls(compiled, exported.call_spec.in_spec, exported.call_spec.out_spec)
+
+    def forward(self, *args, **kwargs):
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        results = self.request.infer([x.detach().contiguous().numpy() for x in leaves], share_inputs=True)
+        outputs = [torch.from_numpy(results[i]) for i in range(len(results))]
+        return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+_NO_RULE = re.compile(r"No conversion rule found for operations:\s*(.+)")
+_FAILED = re.compile(r"^-- (\S+) with a message:\s*\n(.+)$", re.MULTILINE)
+
+
+def failed_ops(message: str) -> dict[str, str]:
+    """Op name -> reason, from the report of OpenVINO's PyTorch frontend."""
+    failed = {}
+    for match in _NO_RULE.finditer(message):
+        for op in match.group(1).split(","):
+            failed[op.strip()] = "OpenVINO's PyTorch frontend has no conversion rule for it"
+    for op, reason in _FAILED.findall(message):
+        failed.setdefault(op.strip(), f"OpenVINO failed to convert it: {reason.strip()}")
+    return failed
+
+
+def _openvino_decompositions():
+    """The decomposition table OpenVINO's `convert_model` applies to an exported program."""
+    from openvino.frontend.pytorch.torchdynamo.export_decompositions import ops_to_not_decompose
+    from torch.export.decomp_utils import CustomDecompTable
+
+    table = CustomDecompTable()
+    for op in ops_to_not_decompose():
+        table.pop(op, None)
+    return table
+
+
+class OpenVINOTarget:
+    name = "openvino"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return "openvino is not installed: pip install 'edgepasses[openvino]'"
+        return None
+
+    def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
+              precision: str = "f32", cache_dir: str | None = None) -> Callable:
+        from openvino.frontend import OpConversionFailure
+
+        compile_config(precision)  # validate before the slow part
+        exported = torch.export.export(gm, example_inputs)
+        try:
+            return OpenVINOProgram.from_exported(exported, precision, cache_dir)
+        except OpConversionFailure as exc:
+            failure = str(exc)
+        return self._lower_partitioned(exported, failed_ops(failure), failure, strict=strict,
+                                       precision=precision, cache_dir=cache_dir)
+
+    def _lower_partitioned(self, exported, failed: dict[str, str], failure: str, *, strict: bool,
+                           precision: str, cache_dir: str | None) -> torch.fx.GraphModule:
+        # Partition the graph OpenVINO actually converts (after its decompositions), so the names
+        # in its failure report are the names of our nodes.
+        decomposed = exported.run_decompositions(_openvino_decompositions()).module()
+        unsupported = {n: failed[str(n.target)] for n in decomposed.graph.nodes
+                       if n.op == "call_function" and str(n.target) in failed}
+        if not unsupported:
+            raise RuntimeError(f"OpenVINO could not convert the graph and the failing ops are not in it "
+                               f"after decomposition, so it cannot be partitioned:\n{failure}")
+        report_fallbacks(self.name, fallbacks_of(unsupported), strict=strict)
+        return lower_by_partition(decomposed, unsupported,
+                                  lambda sub, samples: OpenVINOProgram.from_module(sub, samples, precision, cache_dir),
+                                  prefix="openvino_")

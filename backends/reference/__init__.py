@@ -1,0 +1,19 @@
+"""The `reference` target: runs the canonical graph in PyTorch (our kernels come in later)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx
+
+
+class ReferenceTarget:
+    name = "reference"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
+              precision: str = "f32", cache_dir: str | None = None) -> Callable:
+        if precision != "f32":
+            raise ValueError(f"the reference target runs precision 'f32' only; got {precision!r}")
+        return gm

@@ -1,0 +1,1 @@
+"""Benchmarks: the model zoo, the digits data set, latency runs and the demo."""

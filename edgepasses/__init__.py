@@ -1,0 +1,26 @@
+"""edgepasses: compression and decomposition of PyTorch models as FX graph passes.
+
+`torch.compile(model, backend="edge")` works without importing this package (entry point);
+importing it also registers the backend when the package is used from a source tree.
+"""
+from .api import compress, lower
+from .pass_base import PassContext, PassResult, register_pass, registered_passes
+from .pipeline import PRESETS, Pipeline
+
+__all__ = ["compress", "lower", "Pipeline", "PRESETS", "PassContext", "PassResult", "register_pass",
+           "registered_passes"]
+__version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    # Guarded: torch's registry asserts on duplicate names, and when Dynamo loads us through the
+    # entry point it registers the function itself right after this import.
+    from torch._dynamo.backends import registry
+
+    if "edge" not in registry._COMPILER_FNS and registry._BACKENDS.get("edge") is None:
+        from .backend import edge_backend
+
+        registry.register_backend(edge_backend, name="edge")
+
+
+_register_backend()

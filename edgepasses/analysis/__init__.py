@@ -1,0 +1,1 @@
+"""Read-only graph analyses: fake-tensor propagation, FLOPs/params, SQNR."""

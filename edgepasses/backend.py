@@ -1,0 +1,88 @@
+"""The torch.compile backend `edge` (entry point `torch_dynamo_backends`).
+
+    Dynamo graph -> freeze weights -> canonical form -> pipeline -> target lowering
+
+Only inference graphs compile. Dynamo's `example_inputs` give shapes only; calibration
+data comes from the `calibration` option and nowhere else.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import is_fake
+
+from .canonical import GradientsNeededError, check_no_grad_inputs, export_canonical_graph, frozen_copy
+from .pass_base import PassContext, build_options
+from .pipeline import DEFAULT_PIPELINE, Pipeline
+
+log = logging.getLogger("edgepasses")
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    pipeline: str = DEFAULT_PIPELINE
+    target: str = "auto"
+    calibration: Any = None             # an iterable of example input tuples
+    strict: bool = False                # raise instead of running unsupported ops in PyTorch
+    verify: bool = False                # lint + re-propagate fake tensors after every pass
+    precision: Literal["f32", "bf16"] = "f32"
+    cache_dir: str | None = None        # the target's compiled-model cache
+    allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
+
+    def __post_init__(self):
+        from .backends import TARGET_NAMES
+
+        if self.target not in TARGET_NAMES:
+            raise ValueError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
+
+
+def parse_options(options: dict | None) -> EdgeOptions:
+    return build_options(EdgeOptions, options or {}, where="torch.compile(backend='edge')")
+
+
+def _static_example(node: torch.fx.Node, value: Any) -> torch.Tensor:
+    """A concrete tensor of the input's static shape; refuses symbolic shapes with what to do."""
+    shape = getattr(node.meta.get("example_value", value), "shape", None)
+    if not isinstance(value, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in shape):
+        raise ValueError(f"input {node.name} has a dynamic shape ({value!r}); the edge backend compiles "
+                         "static shapes: pass dynamic=False to torch.compile (one compile per input shape)")
+    return torch.zeros(value.shape, dtype=value.dtype) if is_fake(value) else value
+
+
+def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **unknown):
+    if unknown:
+        raise ValueError(f"unknown torch.compile argument(s) for the edge backend: {', '.join(unknown)}; "
+                         "pass settings as options={...}")
+    opts = parse_options(options)
+    from .backends import get_target
+
+    pipeline = Pipeline.parse(opts.pipeline)
+    target = get_target(opts.target)
+    frozen, user_positions = frozen_copy(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user_inputs = tuple(_static_example(placeholders[i], example_inputs[i]) for i in user_positions)
+    try:
+        check_no_grad_inputs(example_inputs, user_positions)
+        canonical = export_canonical_graph(frozen, user_inputs)
+    except GradientsNeededError:
+        if not opts.allow_training:
+            raise
+        log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
+        return gm.forward
+
+    ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
+    with torch.no_grad():
+        canonical = pipeline.run(canonical, ctx, verify=opts.verify)
+        lowered = target.lower(canonical, user_inputs, strict=opts.strict, precision=opts.precision,
+                               cache_dir=opts.cache_dir)
+    log.info("edge: %s", str(canonical.edge_report).replace("\n", "\n  "))
+
+    def run(*args):
+        return lowered(*(args[i] for i in user_positions))
+
+    run.edge_report = canonical.edge_report
+    return run

@@ -1,0 +1,55 @@
+"""Small helpers every pass shares: reading and adding constants, fake values."""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+
+def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> torch.Tensor | None:
+    """The tensor a `get_attr` node reads; None for anything else (including a missing node)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return None
+
+
+def add_constant(gm: torch.fx.GraphModule, name_hint: str, value: torch.Tensor,
+                 *, before: torch.fx.Node) -> torch.fx.Node:
+    """Register `value` as a buffer of `gm` under a fresh name and return a `get_attr` node for it."""
+    base = name_hint.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    mode = fake_mode_of(gm)
+    if mode is not None:
+        node.meta["val"] = mode.from_tensor(getattr(gm, name), static_shapes=True)
+    return node
+
+
+def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
+    """Delete parameters and buffers no `get_attr` reads. Returns how many were removed."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = 0
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used or any(u.startswith(name + ".") for u in used):
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        delattr(owner, attr)
+        removed += 1
+    return removed

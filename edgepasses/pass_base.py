@@ -1,0 +1,143 @@
+"""The pass API: `register_pass`, `PassResult`, `PassContext` and option validation.
+
+A pass is a function `(gm, opts, ctx) -> PassResult` over the canonical graph form
+(see DESIGN.md). Its options are a frozen dataclass; values are validated against the
+field types when the dataclass is built, so a pipeline string and a Python call fail
+the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch.fx
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+@dataclass
+class PassResult:
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What every pass may read: inputs, calibration data, the target. Never per-pass settings."""
+
+    example_inputs: tuple = ()
+    calibration: Iterable[tuple] | None = None
+    target: Any = None  # a backends.Target: capabilities of the runtime the graph goes to
+    instruments: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: Callable[..., PassResult]
+    options: type
+    requires: tuple[str, ...]
+    version: int
+    doc: str
+
+    def make_options(self, values: Mapping[str, Any]):
+        return build_options(self.options, values, where=f"pass {self.name!r}")
+
+
+_REGISTRY: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, *, options: type = NoOptions, requires: Iterable[str] = (),
+                  version: int = 1):
+    """Register `fn` as pass `name`. `requires`: passes that must run earlier in a pipeline."""
+    if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
+        raise TypeError(f"options of pass {name!r} must be a frozen dataclass, got {options!r}")
+
+    def wrap(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"pass {name!r} is already registered by {_REGISTRY[name].fn!r}")
+        _REGISTRY[name] = PassInfo(name, fn, options, tuple(requires), version,
+                                   (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def registered_passes() -> dict[str, PassInfo]:
+    from . import passes  # noqa: F401  (importing the package registers the built-in passes)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> PassInfo:
+    known = registered_passes()
+    if name not in known:
+        raise ValueError(f"unknown pass {name!r}; registered passes: {', '.join(known)}")
+    return known[name]
+
+
+# ---------------------------------------------------------------- option validation
+
+def build_options(cls: type, values: Mapping[str, Any], *, where: str):
+    """Build the frozen dataclass `cls` from `values`, checking keys and types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        valid = ", ".join(f"{n}: {_type_name(f.type, cls)}" for n, f in fields.items()) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {where}; valid options: {valid}")
+    hints = typing.get_type_hints(cls)
+    checked = {k: check_value(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
+    return cls(**checked)
+
+
+def check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` coerced to `tp` (int -> float, list -> tuple) or raise ValueError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return check_value(value, arm, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be {_type_name(tp)}; got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where} must be None; got {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = (value,)
+        elem = args[0] if args else Any
+        return tuple(check_value(v, elem, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{where} must be {tp.__name__}; got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ValueError(f"{where} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any, owner: type | None = None) -> str:
+    if isinstance(tp, str) and owner is not None:
+        tp = typing.get_type_hints(owner).get(tp, tp)  # resolve postponed annotations
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,1 @@
+"""Quantization specs, observers and calibration methods (filled by the quantization issue)."""

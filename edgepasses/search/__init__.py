@@ -1,0 +1,1 @@
+"""Multi-objective search over pipelines (filled by the search issue)."""
