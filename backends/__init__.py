@@ -10,6 +10,8 @@ from typing import Callable, Protocol
 
 import torch.fx
 
+from edgepasses.errors import OptionError
+
 
 class Target(Protocol):
     name: str
@@ -38,7 +40,7 @@ def get_target(name: str) -> Target:
     if name == "auto":
         return next(t for t in targets.values() if t.unavailable_reason() is None)
     if name not in targets:
-        raise ValueError(f"unknown target {name!r}; valid targets: {', '.join(TARGET_NAMES)}")
+        raise OptionError(f"unknown target {name!r}; valid targets: {', '.join(TARGET_NAMES)}")
     target = targets[name]
     reason = target.unavailable_reason()
     if reason:

@@ -16,12 +16,9 @@ from torch.fx.passes.operator_support import create_op_support
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from edgepasses.canonical import user_source
+from edgepasses.errors import UnsupportedOpError
 
 log = logging.getLogger("edgepasses")
-
-
-class UnsupportedOpError(RuntimeError):
-    """A target cannot run an op and strict mode forbids running it in PyTorch."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
-from .canonical import GradientsNeededError, check_no_grad_inputs, export_canonical_graph, frozen_copy
+from .canonical import check_no_grad_inputs, export_canonical_graph, frozen_copy
+from .errors import GradientsNeededError, OptionError
 from .pass_base import PassContext, build_options
 from .pipeline import DEFAULT_PIPELINE, Pipeline
 
@@ -37,7 +38,7 @@ class EdgeOptions:
         from .backends import TARGET_NAMES
 
         if self.target not in TARGET_NAMES:
-            raise ValueError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
+            raise OptionError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -48,14 +49,14 @@ def _static_example(node: torch.fx.Node, value: Any) -> torch.Tensor:
     """A concrete tensor of the input's static shape; refuses symbolic shapes with what to do."""
     shape = getattr(node.meta.get("example_value", value), "shape", None)
     if not isinstance(value, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in shape):
-        raise ValueError(f"input {node.name} has a dynamic shape ({value!r}); the edge backend compiles "
+        raise OptionError(f"input {node.name} has a dynamic shape ({value!r}); the edge backend compiles "
                          "static shapes: pass dynamic=False to torch.compile (one compile per input shape)")
     return torch.zeros(value.shape, dtype=value.dtype) if is_fake(value) else value
 
 
 def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **unknown):
     if unknown:
-        raise ValueError(f"unknown torch.compile argument(s) for the edge backend: {', '.join(unknown)}; "
+        raise OptionError(f"unknown torch.compile argument(s) for the edge backend: {', '.join(unknown)}; "
                          "pass settings as options={...}")
     opts = parse_options(options)
     from .backends import get_target

@@ -14,15 +14,9 @@ import torch
 import torch.fx
 from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 
+from .errors import ExportFailedError, GradientsNeededError
+
 aten = torch.ops.aten
-
-
-class GradientsNeededError(RuntimeError):
-    """The graph would need autograd; edgepasses compiles inference graphs only."""
-
-
-class ExportFailedError(RuntimeError):
-    """torch.export could not capture the model."""
 
 
 def user_source(node: torch.fx.Node) -> str:

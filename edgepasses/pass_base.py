@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch.fx
 
+from .errors import OptionError
+
 
 @dataclass(frozen=True)
 class NoOptions:
@@ -62,7 +64,7 @@ def register_pass(name: str, *, options: type = NoOptions, requires: Iterable[st
 
     def wrap(fn):
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
-            raise ValueError(f"pass {name!r} is already registered by {_REGISTRY[name].fn!r}")
+            raise OptionError(f"pass {name!r} is already registered by {_REGISTRY[name].fn!r}")
         _REGISTRY[name] = PassInfo(name, fn, options, tuple(requires), version,
                                    (fn.__doc__ or "").strip().split("\n")[0])
         return fn
@@ -78,7 +80,7 @@ def registered_passes() -> dict[str, PassInfo]:
 def get_pass(name: str) -> PassInfo:
     known = registered_passes()
     if name not in known:
-        raise ValueError(f"unknown pass {name!r}; registered passes: {', '.join(known)}")
+        raise OptionError(f"unknown pass {name!r}; registered passes: {', '.join(known)}")
     return known[name]
 
 
@@ -90,7 +92,7 @@ def build_options(cls: type, values: Mapping[str, Any], *, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(f"{n}: {_type_name(f.type, cls)}" for n, f in fields.items()) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {where}; valid options: {valid}")
+        raise OptionError(f"unknown option(s) {', '.join(unknown)} for {where}; valid options: {valid}")
     hints = typing.get_type_hints(cls)
     checked = {k: check_value(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
     return cls(**checked)
@@ -104,18 +106,18 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        raise OptionError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
     if origin in (typing.Union, types.UnionType):
         for arm in args:
             try:
                 return check_value(value, arm, where)
             except ValueError:
                 pass
-        raise ValueError(f"{where} must be {_type_name(tp)}; got {value!r}")
+        raise OptionError(f"{where} must be {_type_name(tp)}; got {value!r}")
     if tp is type(None):
         if value is None:
             return None
-        raise ValueError(f"{where} must be None; got {value!r}")
+        raise OptionError(f"{where} must be None; got {value!r}")
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             value = (value,)
@@ -124,10 +126,10 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{where} must be {tp.__name__}; got {value!r}")
+        raise OptionError(f"{where} must be {tp.__name__}; got {value!r}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ValueError(f"{where} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    raise OptionError(f"{where} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
 
 
 def _type_name(tp: Any, owner: type | None = None) -> str:

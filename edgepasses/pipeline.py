@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch.fx
 
+from .errors import OptionError
 from .pass_base import PassContext, PassInfo, get_pass, registered_passes
 
 PRESETS: dict[str, str] = {
@@ -46,7 +47,7 @@ def _tokenize(text: str) -> list[tuple[str, Any, int]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise ValueError(f"pipeline syntax error at column {pos}: {text[pos:pos + 20]!r} in {text!r}")
+            raise OptionError(f"pipeline syntax error at column {pos}: {text[pos:pos + 20]!r} in {text!r}")
         kind = m.lastgroup
         raw = m.group(kind)
         if kind == "str":
@@ -75,11 +76,11 @@ class _Parser:
     def expect(self, what: str):
         tok = self.peek()
         if tok is None:
-            raise ValueError(f"pipeline syntax error: expected {what} at the end of {self.text!r}")
+            raise OptionError(f"pipeline syntax error: expected {what} at the end of {self.text!r}")
         if what in "(),=[]" and not (tok[0] == "punct" and tok[1] == what):
-            raise ValueError(f"pipeline syntax error at column {tok[2]}: expected {what!r}, got {tok[1]!r} in {self.text!r}")
+            raise OptionError(f"pipeline syntax error at column {tok[2]}: expected {what!r}, got {tok[1]!r} in {self.text!r}")
         if what == "name" and tok[0] != "word":
-            raise ValueError(f"pipeline syntax error at column {tok[2]}: expected a pass name, got {tok[1]!r} in {self.text!r}")
+            raise OptionError(f"pipeline syntax error at column {tok[2]}: expected a pass name, got {tok[1]!r} in {self.text!r}")
         self.i += 1
         return tok[1]
 
@@ -89,7 +90,7 @@ class _Parser:
             self.i += 1
             items.append(self.item())
         if self.peek() is not None:
-            raise ValueError(f"pipeline syntax error at column {self.peek()[2]}: unexpected {self.peek()[1]!r} in {self.text!r}")
+            raise OptionError(f"pipeline syntax error at column {self.peek()[2]}: unexpected {self.peek()[1]!r} in {self.text!r}")
         return items
 
     def item(self):
@@ -100,7 +101,7 @@ class _Parser:
                 key = self.expect("name")
                 self.expect("=")
                 if key in options:
-                    raise ValueError(f"option {key!r} given twice for {name!r} in {self.text!r}")
+                    raise OptionError(f"option {key!r} given twice for {name!r} in {self.text!r}")
                 options[key] = self.value()
                 if not self.peek(")"):
                     self.expect(",")
@@ -110,7 +111,7 @@ class _Parser:
     def value(self):
         tok = self.peek()
         if tok is None:
-            raise ValueError(f"pipeline syntax error: expected a value at the end of {self.text!r}")
+            raise OptionError(f"pipeline syntax error: expected a value at the end of {self.text!r}")
         if self.peek("["):
             self.i += 1
             values = []
@@ -123,7 +124,7 @@ class _Parser:
         self.i += 1
         kind, value, col = tok
         if kind == "punct":
-            raise ValueError(f"pipeline syntax error at column {col}: expected a value, got {value!r} in {self.text!r}")
+            raise OptionError(f"pipeline syntax error at column {col}: expected a value, got {value!r} in {self.text!r}")
         if kind == "word":
             return {"true": True, "false": False, "none": None}.get(value.lower(), value)
         return value
@@ -173,17 +174,17 @@ class Pipeline:
         if isinstance(text, Pipeline):
             return text
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"a pipeline is a non-empty string such as 'fold_bn,dce' or a preset "
+            raise OptionError(f"a pipeline is a non-empty string such as 'fold_bn,dce' or a preset "
                              f"({', '.join(PRESETS)}); got {text!r}")
         steps = []
         for name, options in _Parser(text).items():
             if name in PRESETS:
                 if options:
-                    raise ValueError(f"preset {name!r} takes no options; write its passes out: {PRESETS[name]}")
+                    raise OptionError(f"preset {name!r} takes no options; write its passes out: {PRESETS[name]}")
                 steps.extend(cls.parse(PRESETS[name]).steps)
                 continue
             if name not in registered_passes():
-                raise ValueError(f"unknown pass {name!r} in pipeline {text!r}; registered passes: "
+                raise OptionError(f"unknown pass {name!r} in pipeline {text!r}; registered passes: "
                                  f"{', '.join(registered_passes())}; presets: {', '.join(PRESETS)}")
             info = get_pass(name)
             steps.append(Step(info, info.make_options(options)))
@@ -196,7 +197,7 @@ class Pipeline:
         for step in self.steps:
             missing = [r for r in step.info.requires if r not in seen]
             if missing:
-                raise ValueError(f"pass {step.name!r} requires {', '.join(missing)} earlier in the "
+                raise OptionError(f"pass {step.name!r} requires {', '.join(missing)} earlier in the "
                                  f"pipeline; got {str(self)!r}")
             seen.add(step.name)
 

@@ -7,12 +7,16 @@ partitions it converts, PyTorch the rest, and one warning names each op left beh
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from typing import Callable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+
+from edgepasses.errors import OptionError
 
 from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
 
@@ -22,7 +26,7 @@ PRECISIONS = ("f32", "bf16")
 def compile_config(precision: str, cache_dir: str | None = None) -> dict[str, str]:
     """The one CPU configuration we and the benchmark's direct-OpenVINO peer both use."""
     if precision not in PRECISIONS:
-        raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise OptionError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if cache_dir:
         config["CACHE_DIR"] = str(cache_dir)
@@ -33,7 +37,22 @@ def compile_exported(exported: torch.export.ExportedProgram, precision: str = "f
     """convert_model + compile_model for the CPU with our configuration."""
     import openvino as ov
 
-    return ov.Core().compile_model(ov.convert_model(exported), "CPU", compile_config(precision, cache_dir))
+    with _root_logger_kept():
+        ov_model = ov.convert_model(exported)
+    return ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
+
+
+@contextlib.contextmanager
+def _root_logger_kept():
+    """convert_model sets the root logger to ERROR and, when conversion fails, leaves it there,
+    which would hide our fallback warning and every other library's."""
+    root = logging.getLogger()
+    level, filters = root.level, list(root.filters)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.filters = filters
 
 
 class OpenVINOProgram(torch.nn.Module):

@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch.fx
 
+from edgepasses.errors import OptionError
+
 
 class ReferenceTarget:
     name = "reference"
@@ -15,5 +17,5 @@ class ReferenceTarget:
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
-            raise ValueError(f"the reference target runs precision 'f32' only; got {precision!r}")
+            raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
         return gm

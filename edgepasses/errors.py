@@ -1,0 +1,27 @@
+"""The errors a user sees. They derive from Dynamo's `ShortenTraceback`, the one exception family
+Dynamo re-raises from a backend unwrapped, so `torch.compile(..., backend="edge")` raises them as
+they are (a bad option is a real `ValueError`) rather than as `BackendCompilerFailed`."""
+from __future__ import annotations
+
+from torch._dynamo.exc import ShortenTraceback
+
+
+class EdgeError(ShortenTraceback):
+    def __init__(self, message: str):
+        super().__init__(message, first_useful_frame=None)
+
+
+class OptionError(EdgeError, ValueError):
+    """An unknown pass, option, preset or target, or a value of the wrong type."""
+
+
+class GradientsNeededError(EdgeError):
+    """The graph would need autograd; edgepasses compiles inference graphs only."""
+
+
+class ExportFailedError(EdgeError):
+    """torch.export could not capture the model."""
+
+
+class UnsupportedOpError(EdgeError):
+    """A target cannot run an op and strict mode forbids running it in PyTorch."""
