@@ -6,11 +6,21 @@ callable that takes the same inputs. What a target cannot run stays in PyTorch t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch.fx
 
 from edgepasses.errors import OptionError
+
+
+@dataclass
+class Lowering:
+    """What a target did; the callable `lower` returns carries it as `.edge_lowering`."""
+    target: str
+    precision: str                      # as the runtime reports it, not as requested
+    partitions: int                     # pieces the target runs
+    fallbacks: list = field(default_factory=list)  # partition.Fallback: ops left to PyTorch
 
 
 class Target(Protocol):

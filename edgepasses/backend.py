@@ -8,6 +8,7 @@ data comes from the `calibration` option and nowhere else.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,12 +34,21 @@ class EdgeOptions:
     precision: Literal["f32", "bf16"] = "f32"
     cache_dir: str | None = None        # the target's compiled-model cache
     allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
+    on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
 
     def __post_init__(self):
         from .backends import TARGET_NAMES
 
         if self.target not in TARGET_NAMES:
             raise OptionError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
+
+
+@dataclass(frozen=True)
+class EdgeCompilation:
+    """What one compile did: the pipeline report, the target's lowering, and the wall time."""
+    report: Any        # pipeline.PipelineReport
+    lowering: Any      # backends.Lowering
+    seconds: float
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -75,15 +85,20 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
+    start = time.perf_counter()
     ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
     with torch.no_grad():
         canonical = pipeline.run(canonical, ctx, verify=opts.verify)
         lowered = target.lower(canonical, user_inputs, strict=opts.strict, precision=opts.precision,
                                cache_dir=opts.cache_dir)
-    log.info("edge: %s", str(canonical.edge_report).replace("\n", "\n  "))
+    compilation = EdgeCompilation(canonical.edge_report, lowered.edge_lowering, time.perf_counter() - start)
+    log.info("edge: %s on %s (%s)", str(canonical.edge_report).replace("\n", "\n  "),
+             compilation.lowering.target, compilation.lowering.precision)
+    if opts.on_compile is not None:
+        opts.on_compile(compilation)
 
     def run(*args):
         return lowered(*(args[i] for i in user_positions))
 
-    run.edge_report = canonical.edge_report
+    run.edge_compilation = compilation
     return run

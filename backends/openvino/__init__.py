@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 from edgepasses.errors import OptionError
 
+from .. import Lowering
 from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
 
 PRECISIONS = ("f32", "bf16")
@@ -63,7 +64,7 @@ class OpenVINOProgram(torch.nn.Module):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.in_spec, self.out_spec = in_spec, out_spec
-        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32"
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, example_inputs: tuple, precision: str,
@@ -126,7 +127,9 @@ class OpenVINOTarget:
         compile_config(precision)  # validate before the slow part
         exported = torch.export.export(gm, example_inputs)
         try:
-            return OpenVINOProgram.from_exported(exported, precision, cache_dir)
+            program = OpenVINOProgram.from_exported(exported, precision, cache_dir)
+            program.edge_lowering = Lowering(self.name, program.precision, partitions=1)
+            return program
         except OpConversionFailure as exc:
             failure = str(exc)
         return self._lower_partitioned(exported, failed_ops(failure), failure, strict=strict,
@@ -142,7 +145,15 @@ class OpenVINOTarget:
         if not unsupported:
             raise RuntimeError(f"OpenVINO could not convert the graph and the failing ops are not in it "
                                f"after decomposition, so it cannot be partitioned:\n{failure}")
-        report_fallbacks(self.name, fallbacks_of(unsupported), strict=strict)
-        return lower_by_partition(decomposed, unsupported,
-                                  lambda sub, samples: OpenVINOProgram.from_module(sub, samples, precision, cache_dir),
-                                  prefix="openvino_")
+        fallbacks = fallbacks_of(unsupported)
+        report_fallbacks(self.name, fallbacks, strict=strict)
+        programs = []
+
+        def compile_partition(sub, samples):
+            programs.append(OpenVINOProgram.from_module(sub, samples, precision, cache_dir))
+            return programs[-1]
+
+        lowered = lower_by_partition(decomposed, unsupported, compile_partition, prefix="openvino_")
+        ran = sorted({p.precision for p in programs}) or [precision]
+        lowered.edge_lowering = Lowering(self.name, ",".join(ran), len(programs), fallbacks)
+        return lowered

@@ -7,6 +7,8 @@ import torch.fx
 
 from edgepasses.errors import OptionError
 
+from .. import Lowering
+
 
 class ReferenceTarget:
     name = "reference"
@@ -18,4 +20,5 @@ class ReferenceTarget:
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
+        gm.edge_lowering = Lowering(self.name, precision, partitions=1)
         return gm
