@@ -1,0 +1,100 @@
+"""Pipeline grammar, typed options, presets, requires, uuid."""
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from edgepasses import PRESETS, Pipeline, PassResult, register_pass
+from edgepasses.errors import OptionError
+from edgepasses.pass_base import _REGISTRY
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    ratio: float = 0.5
+    bits: int = 8
+    mode: Literal["l1", "l2"] = "l1"
+    symmetric: bool = True
+    ignore: tuple[str, ...] = ()
+    name: str | None = None
+
+
+@pytest.fixture
+def toy_passes():
+    register_pass("toy", options=ToyOptions)(lambda gm, o, c: PassResult(gm, False))
+    register_pass("needs_toy", requires=("toy",))(lambda gm, o, c: PassResult(gm, False))
+    yield
+    del _REGISTRY["toy"], _REGISTRY["needs_toy"]
+
+
+@pytest.mark.parametrize("text, canonical", [
+    ("fold_bn,dce", "fold_bn,dce"),
+    (" fold_bn , dce ", "fold_bn,dce"),
+    ("edge-fp32", "fold_bn,dce"),
+    ("toy", "toy"),
+    ("toy()", "toy"),
+    ("toy(ratio=0.5,bits=8)", "toy"),                      # defaults are left out
+    ("toy(bits=4,ratio=0.25)", "toy(ratio=0.25,bits=4)"),  # declared order
+    ("toy(ratio=1)", "toy(ratio=1.0)"),                    # int where float is declared
+    ("toy(mode=l2,symmetric=false)", "toy(mode=l2,symmetric=false)"),
+    ("toy(ignore=[conv1,layer1.0.conv2])", "toy(ignore=[conv1,layer1.0.conv2])"),
+    ("toy(ignore=conv1)", "toy(ignore=[conv1])"),
+    ("toy(ignore=['layer.*\\\\.fc$'])", "toy(ignore=['layer.*\\\\.fc$'])"),
+    ("toy(name='with space')", "toy(name='with space')"),
+    ("toy(name=none)", "toy"),
+    ("toy(ratio=1e-3)", "toy(ratio=0.001)"),
+])
+def test_canonical_text_and_round_trip(toy_passes, text, canonical):
+    pipeline = Pipeline.parse(text)
+    assert str(pipeline) == canonical
+    assert Pipeline.parse(str(pipeline)) == pipeline
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fold_bn,nosuchpass", "unknown pass 'nosuchpass'.*registered passes: .*dce.*fold_bn"),
+    ("toy(nokey=1)", "unknown option.*nokey.*valid options: ratio: float, bits: int, mode: l1\\|l2"),
+    ("toy(bits=4.5)", "option 'bits' must be int; got 4.5"),
+    ("toy(bits=true)", "option 'bits' must be int; got True"),
+    ("toy(mode=l3)", "option 'mode' must be one of 'l1', 'l2'; got 'l3'"),
+    ("toy(ratio=abc)", "option 'ratio' must be float; got 'abc'"),
+    ("toy(bits=1,bits=2)", "given twice"),
+    ("toy(bits=", "expected a value"),
+    ("toy(bits 4)", "expected '='"),
+    ("fold_bn,,dce", "expected a pass name"),
+    ("edge-fp32(x=1)", "preset 'edge-fp32' takes no options"),
+    ("", "non-empty string"),
+    ("needs_toy", "pass 'needs_toy' requires toy earlier"),
+    ("needs_toy,toy", "pass 'needs_toy' requires toy earlier"),
+])
+def test_bad_pipelines_raise_value_errors_that_say_what_is_valid(toy_passes, text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        Pipeline.parse(text)
+    assert isinstance(info.value, OptionError)
+
+
+def test_requires_met_when_earlier(toy_passes):
+    assert str(Pipeline.parse("toy,needs_toy")) == "toy,needs_toy"
+
+
+def test_uuid_depends_on_options_and_pass_versions(toy_passes):
+    base = Pipeline.parse("toy")
+    assert base.uuid() == Pipeline.parse("toy(ratio=0.5)").uuid()
+    assert base.uuid() != Pipeline.parse("toy(ratio=0.25)").uuid()
+    assert base.uuid() != Pipeline.parse("toy,dce").uuid()
+    info = _REGISTRY["toy"]
+    _REGISTRY["toy"] = type(info)(**{**info.__dict__, "version": info.version + 1})
+    assert Pipeline.parse("toy").uuid() != base.uuid()
+
+
+def test_presets_expand_to_registered_passes():
+    for name, text in PRESETS.items():
+        assert str(Pipeline.parse(name)) == str(Pipeline.parse(text))
+
+
+def test_options_must_be_frozen_dataclasses():
+    @dataclass
+    class Mutable:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="frozen dataclass"):
+        register_pass("mutable", options=Mutable)
