@@ -1,0 +1,95 @@
+"""Fast tests of the benchmark harness: interleaved timing, bench_model on the digits CNN, the CLI."""
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+import pytest
+import torch
+
+from edgepasses import cli
+from edgepasses.bench.timing import measure_side_by_side
+
+PIPELINE = "edge-fp32"
+
+
+def test_side_by_side_gives_sane_timings():
+    timings = measure_side_by_side({"noop": lambda: None, "sleep": partial(time.sleep, 0.002)},
+                                   warmup=1, rounds=5)
+    noop, sleep = timings["noop"], timings["sleep"]
+    assert len(noop.samples) == len(sleep.samples) == 5
+    assert 0 <= noop.min_ms <= noop.median_ms <= noop.max_ms
+    assert sleep.min_ms >= 2.0
+    assert noop.median_ms < sleep.median_ms
+
+
+def test_side_by_side_warms_up_then_interleaves_in_rotated_order():
+    calls: list[str] = []
+    measure_side_by_side({name: partial(calls.append, name) for name in "abc"}, warmup=1, rounds=3)
+    warmup, rounds = calls[:3], calls[3:]
+    assert warmup == ["a", "b", "c"]
+    assert rounds == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_side_by_side_runs_without_grad():
+    grad_enabled: list[bool] = []
+    measure_side_by_side({"probe": lambda: grad_enabled.append(torch.is_grad_enabled())}, warmup=1, rounds=2)
+    assert grad_enabled == [False] * 3
+
+
+@pytest.fixture(scope="module")
+def digits_result():
+    pytest.importorskip("openvino")
+    pytest.importorskip("sklearn")
+    from edgepasses.bench.runner import bench_model
+
+    return bench_model("digits_cnn", [PIPELINE], warmup=1, rounds=3)
+
+
+def test_bench_model_measures_every_row(digits_result):
+    from edgepasses.bench.runner import EAGER_LABEL, PEER_LABEL, edge_label
+
+    assert [row.label for row in digits_result.rows] == [EAGER_LABEL, PEER_LABEL, edge_label(PIPELINE)]
+    for row in digits_result.rows:
+        assert row.speedup_vs_eager > 0 and row.ratio_vs_peer > 0
+        assert len(row.samples_ms) == 3
+        assert row.top1 is not None
+    assert digits_result.row(PEER_LABEL).ratio_vs_peer == 1.0
+
+
+def test_bench_model_edge_row_is_exact_and_smaller(digits_result):
+    from edgepasses.bench.runner import EAGER_LABEL, edge_label
+
+    eager, edge = digits_result.row(EAGER_LABEL), digits_result.row(edge_label(PIPELINE))
+    assert edge.max_abs_error < 1e-4
+    assert edge.top1 == pytest.approx(eager.top1, abs=0.6)  # at most two of 360 test images flip
+    assert edge.size_mb < eager.size_mb  # fold_bn drops the batch norms' parameters
+    assert (edge.precision, edge.fallbacks) == ("f32", 0)
+    assert edge.compile_s > 0
+
+
+def test_markdown_and_json_name_every_row(digits_result):
+    markdown = digits_result.to_markdown()
+    for row in digits_result.rows:
+        assert f"| {row.label} |" in markdown
+    assert "Machine:" in markdown
+    assert [row["label"] for row in json.loads(digits_result.to_json())["rows"]] == \
+        [row.label for row in digits_result.rows]
+
+
+def test_cli_passes_lists_passes_and_presets(capsys):
+    assert cli.main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "fold_bn" in out and "dce" in out and PIPELINE in out
+
+
+def test_cli_bench_rejects_unknown_model_naming_valid_ones(capsys):
+    from edgepasses.bench.zoo import ZOO_NAMES
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", "no_such_model"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no_such_model" in err
+    assert all(name in err for name in ZOO_NAMES)
