@@ -1,0 +1,29 @@
+# The two commands (README): `make demo` runs the main job, `make test` runs the tests.
+# Each creates the virtual environment on a fresh machine: the pinned torch/torchvision first,
+# so that pip never picks a torch version on its own, then the project.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check
+TORCH   := torch==2.14.1 torchvision==0.29.1
+EXTRAS  := openvino,bench,dev
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/edgepasses demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 --durations=15
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
