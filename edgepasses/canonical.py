@@ -9,6 +9,7 @@ placeholders into attributes, then exports that graph the same way.
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx
@@ -46,11 +47,21 @@ def export_canonical_graph(module: torch.nn.Module, example_inputs: tuple) -> to
 
 
 def _explain_export_failure(module: torch.nn.Module, exc: Exception) -> str:
-    first = next((ln for ln in str(exc).strip().splitlines() if ln.strip()), type(exc).__name__)
-    return (f"torch.export could not capture {type(module).__name__}: {type(exc).__name__}: {first}\n"
-            "What to do: make the failing code traceable (static shapes, no data-dependent Python "
-            "control flow: use torch.cond or torch.where), or use torch.compile(model, backend='edge'), "
-            "which splits the model at code it cannot capture and runs that part in Python.")
+    """Name what failed, the op being traced and the user's line, when torch.export's message has them."""
+    text = str(exc)
+    summary = next((ln.strip() for ln in text.splitlines()
+                    if ln.strip() and not ln.startswith(("def ", " ", "\t"))), "")
+    ops = re.findall(r"torch\.ops\.([\w.]+)\(", text)
+    where = re.search(r"The following call raised this error:\n\s*(File [^\n]*)(?:\n {4,}(\S[^\n]*))?", text)
+    lines = [f"torch.export could not capture {type(module).__name__}: {type(exc).__name__}: {summary}"]
+    if ops:
+        lines.append(f"last op traced: {ops[-1]}")
+    if where:
+        lines.append(f"at {where.group(1).strip()}" + (f": {where.group(2).strip()}" if where.group(2) else ""))
+    lines.append("What to do: make that code traceable (static shapes, no Python control flow on tensor "
+                 "values: use torch.cond or torch.where), or use torch.compile(model, backend='edge'), "
+                 "which splits the model at code it cannot capture and runs that part in Python.")
+    return "\n".join(lines)
 
 
 def check_eval_mode(module: torch.nn.Module) -> None:
