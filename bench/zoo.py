@@ -1,0 +1,123 @@
+"""The model zoo: the models every pass, backend and benchmark is measured on.
+
+The torchvision models and the BERT encoder have seeded random weights (nothing is downloaded):
+they serve latency and graph-shape work. The two digits models are trained on scikit-learn's
+digits set (cached after first use), so they also report what compression costs in accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from .bert import BertConfig, BertEncoder, example_token_ids
+from .digits import NUM_CLASSES, accuracy, calibration_batches, eval_batches, load_or_train
+
+IMAGENET_SIZE = 224
+SYNTHETIC_CALIBRATION_SEED = 1  # distinct from the example inputs' seed 0
+
+
+@dataclass
+class ZooModel:
+    name: str
+    module: nn.Module  # in eval mode
+    example_inputs: tuple[Any, ...]
+    description: str
+    # Takes a callable like `module` and returns its top-1 % on the digits test split; None when
+    # the weights are random.
+    accuracy_fn: Callable[[Callable[..., Tensor]], float] | None = None
+    # n -> n input tuples shaped like example_inputs, for quantization calibration.
+    calibration: Callable[[int], list[tuple[Tensor, ...]]] | None = None
+
+
+def _seeded_inputs(make: Callable[[torch.Generator], Tensor]) -> Callable[[int], list[tuple[Tensor]]]:
+    def calibration(n: int) -> list[tuple[Tensor]]:
+        generator = torch.Generator().manual_seed(SYNTHETIC_CALIBRATION_SEED)
+        return [(make(generator),) for _ in range(n)]
+
+    return calibration
+
+
+def _torchvision(name: str, torchvision_name: str, batch_size: int) -> ZooModel:
+    # Seeded so the random weights are the same on every run; fork_rng spares the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = getattr(torchvision.models, torchvision_name)(weights=None).eval()
+    shape = (batch_size, 3, IMAGENET_SIZE, IMAGENET_SIZE)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    # Random weights have no meaningful accuracy; Gaussian images still give int8 calibration
+    # ranges of the right order.
+    return ZooModel(name, module, (example,), f"torchvision {torchvision_name}, random weights",
+                    calibration=_seeded_inputs(lambda g: torch.randn(shape, generator=g)))
+
+
+def _bert_encoder(batch_size: int) -> ZooModel:
+    config = BertConfig()
+    module = BertEncoder(config).eval()
+    description = (f"BERT-style encoder, {config.layers} layers, hidden {config.hidden}, "
+                   f"{config.heads} heads, seq {config.seq_len}, random weights (BERT init)")
+    calibration = _seeded_inputs(lambda g: torch.randint(0, config.vocab_size, (batch_size, config.seq_len),
+                                                         generator=g))
+    return ZooModel("bert_encoder", module, (example_token_ids(config, batch_size),), description,
+                    calibration=calibration)
+
+
+def _digits_cnn_module() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES),
+    )
+
+
+def _digits_resnet18_module() -> nn.Module:
+    module = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    # A 3x3 stride-1 stem for 1x32x32 input; the maxpool stays so training is fast on a CPU.
+    module.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    return module
+
+
+def _digits_model(name: str, module: nn.Module, size: int, description: str,
+                  batch_size: int) -> ZooModel:
+    example = eval_batches(batch_size, size)[0][0]
+    return ZooModel(f"digits_{name}", module, (example,), description,
+                    accuracy_fn=lambda fn: accuracy(fn, size=size, batch_size=batch_size),
+                    calibration=lambda n: calibration_batches(n, batch_size, size))
+
+
+def _digits_cnn(batch_size: int) -> ZooModel:
+    module = load_or_train("cnn", _digits_cnn_module, epochs=10, lr=1e-2, batch_size=128, size=8)
+    return _digits_model("cnn", module, 8, "small CNN trained on scikit-learn digits, 1x8x8 input",
+                         batch_size)
+
+
+def _digits_resnet18(batch_size: int) -> ZooModel:
+    # Two epochs is the fewest that reach 95% (one gives 88%): about a minute on 2 idle cores.
+    module = load_or_train("resnet18", _digits_resnet18_module, epochs=2, lr=1e-3, batch_size=64, size=32)
+    return _digits_model("resnet18", module, 32,
+                         "torchvision resnet18 (3x3 stem) trained on scikit-learn digits, 1x32x32 input",
+                         batch_size)
+
+
+_TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2",
+                      "densenet121": "densenet121", "shufflenet_v2": "shufflenet_v2_x1_0"}
+_BUILDERS: dict[str, Callable[[int], ZooModel]] = {
+    **{name: partial(_torchvision, name, tv_name) for name, tv_name in _TORCHVISION_NAMES.items()},
+    "bert_encoder": _bert_encoder,
+    "digits_cnn": _digits_cnn,
+    "digits_resnet18": _digits_resnet18,
+}
+ZOO_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def get_model(name: str, batch_size: int = 1) -> ZooModel:
+    """The zoo model `name` in eval mode, with example inputs of `batch_size`."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(ZOO_NAMES)}")
+    return _BUILDERS[name](batch_size)
