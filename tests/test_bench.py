@@ -93,3 +93,21 @@ def test_cli_bench_rejects_unknown_model_naming_valid_ones(capsys):
     err = capsys.readouterr().err
     assert "no_such_model" in err
     assert all(name in err for name in ZOO_NAMES)
+
+
+def test_cli_bench_prints_and_writes_results(digits_result, monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_bench_model(name, pipelines, **settings):  # the measured fixture stands in for a rerun
+        calls.append((name, pipelines, settings))
+        return digits_result
+
+    monkeypatch.setattr("edgepasses.bench.runner.bench_model", fake_bench_model)
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert cli.main(["bench", "--model", "digits_cnn", "--rounds", "3", "--json", str(json_path),
+                     "--md", str(md_path)]) == 0
+    assert calls == [("digits_cnn", [PIPELINE], {"batch_size": 1, "target": "openvino", "precision": "f32",
+                                                "warmup": 10, "rounds": 3, "progress": True})]
+    assert digits_result.to_markdown() in capsys.readouterr().out
+    assert md_path.read_text().strip() == digits_result.to_markdown()
+    assert json.loads(json_path.read_text())[0]["model"] == "digits_cnn"

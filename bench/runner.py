@@ -1,0 +1,280 @@
+"""`bench_model`: one zoo model run eagerly, by OpenVINO directly, and through the `edge` backend.
+
+Rows, all timed side by side in one run (`bench.timing`):
+
+- "eager fp32": the torch module as it is.
+- "openvino direct", the peer: `torch.export.export(model, args)` converted and compiled by
+  OpenVINO with exactly the configuration our openvino target uses (`compile_exported`), without
+  our passes and without torch.compile. It is called through the same `OpenVINOProgram` wrapper
+  our target returns, so both pay the same calling overhead and the ratio between an edge row and
+  the peer shows what our passes and the torch.compile path (Dynamo guards) add or save.
+- "edge: <pipeline>": `torch.compile(model, backend="edge", dynamic=False, options=...)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+
+import edgepasses
+from edgepasses.backends.openvino import OpenVINOProgram
+
+from .timing import Timing, measure_side_by_side
+from .zoo import ZooModel, get_model
+
+EAGER_LABEL = "eager fp32"
+PEER_LABEL = "openvino direct"
+CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) read them
+BYTES_PER_MB = 1e6
+
+
+def edge_label(pipeline: str) -> str:
+    return f"edge: {pipeline}"
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    logical_cpus: int
+    torch_threads: int
+    torch_version: str
+    openvino_version: str
+    load_average: float  # 1-minute, when the run started: other jobs on a shared machine
+
+    @classmethod
+    def here(cls) -> "Machine":
+        import openvino
+
+        return cls(_cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
+                   openvino.__version__, os.getloadavg()[0])
+
+    @property
+    def busy(self) -> bool:
+        return self.load_average > self.logical_cpus
+
+    def __str__(self) -> str:
+        text = (f"Machine: {self.cpu}, {self.logical_cpus} logical CPUs, torch threads {self.torch_threads}, "
+                f"torch {self.torch_version}, OpenVINO {self.openvino_version}, "
+                f"load average {self.load_average:.1f} at start")
+        if self.busy:
+            # Measured here: with other jobs on every core, eager PyTorch's OpenMP threads spin-wait on
+            # each other and eager latency grows up to 10-200x; OpenVINO's thread pool suffers far less.
+            text += (". The machine was busy: eager timings and speedups vs eager are inflated; "
+                     "ratios vs OpenVINO direct hold up better")
+        return text
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    speedup_vs_eager: float        # eager median / this median
+    ratio_vs_peer: float           # this median / peer median; < 1 is faster than OpenVINO direct
+    size_mb: float                 # parameters and buffers (edge: constants after the pipeline)
+    max_abs_error: float           # vs eager on the example inputs
+    top1: float | None             # % on the digits test split; None for random-weight models
+    compile_s: float | None        # wall time to a ready callable; edge: the first call (Dynamo
+                                   # tracing, export, pipeline, OpenVINO conversion, one inference)
+    precision: str                 # as the runtime reports it
+    fallbacks: int                 # ops left to PyTorch
+    samples_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    description: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    target: str
+    precision: str
+    warmup: int
+    rounds: int
+    machine: Machine
+    rows: tuple[Row, ...]
+
+    def row(self, label: str) -> Row:
+        return next(r for r in self.rows if r.label == label)
+
+    def to_markdown(self) -> str:
+        header = ["", "median ms", "min–max ms", "speedup vs eager", "vs OpenVINO direct", "size MB",
+                  "max abs err", "top-1 %", "compile s", "precision", "fallbacks"]
+        lines = [f"### {self.model}: {self.description}", "",
+                 f"input {format_shapes(self.input_shapes)}, target {self.target}, precision {self.precision}, "
+                 f"warmup {self.warmup}, {self.rounds} interleaved rounds", ""]
+        lines += markdown_table(header, [_cells(row) for row in self.rows])
+        return "\n".join(lines + ["", str(self.machine)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
+
+
+def format_shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return ", ".join("x".join(map(str, shape)) for shape in shapes)
+
+
+def format_ms(ms: float) -> str:
+    return f"{ms:.3g}"
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cells(row: Row) -> list[str]:
+    return [row.label, format_ms(row.median_ms), f"{format_ms(row.min_ms)}–{format_ms(row.max_ms)}",
+            f"{row.speedup_vs_eager:.2f}x", f"{row.ratio_vs_peer:.2f}", f"{row.size_mb:.1f}",
+            f"{row.max_abs_error:.1e}", _optional(row.top1, ".1f"), _optional(row.compile_s, ".1f"),
+            row.precision, str(row.fallbacks)]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A way to run the model, before it is measured."""
+    label: str
+    run: Callable[..., Any]
+    size_mb: float
+    compile_s: float | None
+    precision: str
+    fallbacks: int
+
+
+def _constants_mb(module: torch.nn.Module) -> float:
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / BYTES_PER_MB
+
+
+def _eager(zoo: ZooModel) -> _Candidate:
+    return _Candidate(EAGER_LABEL, zoo.module, _constants_mb(zoo.module), None, "f32", 0)
+
+
+def _peer(zoo: ZooModel, precision: str) -> _Candidate:
+    start = time.perf_counter()
+    program = OpenVINOProgram.from_exported(torch.export.export(zoo.module, zoo.example_inputs), precision)
+    return _Candidate(PEER_LABEL, program, _constants_mb(zoo.module), time.perf_counter() - start,
+                      program.precision, 0)
+
+
+def _edge(zoo: ZooModel, pipeline: str, target: str, precision: str) -> _Candidate:
+    calibration = zoo.calibration(CALIBRATION_BATCHES) if zoo.calibration else None
+    compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
+    options = {"pipeline": pipeline, "target": target, "precision": precision, "calibration": calibration,
+               "on_compile": compilations.append}
+    # dynamic=False: the backend compiles static shapes, one compile per input shape.
+    compiled = torch.compile(zoo.module, backend="edge", dynamic=False, options=options)
+    start = time.perf_counter()
+    compiled(*zoo.example_inputs)
+    compile_s = time.perf_counter() - start
+    if not compilations:
+        raise RuntimeError(f"torch.compile(backend='edge') compiled no graph of {zoo.name}; the edge row "
+                           "would time eager PyTorch")
+    compressed = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
+                                     target=target)
+    precisions = ",".join(sorted({c.lowering.precision for c in compilations}))
+    fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
+    return _Candidate(edge_label(pipeline), compiled, _constants_mb(compressed), compile_s, precisions, fallbacks)
+
+
+def _max_abs_error(expected: Any, actual: Any) -> float:
+    pairs = zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual), strict=True)
+    return max((float((e.double() - a.double()).abs().max()) for e, a in pairs), default=0.0)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, model: str, total: int) -> Iterator[Callable[..., None]]:
+    """Yields `update(description=None, advance=0)`: a rich progress bar on stderr, or nothing."""
+    if not enabled:
+        yield lambda description=None, advance=0: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    # stderr, so that stdout carries only the results.
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(model, total=total)
+
+        def update(description: str | None = None, advance: int = 0) -> None:
+            bar.update(task, description=f"{model}: {description}" if description else None, advance=advance)
+
+        yield update
+
+
+def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict[str, float],
+          top1: dict[str, float]) -> tuple[Row, ...]:
+    eager, peer = timings[EAGER_LABEL].median_ms, timings[PEER_LABEL].median_ms
+    rows = []
+    for c in candidates:
+        t = timings[c.label]
+        rows.append(Row(c.label, t.median_ms, t.min_ms, t.max_ms, eager / t.median_ms, t.median_ms / peer,
+                        c.size_mb, errors[c.label], top1.get(c.label), c.compile_s, c.precision, c.fallbacks,
+                        t.samples))
+    return tuple(rows)
+
+
+def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
+                precision: str = "f32", warmup: int = 10, rounds: int = 50,
+                progress: bool | None = None) -> BenchResult:
+    """Measure zoo model `name` eagerly, as OpenVINO direct, and through `edge` with each pipeline."""
+    torch._dynamo.reset()  # the previous model's compiled code and recompile counts must not carry over
+    machine = Machine.here()  # before our own work raises the load average
+    zoo = get_model(name, batch_size)
+    builders = [(EAGER_LABEL, partial(_eager, zoo)), (PEER_LABEL, partial(_peer, zoo, precision))]
+    builders += [(edge_label(p), partial(_edge, zoo, p, target, precision)) for p in dict.fromkeys(pipelines)]
+    total = len(builders) * (2 if zoo.accuracy_fn else 1) + rounds
+    with torch.no_grad(), _progress(bool(progress), name, total) as update:
+        candidates = [_build(label, build, update) for label, build in builders]
+        expected = zoo.module(*zoo.example_inputs)
+        errors = {c.label: _max_abs_error(expected, c.run(*zoo.example_inputs)) for c in candidates}
+        top1 = _top1(zoo, candidates, update) if zoo.accuracy_fn else {}
+        update(f"timing {rounds} rounds")
+        timings = measure_side_by_side({c.label: partial(c.run, *zoo.example_inputs) for c in candidates},
+                                       warmup, rounds, on_round=partial(update, advance=1))
+    shapes = tuple(tuple(x.shape) for x in zoo.example_inputs if isinstance(x, torch.Tensor))
+    return BenchResult(name, zoo.description, shapes, target, precision, warmup, rounds, machine,
+                       _rows(candidates, timings, errors, top1))
+
+
+def _build(label: str, build: Callable[[], _Candidate], update: Callable[..., None]) -> _Candidate:
+    update(f"preparing {label}")
+    candidate = build()
+    update(advance=1)
+    return candidate
+
+
+def _top1(zoo: ZooModel, candidates: list[_Candidate], update: Callable[..., None]) -> dict[str, float]:
+    # Evaluated at the benchmark's batch size (the zoo pads the last batch): every candidate runs the
+    # very callable that was timed, and nothing recompiles for another shape.
+    top1 = {}
+    for c in candidates:
+        update(f"top-1 of {c.label}")
+        top1[c.label] = zoo.accuracy_fn(c.run)
+        update(advance=1)
+    return top1

@@ -1,0 +1,127 @@
+"""The `edgepasses` command.
+
+    edgepasses bench --model resnet18 --pipeline edge-fp32 [--json PATH] [--md PATH]
+    edgepasses passes      # registered passes with their options, and the presets
+    edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
+
+The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+from .pass_base import PassInfo, registered_passes
+from .pipeline import DEFAULT_PIPELINE, PRESETS, Pipeline, format_value
+
+
+def _option_text(field: dataclasses.Field) -> str:
+    type_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+    if not has_default:
+        return f"{field.name}: {type_name}"
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return f"{field.name}: {type_name} = {format_value(default)}"
+
+
+def _pass_lines(info: PassInfo, width: int) -> list[str]:
+    options = ", ".join(_option_text(f) for f in dataclasses.fields(info.options)) or "none"
+    indent = " " * (width + 4)
+    lines = [f"  {info.name:<{width}}  {info.doc or '(undocumented)'}", f"{indent}options: {options}"]
+    if info.requires:
+        lines.append(f"{indent}requires earlier: {', '.join(info.requires)}")
+    return lines
+
+
+def passes_text() -> str:
+    passes = registered_passes()
+    width = max(map(len, [*passes, *PRESETS]))
+    lines = ["passes:"]
+    for info in passes.values():
+        lines += _pass_lines(info, width)
+    lines.append("presets:")
+    lines += [f"  {name:<{width}}  {text}{'  (default)' if name == DEFAULT_PIPELINE else ''}"
+              for name, text in PRESETS.items()]
+    return "\n".join(lines)
+
+
+def _passes(args: argparse.Namespace) -> int:
+    print(passes_text())
+    return 0
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    """Fail fast, before any model is built, on an unknown model or a bad pipeline."""
+    from edgepasses.bench.zoo import ZOO_NAMES
+
+    unknown = [name for name in args.model if name not in ZOO_NAMES]
+    if unknown:
+        args.parser.error(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(ZOO_NAMES)}")
+    for pipeline in args.pipeline:
+        try:
+            Pipeline.parse(pipeline)
+        except OptionError as exc:
+            args.parser.error(str(exc))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    args.pipeline = args.pipeline or [DEFAULT_PIPELINE]
+    _check_bench_args(args)
+    from edgepasses.bench.runner import bench_model
+
+    results = []
+    for name in args.model:
+        results.append(bench_model(name, args.pipeline, batch_size=args.batch, target=args.target,
+                                   precision=args.precision, warmup=args.warmup, rounds=args.rounds,
+                                   progress=True))
+        print(results[-1].to_markdown() + "\n", flush=True)  # each table as soon as it is measured
+    if args.md:
+        Path(args.md).write_text("\n\n".join(r.to_markdown() for r in results) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edgepasses.bench.demo import main as demo_main
+
+    return demo_main()
+
+
+def _add_bench_parser(subparsers: Any) -> None:
+    from .backends import TARGET_NAMES
+    from .backends.openvino import PRECISIONS
+
+    bench = subparsers.add_parser("bench", help="latency, size and accuracy of zoo models: eager vs "
+                                                "OpenVINO direct vs edge pipelines")
+    bench.add_argument("--model", action="append", required=True, help="zoo model name; repeatable")
+    bench.add_argument("--pipeline", action="append", default=[],
+                       help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--target", choices=TARGET_NAMES, default="openvino")
+    bench.add_argument("--precision", choices=PRECISIONS, default="f32")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--md", metavar="PATH", help="also write the Markdown tables")
+    bench.set_defaults(handler=_bench, parser=bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgepasses", description="FX-graph compression passes and the "
+                                                                    "torch.compile backend 'edge'")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_bench_parser(subparsers)
+    subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
+    subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
+                          ).set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
