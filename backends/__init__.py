@@ -21,6 +21,7 @@ class Lowering:
     precision: str                      # as the runtime reports it, not as requested
     partitions: int                     # pieces the target runs
     fallbacks: list = field(default_factory=list)  # partition.Fallback: ops left to PyTorch
+    int8_ops: int = 0                   # compute ops the runtime reports running in integer precision
 
 
 class Target(Protocol):

@@ -17,6 +17,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from edgepasses.errors import OptionError
+from edgepasses.quant import QuantCaps
 
 from .. import Lowering
 from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
@@ -77,6 +78,15 @@ class OpenVINOProgram(torch.nn.Module):
         compiled = compile_exported(exported, precision, cache_dir)
         return cls(compiled, exported.call_spec.in_spec, exported.call_spec.out_spec)
 
+    def integer_compute_ops(self) -> int:
+        """Compute ops (conv, matmul) OpenVINO's compiled model runs in u8/i8: int8 that really ran."""
+        count = 0
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+            count += layer in _COMPUTE_LAYERS and precision in ("u8", "i8")
+        return count
+
     def forward(self, *args, **kwargs):
         leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         results = self.request.infer([x.detach().contiguous().numpy() for x in leaves], share_inputs=True)
@@ -84,6 +94,7 @@ class OpenVINOProgram(torch.nn.Module):
         return pytree.tree_unflatten(outputs, self.out_spec)
 
 
+_COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 _NO_RULE = re.compile(r"No conversion rule found for operations:\s*(.+)")
 _FAILED = re.compile(r"^-- (\S+) with a message:\s*\n(.+)$", re.MULTILINE)
 
@@ -112,6 +123,8 @@ def _openvino_decompositions():
 
 class OpenVINOTarget:
     name = "openvino"
+    # u8 activations / i8 per-channel weights: what its FakeQuantize-to-int8 transformations expect.
+    quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False)
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -128,7 +141,8 @@ class OpenVINOTarget:
         exported = torch.export.export(gm, example_inputs)
         try:
             program = OpenVINOProgram.from_exported(exported, precision, cache_dir)
-            program.edge_lowering = Lowering(self.name, program.precision, partitions=1)
+            program.edge_lowering = Lowering(self.name, program.precision, partitions=1,
+                                             int8_ops=program.integer_compute_ops())
             return program
         except OpConversionFailure as exc:
             failure = str(exc)
@@ -155,5 +169,6 @@ class OpenVINOTarget:
 
         lowered = lower_by_partition(decomposed, unsupported, compile_partition, prefix="openvino_")
         ran = sorted({p.precision for p in programs}) or [precision]
-        lowered.edge_lowering = Lowering(self.name, ",".join(ran), len(programs), fallbacks)
+        lowered.edge_lowering = Lowering(self.name, ",".join(ran), len(programs), fallbacks,
+                                         int8_ops=sum(p.integer_compute_ops() for p in programs))
         return lowered

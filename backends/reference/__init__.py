@@ -6,12 +6,14 @@ from typing import Callable
 import torch.fx
 
 from edgepasses.errors import OptionError
+from edgepasses.quant import QuantCaps
 
 from .. import Lowering
 
 
 class ReferenceTarget:
     name = "reference"
+    quant_caps = QuantCaps(bits=(8,))  # runs the quantize/dequantize graph as it is
 
     def unavailable_reason(self) -> str | None:
         return None

@@ -1,0 +1,82 @@
+"""`quantize`: int8 post-training quantization with calibration, as quantize/dequantize pairs.
+
+PT2E's split: `EdgeQuantizer` annotates what to quantise (convs, linears, activation
+matmuls; per-tensor activations, per-channel symmetric weights, within the target's
+`QuantCaps`); torchao's `prepare_pt2e` inserts observers, the calibration batches run,
+`convert_pt2e` turns observers into quantize/dequantize pairs. Targets pattern-match the
+pairs to integer kernels (OpenVINO: FakeQuantize, run as int8).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.fx
+
+from ..analysis.shape_prop import propagate_fake
+from ..errors import OptionError
+from ..pass_base import PassContext, PassResult, register_pass
+from ..quant import QuantCaps, require_torchao
+
+log = logging.getLogger("edgepasses")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    bits: int = 8
+    symmetric: bool | None = None       # activations; none: the target's default
+    per_channel: bool = True            # weights: one scale per output channel
+    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    percentile: float = 99.99           # for calib=percentile
+    weight_only: bool = False           # quantise Linear weights only; activations stay float
+    ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
+
+    def __post_init__(self):
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(f"quantize option 'percentile' must be in (50, 100]; got {self.percentile}")
+
+
+def _resolve(opts: QuantizeOptions, caps: QuantCaps, target: str):
+    from ..quant.quantizer import QuantSetup
+
+    if opts.bits not in caps.bits:
+        raise OptionError(f"quantize(bits={opts.bits}): target {target!r} runs bits "
+                          f"{', '.join(map(str, caps.bits))}")
+    symmetric = caps.symmetric_by_default if opts.symmetric is None else opts.symmetric
+    if caps.symmetric_activations_only and opts.symmetric is False:
+        raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
+    symmetric = symmetric or caps.symmetric_activations_only
+    return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore)
+
+
+@register_pass("quantize", options=QuantizeOptions)
+def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) -> PassResult:
+    """Insert int8 quantize/dequantize pairs calibrated on the `calibration` data."""
+    require_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from ..quant.calibration import calibrate
+    from ..quant.quantizer import EdgeQuantizer
+
+    target = getattr(ctx.target, "name", "reference")
+    setup = _resolve(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target)
+    quantizer = EdgeQuantizer(setup)
+    prepared = prepare_pt2e(gm, quantizer)
+    stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
+             "activations": "none" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
+             "calib": "-" if setup.weight_only else setup.calib}
+    if not quantizer.annotated:
+        log.warning("quantize: nothing to quantise (no conv, linear or activation matmul outside the ignore "
+                    "list); the graph is left in float")
+        return PassResult(gm, modified=False, stats=stats)
+    if setup.weight_only:  # weight observers only: one pass records the weights, no data statistics
+        with torch.no_grad():
+            prepared(*ctx.example_inputs)
+        stats["calibration_batches"] = 0
+    else:
+        stats["calibration_batches"] = calibrate(prepared, ctx.calibration, ctx.example_inputs,
+                                                 needed_by="quantize")
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    propagate_fake(converted, ctx.example_inputs)
+    return PassResult(converted, modified=True, stats=stats)

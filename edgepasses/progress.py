@@ -1,0 +1,17 @@
+"""A progress display for long loops: rich's bar when rich is installed, else nothing (core needs torch only)."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], description: str) -> Iterator[T]:
+    """Yield `items`, showing a bar on stderr while they are consumed."""
+    try:
+        from rich.progress import track
+    except ImportError:
+        yield from items
+        return
+    total = len(items) if hasattr(items, "__len__") else None
+    yield from track(items, description=description, total=total, transient=True)

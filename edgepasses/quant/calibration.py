@@ -1,0 +1,44 @@
+"""Feeding calibration data: from the `calibration` option only, checked batch by batch."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import OptionError
+from ..progress import progress
+
+
+def _as_tuple(batch) -> tuple:
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
+    if len(batch) != len(example_inputs):
+        raise OptionError(f"calibration batch {index} has {len(batch)} input(s); the model takes "
+                          f"{len(example_inputs)} (each batch is a tuple like the example inputs)")
+    for position, (got, want) in enumerate(zip(batch, example_inputs)):
+        if not isinstance(want, torch.Tensor):
+            continue
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            described = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise OptionError(f"calibration batch {index}, input {position}: got {described}, expected "
+                              f"{tuple(want.shape)} {want.dtype} like the example inputs (the graph is "
+                              "compiled for static shapes)")
+
+
+def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *, needed_by: str) -> int:
+    """Run every calibration batch through `run`; returns how many there were."""
+    if batches is None:
+        raise OptionError(f"{needed_by} needs calibration data: pass calibration=[(x1,), (x2,), ...] "
+                          "(an iterable of input tuples shaped like the example inputs; a few hundred "
+                          "samples is typical) to compress() or in torch.compile options")
+    count = 0
+    with torch.no_grad():
+        for count, batch in enumerate(progress(batches, f"calibrating {needed_by}"), start=1):
+            batch = _as_tuple(batch)
+            _check_batch(count - 1, batch, example_inputs)
+            run(*batch)
+    if count == 0:
+        raise OptionError(f"{needed_by}: the calibration iterable is empty")
+    return count

@@ -1,0 +1,133 @@
+"""Deciding what to quantise: a PT2E `Quantizer` that annotates the canonical graph.
+
+Annotation is separate from insertion (PT2E's split): `EdgeQuantizer.annotate` puts
+`QuantizationAnnotation`s with specs on conv / linear / activation-matmul nodes; torchao's
+`prepare_pt2e` then inserts observers, `convert_pt2e` quantize/dequantize pairs. Activations
+are per-tensor, weights per-channel symmetric int8, within what the target can run.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torchao.quantization.pt2e import observer as torchao_observers
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+from ..errors import OptionError
+from .observers import observer_for
+
+aten = torch.ops.aten
+
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
+LINEAR_OPS = {aten.linear.default}
+ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+
+
+@dataclass(frozen=True)
+class QuantSetup:
+    """The resolved settings of one quantize run."""
+    symmetric: bool
+    per_channel: bool
+    calib: str
+    percentile: float
+    weight_only: bool
+    ignore: tuple[str, ...]
+
+
+def activation_spec(setup: QuantSetup) -> QuantizationSpec:
+    if setup.symmetric:
+        dtype, qmin, qmax, qscheme = torch.int8, -128, 127, torch.per_tensor_symmetric
+    else:
+        dtype, qmin, qmax, qscheme = torch.uint8, 0, 255, torch.per_tensor_affine
+    observer = observer_for(setup.calib, dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                            percentile=setup.percentile)
+    return QuantizationSpec(dtype=dtype, quant_min=qmin, quant_max=qmax, qscheme=qscheme,
+                            is_dynamic=False, observer_or_fake_quant_ctr=observer)
+
+
+def weight_spec(setup: QuantSetup) -> QuantizationSpec:
+    # Narrow range [-127, 127]: symmetric around zero, as runtimes' int8 weight kernels expect.
+    if setup.per_channel:
+        observer = torchao_observers.PerChannelMinMaxObserver.with_args(
+            ch_axis=0, dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric)
+        return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, ch_axis=0,
+                                qscheme=torch.per_channel_symmetric, is_dynamic=False,
+                                observer_or_fake_quant_ctr=observer)
+    observer = torchao_observers.MinMaxObserver.with_args(
+        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric)
+    return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric,
+                            is_dynamic=False, observer_or_fake_quant_ctr=observer)
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """The module path a node came from (e.g. `layer1.0.conv1`), else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path
+    return node.name
+
+
+def _is_constant(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+
+def quantizable_nodes(gm: torch.fx.GraphModule, weight_only: bool) -> list[torch.fx.Node]:
+    """Nodes the quantizer can annotate: convs and linears with constant weights, activation matmuls."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in LINEAR_OPS and _is_constant(node.args[1]):
+            found.append(node)
+        elif weight_only:
+            continue
+        elif node.target in CONV_OPS and _is_constant(node.args[1]) and not (
+                node.target is aten.convolution.default and node.args[6]):
+            found.append(node)
+        elif node.target in ACTIVATION_MATMUL_OPS and not any(_is_constant(a) for a in node.args[:2]):
+            found.append(node)
+    return found
+
+
+class EdgeQuantizer(Quantizer):
+    def __init__(self, setup: QuantSetup):
+        super().__init__()
+        self.setup = setup
+        self.annotated: list[str] = []
+        self.ignored: list[str] = []
+
+    def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        patterns = [re.compile(p) for p in self.setup.ignore]
+        matched = set()
+        act, weight = activation_spec(self.setup), weight_spec(self.setup)
+        for node in quantizable_nodes(gm, self.setup.weight_only):
+            name = layer_name(node)
+            hits = {p.pattern for p in patterns if p.fullmatch(name) or p.fullmatch(node.name)}
+            if hits:
+                matched |= hits
+                self.ignored.append(name)
+                continue
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map=self._input_specs(node, act, weight), _annotated=True)
+            self.annotated.append(name)
+        unmatched = [p.pattern for p in patterns if p.pattern not in matched]
+        if unmatched:
+            layers = ", ".join(layer_name(n) for n in quantizable_nodes(gm, self.setup.weight_only))
+            raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
+                              f"quantizable layer (patterns must match a whole name); layers: {layers}")
+        return gm
+
+    def _input_specs(self, node, act, weight) -> dict:
+        if node.target in ACTIVATION_MATMUL_OPS:
+            return {node.args[0]: act, node.args[1]: act}
+        if self.setup.weight_only:
+            return {node.args[1]: weight}
+        return {node.args[0]: act, node.args[1]: weight}
+
+    def validate(self, gm: torch.fx.GraphModule) -> None:
+        pass

@@ -1,0 +1,120 @@
+"""quantize: int8 Q/DQ with calibration; its numerics contract; bad input; int8 on OpenVINO."""
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+import edgepasses
+from edgepasses.errors import OptionError
+from edgepasses.testing import count_ops, run_pass_case
+from edgepasses.testing.strategies import models
+
+pytest.importorskip("torchao")
+
+# The numerics contract of int8 post-training quantization on small generated models:
+# every output keeps at least this signal-to-noise ratio against float.
+SQNR_FLOOR_DB = 20.0
+
+
+def _calibration(inputs: tuple, n: int = 8, seed: int = 0) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(x.shape, generator=g) for x in inputs) for _ in range(n)]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(models(batch_norm=True, residual=True, concat=True, grouped=True, depthwise=True, linear_head=True))
+def test_int8_keeps_the_sqnr_floor_on_generated_models(m):
+    case = run_pass_case("fold_bn,quantize(calib=minmax)", m.module, m.example_inputs,
+                         sqnr_floor=SQNR_FLOOR_DB, calibration=_calibration(m.example_inputs))
+    stats = case.report.records[1].stats
+    assert stats["layers_quantized"] >= 1 and stats["calibration_batches"] == 8
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x))).relu()
+        return self.fc(y.mean((2, 3)))
+
+
+X = (torch.randn(1, 3, 12, 12),)
+
+
+@pytest.mark.parametrize("calib", ["minmax", "percentile", "mse", "entropy"])
+def test_each_calibration_method_quantizes_every_layer(calib):
+    case = run_pass_case(f"quantize(calib={calib})", ConvNet().eval(), X, sqnr_floor=15.0,
+                         calibration=_calibration(X),
+                         op_counts={"quantized_decomposed.quantize_per_tensor": 3,
+                                    "quantized_decomposed.dequantize_per_channel": 3})
+    assert case.report.records[0].stats["layers_quantized"] == 3
+
+
+def test_ignore_keeps_named_layers_in_float():
+    case = run_pass_case("quantize(ignore=[fc,'conv[2]'])", ConvNet().eval(), X, sqnr_floor=15.0,
+                         calibration=_calibration(X))
+    stats = case.report.records[0].stats
+    assert stats["layers_quantized"] == 1 and stats["layers_ignored"] == 2
+    assert count_ops(case.gm)["quantized_decomposed.dequantize_per_channel"] == 1
+
+
+def test_symmetric_activations_use_int8():
+    case = run_pass_case("quantize(symmetric=true)", ConvNet().eval(), X, sqnr_floor=15.0,
+                         calibration=_calibration(X))
+    quant = [n for n in case.gm.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert quant and all(n.args[-1] == torch.int8 for n in quant)
+
+
+def test_weight_only_needs_no_calibration_and_quantizes_linear_weights_only():
+    case = run_pass_case("quantize(weight_only=true)", ConvNet().eval(), X, sqnr_floor=25.0)
+    counts = count_ops(case.gm)
+    assert counts["quantized_decomposed.dequantize_per_channel"] == 1
+    assert "quantized_decomposed.quantize_per_tensor" not in counts
+
+
+@pytest.mark.parametrize("pipeline, calibration, message", [
+    ("quantize", None, "quantize needs calibration data: pass calibration="),
+    ("quantize", [], "calibration iterable is empty"),
+    ("quantize", [(torch.randn(2, 3, 12, 12),)], r"calibration batch 0, input 0: got \(2, 3, 12, 12\)"),
+    ("quantize", [(torch.randn(1, 3, 12, 12).double(),)], "torch.float64, expected"),
+    ("quantize", [(torch.randn(1, 3, 12, 12), torch.randn(1))], "has 2 input"),
+    ("quantize(ignore=[nosuchlayer])", _calibration(X), "'nosuchlayer' matched no quantizable layer.*conv1"),
+    ("quantize(bits=4)", _calibration(X), "target 'openvino' runs bits 8"),
+    ("quantize(percentile=20)", _calibration(X), r"must be in \(50, 100\]"),
+])
+def test_bad_quantize_input_gets_a_clear_error(pipeline, calibration, message):
+    with pytest.raises(OptionError, match=message):
+        edgepasses.compress(ConvNet().eval(), X, pipeline, calibration=calibration, target="openvino")
+
+
+def test_nothing_to_quantize_warns_and_leaves_the_graph(caplog):
+    model = nn.Sequential(nn.ReLU(), nn.Tanh()).eval()
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        gm = edgepasses.compress(model, (torch.randn(2, 3),), "quantize", calibration=[(torch.randn(2, 3),)])
+    assert gm.edge_report.records[0].modified is False
+    assert [r.getMessage() for r in caplog.records if r.name == "edgepasses"][0].startswith("quantize: nothing")
+
+
+def test_calibration_comes_only_from_the_option_under_torch_compile():
+    model = ConvNet().eval()
+    compiled = torch.compile(model, backend="edge", options={"pipeline": "fold_bn,quantize"})
+    with pytest.raises(OptionError, match="needs calibration data"):
+        compiled(*X)
+
+
+def test_int8_on_openvino_runs_integer_kernels_and_matches_our_fake_quant_graph():
+    pytest.importorskip("openvino")
+    model, calibration = ConvNet().eval(), _calibration(X)
+    gm = edgepasses.compress(model, X, "fold_bn,quantize", calibration=calibration)
+    seen = []
+    compiled = torch.compile(model, backend="edge", options={
+        "pipeline": "fold_bn,quantize", "calibration": calibration, "strict": True, "on_compile": seen.append})
+    with torch.no_grad():
+        ours, reference = compiled(*X), gm(*X)
+    assert seen[0].lowering.int8_ops >= 3  # conv, conv, linear really ran as int8
+    assert (ours - reference).abs().max() <= 0.05 * reference.abs().max()
