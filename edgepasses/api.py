@@ -36,3 +36,35 @@ def lower(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "auto",
 
     return get_target(target).lower(gm, tuple(example_inputs), strict=strict, precision=precision,
                                       cache_dir=cache_dir)
+
+
+def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches: Iterable[tuple], *,
+                 calibration: Iterable[tuple] | None = None, target: str = "auto"):
+    """Per-layer SQNR and one-at-a-time sensitivity of `gm`, a `compress()` result with a quantize step.
+
+    Re-quantises `model` exactly as `gm`'s pipeline did (with `calibration`, default the
+    evaluation batches), one layer at a time, and measures on `eval_batches`.
+    """
+    from .backends import get_target
+    from .errors import OptionError
+    from .passes.quantize import resolve_setup
+    from .quant.calibration import checked_batches
+    from .quant.sensitivity import QuantReport, output_sqnr, rank_layers
+
+    steps = list(Pipeline.parse(gm.edge_report.pipeline))
+    position = next((i for i, s in enumerate(steps) if s.name == "quantize"), None)
+    if position is None:
+        raise OptionError(f"quant_report needs a graph made by a pipeline with quantize; got "
+                          f"{gm.edge_report.pipeline!r}")
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in eval_batches]
+    example_inputs = batches[0] if batches else ()
+    batches = checked_batches(batches, example_inputs, needed_by="quant_report")
+    calibration = batches if calibration is None else checked_batches(calibration, example_inputs,
+                                                                      needed_by="quant_report")
+    resolved = get_target(target)
+    before = ",".join(str(s) for s in steps[:position]) or "dce"
+    float_gm = compress(model, example_inputs, before, target=target)
+    setup = resolve_setup(steps[position].options, resolved.quant_caps, resolved.name)
+    with torch.no_grad():
+        layers = rank_layers(float_gm, setup, calibration, batches, example_inputs)
+    return QuantReport(output_sqnr(model, gm, batches), layers)

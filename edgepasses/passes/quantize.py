@@ -31,13 +31,16 @@ class QuantizeOptions:
     percentile: float = 99.99           # for calib=percentile
     weight_only: bool = False           # quantise Linear weights only; activations stay float
     ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
+    min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
+                                        # layers in float to reach it
 
     def __post_init__(self):
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(f"quantize option 'percentile' must be in (50, 100]; got {self.percentile}")
 
 
-def _resolve(opts: QuantizeOptions, caps: QuantCaps, target: str):
+def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
+    """The quantizer settings for `opts` on a target with `caps`; errors where they conflict."""
     from ..quant.quantizer import QuantSetup
 
     if opts.bits not in caps.bits:
@@ -60,7 +63,9 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     from ..quant.quantizer import EdgeQuantizer
 
     target = getattr(ctx.target, "name", "reference")
-    setup = _resolve(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target)
+    setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target)
+    if opts.min_sqnr is not None:
+        return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
     quantizer = EdgeQuantizer(setup)
     prepared = prepare_pt2e(gm, quantizer)
     stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
@@ -80,3 +85,16 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     converted = convert_pt2e(prepared, fold_quantize=False)
     propagate_fake(converted, ctx.example_inputs)
     return PassResult(converted, modified=True, stats=stats)
+
+
+def _quantize_within_budget(gm, setup, min_sqnr: float, ctx: PassContext) -> PassResult:
+    from ..quant.calibration import checked_batches
+    from ..quant.sensitivity import keep_sensitive_in_float
+
+    batches = checked_batches(ctx.calibration, ctx.example_inputs, needed_by="quantize(min_sqnr=...)")
+    quantized, float_layers, sqnr, ranking = keep_sensitive_in_float(gm, setup, batches, batches,
+                                                                     ctx.example_inputs, min_sqnr)
+    propagate_fake(quantized, ctx.example_inputs)
+    stats = {"layers_quantized": len(ranking) - len(float_layers), "layers_kept_float": len(float_layers),
+             "float_layers": float_layers, "output_sqnr_db": round(sqnr, 2), "calibration_batches": len(batches)}
+    return PassResult(quantized, modified=len(float_layers) < len(ranking), stats=stats)

@@ -42,3 +42,10 @@ def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *,
     if count == 0:
         raise OptionError(f"{needed_by}: the calibration iterable is empty")
     return count
+
+
+def checked_batches(batches: Iterable | None, example_inputs: tuple, *, needed_by: str) -> list[tuple]:
+    """The calibration batches as a list (to be used more than once), each checked."""
+    listed = [] if batches is None else [_as_tuple(b) for b in batches]
+    calibrate(lambda *batch: None, None if batches is None else listed, example_inputs, needed_by=needed_by)
+    return listed

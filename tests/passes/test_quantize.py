@@ -118,3 +118,56 @@ def test_int8_on_openvino_runs_integer_kernels_and_matches_our_fake_quant_graph(
         ours, reference = compiled(*X), gm(*X)
     assert seen[0].lowering.int8_ops >= 3  # conv, conv, linear really ran as int8
     assert (ours - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_digits_cnn_int8_on_openvino_keeps_top1_within_half_a_point(capsys):
+    pytest.importorskip("openvino")
+    from edgepasses.bench.zoo import get_model
+
+    zoo = get_model("digits_cnn")
+    options = {"pipeline": "fold_bn,quantize", "calibration": zoo.calibration(64), "strict": True}
+    compiled = torch.compile(zoo.module, backend="edge", dynamic=False, options=options)
+    fp32, int8 = zoo.accuracy_fn(zoo.module), zoo.accuracy_fn(compiled)
+    with capsys.disabled():
+        print(f"\ndigits_cnn top-1: fp32 {fp32:.2f}%, int8 on OpenVINO {int8:.2f}%")
+    assert int8 >= fp32 - 0.5
+
+
+class OneBadLayer(nn.Module):
+    """fc2's input has huge outliers in one channel: that layer loses most when quantised."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.register_buffer("outlier", torch.tensor([1000.0] + [1.0] * 15))
+        with torch.no_grad():  # the model's function ignores the outlier; fc2's per-tensor input scale does not
+            self.fc2.weight[:, 0] /= 1000.0
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) * self.outlier
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_quant_report_ranks_the_outlier_layer_first():
+    model, x = OneBadLayer().eval(), (torch.randn(8, 16),)
+    batches = _calibration(x, n=6)
+    gm = edgepasses.compress(model, x, "quantize(calib=minmax)", calibration=batches)
+    report = edgepasses.quant_report(model, gm, batches)
+    assert [s.layer for s in report.layers][0] == "fc2"
+    assert report.layers[0].sqnr_alone_db < report.layers[-1].sqnr_alone_db
+    assert "| 1 | fc2 |" in str(report) and report.model_sqnr_db < report.layers[-1].sqnr_alone_db
+
+
+def test_min_sqnr_keeps_the_fewest_sensitive_layers_in_float():
+    model, x = OneBadLayer().eval(), (torch.randn(8, 16),)
+    batches = _calibration(x, n=6)
+    plain = edgepasses.compress(model, x, "quantize(calib=minmax)", calibration=batches)
+    from edgepasses.quant.sensitivity import output_sqnr
+
+    plain_sqnr = output_sqnr(model, plain, batches)
+    gm = edgepasses.compress(model, x, f"quantize(calib=minmax,min_sqnr={plain_sqnr + 10:.1f})",
+                             calibration=batches)
+    stats = gm.edge_report.records[0].stats
+    assert stats["float_layers"] == ["fc2"] and stats["output_sqnr_db"] >= plain_sqnr + 10
+    assert count_ops(gm)["quantized_decomposed.dequantize_per_channel"] == 2

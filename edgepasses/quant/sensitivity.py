@@ -1,0 +1,154 @@
+"""Which layers int8 hurts: per-layer output SQNR, one-at-a-time sensitivity, and keeping
+the fewest most-sensitive layers in float to meet an SQNR budget.
+
+All of it re-runs the same PT2E quantization with different ignore lists, so what is
+measured is exactly what the quantize pass produces.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from .calibration import calibrate
+from .quantizer import EdgeQuantizer, QuantSetup, layer_name, quantizable_nodes
+
+
+def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
+                  example_inputs: tuple) -> tuple[torch.fx.GraphModule, EdgeQuantizer]:
+    """Quantise a copy of `gm` (prepare_pt2e rewrites its input in place)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = EdgeQuantizer(setup)
+    prepared = prepare_pt2e(copy.deepcopy(gm), quantizer)
+    if not setup.weight_only:
+        calibrate(prepared, calibration, example_inputs, needed_by="quantize")
+    else:
+        prepared(*example_inputs)
+    return convert_pt2e(prepared, fold_quantize=False), quantizer
+
+
+def output_sqnr(reference: Callable, test: Callable, batches: Iterable[tuple]) -> float:
+    """SQNR in dB of `test` against `reference` over all batches and outputs together."""
+    signal = noise = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            for ref, got in zip(pytree.tree_leaves(reference(*batch)), pytree.tree_leaves(test(*batch))):
+                ref, got = ref.double(), got.double()
+                signal += ref.pow(2).sum().item()
+                noise += (ref - got).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _only(setup: QuantSetup, float_layers: Iterable[str]) -> QuantSetup:
+    return dataclasses.replace(setup, ignore=setup.ignore + tuple(re.escape(n) for n in float_layers))
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    layer: str
+    sqnr_alone_db: float      # model output SQNR when this layer alone is quantised
+    sqnr_in_place_db: float   # this layer's output SQNR inside the fully quantised model
+
+
+def layer_names(gm: torch.fx.GraphModule, setup: QuantSetup) -> list[str]:
+    patterns = [re.compile(p) for p in setup.ignore]
+    names = [layer_name(n) for n in quantizable_nodes(gm, setup.weight_only)]
+    return [n for n in names if not any(p.fullmatch(n) for p in patterns)]
+
+
+def rank_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
+                eval_batches: list[tuple], example_inputs: tuple) -> list[LayerSensitivity]:
+    """Every quantisable layer, most sensitive first (lowest output SQNR when quantised alone)."""
+    names = layer_names(gm, setup)
+    quantized, _ = quantize_copy(gm, setup, calibration, example_inputs)
+    in_place = _per_layer_sqnr(gm, quantized, eval_batches)
+    ranking = []
+    for name in names:
+        alone, _ = quantize_copy(gm, _only(setup, [n for n in names if n != name]), calibration, example_inputs)
+        ranking.append(LayerSensitivity(name, output_sqnr(gm, alone, eval_batches), in_place.get(name, math.nan)))
+    return sorted(ranking, key=lambda s: s.sqnr_alone_db)
+
+
+def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
+                            eval_batches: list[tuple], example_inputs: tuple, min_sqnr_db: float):
+    """The fewest most-sensitive layers left in float so the output SQNR reaches `min_sqnr_db`.
+
+    Binary search over how many of the ranked layers stay float (SQNR grows with that count).
+    Returns (quantised graph, float layers, achieved SQNR, ranking).
+    """
+    ranking = rank_layers(gm, setup, calibration, eval_batches, example_inputs)
+    order = [s.layer for s in ranking]
+
+    attempts: dict[int, tuple] = {}
+
+    def meets_budget(k: int) -> bool:
+        quantized, _ = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
+        attempts[k] = (quantized, output_sqnr(gm, quantized, eval_batches))
+        return attempts[k][1] >= min_sqnr_db
+
+    low, high = 0, len(order)  # the answer lies in [low, high]; all layers in float always meets it
+    while low < high:
+        mid = (low + high) // 2
+        if meets_budget(mid):
+            high = mid
+        else:
+            low = mid + 1
+    if high not in attempts:
+        meets_budget(high)
+    quantized, sqnr = attempts[high]
+    return quantized, order[:high], sqnr, ranking
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a graph and keeps the outputs of the nodes named in `wanted`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, str]):
+        super().__init__(gm)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node.name in self.wanted:
+            self.seen[self.wanted[node.name]] = result
+        return result
+
+
+def _per_layer_sqnr(float_gm: torch.fx.GraphModule, quantized: torch.fx.GraphModule,
+                    batches: list[tuple]) -> dict[str, float]:
+    """Output SQNR of each quantised layer's node inside the quantised graph (nodes keep their names)."""
+    compute = {n.name: layer_name(n) for n in quantizable_nodes(float_gm, weight_only=False)}
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in batches:
+            ref, got = _Recorder(float_gm, compute), _Recorder(quantized, compute)
+            ref.run(*batch)
+            got.run(*batch)
+            for layer, value in got.seen.items():
+                expected = ref.seen[layer].double()
+                signal[layer] = signal.get(layer, 0.0) + expected.pow(2).sum().item()
+                noise[layer] = noise.get(layer, 0.0) + (expected - value.double()).pow(2).sum().item()
+    return {k: math.inf if noise[k] == 0 else 10 * math.log10(signal[k] / noise[k]) for k in signal}
+
+
+@dataclass
+class QuantReport:
+    """Per-layer SQNR and one-at-a-time sensitivity of a quantised graph, most sensitive first."""
+    model_sqnr_db: float
+    layers: list[LayerSensitivity]
+
+    def __str__(self) -> str:
+        lines = [f"model output SQNR, all layers int8: {self.model_sqnr_db:.1f} dB",
+                 "| rank | layer | output SQNR, only this layer int8 (dB) | layer SQNR in the int8 model (dB) |",
+                 "|---|---|---|---|"]
+        lines += [f"| {i} | {s.layer} | {s.sqnr_alone_db:.1f} | {s.sqnr_in_place_db:.1f} |"
+                  for i, s in enumerate(self.layers, start=1)]
+        return "\n".join(lines)
