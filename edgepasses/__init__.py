@@ -3,11 +3,11 @@
 `torch.compile(model, backend="edge")` works without importing this package (entry point);
 importing it also registers the backend when the package is used from a source tree.
 """
-from .api import compress, lower, quant_report
+from .api import compress, export, lower, quant_report
 from .pass_base import PassContext, PassResult, register_pass, registered_passes
 from .pipeline import PRESETS, Pipeline
 
-__all__ = ["compress", "lower", "quant_report", "Pipeline", "PRESETS", "PassContext", "PassResult", "register_pass",
+__all__ = ["compress", "export", "lower", "quant_report", "Pipeline", "PRESETS", "PassContext", "PassResult", "register_pass",
            "registered_passes"]
 __version__ = "0.1.0"
 

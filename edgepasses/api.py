@@ -68,3 +68,14 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
     with torch.no_grad():
         layers = rank_layers(float_gm, setup, calibration, batches, example_inputs)
     return QuantReport(output_sqnr(model, gm, batches), layers)
+
+
+def export(gm: torch.fx.GraphModule, example_inputs: tuple, path: str) -> str:
+    """Write `gm` as ONNX; quantize/dequantize pairs become QuantizeLinear/DequantizeLinear,
+    the explicit-Q/DQ form TensorRT's and onnxruntime's tools consume. Needs the `onnx` extra."""
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as exc:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'edgepasses[onnx]'") from exc
+    torch.onnx.export(gm, tuple(example_inputs), path, dynamo=True, verbose=False)
+    return path
