@@ -1,4 +1,4 @@
-"""`bench_model`: one zoo model run eagerly, by OpenVINO directly, and through the `edge` backend.
+"""`bench_model`: one zoo model run eagerly, by OpenVINO directly, by NNCF int8, and through `edge`.
 
 Rows, all timed side by side in one run (`bench.timing`):
 
@@ -8,12 +8,18 @@ Rows, all timed side by side in one run (`bench.timing`):
   our passes and without torch.compile. It is called through the same `OpenVINOProgram` wrapper
   our target returns, so both pay the same calling overhead and the ratio between an edge row and
   the peer shows what our passes and the torch.compile path (Dynamo guards) add or save.
+- "nncf int8 + openvino", the int8 peer (when a pipeline quantizes, or on request): NNCF's
+  post-training quantization of the converted model with its defaults and the very calibration
+  batches the edge rows get, compiled with the same configuration and called through the same
+  wrapper. The ratio between an edge int8 row and it shows how our int8 compares with the best
+  int8 flow OpenVINO has.
 - "edge: <pipeline>": `torch.compile(model, backend="edge", dynamic=False, options=...)`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -23,18 +29,22 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
 import edgepasses
-from edgepasses.backends.openvino import OpenVINOProgram
+from edgepasses.backends.openvino import OpenVINOProgram, compile_config
 
 from .timing import Timing, measure_side_by_side
 from .zoo import ZooModel, get_model
 
 EAGER_LABEL = "eager fp32"
 PEER_LABEL = "openvino direct"
-CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) read them
+NNCF_LABEL = "nncf int8 + openvino"
+OPTIONAL_PEERS = ("nncf",)
+TRANSFORMER_MODELS = frozenset({"bert_encoder"})  # NNCF quantizes these with ModelType.TRANSFORMER
+CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) and the NNCF peer read them
 BYTES_PER_MB = 1e6
 
 
@@ -90,13 +100,18 @@ class Row:
     max_ms: float
     speedup_vs_eager: float        # eager median / this median
     ratio_vs_peer: float           # this median / peer median; < 1 is faster than OpenVINO direct
-    size_mb: float                 # parameters and buffers (edge: constants after the pipeline)
+    ratio_vs_nncf: float | None    # this median / NNCF median; None without the NNCF row
+    size_mb: float                 # parameters and buffers (edge: constants after the pipeline;
+                                   # NNCF: constants of the quantized OpenVINO model)
     max_abs_error: float           # vs eager on the example inputs
+    error_vs_fake_quant: float | None  # edge int8 rows: vs the pipeline's own quantize/dequantize
+                                       # graph run in PyTorch, i.e. what lowering to int8 adds
     top1: float | None             # % on the digits test split; None for random-weight models
     compile_s: float | None        # wall time to a ready callable; edge: the first call (Dynamo
                                    # tracing, export, pipeline, OpenVINO conversion, one inference)
     precision: str                 # as the runtime reports it
     fallbacks: int                 # ops left to PyTorch
+    int8_ops: int | None           # compute ops the runtime ran in integer precision; None: eager
     samples_ms: tuple[float, ...]
 
 
@@ -116,12 +131,11 @@ class BenchResult:
         return next(r for r in self.rows if r.label == label)
 
     def to_markdown(self) -> str:
-        header = ["", "median ms", "min–max ms", "speedup vs eager", "vs OpenVINO direct", "size MB",
-                  "max abs err", "top-1 %", "compile s", "precision", "fallbacks"]
+        shown = [c for c in _COLUMNS if not c.optional or any(c.cell(row) != EMPTY_CELL for row in self.rows)]
         lines = [f"### {self.model}: {self.description}", "",
                  f"input {format_shapes(self.input_shapes)}, target {self.target}, precision {self.precision}, "
                  f"warmup {self.warmup}, {self.rounds} interleaved rounds", ""]
-        lines += markdown_table(header, [_cells(row) for row in self.rows])
+        lines += markdown_table([c.header for c in shown], [[c.cell(row) for c in shown] for row in self.rows])
         return "\n".join(lines + ["", str(self.machine)])
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,15 +157,36 @@ def format_ms(ms: float) -> str:
     return f"{ms:.3g}"
 
 
+EMPTY_CELL = "-"
+
+
 def _optional(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return EMPTY_CELL if value is None else format(value, spec)
 
 
-def _cells(row: Row) -> list[str]:
-    return [row.label, format_ms(row.median_ms), f"{format_ms(row.min_ms)}–{format_ms(row.max_ms)}",
-            f"{row.speedup_vs_eager:.2f}x", f"{row.ratio_vs_peer:.2f}", f"{row.size_mb:.1f}",
-            f"{row.max_abs_error:.1e}", _optional(row.top1, ".1f"), _optional(row.compile_s, ".1f"),
-            row.precision, str(row.fallbacks)]
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cell: Callable[[Row], str]
+    optional: bool = False  # left out of the table when every row's cell is empty
+
+
+_COLUMNS = (
+    _Column("", lambda row: row.label),
+    _Column("median ms", lambda row: format_ms(row.median_ms)),
+    _Column("min–max ms", lambda row: f"{format_ms(row.min_ms)}–{format_ms(row.max_ms)}"),
+    _Column("speedup vs eager", lambda row: f"{row.speedup_vs_eager:.2f}x"),
+    _Column("vs OpenVINO direct", lambda row: f"{row.ratio_vs_peer:.2f}"),
+    _Column("vs NNCF", lambda row: _optional(row.ratio_vs_nncf, ".2f"), optional=True),
+    _Column("size MB", lambda row: f"{row.size_mb:.1f}"),
+    _Column("max abs err", lambda row: f"{row.max_abs_error:.1e}"),
+    _Column("err vs own fake-quant", lambda row: _optional(row.error_vs_fake_quant, ".1e"), optional=True),
+    _Column("top-1 %", lambda row: _optional(row.top1, ".1f")),
+    _Column("compile s", lambda row: _optional(row.compile_s, ".1f")),
+    _Column("precision", lambda row: row.precision),
+    _Column("int8 ops", lambda row: _optional(row.int8_ops, "d")),
+    _Column("fallbacks", lambda row: str(row.fallbacks)),
+)
 
 
 @dataclass(frozen=True)
@@ -163,6 +198,10 @@ class _Candidate:
     compile_s: float | None
     precision: str
     fallbacks: int
+    int8_ops: int | None
+    # Edge int8 rows: the pipeline's quantize/dequantize graph, run eagerly as the reference for
+    # what lowering adds on top of the quantization error itself.
+    own_fake_quant: Callable[..., Any] | None = None
 
 
 def _constants_mb(module: torch.nn.Module) -> float:
@@ -170,19 +209,59 @@ def _constants_mb(module: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / BYTES_PER_MB
 
 
+def _openvino_constants_mb(ov_model: Any) -> float:
+    constants = (op for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+    return sum(op.get_byte_size() for op in constants) / BYTES_PER_MB
+
+
+def _quantizes(pipeline: str) -> bool:
+    return any(step.name == "quantize" for step in edgepasses.Pipeline.parse(pipeline).steps)
+
+
+def _wants_nncf(pipelines: list[str], peers: tuple[str, ...]) -> bool:
+    unknown = set(peers) - set(OPTIONAL_PEERS)
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(sorted(unknown))}; valid: {', '.join(OPTIONAL_PEERS)}")
+    return "nncf" in peers or any(map(_quantizes, pipelines))
+
+
 def _eager(zoo: ZooModel) -> _Candidate:
-    return _Candidate(EAGER_LABEL, zoo.module, _constants_mb(zoo.module), None, "f32", 0)
+    return _Candidate(EAGER_LABEL, zoo.module, _constants_mb(zoo.module), None, "f32", 0, None)
 
 
 def _peer(zoo: ZooModel, precision: str) -> _Candidate:
     start = time.perf_counter()
     program = OpenVINOProgram.from_exported(torch.export.export(zoo.module, zoo.example_inputs), precision)
     return _Candidate(PEER_LABEL, program, _constants_mb(zoo.module), time.perf_counter() - start,
-                      program.precision, 0)
+                      program.precision, 0, program.integer_compute_ops())
 
 
-def _edge(zoo: ZooModel, pipeline: str, target: str, precision: str) -> _Candidate:
-    calibration = zoo.calibration(CALIBRATION_BATCHES) if zoo.calibration else None
+def _openvino_inputs(batch: tuple) -> list[np.ndarray]:
+    """A calibration batch as the converted model takes it: its tensors, flattened, as arrays."""
+    return [x.numpy() for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
+
+
+def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Candidate:
+    import nncf
+    import openvino as ov
+
+    if not calibration:
+        raise ValueError(f"the NNCF peer needs calibration batches and zoo model {zoo.name} has none")
+    start = time.perf_counter()  # compile_s: export, conversion, quantization and compilation
+    exported = torch.export.export(zoo.module, zoo.example_inputs)
+    model_type = nncf.ModelType.TRANSFORMER if zoo.name in TRANSFORMER_MODELS else None
+    # NNCF draws its progress bars on stdout, which carries only our results.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantized = nncf.quantize(ov.convert_model(exported), nncf.Dataset(calibration, _openvino_inputs),
+                                  subset_size=len(calibration), model_type=model_type)
+    compiled = ov.Core().compile_model(quantized, "CPU", compile_config(precision))
+    program = OpenVINOProgram(compiled, exported.call_spec.in_spec, exported.call_spec.out_spec)
+    return _Candidate(NNCF_LABEL, program, _openvino_constants_mb(quantized), time.perf_counter() - start,
+                      program.precision, 0, program.integer_compute_ops())
+
+
+def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
+          precision: str) -> _Candidate:
     compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
     options = {"pipeline": pipeline, "target": target, "precision": precision, "calibration": calibration,
                "on_compile": compilations.append}
@@ -198,7 +277,9 @@ def _edge(zoo: ZooModel, pipeline: str, target: str, precision: str) -> _Candida
                                      target=target)
     precisions = ",".join(sorted({c.lowering.precision for c in compilations}))
     fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
-    return _Candidate(edge_label(pipeline), compiled, _constants_mb(compressed), compile_s, precisions, fallbacks)
+    int8_ops = sum(c.lowering.int8_ops for c in compilations)
+    return _Candidate(edge_label(pipeline), compiled, _constants_mb(compressed), compile_s, precisions, fallbacks,
+                      int8_ops, own_fake_quant=compressed if _quantizes(pipeline) else None)
 
 
 def _max_abs_error(expected: Any, actual: Any) -> float:
@@ -227,39 +308,55 @@ def _progress(enabled: bool, model: str, total: int) -> Iterator[Callable[..., N
         yield update
 
 
+def _fake_quant_errors(candidates: list[_Candidate], inputs: tuple) -> dict[str, float]:
+    return {c.label: _max_abs_error(c.own_fake_quant(*inputs), c.run(*inputs))
+            for c in candidates if c.own_fake_quant is not None}
+
+
 def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict[str, float],
-          top1: dict[str, float]) -> tuple[Row, ...]:
+          fake_quant_errors: dict[str, float], top1: dict[str, float]) -> tuple[Row, ...]:
     eager, peer = timings[EAGER_LABEL].median_ms, timings[PEER_LABEL].median_ms
+    nncf = timings[NNCF_LABEL].median_ms if NNCF_LABEL in timings else None
     rows = []
     for c in candidates:
         t = timings[c.label]
         rows.append(Row(c.label, t.median_ms, t.min_ms, t.max_ms, eager / t.median_ms, t.median_ms / peer,
-                        c.size_mb, errors[c.label], top1.get(c.label), c.compile_s, c.precision, c.fallbacks,
-                        t.samples))
+                        t.median_ms / nncf if nncf is not None else None, c.size_mb, errors[c.label],
+                        fake_quant_errors.get(c.label), top1.get(c.label), c.compile_s, c.precision,
+                        c.fallbacks, c.int8_ops, t.samples))
     return tuple(rows)
 
 
 def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
                 precision: str = "f32", warmup: int = 10, rounds: int = 50,
-                progress: bool | None = None) -> BenchResult:
-    """Measure zoo model `name` eagerly, as OpenVINO direct, and through `edge` with each pipeline."""
+                progress: bool | None = None, peers: tuple[str, ...] = ()) -> BenchResult:
+    """Measure zoo model `name` eagerly, as OpenVINO direct, and through `edge` with each pipeline.
+
+    The NNCF int8 peer joins when a pipeline quantizes or `peers` names "nncf".
+    """
+    with_nncf = _wants_nncf(pipelines, peers)  # fail on a bad peer before the slow part
     torch._dynamo.reset()  # the previous model's compiled code and recompile counts must not carry over
     machine = Machine.here()  # before our own work raises the load average
     zoo = get_model(name, batch_size)
+    calibration = zoo.calibration(CALIBRATION_BATCHES) if zoo.calibration else None  # one set for all rows
     builders = [(EAGER_LABEL, partial(_eager, zoo)), (PEER_LABEL, partial(_peer, zoo, precision))]
-    builders += [(edge_label(p), partial(_edge, zoo, p, target, precision)) for p in dict.fromkeys(pipelines)]
+    if with_nncf:
+        builders.append((NNCF_LABEL, partial(_nncf, zoo, calibration, precision)))
+    builders += [(edge_label(p), partial(_edge, zoo, calibration, p, target, precision))
+                 for p in dict.fromkeys(pipelines)]
     total = len(builders) * (2 if zoo.accuracy_fn else 1) + rounds
     with torch.no_grad(), _progress(bool(progress), name, total) as update:
         candidates = [_build(label, build, update) for label, build in builders]
         expected = zoo.module(*zoo.example_inputs)
         errors = {c.label: _max_abs_error(expected, c.run(*zoo.example_inputs)) for c in candidates}
+        fake_quant_errors = _fake_quant_errors(candidates, zoo.example_inputs)
         top1 = _top1(zoo, candidates, update) if zoo.accuracy_fn else {}
         update(f"timing {rounds} rounds")
         timings = measure_side_by_side({c.label: partial(c.run, *zoo.example_inputs) for c in candidates},
                                        warmup, rounds, on_round=partial(update, advance=1))
     shapes = tuple(tuple(x.shape) for x in zoo.example_inputs if isinstance(x, torch.Tensor))
     return BenchResult(name, zoo.description, shapes, target, precision, warmup, rounds, machine,
-                       _rows(candidates, timings, errors, top1))
+                       _rows(candidates, timings, errors, fake_quant_errors, top1))
 
 
 def _build(label: str, build: Callable[[], _Candidate], update: Callable[..., None]) -> _Candidate:

@@ -1,6 +1,6 @@
 """The `edgepasses` command.
 
-    edgepasses bench --model resnet18 --pipeline edge-fp32 [--json PATH] [--md PATH]
+    edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
 
@@ -77,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.model:
         results.append(bench_model(name, args.pipeline, batch_size=args.batch, target=args.target,
                                    precision=args.precision, warmup=args.warmup, rounds=args.rounds,
-                                   progress=True))
+                                   progress=True, peers=tuple(args.peer)))
         print(results[-1].to_markdown() + "\n", flush=True)  # each table as soon as it is measured
     if args.md:
         Path(args.md).write_text("\n\n".join(r.to_markdown() for r in results) + "\n")
@@ -97,10 +97,14 @@ def _add_bench_parser(subparsers: Any) -> None:
     from .backends.openvino import PRECISIONS
 
     bench = subparsers.add_parser("bench", help="latency, size and accuracy of zoo models: eager vs "
-                                                "OpenVINO direct vs edge pipelines")
+                                                "OpenVINO direct (and NNCF int8) vs edge pipelines")
     bench.add_argument("--model", action="append", required=True, help="zoo model name; repeatable")
     bench.add_argument("--pipeline", action="append", default=[],
                        help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
+    # Spelled out here, not imported from the runner, so that building the parser stays light.
+    bench.add_argument("--peer", action="append", default=[], choices=("nncf",),
+                       help="also measure this peer; repeatable (nncf: NNCF int8 post-training quantization "
+                            "+ OpenVINO, added anyway when a pipeline quantizes)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--target", choices=TARGET_NAMES, default="openvino")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")

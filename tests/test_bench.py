@@ -1,4 +1,5 @@
-"""Fast tests of the benchmark harness: interleaved timing, bench_model on the digits CNN, the CLI."""
+"""Fast tests of the benchmark harness: interleaved timing, bench_model on the digits CNN (fp32, and
+int8 beside the NNCF peer), the CLI."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from edgepasses import cli
 from edgepasses.bench.timing import measure_side_by_side
 
 PIPELINE = "edge-fp32"
+INT8_PIPELINE = "fold_bn,quantize"
 
 
 def test_side_by_side_gives_sane_timings():
@@ -69,6 +71,50 @@ def test_bench_model_edge_row_is_exact_and_smaller(digits_result):
     assert edge.compile_s > 0
 
 
+def test_fp32_rows_have_no_nncf_peer_and_no_int8(digits_result):
+    from edgepasses.bench.runner import EAGER_LABEL, NNCF_LABEL
+
+    assert NNCF_LABEL not in [row.label for row in digits_result.rows]
+    markdown = digits_result.to_markdown()
+    assert "vs NNCF" not in markdown and "err vs own fake-quant" not in markdown
+    assert digits_result.row(EAGER_LABEL).int8_ops is None
+    assert all(row.int8_ops == 0 for row in digits_result.rows[1:])
+
+
+@pytest.fixture(scope="module")
+def int8_result():
+    pytest.importorskip("openvino")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("nncf")
+    from edgepasses.bench.runner import bench_model
+
+    return bench_model("digits_cnn", [INT8_PIPELINE], warmup=1, rounds=3)
+
+
+def test_quantize_pipeline_brings_the_nncf_peer_and_runs_int8(int8_result):
+    from edgepasses.bench.runner import EAGER_LABEL, NNCF_LABEL, PEER_LABEL, edge_label
+
+    assert [row.label for row in int8_result.rows] == [EAGER_LABEL, PEER_LABEL, NNCF_LABEL,
+                                                       edge_label(INT8_PIPELINE)]
+    nncf, edge = int8_result.row(NNCF_LABEL), int8_result.row(edge_label(INT8_PIPELINE))
+    assert nncf.int8_ops > 0 and edge.int8_ops > 0
+    assert nncf.ratio_vs_nncf == 1.0 and edge.ratio_vs_nncf > 0
+    assert nncf.top1 == pytest.approx(int8_result.row(EAGER_LABEL).top1, abs=3)
+    # The int8 kernels should reproduce our own quantize/dequantize graph far closer than that graph
+    # reproduces float: lowering adds little on top of the quantization error.
+    assert edge.error_vs_fake_quant is not None and edge.error_vs_fake_quant < 0.1 * edge.max_abs_error
+    assert nncf.error_vs_fake_quant is None
+    markdown = int8_result.to_markdown()
+    assert "vs NNCF" in markdown and "err vs own fake-quant" in markdown and "int8 ops" in markdown
+
+
+def test_bench_model_rejects_unknown_peer():
+    from edgepasses.bench.runner import bench_model
+
+    with pytest.raises(ValueError, match="no_such_peer"):
+        bench_model("digits_cnn", [PIPELINE], peers=("no_such_peer",))
+
+
 def test_markdown_and_json_name_every_row(digits_result):
     markdown = digits_result.to_markdown()
     for row in digits_result.rows:
@@ -104,10 +150,11 @@ def test_cli_bench_prints_and_writes_results(digits_result, monkeypatch, tmp_pat
 
     monkeypatch.setattr("edgepasses.bench.runner.bench_model", fake_bench_model)
     json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert cli.main(["bench", "--model", "digits_cnn", "--rounds", "3", "--json", str(json_path),
-                     "--md", str(md_path)]) == 0
+    assert cli.main(["bench", "--model", "digits_cnn", "--rounds", "3", "--peer", "nncf",
+                     "--json", str(json_path), "--md", str(md_path)]) == 0
     assert calls == [("digits_cnn", [PIPELINE], {"batch_size": 1, "target": "openvino", "precision": "f32",
-                                                "warmup": 10, "rounds": 3, "progress": True})]
+                                                "warmup": 10, "rounds": 3, "progress": True,
+                                                "peers": ("nncf",)})]
     assert digits_result.to_markdown() in capsys.readouterr().out
     assert md_path.read_text().strip() == digits_result.to_markdown()
     assert json.loads(json_path.read_text())[0]["model"] == "digits_cnn"
