@@ -3,6 +3,7 @@
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
+    edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
 
 The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
 """
@@ -92,6 +93,26 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _report(args: argparse.Namespace) -> int:
+    from edgepasses.bench.quant_report import quant_report_for
+    from edgepasses.bench.zoo import ZOO_NAMES
+
+    if args.model not in ZOO_NAMES:
+        args.parser.error(f"unknown model {args.model}; valid models: {', '.join(ZOO_NAMES)}")
+    print(quant_report_for(args.model, args.pipeline, args.batches, args.min_sqnr))
+    return 0
+
+
+def _add_report_parser(subparsers: Any) -> None:
+    report = subparsers.add_parser("report", help="int8 sensitivity of a zoo model: per-layer SQNR, ranked")
+    report.add_argument("--model", required=True, help="zoo model name")
+    report.add_argument("--pipeline", default="fold_bn,quantize", help="a pipeline with a quantize step")
+    report.add_argument("--batches", type=int, default=8, help="calibration = evaluation batches")
+    report.add_argument("--min-sqnr", type=float, default=None,
+                        help="also show which layers quantize(min_sqnr=...) keeps in float")
+    report.set_defaults(handler=_report, parser=report)
+
+
 def _add_bench_parser(subparsers: Any) -> None:
     from .backends import TARGET_NAMES
     from .backends.openvino import PRECISIONS
@@ -120,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "torch.compile backend 'edge'")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(subparsers)
+    _add_report_parser(subparsers)
     subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
     subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
                           ).set_defaults(handler=_demo)
