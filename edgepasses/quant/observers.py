@@ -15,6 +15,7 @@ its histogram and hands it to torchao's ``_calculate_qparams``, as min/max would
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 from torchao.quantization.pt2e.observer import MinMaxObserver, PartialWrapper, UniformQuantizationObserverBase
@@ -74,9 +75,9 @@ class _HistogramObserverBase(UniformQuantizationObserverBase):
             clip_min, clip_max = self.min_val, self.max_val
         return self._calculate_qparams(clip_min, clip_max)
 
+    @abstractmethod
     def _clipping_range(self) -> tuple[float, float]:
-        """The (min, max) to quantize to, chosen from the histogram (which has a non-empty domain)."""
-        raise NotImplementedError
+        """The (min, max) to quantize to, chosen from the histogram (whose domain is not empty)."""
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}, bins={self.bins}"
@@ -142,8 +143,8 @@ class MSEObserver(_HistogramObserverBase):
 
     The error is integrated in closed form with each bin's values uniform within it, so it
     stays exact when the quantization step is finer than a bin. For symmetric schemes the
-    |x| histogram is scored on the positive side (clipping at ``quant_max``), the side with
-    one level fewer. Cost: O(num_candidates * bins) per ``calculate_qparams``.
+    |x| histogram is scored as if all values were positive (clipped at ``quant_max``).
+    Cost: O(num_candidates * bins) per ``calculate_qparams``.
     """
 
     def __init__(self, num_candidates: int = 100, bins: int = 2048, **kwargs) -> None:
@@ -167,7 +168,7 @@ class MSEObserver(_HistogramObserverBase):
         scale, zero_point = scale[:, None], zero_point[:, None]
         grid_units = self._edges(domain) / scale + zero_point
         error_integral = _squared_error_antiderivative(grid_units, self.quant_min, self.quant_max)
-        # a value uniform in a bin of width w errs on average s**3 / w times the integral over the bin
+        # a value uniform in a bin of width w errs on average s**3 / w times the integral (in steps) over it
         mean_error_per_bin = error_integral.diff(dim=1) * scale**3 / bin_width
         return mean_error_per_bin @ self.histogram
 
@@ -284,10 +285,13 @@ def observer_for(method: str, *, dtype: torch.dtype, quant_min: int, quant_max: 
                  qscheme: torch.qscheme, percentile: float = 99.99) -> PartialWrapper:
     """The observer constructor for an activation ``QuantizationSpec.observer_or_fake_quant_ctr``.
 
-    ``percentile`` is used by the "percentile" method only.
+    ``percentile`` is used by the "percentile" method only. Bad arguments raise here rather
+    than later inside ``prepare_pt2e``.
     """
     if method not in _OBSERVERS:
         raise ValueError(f"unknown calibration method {method!r}; valid methods: {', '.join(CALIBRATION_METHODS)}")
     extra = {"percentile": percentile} if method == "percentile" else {}
-    return _OBSERVERS[method].with_args(dtype=dtype, quant_min=quant_min, quant_max=quant_max,
-                                        qscheme=qscheme, **extra)
+    constructor = _OBSERVERS[method].with_args(dtype=dtype, quant_min=quant_min, quant_max=quant_max,
+                                               qscheme=qscheme, **extra)
+    constructor()  # validates the arguments now
+    return constructor

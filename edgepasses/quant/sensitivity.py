@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = EdgeQuantizer(setup)
-    prepared = prepare_pt2e(copy.deepcopy(gm), quantizer)
+    # The copy shares the weight tensors: prepare/convert only add nodes around them, and a model's
+    # worth of weights per sensitivity probe would not fit in memory.
+    shared = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
+    prepared = prepare_pt2e(copy.deepcopy(gm, shared), quantizer)
     if not setup.weight_only:
         calibrate(prepared, calibration, example_inputs, needed_by="quantize")
     else:
@@ -87,12 +91,15 @@ def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibra
     ranking = rank_layers(gm, setup, calibration, eval_batches, example_inputs)
     order = [s.layer for s in ranking]
 
-    attempts: dict[int, tuple] = {}
+    attempts: dict[int, tuple] = {}  # only the last passing graph is kept: each holds a model's graph
 
     def meets_budget(k: int) -> bool:
         quantized, _ = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
-        attempts[k] = (quantized, output_sqnr(gm, quantized, eval_batches))
-        return attempts[k][1] >= min_sqnr_db
+        sqnr = output_sqnr(gm, quantized, eval_batches)
+        if sqnr >= min_sqnr_db:
+            attempts.clear()
+            attempts[k] = (quantized, sqnr)
+        return sqnr >= min_sqnr_db
 
     low, high = 0, len(order)  # the answer lies in [low, high]; all layers in float always meets it
     while low < high:
