@@ -63,13 +63,13 @@ def weight_spec(setup: QuantSetup) -> QuantizationSpec:
 
 
 def layer_name(node: torch.fx.Node) -> str:
-    """The module path a node came from (e.g. `layer1.0.conv1`), else the node's name."""
+    """A unique, readable name: the module path of a conv/linear (e.g. `layer1.0.conv1`); for a matmul,
+    which is no module of its own, the enclosing module's path and the node (`layers.0.attention/matmul_1`)."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if path:
-            return path
-    return node.name
+    path = list(stack.values())[-1][0] if stack else ""
+    if node.target in ACTIVATION_MATMUL_OPS or not path:
+        return f"{path}/{node.name}" if path else node.name
+    return path
 
 
 def _is_constant(node) -> bool:
