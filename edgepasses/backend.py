@@ -41,6 +41,10 @@ class EdgeOptions:
 
         if self.target not in TARGET_NAMES:
             raise OptionError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
+        if self.calibration is not None and iter(self.calibration) is self.calibration:
+            # Dynamo may compile several graphs, and each would find an iterator already used up.
+            raise OptionError("calibration must be re-iterable (a list of input tuples), not an iterator "
+                              "or generator")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     if unknown:
         raise OptionError(f"unknown torch.compile argument(s) for the edge backend: {', '.join(unknown)}; "
                          "pass settings as options={...}")
+    start = time.perf_counter()
     opts = parse_options(options)
     from .backends import get_target
 
@@ -85,7 +90,6 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
-    start = time.perf_counter()
     ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
     with torch.no_grad():
         canonical = pipeline.run(canonical, ctx, verify=opts.verify)

@@ -15,8 +15,10 @@ def _as_tuple(batch) -> tuple:
 
 def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
     if len(batch) != len(example_inputs):
-        raise OptionError(f"calibration batch {index} has {len(batch)} input(s); the model takes "
-                          f"{len(example_inputs)} (each batch is a tuple like the example inputs)")
+        raise OptionError(f"calibration batch {index} has {len(batch)} input(s); the graph takes "
+                          f"{len(example_inputs)} (each batch is a tuple like the example inputs; under "
+                          "torch.compile a graph break gives later graphs other inputs: remove the break "
+                          "or quantize with edgepasses.compress)")
     for position, (got, want) in enumerate(zip(batch, example_inputs)):
         if not isinstance(want, torch.Tensor):
             continue

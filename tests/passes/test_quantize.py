@@ -171,3 +171,10 @@ def test_min_sqnr_keeps_the_fewest_sensitive_layers_in_float():
     stats = gm.edge_report.records[0].stats
     assert stats["float_layers"] == ["fc2"] and stats["output_sqnr_db"] >= plain_sqnr + 10
     assert count_ops(gm)["quantized_decomposed.dequantize_per_channel"] == 2
+
+
+def test_calibration_given_as_a_generator_is_refused_under_torch_compile():
+    batches = (b for b in _calibration(X))
+    compiled = torch.compile(ConvNet().eval(), backend="edge", options={"pipeline": "quantize", "calibration": batches})
+    with pytest.raises(OptionError, match="re-iterable"):
+        compiled(*X)
