@@ -25,3 +25,7 @@ class ExportFailedError(EdgeError):
 
 class UnsupportedOpError(EdgeError):
     """A target cannot run an op and strict mode forbids running it in PyTorch."""
+
+
+class PassVerificationError(EdgeError):
+    """verify=True found a pass that left the graph malformed or its meta["val"] stale."""

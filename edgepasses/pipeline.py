@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch.fx
 
-from .errors import OptionError
+from .errors import OptionError, PassVerificationError
 from .pass_base import PassContext, PassInfo, get_pass, registered_passes
 
 PRESETS: dict[str, str] = {
@@ -229,7 +229,7 @@ class Pipeline:
                     verify_graph(gm, ctx.example_inputs)
                 except Exception as exc:
                     before = ", ".join(done) or "none"
-                    raise RuntimeError(f"verify failed after pass {str(step)!r} (passes before it: {before}): "
+                    raise PassVerificationError(f"verify failed after pass {str(step)!r} (passes before it: {before}): "
                                        f"{exc}") from exc
             report.records.append(PassRecord(str(step), result.modified, dict(result.stats), seconds))
             done.append(str(step))
