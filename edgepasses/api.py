@@ -77,5 +77,7 @@ def export(gm: torch.fx.GraphModule, example_inputs: tuple, path: str) -> str:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as exc:
         raise ImportError("ONNX export needs onnx and onnxscript: pip install 'edgepasses[onnx]'") from exc
+    for module in gm.modules():  # the graph is fixed already; torchao's convert_pt2e forbids .eval()
+        module.training = False
     torch.onnx.export(gm, tuple(example_inputs), path, dynamo=True, verbose=False)
     return path
