@@ -6,11 +6,27 @@ import math
 import torch
 
 
+class SqnrAccumulator:
+    """Sums signal and noise energy over many tensor pairs (batches, outputs, layers)."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = 0.0
+
+    def add(self, reference: torch.Tensor, test: torch.Tensor) -> None:
+        reference, test = reference.detach().double(), test.detach().double()
+        self.signal += reference.pow(2).sum().item()
+        self.noise += (reference - test).pow(2).sum().item()
+
+    @property
+    def db(self) -> float:
+        """10·log10(‖ref‖² / ‖ref − test‖²) in dB; +inf when they are equal."""
+        if self.noise == 0.0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """10·log10(‖ref‖² / ‖ref − test‖²) in dB; +inf when they are equal."""
-    reference, test = reference.detach().double(), test.detach().double()
-    noise = (reference - test).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+    """SQNR in dB of one tensor against its reference."""
+    accumulator = SqnrAccumulator()
+    accumulator.add(reference, test)
+    return accumulator.db

@@ -57,17 +57,14 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
 def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) -> PassResult:
     """Insert int8 quantize/dequantize pairs calibrated on the `calibration` data."""
     require_torchao()
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from ..quant.calibration import calibrate
-    from ..quant.quantizer import EdgeQuantizer
+    from ..quant.quantizer import quantize_graph
 
     target = getattr(ctx.target, "name", "reference")
     setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target)
     if opts.min_sqnr is not None:
         return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
-    quantizer = EdgeQuantizer(setup)
-    prepared = prepare_pt2e(gm, quantizer)
+    result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
+    quantizer = result.quantizer
     stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
              "activations": "none" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
              "calib": "-" if setup.weight_only else setup.calib}
@@ -75,16 +72,9 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
         log.warning("quantize: nothing to quantise (no conv, linear or activation matmul outside the ignore "
                     "list); the graph is left in float")
         return PassResult(gm, modified=False, stats=stats)
-    if setup.weight_only:  # weight observers only: one pass records the weights, no data statistics
-        with torch.no_grad():
-            prepared(*ctx.example_inputs)
-        stats["calibration_batches"] = 0
-    else:
-        stats["calibration_batches"] = calibrate(prepared, ctx.calibration, ctx.example_inputs,
-                                                 needed_by="quantize")
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    propagate_fake(converted, ctx.example_inputs)
-    return PassResult(converted, modified=True, stats=stats)
+    stats["calibration_batches"] = result.calibration_batches
+    propagate_fake(result.graph, ctx.example_inputs)
+    return PassResult(result.graph, modified=True, stats=stats)
 
 
 def _quantize_within_budget(gm, setup, min_sqnr: float, ctx: PassContext) -> PassResult:

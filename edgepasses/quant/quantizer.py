@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torchao.quantization.pt2e import observer as torchao_observers
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from ..errors import OptionError
+from .calibration import calibrate
 from .observers import observer_for
 
 aten = torch.ops.aten
@@ -131,3 +133,25 @@ class EdgeQuantizer(Quantizer):
 
     def validate(self, gm: torch.fx.GraphModule) -> None:
         pass
+
+
+@dataclass
+class QuantizedGraph:
+    graph: torch.fx.GraphModule       # the input graph itself when nothing was annotated
+    quantizer: EdgeQuantizer
+    calibration_batches: int
+
+
+def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, example_inputs: tuple) -> QuantizedGraph:
+    """PT2E on `gm` (rewritten in place): annotate, insert observers, calibrate, convert to Q/DQ."""
+    quantizer = EdgeQuantizer(setup)
+    prepared = prepare_pt2e(gm, quantizer)
+    if not quantizer.annotated:
+        return QuantizedGraph(gm, quantizer, 0)
+    if setup.weight_only:  # weight observers only: one pass records the weights, no data statistics
+        with torch.no_grad():
+            prepared(*example_inputs)
+        batches = 0
+    else:
+        batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
+    return QuantizedGraph(convert_pt2e(prepared, fold_quantize=False), quantizer, batches)

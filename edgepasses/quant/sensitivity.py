@@ -18,37 +18,27 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .calibration import calibrate
-from .quantizer import EdgeQuantizer, QuantSetup, layer_name, quantizable_nodes
+from ..analysis.sqnr import SqnrAccumulator
+from .quantizer import QuantSetup, layer_name, quantizable_nodes, quantize_graph
 
 
 def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
-                  example_inputs: tuple) -> tuple[torch.fx.GraphModule, EdgeQuantizer]:
+                  example_inputs: tuple) -> torch.fx.GraphModule:
     """Quantise a copy of `gm` (prepare_pt2e rewrites its input in place)."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    quantizer = EdgeQuantizer(setup)
     # The copy shares the weight tensors: prepare/convert only add nodes around them, and a model's
     # worth of weights per sensitivity probe would not fit in memory.
     shared = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
-    prepared = prepare_pt2e(copy.deepcopy(gm, shared), quantizer)
-    if not setup.weight_only:
-        calibrate(prepared, calibration, example_inputs, needed_by="quantize")
-    else:
-        prepared(*example_inputs)
-    return convert_pt2e(prepared, fold_quantize=False), quantizer
+    return quantize_graph(copy.deepcopy(gm, shared), setup, calibration, example_inputs).graph
 
 
 def output_sqnr(reference: Callable, test: Callable, batches: Iterable[tuple]) -> float:
     """SQNR in dB of `test` against `reference` over all batches and outputs together."""
-    signal = noise = 0.0
+    total = SqnrAccumulator()
     with torch.no_grad():
         for batch in batches:
             for ref, got in zip(pytree.tree_leaves(reference(*batch)), pytree.tree_leaves(test(*batch))):
-                ref, got = ref.double(), got.double()
-                signal += ref.pow(2).sum().item()
-                noise += (ref - got).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+                total.add(ref, got)
+    return total.db
 
 
 def _only(setup: QuantSetup, float_layers: Iterable[str]) -> QuantSetup:
@@ -72,11 +62,11 @@ def rank_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[t
                 eval_batches: list[tuple], example_inputs: tuple) -> list[LayerSensitivity]:
     """Every quantisable layer, most sensitive first (lowest output SQNR when quantised alone)."""
     names = layer_names(gm, setup)
-    quantized, _ = quantize_copy(gm, setup, calibration, example_inputs)
+    quantized = quantize_copy(gm, setup, calibration, example_inputs)
     in_place = _per_layer_sqnr(gm, quantized, eval_batches)
     ranking = []
     for name in names:
-        alone, _ = quantize_copy(gm, _only(setup, [n for n in names if n != name]), calibration, example_inputs)
+        alone = quantize_copy(gm, _only(setup, [n for n in names if n != name]), calibration, example_inputs)
         ranking.append(LayerSensitivity(name, output_sqnr(gm, alone, eval_batches), in_place.get(name, math.nan)))
     return sorted(ranking, key=lambda s: s.sqnr_alone_db)
 
@@ -94,7 +84,7 @@ def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibra
     attempts: dict[int, tuple] = {}  # only the last passing graph is kept: each holds a model's graph
 
     def meets_budget(k: int) -> bool:
-        quantized, _ = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
+        quantized = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
         sqnr = output_sqnr(gm, quantized, eval_batches)
         if sqnr >= min_sqnr_db:
             attempts.clear()
@@ -132,18 +122,15 @@ def _per_layer_sqnr(float_gm: torch.fx.GraphModule, quantized: torch.fx.GraphMod
                     batches: list[tuple]) -> dict[str, float]:
     """Output SQNR of each quantised layer's node inside the quantised graph (nodes keep their names)."""
     compute = {n.name: layer_name(n) for n in quantizable_nodes(float_gm, weight_only=False)}
-    signal: dict[str, float] = {}
-    noise: dict[str, float] = {}
+    per_layer: dict[str, SqnrAccumulator] = {}
     with torch.no_grad():
         for batch in batches:
             ref, got = _Recorder(float_gm, compute), _Recorder(quantized, compute)
             ref.run(*batch)
             got.run(*batch)
             for layer, value in got.seen.items():
-                expected = ref.seen[layer].double()
-                signal[layer] = signal.get(layer, 0.0) + expected.pow(2).sum().item()
-                noise[layer] = noise.get(layer, 0.0) + (expected - value.double()).pow(2).sum().item()
-    return {k: math.inf if noise[k] == 0 else 10 * math.log10(signal[k] / noise[k]) for k in signal}
+                per_layer.setdefault(layer, SqnrAccumulator()).add(ref.seen[layer], value)
+    return {layer: accumulator.db for layer, accumulator in per_layer.items()}
 
 
 @dataclass
