@@ -48,7 +48,7 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
     from .backends import get_target
     from .errors import OptionError
     from .passes.quantize import resolve_setup
-    from .quant.calibration import checked_batches
+    from .quant.calibration import as_batch, checked_batches
     from .quant.sensitivity import QuantReport, output_sqnr, rank_layers
 
     steps = list(Pipeline.parse(gm.edge_report.pipeline))
@@ -56,7 +56,7 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
     if position is None:
         raise OptionError(f"quant_report needs a graph made by a pipeline with quantize; got "
                           f"{gm.edge_report.pipeline!r}")
-    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in eval_batches]
+    batches = [as_batch(b) for b in eval_batches]
     example_inputs = batches[0] if batches else ()
     batches = checked_batches(batches, example_inputs, needed_by="quant_report")
     calibration = batches if calibration is None else checked_batches(calibration, example_inputs,

@@ -9,7 +9,8 @@ from ..errors import OptionError
 from ..progress import progress
 
 
-def _as_tuple(batch) -> tuple:
+def as_batch(batch) -> tuple:
+    """A calibration batch as the tuple of inputs it stands for (a lone tensor is one input)."""
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
@@ -38,7 +39,7 @@ def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *,
     count = 0
     with torch.no_grad():
         for count, batch in enumerate(progress(batches, f"calibrating {needed_by}"), start=1):
-            batch = _as_tuple(batch)
+            batch = as_batch(batch)
             _check_batch(count - 1, batch, example_inputs)
             run(*batch)
     if count == 0:
@@ -48,6 +49,6 @@ def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *,
 
 def checked_batches(batches: Iterable | None, example_inputs: tuple, *, needed_by: str) -> list[tuple]:
     """The calibration batches as a list (to be used more than once), each checked."""
-    listed = [] if batches is None else [_as_tuple(b) for b in batches]
+    listed = [] if batches is None else [as_batch(b) for b in batches]
     calibrate(lambda *batch: None, None if batches is None else listed, example_inputs, needed_by=needed_by)
     return listed
