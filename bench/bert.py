@@ -23,6 +23,11 @@ class BertConfig:
     seq_len: int = 128  # length of the example inputs
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+    # Trained BERTs have a few hidden dims where every LayerNorm's gain is large, so activations
+    # there are 10-20x the rest (Kovaleva et al. 2021, "BERT Busters"; Dettmers et al. 2022):
+    # the outliers activation quantization, SmoothQuant and AWQ are about. Random weights lack them.
+    outlier_dims: int = 6
+    outlier_gain: float = 12.0
     seed: int = 0
 
     @property
@@ -89,6 +94,10 @@ class BertEncoder(nn.Module):
                 nn.init.normal_(module.weight, std=self.config.init_std, generator=generator)
             if isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
+        outliers = torch.randperm(self.config.hidden, generator=generator)[:self.config.outlier_dims]
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.data[outliers] = self.config.outlier_gain
 
     def forward(self, token_ids: Tensor) -> Tensor:
         positions = torch.arange(token_ids.shape[1], device=token_ids.device)

@@ -16,3 +16,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def tiny_bert():
+    """(model, example inputs, calibration batches, evaluation batches): a 2-layer BERT-style
+    encoder with LayerNorm outlier channels, the case SmoothQuant and AWQ are for."""
+    from edgepasses.bench.bert import BertConfig, BertEncoder, example_token_ids
+
+    config = BertConfig(vocab_size=200, hidden=64, layers=2, heads=4, seq_len=16, outlier_dims=3)
+    calibration = [(example_token_ids(config, seed=s),) for s in range(1, 9)]
+    evaluation = [(example_token_ids(config, seed=s),) for s in range(100, 104)]
+    return BertEncoder(config).eval(), calibration[0], calibration, evaluation

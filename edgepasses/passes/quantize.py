@@ -4,7 +4,8 @@ PT2E's split: `EdgeQuantizer` annotates what to quantise (convs, linears, activa
 matmuls; per-tensor activations, per-channel symmetric weights, within the target's
 `QuantCaps`); torchao's `prepare_pt2e` inserts observers, the calibration batches run,
 `convert_pt2e` turns observers into quantize/dequantize pairs. Targets pattern-match the
-pairs to integer kernels (OpenVINO: FakeQuantize, run as int8).
+pairs to integer kernels (OpenVINO: FakeQuantize, run as int8). `weight_only=true` quantizes
+Linear weights alone, int8 or int4 in groups, optionally with AWQ's scales (`quant.awq`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class QuantizeOptions:
     calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
     percentile: float = 99.99           # for calib=percentile
     weight_only: bool = False           # quantise Linear weights only; activations stay float
+    group_size: int | None = None       # weight-only: input features sharing a scale; none: a whole row
+    awq: bool = False                   # weight-only: AWQ's activation-aware scales (needs calibration)
     ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
     min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
                                         # layers in float to reach it
@@ -37,25 +40,34 @@ class QuantizeOptions:
     def __post_init__(self):
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(f"quantize option 'percentile' must be in (50, 100]; got {self.percentile}")
+        if (self.group_size is not None or self.awq) and not self.weight_only:
+            raise OptionError("quantize options 'group_size' and 'awq' apply to weight-only quantization: "
+                              "add weight_only=true")
+        if self.group_size is not None and self.group_size <= 0:
+            raise OptionError(f"quantize option 'group_size' must be positive; got {self.group_size}")
 
 
 def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
     """The quantizer settings for `opts` on a target with `caps`; errors where they conflict."""
     from ..quant.quantizer import QuantSetup
 
-    if opts.bits not in caps.bits:
-        raise OptionError(f"quantize(bits={opts.bits}): target {target!r} runs bits "
-                          f"{', '.join(map(str, caps.bits))}")
+    allowed = caps.weight_only_bits if opts.weight_only else caps.bits
+    if opts.bits not in allowed:
+        listed = ", ".join(map(str, allowed))
+        hint = "" if opts.weight_only else f"; with weight_only=true: {', '.join(map(str, caps.weight_only_bits))}"
+        raise OptionError(f"quantize(bits={opts.bits}): target {target!r} runs bits {listed}{hint}")
     symmetric = caps.symmetric_by_default if opts.symmetric is None else opts.symmetric
     if caps.symmetric_activations_only and opts.symmetric is False:
         raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
     symmetric = symmetric or caps.symmetric_activations_only
-    return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore)
+    return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore,
+                      opts.bits, opts.group_size, opts.awq)
 
 
 @register_pass("quantize", options=QuantizeOptions)
 def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) -> PassResult:
-    """Insert int8 quantize/dequantize pairs calibrated on the `calibration` data."""
+    """Insert int8 quantize/dequantize pairs calibrated on the `calibration` data, or (weight_only)
+    replace Linear weights by int8/int4 codes and their scales."""
     require_torchao()
     from ..quant.quantizer import quantize_graph
 
@@ -66,8 +78,9 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
     quantizer = result.quantizer
     stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
-             "activations": "none" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
-             "calib": "-" if setup.weight_only else setup.calib}
+             "weights": f"int{setup.bits}" + (f" groups of {setup.group_size}" if setup.group_size else ""),
+             "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
+             "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib}
     if not quantizer.annotated:
         log.warning("quantize: nothing to quantise (no conv, linear or activation matmul outside the ignore "
                     "list); the graph is left in float")

@@ -17,8 +17,11 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from ..errors import OptionError
+from .awq import SAMPLE_ROWS, search_scale
 from .calibration import calibrate
+from .channel_scale import apply_input_scale, collect_stats, linear_groups
 from .observers import observer_for
+from .weight_only import group_size_for, replace_with_codes
 
 aten = torch.ops.aten
 
@@ -37,6 +40,9 @@ class QuantSetup:
     percentile: float
     weight_only: bool
     ignore: tuple[str, ...]
+    bits: int = 8
+    group_size: int | None = None   # weight-only: input features per scale; None: one per output row
+    awq: bool = False               # weight-only: AWQ's activation-aware scales, searched on calibration
 
 
 def activation_spec(setup: QuantSetup) -> QuantizationSpec:
@@ -103,32 +109,35 @@ class EdgeQuantizer(Quantizer):
         self.annotated: list[str] = []
         self.ignored: list[str] = []
 
-    def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    def select(self, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+        """The quantizable nodes outside the ignore list; records names in `annotated`/`ignored`."""
         patterns = [re.compile(p) for p in self.setup.ignore]
-        matched = set()
-        act, weight = activation_spec(self.setup), weight_spec(self.setup)
+        matched, selected = set(), []
         for node in quantizable_nodes(gm, self.setup.weight_only):
             name = layer_name(node)
             hits = {p.pattern for p in patterns if p.fullmatch(name) or p.fullmatch(node.name)}
-            if hits:
-                matched |= hits
-                self.ignored.append(name)
-                continue
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map=self._input_specs(node, act, weight), _annotated=True)
-            self.annotated.append(name)
+            matched |= hits
+            (self.ignored if hits else self.annotated).append(name)
+            if not hits:
+                selected.append(node)
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:
             layers = ", ".join(layer_name(n) for n in quantizable_nodes(gm, self.setup.weight_only))
             raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
                               f"quantizable layer (patterns must match a whole name); layers: {layers}")
+        return selected
+
+    def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        act, weight = activation_spec(self.setup), weight_spec(self.setup)
+        for node in self.select(gm):
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map=self._input_specs(node, act, weight), _annotated=True)
         return gm
 
-    def _input_specs(self, node, act, weight) -> dict:
+    @staticmethod
+    def _input_specs(node, act, weight) -> dict:
         if node.target in ACTIVATION_MATMUL_OPS:
             return {node.args[0]: act, node.args[1]: act}
-        if self.setup.weight_only:
-            return {node.args[1]: weight}
         return {node.args[0]: act, node.args[1]: weight}
 
     def validate(self, gm: torch.fx.GraphModule) -> None:
@@ -143,15 +152,38 @@ class QuantizedGraph:
 
 
 def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, example_inputs: tuple) -> QuantizedGraph:
-    """PT2E on `gm` (rewritten in place): annotate, insert observers, calibrate, convert to Q/DQ."""
+    """PT2E on `gm` (rewritten in place): annotate, insert observers, calibrate, convert to Q/DQ.
+    Weight-only quantization needs no observers: the weights are rounded to codes directly."""
     quantizer = EdgeQuantizer(setup)
+    if setup.weight_only:
+        return _quantize_weights_only(gm, quantizer, calibration, example_inputs)
     prepared = prepare_pt2e(gm, quantizer)
     if not quantizer.annotated:
         return QuantizedGraph(gm, quantizer, 0)
-    if setup.weight_only:  # weight observers only: one pass records the weights, no data statistics
-        with torch.no_grad():
-            prepared(*example_inputs)
-        batches = 0
-    else:
-        batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
+    batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
     return QuantizedGraph(convert_pt2e(prepared, fold_quantize=False), quantizer, batches)
+
+
+def _quantize_weights_only(gm, quantizer: EdgeQuantizer, calibration, example_inputs) -> QuantizedGraph:
+    setup = quantizer.setup
+    linears = quantizer.select(gm)
+    batches = _apply_awq(gm, linears, setup, calibration, example_inputs) if setup.awq and linears else 0
+    for linear in linears:
+        replace_with_codes(gm, linear, setup.bits, setup.group_size)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return QuantizedGraph(gm, quantizer, batches)
+
+
+def _apply_awq(gm, linears, setup: QuantSetup, calibration, example_inputs) -> int:
+    """Search and apply AWQ's input scales for each group of the selected Linears."""
+    chosen = set(linears)
+    groups = linear_groups(gm, ignore=lambda node: node not in chosen)
+    stats = collect_stats(gm, groups, calibration, example_inputs, needed_by="quantize(awq=true)",
+                          keep_rows=SAMPLE_ROWS)
+    for group in groups:
+        weight = group.weight(gm)
+        choice = search_scale(torch.cat(stats[group.source].sample), stats[group.source].abs_mean, weight,
+                              setup.bits, group_size_for(weight, setup.group_size))
+        apply_input_scale(gm, group, choice.scale)
+    return sum(1 for _ in calibration)

@@ -74,8 +74,9 @@ def test_symmetric_activations_use_int8():
 def test_weight_only_needs_no_calibration_and_quantizes_linear_weights_only():
     case = run_pass_case("quantize(weight_only=true)", ConvNet().eval(), X, sqnr_floor=25.0)
     counts = count_ops(case.gm)
-    assert counts["quantized_decomposed.dequantize_per_channel"] == 1
-    assert "quantized_decomposed.quantize_per_tensor" not in counts
+    assert counts["aten._to_copy"] == 1 and counts["aten.mul"] == 1  # int8 codes -> float, x scales
+    assert not any(op.startswith("quantized_decomposed") for op in counts)
+    assert case.report.records[0].stats["weights"] == "int8"
 
 
 @pytest.mark.parametrize("pipeline, calibration, message", [
@@ -85,7 +86,10 @@ def test_weight_only_needs_no_calibration_and_quantizes_linear_weights_only():
     ("quantize", [(torch.randn(1, 3, 12, 12).double(),)], "torch.float64, expected"),
     ("quantize", [(torch.randn(1, 3, 12, 12), torch.randn(1))], "has 2 input"),
     ("quantize(ignore=[nosuchlayer])", _calibration(X), "'nosuchlayer' matched no quantizable layer.*conv1"),
-    ("quantize(bits=4)", _calibration(X), "target 'openvino' runs bits 8"),
+    ("quantize(bits=4)", _calibration(X), "target 'openvino' runs bits 8; with weight_only=true: 8, 4"),
+    ("quantize(group_size=32)", None, "'group_size' and 'awq' apply to weight-only"),
+    ("quantize(weight_only=true,group_size=3)", None, "a Linear with 8 input features does not split"),
+    ("quantize(weight_only=true,awq=true)", None, r"quantize\(awq=true\) needs calibration data"),
     ("quantize(percentile=20)", _calibration(X), r"must be in \(50, 100\]"),
 ])
 def test_bad_quantize_input_gets_a_clear_error(pipeline, calibration, message):
