@@ -1,4 +1,5 @@
-"""`edgepasses report`: the int8 sensitivity report of a zoo model, layers ranked by SQNR loss.
+"""`edgepasses report`: the int8 sensitivity report of a zoo model, layers ranked by SQNR loss;
+`edgepasses compare`: the output SQNR of several pipelines on one zoo model, side by side.
 
 Calibration and evaluation batches come from the zoo (digits: the train split; random-weight
 models: seeded synthetic inputs), so the report is reproducible.
@@ -39,4 +40,24 @@ def quant_report_for(name: str, pipeline: str = "fold_bn,quantize", batches: int
         lines += ["", f"min_sqnr={min_sqnr} dB: {stats['layers_kept_float']} layer(s) kept in float "
                       f"({', '.join(stats['float_layers']) or 'none'}), output SQNR {stats['output_sqnr_db']} dB"]
     lines.append(f"\n({time.perf_counter() - start:.0f} s)")
+    return "\n".join(lines)
+
+
+def compare_sqnr(name: str, pipelines: list[str], batches: int = 8) -> str:
+    """A Markdown table: each pipeline's output SQNR against the float model on held-out batches
+    (calibration: the first `batches` zoo batches; evaluation: the next `batches`)."""
+    from edgepasses.quant.sensitivity import output_sqnr
+
+    zoo = get_model(name)
+    if zoo.calibration is None:
+        raise ValueError(f"zoo model {name!r} has no calibration data")
+    data = zoo.calibration(2 * batches)
+    calibration, evaluation = data[:batches], data[batches:]
+    lines = [f"### {name}: output SQNR vs float ({batches} calibration, {batches} held-out batches)", "",
+             "| pipeline | SQNR dB | compress s |", "|---|---:|---:|"]
+    for pipeline in pipelines:
+        start = time.perf_counter()
+        gm = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration)
+        seconds = time.perf_counter() - start
+        lines.append(f"| `{pipeline}` | {output_sqnr(zoo.module, gm, evaluation):.2f} | {seconds:.1f} |")
     return "\n".join(lines)

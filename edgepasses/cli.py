@@ -4,6 +4,7 @@
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
+    edgepasses compare --model bert_encoder --pipeline quantize --pipeline "smooth,quantize"  # SQNR
 
 The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
 """
@@ -103,6 +104,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    _check_bench_args(args)
+    from edgepasses.bench.quant_report import compare_sqnr
+
+    for name in args.model:
+        print(compare_sqnr(name, args.pipeline, args.batches) + "\n", flush=True)
+    return 0
+
+
+def _add_compare_parser(subparsers: Any) -> None:
+    compare = subparsers.add_parser("compare", help="output SQNR vs float of several pipelines on zoo models")
+    compare.add_argument("--model", action="append", required=True, help="zoo model name; repeatable")
+    compare.add_argument("--pipeline", action="append", required=True, help="pipeline text; repeatable")
+    compare.add_argument("--batches", type=int, default=8, help="calibration batches (as many held out)")
+    compare.set_defaults(handler=_compare, parser=compare)
+
+
 def _add_report_parser(subparsers: Any) -> None:
     report = subparsers.add_parser("report", help="int8 sensitivity of a zoo model: per-layer SQNR, ranked")
     report.add_argument("--model", required=True, help="zoo model name")
@@ -142,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(subparsers)
     _add_report_parser(subparsers)
+    _add_compare_parser(subparsers)
     subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
     subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
                           ).set_defaults(handler=_demo)
