@@ -7,9 +7,20 @@ from .api import compress, export, lower, quant_report
 from .pass_base import PassContext, PassResult, register_pass, registered_passes
 from .pipeline import PRESETS, Pipeline
 
-__all__ = ["compress", "export", "lower", "quant_report", "Pipeline", "PRESETS", "PassContext", "PassResult", "register_pass",
-           "registered_passes"]
+__all__ = ["compress", "export", "lower", "quant_report", "prepare_qat", "convert_qat", "Pipeline", "PRESETS",
+           "PassContext", "PassResult", "register_pass", "registered_passes"]
 __version__ = "0.1.0"
+
+_QAT = ("prepare_qat", "convert_qat")
+
+
+def __getattr__(name: str):
+    # QAT builds on torchao, an optional extra: imported on first use, so `import edgepasses` needs torch only.
+    if name in _QAT:
+        from .quant import qat
+
+        return getattr(qat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _register_backend() -> None:

@@ -42,14 +42,26 @@ def add_constant(gm: torch.fx.GraphModule, name_hint: str, value: torch.Tensor,
 
 
 def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
-    """Delete parameters and buffers no `get_attr` reads. Returns how many were removed."""
+    """Delete parameters and buffers no `get_attr` reads and no called submodule owns.
+    Returns how many were removed."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # e.g. fake-quantizers' state
     removed = 0
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name in used or any(u.startswith(name + ".") for u in used):
+        if name in used or any(u.startswith(name + ".") for u in used) or \
+                any(name.startswith(m + ".") for m in called):
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         delattr(owner, attr)
         removed += 1
     return removed
+
+
+def replace_arg(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, new: torch.fx.Node) -> None:
+    """Set `node.args[index]` to `new`, erasing the old argument if it was a constant nothing else reads
+    (its tensor goes with `remove_unused_attributes`)."""
+    old = node.args[index]
+    node.update_arg(index, new)
+    if isinstance(old, torch.fx.Node) and old.op == "get_attr" and not old.users:
+        gm.graph.erase_node(old)

@@ -16,6 +16,7 @@ import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
+from ..graph_utils import remove_unused_attributes
 from ..pass_base import PassContext, PassResult, register_pass
 from ..quant.channel_scale import apply_input_scale, collect_stats, linear_groups
 
@@ -66,7 +67,7 @@ def smooth(gm: torch.fx.GraphModule, opts: SmoothOptions, ctx: PassContext) -> P
     for group in groups:
         scale = smoothing_scale(stats[group.source].absmax, group.weight(gm), opts.alpha)
         folded[apply_input_scale(gm, group, scale)] += 1
-    gm.graph.lint()
+    remove_unused_attributes(gm)  # the weights before scaling
     gm.recompile()
     propagate_fake(gm, ctx.example_inputs)
     return PassResult(gm, modified=True, stats={"groups": len(groups),

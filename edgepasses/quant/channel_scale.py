@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from ..graph_utils import add_constant, constant_value
+from ..graph_utils import add_constant, constant_value, replace_arg
 from .calibration import calibrate
 
 aten = torch.ops.aten
@@ -90,7 +90,7 @@ def apply_input_scale(gm: torch.fx.GraphModule, group: LinearGroup, scale: torch
     Returns where the 1/scale went: "layer_norm" (folded) or "multiply" (a node inserted)."""
     for lin in group.linears:
         weight = constant_value(gm, lin.args[1])
-        lin.update_arg(1, add_constant(gm, f"{lin.args[1].target}_scaled", weight * scale, before=lin))
+        replace_arg(gm, lin, 1, add_constant(gm, f"{lin.args[1].target}_scaled", weight * scale, before=lin))
     if _fold_into_layer_norm(gm, group, scale):
         return "layer_norm"
     inverse = add_constant(gm, f"{group.source.name}_inv_scale", 1.0 / scale,
@@ -112,9 +112,8 @@ def _fold_into_layer_norm(gm, group: LinearGroup, scale: torch.Tensor) -> bool:
     weight, bias = (constant_value(gm, a) for a in (list(source.args) + [None, None])[2:4])
     if weight is None:
         return False
-    args = list(source.args) + [None] * (4 - len(source.args))
-    args[2] = add_constant(gm, f"{source.name}_weight_scaled", weight / scale, before=source)
+    source.args = tuple(source.args) + (None,) * (4 - len(source.args))
+    replace_arg(gm, source, 2, add_constant(gm, f"{source.name}_weight_scaled", weight / scale, before=source))
     if bias is not None:
-        args[3] = add_constant(gm, f"{source.name}_bias_scaled", bias / scale, before=source)
-    source.args = tuple(args)
+        replace_arg(gm, source, 3, add_constant(gm, f"{source.name}_bias_scaled", bias / scale, before=source))
     return True

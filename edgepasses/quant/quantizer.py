@@ -17,6 +17,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from ..errors import OptionError
+from ..graph_utils import remove_unused_attributes
 from .awq import SAMPLE_ROWS, search_scale
 from .calibration import calibrate
 from .channel_scale import apply_input_scale, collect_stats, linear_groups
@@ -170,7 +171,7 @@ def _quantize_weights_only(gm, quantizer: EdgeQuantizer, calibration, example_in
     batches = _apply_awq(gm, linears, setup, calibration, example_inputs) if setup.awq and linears else 0
     for linear in linears:
         replace_with_codes(gm, linear, setup.bits, setup.group_size)
-    gm.graph.eliminate_dead_code()
+    remove_unused_attributes(gm)  # the float weights: only the codes stay
     gm.recompile()
     return QuantizedGraph(gm, quantizer, batches)
 

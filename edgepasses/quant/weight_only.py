@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from ..errors import OptionError
-from ..graph_utils import add_constant, constant_value
+from ..graph_utils import add_constant, constant_value, replace_arg
 
 aten = torch.ops.aten
 
@@ -65,4 +65,4 @@ def replace_with_codes(gm: torch.fx.GraphModule, linear: torch.fx.Node, bits: in
             dequantized = graph.call_function(aten.view.default, (dequantized, list(scales.shape[:2]) + [group]))
             dequantized = graph.call_function(aten.mul.Tensor, (dequantized, scales_node))
             dequantized = graph.call_function(aten.view.default, (dequantized, list(weight.shape)))
-    linear.update_arg(1, dequantized)
+    replace_arg(gm, linear, 1, dequantized)
