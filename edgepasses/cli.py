@@ -5,6 +5,7 @@
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
     edgepasses compare --model bert_encoder --pipeline quantize --pipeline "smooth,quantize"  # SQNR
+    edgepasses onnx --model resnet18 --pipeline "fold_bn,quantize" [--out r18.onnx]   # Q/DQ ONNX, checked
 
 The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
 """
@@ -121,6 +122,25 @@ def _add_compare_parser(subparsers: Any) -> None:
     compare.set_defaults(handler=_compare, parser=compare)
 
 
+def _onnx(args: argparse.Namespace) -> int:
+    args.model, args.pipeline = [args.model], [args.pipeline]
+    _check_bench_args(args)
+    from edgepasses.bench.onnx_check import onnx_check
+
+    print(onnx_check(args.model[0], args.pipeline[0], args.batches, args.out))
+    return 0
+
+
+def _add_onnx_parser(subparsers: Any) -> None:
+    onnx = subparsers.add_parser("onnx", help="export a zoo model's compressed graph to ONNX (Q/DQ) and "
+                                              "check it in onnxruntime")
+    onnx.add_argument("--model", required=True, help="zoo model name")
+    onnx.add_argument("--pipeline", default="fold_bn,quantize", help="pipeline text")
+    onnx.add_argument("--batches", type=int, default=8, help="calibration batches")
+    onnx.add_argument("--out", metavar="PATH", help="keep the ONNX file here")
+    onnx.set_defaults(handler=_onnx, parser=onnx)
+
+
 def _add_report_parser(subparsers: Any) -> None:
     report = subparsers.add_parser("report", help="int8 sensitivity of a zoo model: per-layer SQNR, ranked")
     report.add_argument("--model", required=True, help="zoo model name")
@@ -161,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(subparsers)
     _add_report_parser(subparsers)
     _add_compare_parser(subparsers)
+    _add_onnx_parser(subparsers)
     subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
     subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
                           ).set_defaults(handler=_demo)

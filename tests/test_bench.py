@@ -158,3 +158,24 @@ def test_cli_bench_prints_and_writes_results(digits_result, monkeypatch, tmp_pat
     assert digits_result.to_markdown() in capsys.readouterr().out
     assert md_path.read_text().strip() == digits_result.to_markdown()
     assert json.loads(json_path.read_text())[0]["model"] == "digits_cnn"
+
+
+def test_cli_compare_prints_each_pipelines_sqnr(capsys):
+    pytest.importorskip("torchao")
+    assert cli.main(["compare", "--model", "digits_cnn", "--pipeline", "fold_bn", "--pipeline",
+                     "fold_bn,quantize", "--batches", "2"]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| `")}
+    assert float(rows["`fold_bn`"]) > 80.0  # exact up to float rounding
+    assert 20.0 < float(rows["`fold_bn,quantize`"]) < 80.0
+
+
+def test_cli_onnx_exports_qdq_that_onnxruntime_runs_like_ours(capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torchao")
+    path = tmp_path / "digits.onnx"
+    assert cli.main(["onnx", "--model", "digits_cnn", "--batches", "2", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert path.exists() and "QuantizeLinear" in out and "DequantizeLinear" in out
+    as_written = float(out.split("Q/DQ as written vs ours: max abs diff ")[1].split(",")[0])
+    assert as_written < 1e-3
