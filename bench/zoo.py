@@ -42,16 +42,40 @@ def _seeded_inputs(make: Callable[[torch.Generator], Tensor]) -> Callable[[int],
     return calibration
 
 
+BATCH_NORM_STATS_SEED = 2
+
+
+def _recalibrate_batch_norm(module: nn.Module, shape: tuple[int, ...], batches: int = 2) -> nn.Module:
+    """Batch-norm running statistics measured on seeded inputs, as training would leave them.
+
+    With random weights and the default statistics (mean 0, variance 1) activations shrink or
+    blow up layer by layer (MobileNetV2's output is ~0), which no trained network does and which
+    makes quantization error meaningless; with measured statistics every normalised layer has
+    unit scale."""
+    generator = torch.Generator().manual_seed(BATCH_NORM_STATS_SEED)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+    module.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            module(torch.randn((4,) + shape[1:], generator=generator))
+    return module.eval()
+
+
 def _torchvision(name: str, torchvision_name: str, batch_size: int) -> ZooModel:
     # Seeded so the random weights are the same on every run; fork_rng spares the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = getattr(torchvision.models, torchvision_name)(weights=None).eval()
+        module = getattr(torchvision.models, torchvision_name)(weights=None)
     shape = (batch_size, 3, IMAGENET_SIZE, IMAGENET_SIZE)
+    module = _recalibrate_batch_norm(module, shape)
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     # Random weights have no meaningful accuracy; Gaussian images still give int8 calibration
     # ranges of the right order.
-    return ZooModel(name, module, (example,), f"torchvision {torchvision_name}, random weights",
+    return ZooModel(name, module, (example,), f"torchvision {torchvision_name}, random weights, "
+                                              "batch-norm statistics measured",
                     calibration=_seeded_inputs(lambda g: torch.randn(shape, generator=g)))
 
 
