@@ -1,0 +1,113 @@
+"""`prune`: dependency-aware structured pruning — a smaller dense graph, not a mask.
+
+Channels that must go together (a conv and the batch norm, depthwise conv and consumers
+after it; every member of a residual add; a concat's producers at their index ranges;
+attention heads through reshape/permute) form a group, found by `prune.groups.analyze`.
+Each group keeps `1 - ratio` of its channel units, ranked by `criterion`; weights are
+sliced and shape arguments rewritten. A group touched by anything the analysis does not
+understand, a model output or an ignored layer is left whole, and the stats say why.
+Lossy: fine-tune afterwards.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..analysis.flops import count_cost
+from ..analysis.shape_prop import propagate_fake
+from ..errors import OptionError
+from ..graph_utils import remove_unused_attributes
+from ..pass_base import PassContext, PassResult, register_pass
+from ..prune.apply import apply_keep
+from ..prune.criteria import element_scores, select
+from ..prune.groups import Chan, Group, analyze, ignore_matcher
+
+log = logging.getLogger("edgepasses")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float = 0.3                    # share of each group's channels to remove, in [0, 1)
+    criterion: Literal["l1", "l2", "bn_gamma"] = "l1"
+    round_to: int = 1                     # kept channel counts rounded up to a multiple of this
+    global_ranking: bool = False          # one threshold over all groups instead of ratio per group
+    ignore: tuple[str, ...] = ()          # conv/linear names or regexes (whole-name match) kept at width
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise OptionError(f"prune option 'ratio' must be in [0, 1); got {self.ratio}")
+        if self.round_to < 1:
+            raise OptionError(f"prune option 'round_to' must be >= 1; got {self.round_to}")
+
+
+def _keep_flags(an, groups: list[Group], chosen: dict[int, np.ndarray]) -> np.ndarray:
+    keep = np.ones(len(an.parent), dtype=bool)
+    for i, group in enumerate(groups):
+        kept = set(chosen[i].tolist())
+        for j, atom in enumerate(group.atoms):
+            if j not in kept:
+                keep[atom] = False
+    return keep
+
+
+def _keep_one_everywhere(an, keep: np.ndarray, scores: np.ndarray) -> None:
+    """No tensor may lose all its channels (a zero-width conv or split piece): where one would, keep its
+    best atom back. Needed when atoms span layers unevenly (e.g. a grouped conv reading a concat)."""
+    roots = np.array([an.find(e) for e in range(len(keep))])
+    for chan in an.chans.values():
+        for c in (chan if isinstance(chan, list) else [chan]):
+            if isinstance(c, Chan) and c.ids.size and not keep[c.ids].any():
+                best = c.ids.flat[int(np.argmax(scores[c.ids].ravel()))]
+                keep[roots == roots[best]] = True
+
+
+def _removed(groups: list[Group], keep: np.ndarray) -> dict[str, str]:
+    """Per pruned group, channels removed from its first layer (the count `ratio` applies to)."""
+    removed = {}
+    for group in groups:
+        if all(keep[s.base:s.base + s.size].all() for s in group.sources):
+            continue
+        first = group.sources[0]
+        kept = int(keep[first.base:first.base + first.size].sum())
+        removed[group.name] = f"{first.size - kept} of {first.size} removed"
+    return removed
+
+
+@register_pass("prune", options=PruneOptions)
+def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> PassResult:
+    """Remove channels in dependency groups (conv/linear outputs, heads), leaving a smaller dense graph."""
+    before = count_cost(gm)
+    an = analyze(gm, ignore_matcher(gm, opts.ignore))
+    groups = an.groups()
+    left_whole = {g.name: "; ".join(g.reasons) for g in groups if g.reasons}
+    left_whole.update({g.name: "a single channel unit" for g in groups if not g.reasons and len(g.atoms) < 2})
+    prunable = [i for i, g in enumerate(groups) if g.name not in left_whole]
+    stats = {"groups": len(groups), "groups_left_whole": len(left_whole), "params_before": before.params,
+             "macs_before": before.macs}
+    chosen = {}
+    if opts.ratio > 0 and prunable:
+        scores = element_scores(an, opts.criterion)
+        picked = select([groups[i] for i in prunable], scores, opts.ratio,
+                        opts.round_to, opts.global_ranking)
+        chosen = {prunable[k]: v for k, v in picked.items()}
+    keep = _keep_flags(an, groups, {i: chosen.get(i, np.arange(len(g.atoms))) for i, g in enumerate(groups)})
+    if chosen:
+        _keep_one_everywhere(an, keep, scores)
+    removed = _removed(groups, keep)
+    if not keep.all():
+        apply_keep(gm, an, keep)
+        remove_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_fake(gm, ctx.example_inputs)
+    after = count_cost(gm)
+    stats.update({"groups_pruned": len(removed), "params_after": after.params, "macs_after": after.macs,
+                  "channels_removed": removed, "left_whole": left_whole})
+    if not removed and opts.ratio > 0:
+        log.warning("prune: no group could be pruned (%d left whole)", len(left_whole))
+    return PassResult(gm, modified=bool(removed), stats=stats)

@@ -1,0 +1,93 @@
+"""Channel importance and the choice of what each group keeps.
+
+Scores are per channel element; an atom scores the sum of its elements. Each layer's scores
+are divided by their mean first, so layers of different scale weigh equally inside a group
+and scores compare across groups (global ranking).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import OptionError
+from ..graph_utils import constant_value
+from .groups import Analysis, Group
+
+
+def _normalised(score: torch.Tensor) -> np.ndarray:
+    score = score.double()
+    mean = score.mean()
+    return (score / mean if mean > 0 else score).numpy()
+
+
+def _weight_norms(weight: torch.Tensor, criterion: str) -> torch.Tensor:
+    flat = weight.detach().flatten(1)
+    return flat.abs().sum(1) if criterion == "l1" else flat.pow(2).sum(1).sqrt()
+
+
+def element_scores(an: Analysis, criterion: str) -> np.ndarray:
+    """Importance of every channel element. `bn_gamma`: |gamma| of the batch norms the channels pass
+    through; channels that meet none (e.g. after fold_bn) fall back to l1."""
+    scores = np.zeros(len(an.parent))
+    seen = np.zeros(len(an.parent), dtype=bool)
+    if criterion == "bn_gamma":
+        for node, (kind, _) in an.roles.items():
+            gamma = constant_value(an.gm, node.args[1]) if kind == "bn" else None
+            chan = an.chans.get(node.args[0])
+            if gamma is not None and chan is not None:
+                np.add.at(scores, chan.ids, _normalised(gamma.abs()))
+                seen[chan.ids] = True
+    for src in an.sources:
+        if src.node is None:
+            continue
+        span = slice(src.base, src.base + src.size)
+        if seen[span].any():
+            continue
+        weight = constant_value(an.gm, src.node.args[1])
+        scores[span] += _normalised(_weight_norms(weight, "l2" if criterion == "l2" else "l1"))
+    return scores
+
+
+def atom_scores(group: Group, scores: np.ndarray) -> np.ndarray:
+    return np.array([scores[a].sum() for a in group.atoms])
+
+
+def kept_atoms(group: Group, ratio: float, round_to: int) -> int:
+    """How many atoms `group` keeps: (1 - ratio) of them, rounded so the first layer's channel count
+    is a multiple of `round_to` where that is reachable."""
+    n = len(group.atoms)
+    keep = math.floor((1.0 - ratio) * n + 0.5)
+    if keep == 0:
+        raise OptionError(f"prune ratio {ratio} would leave 0 of {n} channel units in group {group.name!r}; "
+                          f"use a ratio below {1 - 0.5 / n:.3f} or add the layer to `ignore`")
+    return _round(keep, n, group.atom_width(), round_to)
+
+
+def _round(keep: int, n: int, width: int, round_to: int) -> int:
+    step = round_to // math.gcd(width, round_to) if round_to > 1 else 1
+    return min(n, math.ceil(keep / step) * step)
+
+
+def select(groups: list[Group], scores: np.ndarray, ratio: float, round_to: int,
+           global_ranking: bool) -> dict[int, np.ndarray]:
+    """Per prunable group (by index), the atom indices it keeps, best first."""
+    ranked = {i: atom_scores(g, scores) for i, g in enumerate(groups)}
+    counts = {i: kept_atoms(g, ratio, round_to) for i, g in enumerate(groups)}
+    if global_ranking and ranked:
+        counts = _global_counts(groups, ranked, ratio, round_to)
+    return {i: np.argsort(-ranked[i], kind="stable")[:counts[i]] for i in ranked}
+
+
+def _global_counts(groups, ranked, ratio, round_to) -> dict[int, int]:
+    """Rank every atom by its score relative to its group's mean and drop the lowest `ratio` of them
+    all (ties spread evenly over groups); each group keeps at least one."""
+    rel = {i: s / s.mean() if s.mean() > 0 else s for i, s in ranked.items()}
+    owners = np.concatenate([np.full(len(r), i) for i, r in rel.items()])
+    # equal scores (e.g. untrained batch norms): spread the cut evenly over the groups
+    spread = np.concatenate([np.arange(len(r)) / len(r) for r in rel.values()])
+    order = np.lexsort((spread, np.round(np.concatenate(list(rel.values())), 9)))
+    dropped = np.bincount(owners[order[:int(ratio * len(order))]], minlength=max(rel) + 1)
+    return {i: _round(max(1, len(r) - int(dropped[i])), len(r), groups[i].atom_width(), round_to)
+            for i, r in rel.items()}
