@@ -5,6 +5,11 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+aten = torch.ops.aten
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
+LINEAR_OPS = {aten.linear.default}
+
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> torch.Tensor | None:
     """The tensor a `get_attr` node reads; None for anything else (including a missing node)."""

@@ -6,12 +6,12 @@ from typing import Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], description: str) -> Iterator[T]:
-    """Yield `items`, showing a bar on stderr while they are consumed."""
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Yield `items`, showing a bar on stderr while they are consumed (`total`: when `items` has no len)."""
     try:
         from rich.progress import track
     except ImportError:
         yield from items
         return
-    total = len(items) if hasattr(items, "__len__") else None
+    total = len(items) if hasattr(items, "__len__") else total
     yield from track(items, description=description, total=total, transient=True)

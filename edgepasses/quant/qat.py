@@ -56,17 +56,15 @@ from ..graph_utils import constant_value, remove_unused_attributes  # noqa: E402
 from ..pass_base import PassContext  # noqa: E402
 from ..pipeline import PassRecord, Pipeline, PipelineReport, Step  # noqa: E402
 from .calibration import calibrate, checked_batches  # noqa: E402
-from .quantizer import CONV_OPS, LINEAR_OPS, EdgeQuantizer  # noqa: E402
+from ..finetune import make_weights_trainable  # noqa: E402
+from .quantizer import EdgeQuantizer  # noqa: E402
 
 __all__ = ["convert_qat", "prepare_qat"]
 
 log = logging.getLogger("edgepasses")
 _STATE = "edge_qat"  # the attribute of a prepared graph that convert_qat reads
 aten = torch.ops.aten
-# The arguments that are weights to train, by op; other constants (batch-norm statistics, a model's
-# own buffers, smooth's activation scales) stay fixed.
-_WEIGHT_ARGS = {**{op: (1, 2) for op in CONV_OPS | LINEAR_OPS}, aten.layer_norm.default: (2, 3),
-                aten._native_batch_norm_legit_no_training.default: (1, 2)}
+
 
 
 class WeightFakeQuantize(FakeQuantize):
@@ -136,7 +134,7 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, pipeline: "str | Pipeli
     gm = compress(model, example_inputs, before, calibration=batches, target=target)
     records = list(gm.edge_report.records)
     start = time.perf_counter()
-    _own_trainable_weights(gm)  # first: prepare's batch-norm folding copies requires_grad from the conv weights
+    make_weights_trainable(gm)  # first: prepare's batch-norm folding copies requires_grad from the conv weights
     quantizer = FakeQuantQuantizer(setup)
     gm = prepare_pt2e(gm, quantizer)  # not prepare_qat_pt2e: see the module's docstring
     remove_unused_attributes(gm)  # e.g. weights that batch-norm folding replaced: they would get no gradient
@@ -208,24 +206,6 @@ def _split_at_quantize(pipeline: Pipeline) -> tuple[Pipeline, Step, Pipeline]:
                           "measures post-training quantization); keep layers in float with "
                           "quantize(ignore=[...]) — edgepasses.quant_report ranks them")
     return Pipeline(pipeline.steps[:i]), step, Pipeline(pipeline.steps[i + 1:])
-
-
-def _own_trainable_weights(gm: torch.fx.GraphModule) -> None:
-    """Conv/linear/norm weights and biases become parameters (passes such as fold_bn and smooth leave
-    them buffers), and every parameter a copy: an exported graph shares its tensors with the user's model."""
-    targets = {name for name, _ in gm.named_parameters()}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _WEIGHT_ARGS:
-            args = [node.args[i] for i in _WEIGHT_ARGS[node.target] if i < len(node.args)]
-            targets |= {a.target for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr"}
-    for target in targets:
-        owner_path, _, name = target.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        value = getattr(owner, name)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            trainable = value.requires_grad if isinstance(value, nn.Parameter) else True
-            delattr(owner, name)  # a buffer's name cannot be registered as a parameter
-            owner.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=trainable))
 
 
 def _calibrate_ranges(gm: torch.fx.GraphModule, batches: list[tuple], example_inputs: tuple) -> int:

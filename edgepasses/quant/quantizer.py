@@ -17,7 +17,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
 from ..errors import OptionError
-from ..graph_utils import remove_unused_attributes
+from ..graph_utils import CONV_OPS, LINEAR_OPS, remove_unused_attributes
 from .awq import SAMPLE_ROWS, search_scale
 from .calibration import calibrate
 from .channel_scale import apply_input_scale, collect_stats, linear_groups
@@ -26,9 +26,6 @@ from .weight_only import group_size_for, replace_with_codes
 
 aten = torch.ops.aten
 
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
-LINEAR_OPS = {aten.linear.default}
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 
 
