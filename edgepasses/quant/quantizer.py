@@ -14,7 +14,8 @@ import torch
 import torch.fx
 from torchao.quantization.pt2e import observer as torchao_observers
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, QuantizationSpec, Quantizer,
+                                                 SharedQuantizationSpec)
 
 from ..errors import OptionError
 from ..graph_utils import CONV_OPS, LINEAR_OPS, remove_unused_attributes
@@ -27,6 +28,12 @@ from .weight_only import group_size_for, replace_with_codes
 aten = torch.ops.aten
 
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+# Quantised where a CNN's int8 region needs them (see `annotate_int8_regions`).
+RESIDUAL_ADD_OPS = {aten.add.Tensor}
+POOL_OPS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}
+# Ops a quantised tensor passes through as it is (activations fold into the FakeQuantize's range).
+TRANSPARENT_OPS = {aten.relu.default, aten.hardtanh.default, aten.relu6.default, aten.clamp.default,
+                   aten.view.default, aten.reshape.default, aten.flatten.using_ints}
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class EdgeQuantizer(Quantizer):
         for node in self.select(gm):
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map=self._input_specs(node, act, weight), _annotated=True)
+        annotate_int8_regions(gm, act)
         return gm
 
     @staticmethod
@@ -140,6 +148,56 @@ class EdgeQuantizer(Quantizer):
 
     def validate(self, gm: torch.fx.GraphModule) -> None:
         pass
+
+
+def _is_activation(arg) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg.op != "get_attr"
+
+
+def _feeds_quantized(node: torch.fx.Node, seen: set | None = None) -> bool:
+    """Whether `node`'s value reaches an annotated input, through transparent ops, pools and adds."""
+    seen = set() if seen is None else seen
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        annotation = user.meta.get("quantization_annotation")
+        if annotation is not None and node in annotation.input_qspec_map:
+            return True
+        if user.op == "call_function" and user.target in TRANSPARENT_OPS | POOL_OPS | RESIDUAL_ADD_OPS \
+                and _feeds_quantized(user, seen):
+            return True
+    return False
+
+
+def annotate_int8_regions(gm: torch.fx.GraphModule, act: QuantizationSpec) -> None:
+    """Quantise where OpenVINO needs a FakeQuantize to keep a CNN's tensors int8 from conv to conv,
+    as NNCF's quantizer propagation does:
+
+    * both inputs of a residual add, one of them a quantised conv/linear's output, whose result goes
+      on to a quantised op: the add fuses into that conv as an int8 sum post-op and the conv writes
+      u8, not f32 followed by a standalone FakeQuantize and an f32 reorder;
+    * the input of a max/avg pooling that goes on to a quantised op, the output sharing the input's
+      quantizer: the pooling runs on u8, and the conv before it writes u8.
+
+    Adds and pools outside int8 regions (a transformer's residual adds before LayerNorm) stay float.
+    """
+    compute = CONV_OPS | LINEAR_OPS
+    # Last node first, so an add or a pool sees the adds and pools after it already annotated.
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function" or "quantization_annotation" in node.meta:
+            continue
+        if node.target in RESIDUAL_ADD_OPS and len(node.args) >= 2 and all(map(_is_activation, node.args[:2])) \
+                and any(a.target in compute and "quantization_annotation" in a.meta for a in node.args[:2]) \
+                and _feeds_quantized(node):
+            a, b = node.args[:2]
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={a: act, b: act}, _annotated=True)
+        elif node.target in POOL_OPS and _is_activation(node.args[0]) and _feeds_quantized(node):
+            source = node.args[0]
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={source: act}, output_qspec=SharedQuantizationSpec((source, node)),
+                _annotated=True)
 
 
 @dataclass
