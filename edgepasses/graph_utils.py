@@ -1,6 +1,9 @@
 """Small helpers every pass shares: reading and adding constants, fake values."""
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
@@ -70,3 +73,18 @@ def replace_arg(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, new: 
     node.update_arg(index, new)
     if isinstance(old, torch.fx.Node) and old.op == "get_attr" and not old.users:
         gm.graph.erase_node(old)
+
+
+def ignore_matcher(patterns: tuple[str, ...], layers: list[torch.fx.Node], name_of: Callable[[torch.fx.Node], str],
+                   *, where: str, kind: str) -> Callable[[torch.fx.Node], bool]:
+    """A predicate for the nodes `patterns` name (whole-name regex on `name_of(node)` or the node's name);
+    a pattern naming none of `layers` is an OptionError listing them."""
+    from .errors import OptionError
+
+    compiled = [re.compile(p) for p in patterns]
+    matches = lambda node: any(p.fullmatch(name_of(node)) or p.fullmatch(node.name) for p in compiled)  # noqa: E731
+    unmatched = [p.pattern for p in compiled if not any(p.fullmatch(name_of(n)) or p.fullmatch(n.name) for n in layers)]
+    if unmatched:
+        raise OptionError(f"{where} ignore pattern(s) {', '.join(map(repr, unmatched))} matched no {kind} "
+                          f"(patterns must match a whole name); layers: {', '.join(map(name_of, layers))}")
+    return matches

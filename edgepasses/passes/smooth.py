@@ -8,7 +8,6 @@ the weight column (Xiao et al. 2023), which is exact in float. Run it before `qu
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import remove_unused_attributes
+from ..graph_utils import ignore_matcher, remove_unused_attributes
 from ..pass_base import PassContext, PassResult, register_pass
 from ..quant.channel_scale import apply_input_scale, collect_stats, linear_groups
 
@@ -41,24 +40,17 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
     return (act_absmax.clamp(min=EPS).pow(alpha) / weight_absmax.pow(1.0 - alpha)).clamp(min=EPS)
 
 
-def ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    """A predicate for the Linears `patterns` name; a pattern naming no Linear is an error."""
+def _ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     from ..quant.quantizer import layer_name
 
-    compiled = [re.compile(p) for p in patterns]
     linears = [n for g in linear_groups(gm) for n in g.linears]
-    unmatched = [p.pattern for p in compiled
-                 if not any(p.fullmatch(layer_name(n)) or p.fullmatch(n.name) for n in linears)]
-    if unmatched:
-        raise OptionError(f"smooth ignore pattern(s) {', '.join(map(repr, unmatched))} matched no Linear "
-                          f"(patterns must match a whole name); Linears: {', '.join(map(layer_name, linears))}")
-    return lambda node: any(p.fullmatch(layer_name(node)) or p.fullmatch(node.name) for p in compiled)
+    return ignore_matcher(patterns, linears, layer_name, where="smooth", kind="Linear")
 
 
 @register_pass("smooth", options=SmoothOptions)
 def smooth(gm: torch.fx.GraphModule, opts: SmoothOptions, ctx: PassContext) -> PassResult:
     """Scale Linear inputs down and weights up per channel so both quantise well (exact in float)."""
-    groups = linear_groups(gm, ignore_matcher(gm, opts.ignore))
+    groups = linear_groups(gm, _ignore_matcher(gm, opts.ignore))
     if not groups:
         log.warning("smooth: no Linear with a constant weight outside the ignore list; nothing to smooth")
         return PassResult(gm, modified=False, stats={"groups": 0})

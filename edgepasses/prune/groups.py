@@ -12,7 +12,6 @@ a group is never pruned into a wrong shape.
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from ..graph_utils import constant_value
+from ..graph_utils import ignore_matcher as graph_ignore_matcher
 
 aten = torch.ops.aten
 
@@ -612,14 +612,6 @@ _HANDLERS = {aten.convolution.default: _conv, aten.linear.default: _linear, oper
 
 def ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     """A predicate for the conv/linear layers `patterns` name (whole-name regex on module path or node)."""
-    from ..errors import OptionError
-
-    compiled = [re.compile(p) for p in patterns]
     layers = [n for n in gm.graph.nodes if n.op == "call_function"
               and (n.target in CONV_OPS or n.target in (aten.linear.default, aten.convolution.default))]
-    unmatched = [p.pattern for p in compiled
-                 if not any(p.fullmatch(layer_name(n)) or p.fullmatch(n.name) for n in layers)]
-    if unmatched:
-        raise OptionError(f"prune ignore pattern(s) {', '.join(map(repr, unmatched))} matched no conv or linear "
-                          f"(patterns must match a whole name); layers: {', '.join(map(layer_name, layers))}")
-    return lambda node: any(p.fullmatch(layer_name(node)) or p.fullmatch(node.name) for p in compiled)
+    return graph_ignore_matcher(patterns, layers, layer_name, where="prune", kind="conv or linear")
