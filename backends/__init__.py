@@ -6,6 +6,7 @@ callable that takes the same inputs. What a target cannot run stays in PyTorch t
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -22,6 +23,14 @@ class Lowering:
     partitions: int                     # pieces the target runs
     fallbacks: list = field(default_factory=list)  # partition.Fallback: ops left to PyTorch
     int8_ops: int = 0                   # compute ops the runtime reports running in integer precision
+    weights_mb: float = 0.0             # MB (1e6 bytes) of constants the lowered program holds, in the
+                                        # dtype it stores them (OpenVINO: i8 for quantised weights)
+
+
+def tensors_mb(module: torch.nn.Module) -> float:
+    """MB of a module's parameters and buffers (a GraphModule's constants included)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
 class Target(Protocol):

@@ -4,7 +4,7 @@ Rows, all timed side by side in one run (`bench.timing`):
 
 - "eager fp32": the torch module as it is.
 - "openvino direct", the peer: `torch.export.export(model, args)` converted and compiled by
-  OpenVINO with exactly the configuration our openvino target uses (`compile_exported`), without
+  OpenVINO with exactly the configuration our openvino target uses (`OpenVINOProgram`), without
   our passes and without torch.compile. It is called through the same `OpenVINOProgram` wrapper
   our target returns, so both pay the same calling overhead and the ratio between an edge row and
   the peer shows what our passes and the torch.compile path (Dynamo guards) add or save.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import itertools
 import json
 import os
 import platform
@@ -34,7 +33,8 @@ import torch
 import torch.utils._pytree as pytree
 
 import edgepasses
-from edgepasses.backends.openvino import OpenVINOProgram, compile_config
+from edgepasses.backends import tensors_mb
+from edgepasses.backends.openvino import OpenVINOProgram
 
 from .timing import Timing, measure_side_by_side
 from .zoo import ZooModel, get_model
@@ -45,11 +45,14 @@ NNCF_LABEL = "nncf int8 + openvino"
 OPTIONAL_PEERS = ("nncf",)
 TRANSFORMER_MODELS = frozenset({"bert_encoder"})  # NNCF quantizes these with ModelType.TRANSFORMER
 CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) and the NNCF peer read them
-BYTES_PER_MB = 1e6
 
 
 def edge_label(pipeline: str) -> str:
     return f"edge: {pipeline}"
+
+
+def direct_label(pipeline: str) -> str:
+    return f"edge lower(), no Dynamo: {pipeline}"
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,9 @@ class Row:
     speedup_vs_eager: float        # eager median / this median
     ratio_vs_peer: float           # this median / peer median; < 1 is faster than OpenVINO direct
     ratio_vs_nncf: float | None    # this median / NNCF median; None without the NNCF row
-    size_mb: float                 # parameters and buffers (edge: constants after the pipeline;
-                                   # NNCF: constants of the quantized OpenVINO model)
+    size_mb: float                 # weights as the runtime holds them: eager, the module's parameters
+                                   # and buffers; OpenVINO rows, the constants of the OpenVINO model
+                                   # (i8 where quantised); edge, those of what the target lowered
     max_abs_error: float           # vs eager on the example inputs
     error_vs_fake_quant: float | None  # edge int8 rows: vs the pipeline's own quantize/dequantize
                                        # graph run in PyTorch, i.e. what lowering to int8 adds
@@ -204,16 +208,6 @@ class _Candidate:
     own_fake_quant: Callable[..., Any] | None = None
 
 
-def _constants_mb(module: torch.nn.Module) -> float:
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / BYTES_PER_MB
-
-
-def _openvino_constants_mb(ov_model: Any) -> float:
-    constants = (op for op in ov_model.get_ops() if op.get_type_name() == "Constant")
-    return sum(op.get_byte_size() for op in constants) / BYTES_PER_MB
-
-
 def _quantizes(pipeline: str) -> bool:
     return any(step.name == "quantize" for step in edgepasses.Pipeline.parse(pipeline).steps)
 
@@ -226,13 +220,13 @@ def _wants_nncf(pipelines: list[str], peers: tuple[str, ...]) -> bool:
 
 
 def _eager(zoo: ZooModel) -> _Candidate:
-    return _Candidate(EAGER_LABEL, zoo.module, _constants_mb(zoo.module), None, "f32", 0, None)
+    return _Candidate(EAGER_LABEL, zoo.module, tensors_mb(zoo.module), None, "f32", 0, None)
 
 
 def _peer(zoo: ZooModel, precision: str) -> _Candidate:
     start = time.perf_counter()
     program = OpenVINOProgram.from_exported(torch.export.export(zoo.module, zoo.example_inputs), precision)
-    return _Candidate(PEER_LABEL, program, _constants_mb(zoo.module), time.perf_counter() - start,
+    return _Candidate(PEER_LABEL, program, program.weights_mb, time.perf_counter() - start,
                       program.precision, 0, program.integer_compute_ops())
 
 
@@ -254,9 +248,8 @@ def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Ca
     with contextlib.redirect_stdout(io.StringIO()):
         quantized = nncf.quantize(ov.convert_model(exported), nncf.Dataset(calibration, _openvino_inputs),
                                   subset_size=len(calibration), model_type=model_type)
-    compiled = ov.Core().compile_model(quantized, "CPU", compile_config(precision))
-    program = OpenVINOProgram(compiled, exported.call_spec.in_spec, exported.call_spec.out_spec)
-    return _Candidate(NNCF_LABEL, program, _openvino_constants_mb(quantized), time.perf_counter() - start,
+    program = OpenVINOProgram(quantized, exported, precision)
+    return _Candidate(NNCF_LABEL, program, program.weights_mb, time.perf_counter() - start,
                       program.precision, 0, program.integer_compute_ops())
 
 
@@ -282,8 +275,23 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
     precisions = ",".join(sorted({c.lowering.precision for c in compilations}))
     fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
     int8_ops = sum(c.lowering.int8_ops for c in compilations)
-    return _Candidate(edge_label(pipeline), compiled, _constants_mb(compressed), compile_s, precisions, fallbacks,
+    weights_mb = sum(c.lowering.weights_mb for c in compilations)
+    return _Candidate(edge_label(pipeline), compiled, weights_mb, compile_s, precisions, fallbacks,
                       int8_ops, own_fake_quant=compressed if _quantizes(pipeline) else None)
+
+
+def _edge_direct(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
+                 precision: str) -> _Candidate:
+    """`compress` + `lower`: the same program without torch.compile's per-call work (Dynamo gathers
+    every parameter of the module tree as a graph input on each call, ~0.5 ms for MobileNetV2)."""
+    start = time.perf_counter()
+    compressed = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
+                                     target=target)
+    program = edgepasses.lower(compressed, zoo.example_inputs, target=target, precision=precision)
+    lowering = program.edge_lowering
+    return _Candidate(direct_label(pipeline), program, lowering.weights_mb, time.perf_counter() - start,
+                      lowering.precision, len(lowering.fallbacks), lowering.int8_ops,
+                      own_fake_quant=compressed if _quantizes(pipeline) else None)
 
 
 def _max_abs_error(expected: Any, actual: Any) -> float:
@@ -333,10 +341,11 @@ def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict
 
 def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
                 precision: str = "f32", warmup: int = 10, rounds: int = 50,
-                progress: bool | None = None, peers: tuple[str, ...] = ()) -> BenchResult:
+                progress: bool | None = None, peers: tuple[str, ...] = (), direct: bool = False) -> BenchResult:
     """Measure zoo model `name` eagerly, as OpenVINO direct, and through `edge` with each pipeline.
 
-    The NNCF int8 peer joins when a pipeline quantizes or `peers` names "nncf".
+    The NNCF int8 peer joins when a pipeline quantizes or `peers` names "nncf". `direct` adds, per
+    pipeline, the `compress` + `lower` program called without torch.compile.
     """
     with_nncf = _wants_nncf(pipelines, peers)  # fail on a bad peer before the slow part
     torch._dynamo.reset()  # the previous model's compiled code and recompile counts must not carry over
@@ -348,6 +357,9 @@ def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: st
         builders.append((NNCF_LABEL, partial(_nncf, zoo, calibration, precision)))
     builders += [(edge_label(p), partial(_edge, zoo, calibration, p, target, precision))
                  for p in dict.fromkeys(pipelines)]
+    if direct:
+        builders += [(direct_label(p), partial(_edge_direct, zoo, calibration, p, target, precision))
+                     for p in dict.fromkeys(pipelines)]
     total = len(builders) * (2 if zoo.accuracy_fn else 1) + rounds
     with torch.no_grad(), _progress(bool(progress), name, total) as update:
         candidates = [_build(label, build, update) for label, build in builders]

@@ -80,7 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
     for name in args.model:
         results.append(bench_model(name, args.pipeline, batch_size=args.batch, target=args.target,
                                    precision=args.precision, warmup=args.warmup, rounds=args.rounds,
-                                   progress=True, peers=tuple(args.peer)))
+                                   progress=True, peers=tuple(args.peer), direct=args.direct))
         print(results[-1].to_markdown() + "\n", flush=True)  # each table as soon as it is measured
     if args.md:
         Path(args.md).write_text("\n\n".join(r.to_markdown() for r in results) + "\n")
@@ -164,6 +164,9 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--peer", action="append", default=[], choices=("nncf",),
                        help="also measure this peer; repeatable (nncf: NNCF int8 post-training quantization "
                             "+ OpenVINO, added anyway when a pipeline quantizes)")
+    bench.add_argument("--direct", action="store_true",
+                       help="also time each pipeline's compress() + lower() program called without "
+                            "torch.compile (no Dynamo per-call work)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--target", choices=TARGET_NAMES, default="openvino")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")

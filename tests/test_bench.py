@@ -88,16 +88,20 @@ def int8_result():
     pytest.importorskip("nncf")
     from edgepasses.bench.runner import bench_model
 
-    return bench_model("digits_cnn", [INT8_PIPELINE], warmup=1, rounds=3)
+    return bench_model("digits_cnn", [INT8_PIPELINE], warmup=1, rounds=3, direct=True)
 
 
 def test_quantize_pipeline_brings_the_nncf_peer_and_runs_int8(int8_result):
-    from edgepasses.bench.runner import EAGER_LABEL, NNCF_LABEL, PEER_LABEL, edge_label
+    from edgepasses.bench.runner import EAGER_LABEL, NNCF_LABEL, PEER_LABEL, direct_label, edge_label
 
     assert [row.label for row in int8_result.rows] == [EAGER_LABEL, PEER_LABEL, NNCF_LABEL,
-                                                       edge_label(INT8_PIPELINE)]
+                                                       edge_label(INT8_PIPELINE), direct_label(INT8_PIPELINE)]
     nncf, edge = int8_result.row(NNCF_LABEL), int8_result.row(edge_label(INT8_PIPELINE))
-    assert nncf.int8_ops > 0 and edge.int8_ops > 0
+    direct = int8_result.row(direct_label(INT8_PIPELINE))
+    assert nncf.int8_ops > 0 and edge.int8_ops == direct.int8_ops > 0
+    # Sizes are what OpenVINO holds: i8 weights for NNCF and for us alike.
+    assert edge.size_mb == direct.size_mb < 0.5 * int8_result.row(EAGER_LABEL).size_mb
+    assert edge.size_mb == pytest.approx(nncf.size_mb, rel=0.2)
     assert nncf.ratio_vs_nncf == 1.0 and edge.ratio_vs_nncf > 0
     assert nncf.top1 == pytest.approx(int8_result.row(EAGER_LABEL).top1, abs=3)
     # The int8 kernels should reproduce our own quantize/dequantize graph far closer than that graph
@@ -154,7 +158,7 @@ def test_cli_bench_prints_and_writes_results(digits_result, monkeypatch, tmp_pat
                      "--json", str(json_path), "--md", str(md_path)]) == 0
     assert calls == [("digits_cnn", [PIPELINE], {"batch_size": 1, "target": "openvino", "precision": "f32",
                                                 "warmup": 10, "rounds": 3, "progress": True,
-                                                "peers": ("nncf",)})]
+                                                "peers": ("nncf",), "direct": False})]
     assert digits_result.to_markdown() in capsys.readouterr().out
     assert md_path.read_text().strip() == digits_result.to_markdown()
     assert json.loads(json_path.read_text())[0]["model"] == "digits_cnn"

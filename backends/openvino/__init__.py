@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps
 
-from .. import Lowering
+from .. import Lowering, tensors_mb
 from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
 
 PRECISIONS = ("f32", "bf16")
@@ -35,13 +35,17 @@ def compile_config(precision: str, cache_dir: str | None = None) -> dict[str, st
     return config
 
 
-def compile_exported(exported: torch.export.ExportedProgram, precision: str = "f32", cache_dir: str | None = None):
-    """convert_model + compile_model for the CPU with our configuration."""
+def convert_exported(exported: torch.export.ExportedProgram):
+    """The OpenVINO model of an exported program (its frontend turns weight Q/DQ into i8 constants)."""
     import openvino as ov
 
     with _root_logger_kept():
-        ov_model = ov.convert_model(exported)
-    return ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
+        return ov.convert_model(exported)
+
+
+def constants_mb(ov_model) -> float:
+    constants = (op for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+    return sum(op.get_byte_size() for op in constants) / 1e6
 
 
 @contextlib.contextmanager
@@ -57,14 +61,27 @@ def _root_logger_kept():
         root.filters = filters
 
 
+def _input_shapes(exported: torch.export.ExportedProgram) -> list[list[int]]:
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    return [list(placeholders[name].meta["val"].shape) for name in exported.graph_signature.user_inputs]
+
+
 class OpenVINOProgram(torch.nn.Module):
     """A compiled OpenVINO model behind the calling convention of the module it replaced."""
 
-    def __init__(self, compiled, in_spec, out_spec):
+    def __init__(self, ov_model, exported: torch.export.ExportedProgram, precision: str = "f32",
+                 cache_dir: str | None = None):
+        """`ov_model` converted from `exported` (or rewritten from it, as NNCF does), compiled for
+        the exported input shapes: OpenVINO's converter leaves batch and spatial sizes dynamic,
+        which costs shape inference on every call (~10 % of MobileNetV2 at batch 1)."""
+        import openvino as ov
+
         super().__init__()
-        self.compiled = compiled
+        ov_model.reshape(dict(zip(ov_model.inputs, map(ov.PartialShape, _input_shapes(exported)), strict=True)))
+        self.weights_mb = constants_mb(ov_model)
+        self.compiled = compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
         self.request = compiled.create_infer_request()
-        self.in_spec, self.out_spec = in_spec, out_spec
+        self.in_spec, self.out_spec = exported.call_spec.in_spec, exported.call_spec.out_spec
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32"
 
     @classmethod
@@ -75,8 +92,7 @@ class OpenVINOProgram(torch.nn.Module):
     @classmethod
     def from_exported(cls, exported: torch.export.ExportedProgram, precision: str,
                       cache_dir: str | None = None) -> "OpenVINOProgram":
-        compiled = compile_exported(exported, precision, cache_dir)
-        return cls(compiled, exported.call_spec.in_spec, exported.call_spec.out_spec)
+        return cls(convert_exported(exported), exported, precision, cache_dir)
 
     def integer_compute_ops(self) -> int:
         """Compute ops (conv, matmul) OpenVINO's compiled model runs in u8/i8: int8 that really ran."""
@@ -142,7 +158,8 @@ class OpenVINOTarget:
         try:
             program = OpenVINOProgram.from_exported(exported, precision, cache_dir)
             program.edge_lowering = Lowering(self.name, program.precision, partitions=1,
-                                             int8_ops=program.integer_compute_ops())
+                                             int8_ops=program.integer_compute_ops(),
+                                             weights_mb=program.weights_mb)
             return program
         except OpConversionFailure as exc:
             failure = str(exc)
@@ -170,5 +187,6 @@ class OpenVINOTarget:
         lowered = lower_by_partition(decomposed, unsupported, compile_partition, prefix="openvino_")
         ran = sorted({p.precision for p in programs}) or [precision]
         lowered.edge_lowering = Lowering(self.name, ",".join(ran), len(programs), fallbacks,
-                                         int8_ops=sum(p.integer_compute_ops() for p in programs))
+                                         int8_ops=sum(p.integer_compute_ops() for p in programs),
+                                         weights_mb=sum(p.weights_mb for p in programs) + tensors_mb(lowered))
         return lowered

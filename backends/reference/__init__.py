@@ -8,7 +8,7 @@ import torch.fx
 from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps
 
-from .. import Lowering
+from .. import Lowering, tensors_mb
 
 
 class ReferenceTarget:
@@ -22,5 +22,5 @@ class ReferenceTarget:
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
-        gm.edge_lowering = Lowering(self.name, precision, partitions=1)
+        gm.edge_lowering = Lowering(self.name, precision, partitions=1, weights_mb=tensors_mb(gm))
         return gm

@@ -30,10 +30,12 @@ aten = torch.ops.aten
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 # Quantised where a CNN's int8 region needs them (see `annotate_int8_regions`).
 RESIDUAL_ADD_OPS = {aten.add.Tensor}
-POOL_OPS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default}
+AVERAGE_POOL_OPS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
+POOL_OPS = {aten.max_pool2d.default} | AVERAGE_POOL_OPS
+RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten.flatten.using_ints}
 # Ops a quantised tensor passes through as it is (activations fold into the FakeQuantize's range).
 TRANSPARENT_OPS = {aten.relu.default, aten.hardtanh.default, aten.relu6.default, aten.clamp.default,
-                   aten.view.default, aten.reshape.default, aten.flatten.using_ints}
+                   *RESHAPE_OPS}
 
 
 @dataclass(frozen=True)
@@ -194,10 +196,40 @@ def annotate_int8_regions(gm: torch.fx.GraphModule, act: QuantizationSpec) -> No
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map={a: act, b: act}, _annotated=True)
         elif node.target in POOL_OPS and _is_activation(node.args[0]) and _feeds_quantized(node):
-            source = node.args[0]
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={source: act}, output_qspec=SharedQuantizationSpec((source, node)),
-                _annotated=True)
+            _annotate_pool(node, act)
+
+
+def _annotate_pool(pool: torch.fx.Node, act: QuantizationSpec) -> None:
+    source = pool.args[0]
+    readers = _readers_through_reshapes(pool)
+    output_spec = SharedQuantizationSpec((source, pool))
+    if pool.target in AVERAGE_POOL_OPS and readers and all(map(_quantized_compute_input, readers)):
+        # A classifier head (mean -> flatten -> linear): quantise the average itself, with its own
+        # (narrower) range, and let the linear read it through the reshape. Quantised after the
+        # reshape instead, OpenVINO runs that quantizer as a separate f32 step (NNCF places it here).
+        for reader, value in readers:
+            del reader.meta["quantization_annotation"].input_qspec_map[value]
+        output_spec = act
+    pool.meta["quantization_annotation"] = QuantizationAnnotation(
+        input_qspec_map={source: act}, output_qspec=output_spec, _annotated=True)
+
+
+def _readers_through_reshapes(node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(reader, the value it reads) for every user reached from `node` through reshapes alone."""
+    found = []
+    for user in node.users:
+        if user.op == "call_function" and user.target in RESHAPE_OPS:
+            found += _readers_through_reshapes(user)
+        else:
+            found.append((user, node))
+    return found
+
+
+def _quantized_compute_input(reader_and_value) -> bool:
+    reader, value = reader_and_value
+    annotation = reader.meta.get("quantization_annotation")
+    return reader.target in CONV_OPS | LINEAR_OPS and annotation is not None \
+        and value in annotation.input_qspec_map
 
 
 @dataclass

@@ -51,9 +51,20 @@ X = (torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1)),)
 def test_each_calibration_method_quantizes_every_layer(calib):
     case = run_pass_case(f"quantize(calib={calib})", ConvNet().eval(), X, sqnr_floor=15.0,
                          calibration=_calibration(X),
-                         op_counts={"quantized_decomposed.quantize_per_tensor": 3,
+                         # conv1 and conv2 inputs, the mean's input (conv2 writes u8) and its output,
+                         # which fc reads as it is (NNCF's placement in a classifier head)
+                         op_counts={"quantized_decomposed.quantize_per_tensor": 4,
                                     "quantized_decomposed.dequantize_per_channel": 3})
     assert case.report.records[0].stats["layers_quantized"] == 3
+
+
+def test_classifier_head_quantizes_the_average_not_the_linear_input():
+    gm = run_pass_case("quantize", ConvNet().eval(), X, sqnr_floor=15.0, calibration=_calibration(X)).gm
+    mean = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mean.dim)
+    fc = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default)
+    assert "quantize_per_tensor" in str(mean.args[0].args[0].target)   # dq(q(relu)) -> mean
+    assert "dequantize_per_tensor" in str(fc.args[0].target)            # mean -> q -> dq -> fc
+    assert fc.args[0].args[0].args[0] is mean
 
 
 def test_ignore_keeps_named_layers_in_float():
