@@ -34,6 +34,7 @@ class QuantizeOptions:
     group_size: int | None = None       # weight-only: input features sharing a scale; none: a whole row
     awq: bool = False                   # weight-only: AWQ's activation-aware scales (needs calibration)
     ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
+    embeddings: bool = True             # embedding tables as int8 codes, a scale per row
     min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
                                         # layers in float to reach it
 
@@ -61,7 +62,7 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
         raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
     symmetric = symmetric or caps.symmetric_activations_only
     return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore,
-                      opts.bits, opts.group_size, opts.awq)
+                      opts.bits, opts.group_size, opts.awq, opts.embeddings)
 
 
 @register_pass("quantize", options=QuantizeOptions)

@@ -28,6 +28,7 @@ from .weight_only import group_size_for, replace_with_codes
 aten = torch.ops.aten
 
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+EMBEDDING_OPS = {aten.embedding.default}
 # Quantised where a CNN's int8 region needs them (see `annotate_int8_regions`).
 RESIDUAL_ADD_OPS = {aten.add.Tensor}
 AVERAGE_POOL_OPS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
@@ -50,6 +51,7 @@ class QuantSetup:
     bits: int = 8
     group_size: int | None = None   # weight-only: input features per scale; None: one per output row
     awq: bool = False               # weight-only: AWQ's activation-aware scales, searched on calibration
+    embeddings: bool = True         # embedding tables as int8 codes per row (a lookup has no activation)
 
 
 def activation_spec(setup: QuantSetup) -> QuantizationSpec:
@@ -91,14 +93,18 @@ def _is_constant(node) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "get_attr"
 
 
-def quantizable_nodes(gm: torch.fx.GraphModule, weight_only: bool) -> list[torch.fx.Node]:
-    """Nodes the quantizer can annotate: convs and linears with constant weights, activation matmuls."""
+def quantizable_nodes(gm: torch.fx.GraphModule, weight_only: bool, embeddings: bool = True) -> list[torch.fx.Node]:
+    """Nodes the quantizer can quantise: convs and linears with constant weights, activation matmuls,
+    embedding lookups in constant tables."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in LINEAR_OPS and _is_constant(node.args[1]):
             found.append(node)
+        elif node.target in EMBEDDING_OPS:
+            if embeddings and _is_constant(node.args[0]):
+                found.append(node)
         elif weight_only:
             continue
         elif node.target in CONV_OPS and _is_constant(node.args[1]) and not (
@@ -115,12 +121,13 @@ class EdgeQuantizer(Quantizer):
         self.setup = setup
         self.annotated: list[str] = []
         self.ignored: list[str] = []
+        self.embedding_nodes: list[str] = []
 
     def select(self, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
         """The quantizable nodes outside the ignore list; records names in `annotated`/`ignored`."""
         patterns = [re.compile(p) for p in self.setup.ignore]
         matched, selected = set(), []
-        for node in quantizable_nodes(gm, self.setup.weight_only):
+        for node in quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings):
             name = layer_name(node)
             hits = {p.pattern for p in patterns if p.fullmatch(name) or p.fullmatch(node.name)}
             matched |= hits
@@ -129,14 +136,19 @@ class EdgeQuantizer(Quantizer):
                 selected.append(node)
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:
-            layers = ", ".join(layer_name(n) for n in quantizable_nodes(gm, self.setup.weight_only))
+            layers = ", ".join(layer_name(n) for n in quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings))
             raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
                               f"quantizable layer (patterns must match a whole name); layers: {layers}")
         return selected
 
     def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         act, weight = activation_spec(self.setup), weight_spec(self.setup)
-        for node in self.select(gm):
+        selected = self.select(gm)
+        # Tables are rewritten to codes after convert_pt2e (`quantize_embeddings`), outside PT2E.
+        self.embedding_nodes = [n.name for n in selected if n.target in EMBEDDING_OPS]
+        for node in selected:
+            if node.target in EMBEDDING_OPS:
+                continue
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map=self._input_specs(node, act, weight), _annotated=True)
         annotate_int8_regions(gm, act)
@@ -248,16 +260,33 @@ def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, exa
     prepared = prepare_pt2e(gm, quantizer)
     if not quantizer.annotated:
         return QuantizedGraph(gm, quantizer, 0)
-    batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
-    return QuantizedGraph(convert_pt2e(prepared, fold_quantize=False), quantizer, batches)
+    if len(quantizer.embedding_nodes) == len(quantizer.annotated):  # nothing for observers to see
+        converted, batches = prepared, 0
+    else:
+        batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
+        converted = convert_pt2e(prepared, fold_quantize=False)
+    quantize_embeddings(converted, quantizer.embedding_nodes)
+    return QuantizedGraph(converted, quantizer, batches)
+
+
+def quantize_embeddings(gm: torch.fx.GraphModule, names: list[str]) -> None:
+    """Embedding tables → int8 codes with a scale per row (the rows are what a lookup reads)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in names:
+        replace_with_codes(gm, by_name[name], 8, None, weight_arg=0)
+    if names:
+        remove_unused_attributes(gm)
+        gm.recompile()
 
 
 def _quantize_weights_only(gm, quantizer: EdgeQuantizer, calibration, example_inputs) -> QuantizedGraph:
     setup = quantizer.setup
-    linears = quantizer.select(gm)
+    selected = quantizer.select(gm)
+    linears = [n for n in selected if n.target not in EMBEDDING_OPS]
     batches = _apply_awq(gm, linears, setup, calibration, example_inputs) if setup.awq and linears else 0
     for linear in linears:
         replace_with_codes(gm, linear, setup.bits, setup.group_size)
+    quantize_embeddings(gm, [n.name for n in selected if n.target in EMBEDDING_OPS])
     remove_unused_attributes(gm)  # the float weights: only the codes stay
     gm.recompile()
     return QuantizedGraph(gm, quantizer, batches)

@@ -54,7 +54,7 @@ class LayerSensitivity:
 
 def layer_names(gm: torch.fx.GraphModule, setup: QuantSetup) -> list[str]:
     patterns = [re.compile(p) for p in setup.ignore]
-    names = [layer_name(n) for n in quantizable_nodes(gm, setup.weight_only)]
+    names = [layer_name(n) for n in quantizable_nodes(gm, setup.weight_only, setup.embeddings)]
     return [n for n in names if not any(p.fullmatch(n) for p in patterns)]
 
 

@@ -46,12 +46,14 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int, group: int) -> torch.T
     return (codes.reshape(scales.shape[0], -1, group).to(scales.dtype) * scales).reshape(weight.shape)
 
 
-def replace_with_codes(gm: torch.fx.GraphModule, linear: torch.fx.Node, bits: int, group_size: int | None) -> None:
-    """Swap `linear`'s float weight constant for int codes and the ops that dequantize them."""
-    weight = constant_value(gm, linear.args[1])
+def replace_with_codes(gm: torch.fx.GraphModule, linear: torch.fx.Node, bits: int, group_size: int | None,
+                       weight_arg: int = 1) -> None:
+    """Swap the float weight constant `linear.args[weight_arg]` (a 2-D (rows, features) matrix: a
+    Linear's, or an embedding table with weight_arg=0) for int codes and the ops that dequantize them."""
+    weight = constant_value(gm, linear.args[weight_arg])
     group = group_size_for(weight, group_size)
     codes, scales = quantize_weight(weight, bits, group)
-    name = linear.args[1].target
+    name = linear.args[weight_arg].target
     codes_node = add_constant(gm, f"{name}_int{bits}", codes, before=linear)
     if group == weight.shape[1]:
         scales = scales.reshape(-1, 1)
@@ -65,4 +67,4 @@ def replace_with_codes(gm: torch.fx.GraphModule, linear: torch.fx.Node, bits: in
             dequantized = graph.call_function(aten.view.default, (dequantized, list(scales.shape[:2]) + [group]))
             dequantized = graph.call_function(aten.mul.Tensor, (dequantized, scales_node))
             dequantized = graph.call_function(aten.view.default, (dequantized, list(weight.shape)))
-    replace_arg(gm, linear, 1, dequantized)
+    replace_arg(gm, linear, weight_arg, dequantized)

@@ -44,8 +44,10 @@ def test_smooth_inserts_a_multiply_where_the_activation_has_other_readers(tiny_b
 
 def test_smooth_then_int8_beats_plain_int8_on_activation_outliers(tiny_bert):
     model, example, calibration, evaluation = tiny_bert
-    plain = edgepasses.compress(model, example, "quantize(calib=minmax)", calibration=calibration)
-    smoothed = edgepasses.compress(model, example, "smooth(alpha=0.5),quantize(calib=minmax)", calibration=calibration)
+    # Embedding tables stay float here: their int8 error would mask the activations' difference.
+    plain = edgepasses.compress(model, example, "quantize(calib=minmax,embeddings=false)", calibration=calibration)
+    smoothed = edgepasses.compress(model, example, "smooth(alpha=0.5),quantize(calib=minmax,embeddings=false)",
+                                   calibration=calibration)
     assert output_sqnr(model, smoothed, evaluation) > output_sqnr(model, plain, evaluation) + 1.0
 
 
