@@ -17,7 +17,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from edgepasses.errors import OptionError
-from edgepasses.quant import QuantCaps
+from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
 from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
@@ -140,7 +140,7 @@ def _openvino_decompositions():
 class OpenVINOTarget:
     name = "openvino"
     # u8 activations / i8 per-channel weights: what its FakeQuantize-to-int8 transformations expect.
-    quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False)
+    quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False, saturating_int8=cpu_int8_saturates())
 
     def unavailable_reason(self) -> str | None:
         try:

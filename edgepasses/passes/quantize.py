@@ -35,6 +35,8 @@ class QuantizeOptions:
     awq: bool = False                   # weight-only: AWQ's activation-aware scales (needs calibration)
     ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
     embeddings: bool = True             # embedding tables as int8 codes, a scale per row
+    overflow_fix: Literal["auto", "all", "off"] = "auto"  # weights in 7 bits where int8 sums saturate;
+                                        # auto: where the target's CPU saturates (x86 without VNNI)
     min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
                                         # layers in float to reach it
 
@@ -61,8 +63,9 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
     if caps.symmetric_activations_only and opts.symmetric is False:
         raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
     symmetric = symmetric or caps.symmetric_activations_only
+    seven_bit = opts.overflow_fix == "all" or (opts.overflow_fix == "auto" and caps.saturating_int8)
     return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore,
-                      opts.bits, opts.group_size, opts.awq, opts.embeddings)
+                      opts.bits, opts.group_size, opts.awq, opts.embeddings, weight_qmax=63 if seven_bit else 127)
 
 
 @register_pass("quantize", options=QuantizeOptions)
@@ -79,7 +82,7 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
     quantizer = result.quantizer
     stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
-             "weights": f"int{setup.bits}" + (f" groups of {setup.group_size}" if setup.group_size else ""),
+             "weights": _weights_text(setup),
              "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
              "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib}
     if not quantizer.annotated:
@@ -89,6 +92,12 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     stats["calibration_batches"] = result.calibration_batches
     propagate_fake(result.graph, ctx.example_inputs)
     return PassResult(result.graph, modified=True, stats=stats)
+
+
+def _weights_text(setup) -> str:
+    if setup.weight_only:
+        return f"int{setup.bits}" + (f" groups of {setup.group_size}" if setup.group_size else "")
+    return "int8" if setup.weight_qmax == 127 else "int8, 7-bit range (overflow_fix)"
 
 
 def _quantize_within_budget(gm, setup, min_sqnr: float, ctx: PassContext) -> PassResult:

@@ -14,6 +14,23 @@ class QuantCaps:
     weight_only_bits: tuple[int, ...] = (8, 4)  # Linear weights as integer codes, float activations
     symmetric_activations_only: bool = False   # e.g. TensorRT: int8 symmetric only
     symmetric_by_default: bool = False         # OpenVINO: u8 asymmetric activations unless asked
+    # Its int8 kernels add u8×s8 products in pairs into 16 bits, saturating (x86 without VNNI:
+    # vpmaddubsw). quantize(overflow_fix=auto) then keeps weights to 7 bits, as NNCF's overflow_fix.
+    saturating_int8: bool = False
+
+
+def cpu_int8_saturates() -> bool:
+    """Whether this CPU's int8 dot products go through 16-bit pair sums: x86 without VNNI or AMX."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False  # cannot tell: assume the VNNI path rather than cost every user a bit of precision
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
 
 
 def require_torchao() -> None:

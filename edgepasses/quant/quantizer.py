@@ -52,6 +52,7 @@ class QuantSetup:
     group_size: int | None = None   # weight-only: input features per scale; None: one per output row
     awq: bool = False               # weight-only: AWQ's activation-aware scales, searched on calibration
     embeddings: bool = True         # embedding tables as int8 codes per row (a lookup has no activation)
+    weight_qmax: int = 127          # static int8 weights in [-qmax, qmax]; 63 against int8 saturation
 
 
 def activation_spec(setup: QuantSetup) -> QuantizationSpec:
@@ -66,17 +67,17 @@ def activation_spec(setup: QuantSetup) -> QuantizationSpec:
 
 
 def weight_spec(setup: QuantSetup) -> QuantizationSpec:
-    # Narrow range [-127, 127]: symmetric around zero, as runtimes' int8 weight kernels expect.
+    # Narrow range [-q, q]: symmetric around zero, as runtimes' int8 weight kernels expect.
+    q = setup.weight_qmax
     if setup.per_channel:
-        observer = torchao_observers.PerChannelMinMaxObserver.with_args(
-            ch_axis=0, dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric)
-        return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, ch_axis=0,
-                                qscheme=torch.per_channel_symmetric, is_dynamic=False,
-                                observer_or_fake_quant_ctr=observer)
-    observer = torchao_observers.MinMaxObserver.with_args(
-        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric)
-    return QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric,
-                            is_dynamic=False, observer_or_fake_quant_ctr=observer)
+        qscheme, observer = torch.per_channel_symmetric, torchao_observers.PerChannelMinMaxObserver.with_args(
+            ch_axis=0, dtype=torch.int8, quant_min=-q, quant_max=q, qscheme=torch.per_channel_symmetric)
+    else:
+        qscheme, observer = torch.per_tensor_symmetric, torchao_observers.MinMaxObserver.with_args(
+            dtype=torch.int8, quant_min=-q, quant_max=q, qscheme=torch.per_tensor_symmetric)
+    return QuantizationSpec(dtype=torch.int8, quant_min=-q, quant_max=q, qscheme=qscheme,
+                            ch_axis=0 if setup.per_channel else None, is_dynamic=False,
+                            observer_or_fake_quant_ctr=observer)
 
 
 def layer_name(node: torch.fx.Node) -> str:

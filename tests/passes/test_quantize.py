@@ -75,6 +75,25 @@ def test_ignore_keeps_named_layers_in_float():
     assert count_ops(case.gm)["quantized_decomposed.dequantize_per_channel"] == 1
 
 
+def _weight_ranges(gm) -> set[tuple[int, int]]:
+    # quantized_decomposed.dequantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max, dtype)
+    return {tuple(n.args[4:6]) for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)}
+
+
+@pytest.mark.parametrize("overflow_fix, saturating, expected", [
+    ("auto", False, (-127, 127)), ("auto", True, (-63, 63)), ("all", False, (-63, 63)), ("off", True, (-127, 127))])
+def test_overflow_fix_keeps_weights_to_7_bits_where_int8_sums_saturate(overflow_fix, saturating, expected):
+    from edgepasses.passes.quantize import QuantizeOptions, resolve_setup
+    from edgepasses.quant import QuantCaps
+
+    setup = resolve_setup(QuantizeOptions(overflow_fix=overflow_fix), QuantCaps(saturating_int8=saturating), "t")
+    assert setup.weight_qmax == expected[1]
+    if overflow_fix != "auto":  # the reference target does not saturate: only 'all' narrows there
+        gm = run_pass_case(f"quantize(overflow_fix={overflow_fix})", ConvNet().eval(), X, sqnr_floor=15.0,
+                           calibration=_calibration(X)).gm
+        assert _weight_ranges(gm) == {expected}
+
+
 def test_symmetric_activations_use_int8():
     case = run_pass_case("quantize(symmetric=true)", ConvNet().eval(), X, sqnr_floor=15.0,
                          calibration=_calibration(X))
