@@ -62,7 +62,12 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
     calibration = batches if calibration is None else checked_batches(calibration, example_inputs,
                                                                       needed_by="quant_report")
     resolved = get_target(target)
-    before = ",".join(str(s) for s in steps[:position]) or "dce"
+    before = [str(s) for s in steps[:position]]
+    if not any(s.name == "fold_bn" for s in steps[:position]):
+        # prepare_pt2e folds eval-mode batch norm into the conv before it, so the conv outputs
+        # the report compares are post-BN in the quantised graph: the float reference folds too.
+        before.insert(0, "fold_bn")
+    before = ",".join(before)
     float_gm = compress(model, example_inputs, before, target=target)
     setup = resolve_setup(steps[position].options, resolved.quant_caps, resolved.name)
     with torch.no_grad():

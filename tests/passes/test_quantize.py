@@ -194,6 +194,19 @@ def test_quant_report_ranks_the_outlier_layer_first():
     assert "| 1 | fc2 |" in str(report) and report.model_sqnr_db < report.layers[-1].sqnr_alone_db
 
 
+def test_quant_report_compares_post_batch_norm_outputs_without_fold_bn():
+    # prepare_pt2e folds batch norm into the conv; the float reference must match that, or the
+    # first conv reads as badly quantised (5.9 dB) because it is compared with its pre-BN output.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-2, 2), model[1].running_var.uniform_(0.5, 4)
+    batches = _calibration(X, n=4)
+    reports = [edgepasses.quant_report(model, edgepasses.compress(model, X, p, calibration=batches), batches)
+               for p in ("quantize", "fold_bn,quantize")]
+    in_place = [{s.layer: s.sqnr_in_place_db for s in r.layers} for r in reports]
+    assert in_place[0] == pytest.approx(in_place[1], abs=0.5) and min(in_place[0].values()) > 25
+
+
 def test_min_sqnr_keeps_the_fewest_sensitive_layers_in_float():
     model, x = OneBadLayer().eval(), (torch.randn(8, 16),)
     batches = _calibration(x, n=6)
