@@ -7,6 +7,11 @@ Each group keeps `1 - ratio` of its channel units, ranked by `criterion`; weight
 sliced and shape arguments rewritten. A group touched by anything the analysis does not
 understand, a model output or an ignored layer is left whole, and the stats say why.
 Lossy: fine-tune afterwards.
+
+`criterion=activation` is data-aware (structured Wanda): one pass over the `calibration`
+batches measures E|x_c| where each conv/linear reads channel c, and a channel scores
+E|x_c| · ||W_reader[:, c]||₂ summed over its readers. Weight norms alone miss inputs of very
+different scales, channels a ReLU keeps dead and what a batch norm scales.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
 from ..graph_utils import remove_unused_attributes
 from ..pass_base import PassContext, PassResult, register_pass
+from ..prune import activation_stats
 from ..prune.apply import apply_keep
 from ..prune.criteria import element_scores, select
 from ..prune.groups import Chan, Group, analyze, ignore_matcher
+from ..quant.calibration import checked_batches
 
 log = logging.getLogger("edgepasses")
 
@@ -33,7 +40,9 @@ log = logging.getLogger("edgepasses")
 @dataclass(frozen=True)
 class PruneOptions:
     ratio: float = 0.3                    # share of each group's channels to remove, in [0, 1)
-    criterion: Literal["l1", "l2", "bn_gamma"] = "l1"
+    # l1/l2: producer weight norms; bn_gamma: |gamma| of the following batch norm; activation:
+    # E|x| over `calibration` times the readers' weight-column norms (needs calibration)
+    criterion: Literal["l1", "l2", "bn_gamma", "activation"] = "l1"
     round_to: int = 1                     # kept channel counts rounded up to a multiple of this
     global_ranking: bool = False          # one threshold over all groups instead of ratio per group
     ignore: tuple[str, ...] = ()          # conv/linear names or regexes (whole-name match) kept at width
@@ -78,9 +87,24 @@ def _removed(groups: list[Group], keep: np.ndarray) -> dict[str, str]:
     return removed
 
 
+_NEEDED_BY = "prune(criterion=activation)"
+
+
+def _scores(an, criterion: str, batches: list[tuple] | None, ctx: PassContext, stats: dict) -> np.ndarray:
+    """Element scores for `criterion`; the data-aware one first runs the calibration batches."""
+    activations = None
+    if batches is not None:
+        activations = activation_stats.collect(an, batches, ctx.example_inputs, needed_by=_NEEDED_BY)
+        stats["calibration_batches"] = activations.batches
+    return element_scores(an, criterion, activations)
+
+
 @register_pass("prune", options=PruneOptions)
 def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> PassResult:
     """Remove channels in dependency groups (conv/linear outputs, heads), leaving a smaller dense graph."""
+    # a missing or malformed calibration fails before any work, even where nothing is prunable
+    batches = checked_batches(ctx.calibration, ctx.example_inputs, needed_by=_NEEDED_BY) \
+        if opts.criterion == "activation" else None
     before = count_cost(gm)
     an = analyze(gm, ignore_matcher(gm, opts.ignore))
     groups = an.groups()
@@ -88,10 +112,10 @@ def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> Pas
     left_whole.update({g.name: "a single channel unit" for g in groups if not g.reasons and len(g.atoms) < 2})
     prunable = [i for i, g in enumerate(groups) if g.name not in left_whole]
     stats = {"groups": len(groups), "groups_left_whole": len(left_whole), "params_before": before.params,
-             "macs_before": before.macs}
+             "macs_before": before.macs, "criterion": opts.criterion, "calibration_batches": 0}
     chosen = {}
     if opts.ratio > 0 and prunable:
-        scores = element_scores(an, opts.criterion)
+        scores = _scores(an, opts.criterion, batches, ctx, stats)
         picked = select([groups[i] for i in prunable], scores, opts.ratio,
                         opts.round_to, opts.global_ranking)
         chosen = {prunable[k]: v for k, v in picked.items()}

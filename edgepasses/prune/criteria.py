@@ -3,6 +3,10 @@
 Scores are per channel element; an atom scores the sum of its elements. Each layer's scores
 are divided by their mean first, so layers of different scale weigh equally inside a group
 and scores compare across groups (global ranking).
+
+`l1`/`l2` rank by the producer's weight rows, `bn_gamma` by the batch norm the channels pass
+through, `activation` by what the channel contributes to the layers that read it (structured
+Wanda: E|x_c| over calibration data times ||W_reader[:, c]||₂, summed over readers).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 
 from ..errors import OptionError
 from ..graph_utils import constant_value
+from .activation_stats import ActivationStats
 from .groups import Analysis, Group
 
 
@@ -27,27 +32,54 @@ def _weight_norms(weight: torch.Tensor, criterion: str) -> torch.Tensor:
     return flat.abs().sum(1) if criterion == "l1" else flat.pow(2).sum(1).sqrt()
 
 
-def element_scores(an: Analysis, criterion: str) -> np.ndarray:
+def element_scores(an: Analysis, criterion: str, activations: ActivationStats | None = None) -> np.ndarray:
     """Importance of every channel element. `bn_gamma`: |gamma| of the batch norms the channels pass
-    through; channels that meet none (e.g. after fold_bn) fall back to l1."""
+    through; `activation` (needs `activations`): contribution to the layers reading them. Layers
+    that meet no batch norm (e.g. after fold_bn) or no measured reader fall back to l1."""
     scores = np.zeros(len(an.parent))
     seen = np.zeros(len(an.parent), dtype=bool)
     if criterion == "bn_gamma":
-        for node, (kind, _) in an.roles.items():
-            gamma = constant_value(an.gm, node.args[1]) if kind == "bn" else None
-            chan = an.chans.get(node.args[0])
-            if gamma is not None and chan is not None:
-                np.add.at(scores, chan.ids, _normalised(gamma.abs()))
-                seen[chan.ids] = True
+        _bn_gamma(an, scores, seen)
+    elif criterion == "activation":
+        if activations is None:
+            raise ValueError("criterion 'activation' needs the calibration statistics (activation_stats.collect)")
+        _activation(an, activations, scores, seen)
     for src in an.sources:
-        if src.node is None:
-            continue
-        span = slice(src.base, src.base + src.size)
-        if seen[span].any():
+        if src.node is None or seen[src.base:src.base + src.size].any():
             continue
         weight = constant_value(an.gm, src.node.args[1])
-        scores[span] += _normalised(_weight_norms(weight, "l2" if criterion == "l2" else "l1"))
+        scores[src.base:src.base + src.size] += _normalised(_weight_norms(weight, "l2" if criterion == "l2" else "l1"))
     return scores
+
+
+def _bn_gamma(an: Analysis, scores: np.ndarray, seen: np.ndarray) -> None:
+    for node, (kind, _) in an.roles.items():
+        gamma = constant_value(an.gm, node.args[1]) if kind == "bn" else None
+        chan = an.chans.get(node.args[0])
+        if gamma is not None and chan is not None:
+            np.add.at(scores, chan.ids, _normalised(gamma.abs()))
+            seen[chan.ids] = True
+
+
+def _activation(an: Analysis, stats: ActivationStats, scores: np.ndarray, seen: np.ndarray) -> None:
+    """E|x_c| · ||W[:, c]||₂ per reader, added per union class (a residual stream's channel is one
+    class of every producer writing it), shared equally by the class's elements, normalised per layer."""
+    roots = np.array([an.find(e) for e in range(len(an.parent))], dtype=np.int64)
+    total = np.zeros(len(roots))
+    measured = np.zeros(len(roots), dtype=bool)
+    for read in stats.reads:
+        mean = stats.mean_abs.get(read.input)
+        if mean is None:
+            continue
+        norms = read.column_norms(constant_value(an.gm, read.layer.args[1])).numpy()
+        np.add.at(total, roots[read.chan.ids], mean * norms)
+        measured[roots[read.chan.ids]] = True
+    share = total[roots] / np.bincount(roots, minlength=len(roots))[roots]
+    for src in an.sources:
+        span = slice(src.base, src.base + src.size)
+        if src.node is not None and measured[roots[span]].any():
+            scores[span] += _normalised(torch.from_numpy(share[span]))
+            seen[span] = True
 
 
 def atom_scores(group: Group, scores: np.ndarray) -> np.ndarray:

@@ -1,0 +1,92 @@
+"""Activation statistics for data-aware pruning: mean |x| per channel where conv/linear layers read it.
+
+Statistics are taken at each weighted layer's *input*, not at the producer's output: that input
+is the x the layer's weight multiplies, so it already holds what a batch norm scales, what a
+ReLU zeroes and what a residual add sums. A channel that is large before its ReLU but almost
+always negative is large at the producer and worthless to the reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..quant.calibration import calibrate
+from .groups import Analysis, Chan, conv_groups
+
+_CONSUMER_KINDS = ("conv", "dwconv", "gconv", "linear")
+
+
+@dataclass(frozen=True)
+class Read:
+    """A conv/linear `layer` (role `kind`) reading tracked channels `chan` of its input on the channel dim."""
+    layer: torch.fx.Node
+    kind: str
+    chan: Chan
+
+    @property
+    def input(self) -> torch.fx.Node:
+        return self.layer.args[0]
+
+    def column_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W[:, c]||₂ per input channel c: the weights channel c is multiplied by."""
+        w = weight.detach().double()
+        if self.kind == "dwconv":  # each input channel owns `multiplier` consecutive filters
+            return w.reshape(self.chan.ids.size, -1).norm(dim=1)
+        if self.kind == "gconv":  # channel g * per + j is column j of group g's filters
+            groups = conv_groups(self.layer)
+            per = w.shape[1]
+            w = w.reshape(groups, w.shape[0] // groups, per, -1).transpose(1, 2)
+            return w.reshape(groups * per, -1).norm(dim=1)
+        return w.transpose(0, 1).flatten(1).norm(dim=1)
+
+
+@dataclass
+class ActivationStats:
+    reads: list[Read]
+    mean_abs: dict[torch.fx.Node, np.ndarray]  # input node -> E|x| per channel position (shape of chan.ids)
+    batches: int
+
+
+def weighted_reads(an: Analysis) -> list[Read]:
+    """Every conv/linear reading tracked channels on the dim its weight contracts."""
+    reads = []
+    for node, (kind, dim) in an.roles.items():
+        chan = an.chans.get(node.args[0]) if kind in _CONSUMER_KINDS else None
+        if isinstance(chan, Chan) and chan.dims == (dim,):
+            reads.append(Read(node, kind, chan))
+    return reads
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph, adding each watched node's per-batch mean |x| over its non-channel dims."""
+
+    def __init__(self, gm: torch.fx.GraphModule, watched: dict[torch.fx.Node, tuple[int, ...]]):
+        super().__init__(gm)
+        self.watched = watched
+        self.sums: dict[torch.fx.Node, torch.Tensor] = {}
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        if node in self.watched:
+            reduce = self.watched[node]
+            batch_mean = value.detach().abs().double()
+            batch_mean = batch_mean.mean(dim=reduce) if reduce else batch_mean  # mean(dim=()) means all
+            self.sums[node] = self.sums[node] + batch_mean if node in self.sums else batch_mean
+        return value
+
+
+def collect(an: Analysis, batches, example_inputs: tuple, *, needed_by: str) -> ActivationStats:
+    """One pass over the calibration batches: E|x| per channel position at every weighted read.
+    Batches have the example inputs' static shapes, so the mean of batch means is the overall mean."""
+    reads = weighted_reads(an)
+    watched = {}
+    for read in reads:
+        ndim = read.input.meta["val"].dim()
+        watched[read.input] = tuple(d for d in range(ndim) if d not in read.chan.dims)
+    recorder = _Recorder(an.gm, watched)
+    count = calibrate(recorder.run, batches, example_inputs, needed_by=needed_by)
+    means = {node: (total / count).numpy() for node, total in recorder.sums.items()}
+    return ActivationStats(reads, means, count)
