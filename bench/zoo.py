@@ -130,7 +130,8 @@ def _digits_resnet18(batch_size: int) -> ZooModel:
 
 
 _TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2",
-                      "densenet121": "densenet121", "shufflenet_v2": "shufflenet_v2_x1_0"}
+                      "densenet121": "densenet121", "shufflenet_v2": "shufflenet_v2_x1_0",
+                      "regnet_x_400mf": "regnet_x_400mf"}  # grouped 3x3 convs (group width 16)
 _BUILDERS: dict[str, Callable[[int], ZooModel]] = {
     **{name: partial(_torchvision, name, tv_name) for name, tv_name in _TORCHVISION_NAMES.items()},
     "bert_encoder": _bert_encoder,

@@ -15,7 +15,7 @@ from edgepasses.bench.digits import (accuracy, calibration_batches, eval_batches
 
 EXPECTED_OUTPUT_SHAPES = {
     "resnet18": (1, 1000), "resnet50": (1, 1000), "mobilenet_v2": (1, 1000), "densenet121": (1, 1000),
-    "shufflenet_v2": (1, 1000), "bert_encoder": (1, 128, 768), "digits_cnn": (1, 10),
+    "shufflenet_v2": (1, 1000), "regnet_x_400mf": (1, 1000), "bert_encoder": (1, 128, 768), "digits_cnn": (1, 10),
     "digits_resnet18": (1, 10),
 }
 DIGITS_MODELS = {"digits_cnn", "digits_resnet18"}
