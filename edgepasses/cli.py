@@ -6,6 +6,7 @@
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
     edgepasses compare --model bert_encoder --pipeline quantize --pipeline "smooth,quantize"  # SQNR
     edgepasses onnx --model resnet18 --pipeline "fold_bn,quantize" [--out r18.onnx]   # Q/DQ ONNX, checked
+    edgepasses prune-check [--model resnet18 ...] [--ratio 0.3 ...] [--md PATH]  # pruned shapes, OpenVINO
 
 The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
 """
@@ -141,6 +142,52 @@ def _add_onnx_parser(subparsers: Any) -> None:
     onnx.set_defaults(handler=_onnx, parser=onnx)
 
 
+def _check_prune_check_args(args: argparse.Namespace) -> tuple[list[float], str]:
+    """Defaults filled in; fail before any model is built on a bad model, ratio or pipeline."""
+    from edgepasses.bench.prune_check import DEFAULT_MODELS, DEFAULT_RATIOS, prune_step_index
+
+    args.model = args.model or list(DEFAULT_MODELS)
+    ratios, template = args.ratio or list(DEFAULT_RATIOS), args.pipeline
+    if "{ratio}" not in template:
+        args.parser.error(f"--pipeline must contain '{{ratio}}' (where each --ratio goes); got {template!r}")
+    args.pipeline = [template.format(ratio=r) for r in ratios]  # parsed as the runs will parse them
+    _check_bench_args(args)
+    try:
+        prune_step_index(args.pipeline[0])
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    return ratios, template
+
+
+def _prune_check(args: argparse.Namespace) -> int:
+    from edgepasses.bench.prune_check import prune_check, to_markdown
+
+    ratios, template = _check_prune_check_args(args)
+    checks, errors = prune_check(args.model, ratios, template, progress=lambda line: print(line, flush=True))
+    text = to_markdown(checks) if checks else "no model passed"
+    if errors:
+        text += "\n\nFailed:\n" + "\n".join(f"- {e}" for e in errors)
+    print("\n" + text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    return 1 if errors else 0
+
+
+def _add_prune_check_parser(subparsers: Any) -> None:
+    check = subparsers.add_parser("prune-check", help="prune zoo models at several ratios; check shapes and "
+                                                      "OpenVINO against the reference target")
+    check.add_argument("--model", action="append", default=[],
+                       help="zoo model name; repeatable (default: resnet18, resnet50, mobilenet_v2, "
+                            "densenet121, shufflenet_v2, bert_encoder, regnet_x_400mf)")
+    check.add_argument("--ratio", action="append", type=float, default=[],
+                       help="prune ratio; repeatable (default: 0.3 and 0.5)")
+    # Spelled out (as prune_check.DEFAULT_PIPELINE) so that building the parser stays light.
+    check.add_argument("--pipeline", default="fold_bn,prune(ratio={ratio},round_to=8)",
+                       help="pipeline text with {ratio} where each ratio goes (default: %(default)s)")
+    check.add_argument("--md", metavar="PATH", help="also write the Markdown table")
+    check.set_defaults(handler=_prune_check, parser=check)
+
+
 def _add_report_parser(subparsers: Any) -> None:
     report = subparsers.add_parser("report", help="int8 sensitivity of a zoo model: per-layer SQNR, ranked")
     report.add_argument("--model", required=True, help="zoo model name")
@@ -185,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_onnx_parser(subparsers)
+    _add_prune_check_parser(subparsers)
     subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
     subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
                           ).set_defaults(handler=_demo)
