@@ -8,6 +8,7 @@ whole with its reasons. No timing: `edgepasses bench` measures latency.
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,11 @@ class PruneCheck:
     left_whole: dict[str, str] = field(default_factory=dict)  # group -> reasons
     max_abs_diff: float | None = None     # reference vs OpenVINO; None when OpenVINO is not installed
     output_scale: float = 0.0             # max |output| on the reference target
+
+    @property
+    def groups_rounded_whole(self) -> int:
+        """Prunable groups that kept every channel: (1 - ratio) of them, rounded up, is all of them."""
+        return self.groups - self.groups_pruned - len(self.left_whole)
 
     @property
     def relative_diff(self) -> float | None:
@@ -137,18 +143,22 @@ def _row(c: PruneCheck) -> str:
     return (f"| {c.model} | {c.ratio:g} | {_count(c.params_before)} → {_count(c.params_after)} "
             f"({c.params_after / c.params_before:.2f}) | {_count(c.macs_before)} → {_count(c.macs_after)} "
             f"({c.macs_after / c.macs_before:.2f}) | {shapes} ✓ | {ov} | {c.groups_pruned} / "
-            f"{len(c.left_whole)} of {c.groups} |")
+            f"{len(c.left_whole)} / {c.groups_rounded_whole} of {c.groups} |")
+
+
+# "add_7", "layer_norm_6": one reason per layer would differ only in the node's number.
+_NODE_NUMBER = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*?)_\d+\b")
 
 
 def _reason_counts(left_whole: dict[str, str]) -> list[str]:
-    """Identical reasons aggregated: `reason ×count (first groups)`."""
+    """Reasons that are identical up to node numbers aggregated: `×count: reason (first groups)`."""
     by_reason: dict[str, list[str]] = collections.defaultdict(list)
     for group, reason in left_whole.items():
-        by_reason[reason].append(group)
+        by_reason[_NODE_NUMBER.sub(r"\1", reason)].append(group)
     lines = []
     for reason, groups in sorted(by_reason.items(), key=lambda item: -len(item[1])):
-        named = ", ".join(groups[:3]) + (f", … {len(groups) - 3} more" if len(groups) > 3 else "")
-        lines.append(f"{reason} ×{len(groups)} ({named})")
+        named = ", ".join(groups[:4]) + (f", … {len(groups) - 4} more" if len(groups) > 4 else "")
+        lines.append(f"×{len(groups)}: {reason} ({named})")
     return lines
 
 
@@ -157,7 +167,7 @@ def _left_whole_section(checks: list[PruneCheck]) -> list[str]:
     by_model: dict[str, list[PruneCheck]] = collections.defaultdict(list)
     for c in checks:
         by_model[c.model].append(c)
-    lines = ["", "Groups left whole, and why:", ""]
+    lines = ["", "Groups left whole, and why (reasons counted alike up to node numbers):", ""]
     for model, runs in by_model.items():
         same = all(r.left_whole == runs[0].left_whole for r in runs)
         for run in runs[:1] if same else runs:
@@ -174,13 +184,14 @@ def to_markdown(checks: list[PruneCheck]) -> str:
     lines = [f"### Pruned models on the reference and OpenVINO targets (`{'`, `'.join(pipelines)}`, batch 1)",
              "",
              "| model | ratio | params (after/before) | MACs (after/before) | output shape = unpruned | "
-             "OpenVINO vs reference, max abs diff | groups pruned / left whole of all |",
+             "OpenVINO vs reference, max abs diff | groups pruned / left whole / rounded to full width, of all |",
              "|---|---|---|---|---|---|---|"]
     lines += [_row(c) for c in checks]
     lines.append("")
     lines.append("Params and MACs are counted on the graph the prune step receives (after fold_bn); "
                  "every pass is verified (`meta[\"val\"]` re-propagated) and OpenVINO runs the whole graph "
-                 "(strict, no fallback).")
+                 "(strict, no fallback). Rounded to full width: `round_to` rounds the kept channel count up to "
+                 "the whole group.")
     return "\n".join(lines + _left_whole_section(checks))
 
 

@@ -28,7 +28,7 @@ def test_pruned_model_keeps_output_shape_and_shrinks(digits_check):
     assert digits_check.pipeline == "fold_bn,prune(ratio=0.5,round_to=8)"
     assert digits_check.params_after < 0.5 * digits_check.params_before
     assert digits_check.macs_after < 0.5 * digits_check.macs_before
-    assert digits_check.groups_pruned == 3 and digits_check.groups == 4
+    assert digits_check.groups_pruned == 3 and digits_check.groups == 4 and digits_check.groups_rounded_whole == 0
     # the classifier is the model output: its width is the number of classes
     assert list(digits_check.left_whole.values()) == ["model output (linear)"]
 
@@ -60,13 +60,15 @@ def test_pipeline_needs_exactly_one_prune_step():
 
 def test_markdown_aggregates_identical_reasons(digits_check):
     other = prune_check.PruneCheck(**{**vars(digits_check), "ratio": 0.3,
-                                      "left_whole": {"a": "aten.roll at roll", "b": "aten.roll at roll",
+                                      "left_whole": {"a": "aten.roll at roll", "b": "aten.roll at roll_1",
+                                                     "c": "aten.add.Tensor at add_12 with conv2d_3",
                                                      "fc": "model output (linear)"}})
     text = prune_check.to_markdown([digits_check, other])
     assert "| digits_cnn | 0.5 |" in text and "| digits_cnn | 0.3 |" in text
-    assert "- digits_cnn at 0.3:\n  - aten.roll at roll ×2 (a, b)\n  - model output (linear) ×1 (fc)" in text
+    assert ("- digits_cnn at 0.3:\n  - ×2: aten.roll at roll (a, b)\n  - ×1: aten.add.Tensor at add with conv2d (c)\n"
+            "  - ×1: model output (linear) (fc)") in text
     same = prune_check.to_markdown([digits_check, prune_check.PruneCheck(**{**vars(digits_check), "ratio": 0.3})])
-    assert "- digits_cnn (every ratio):\n  - model output (linear) ×1" in same
+    assert "- digits_cnn (every ratio):\n  - ×1: model output (linear) (12)" in same
 
 
 def test_cli_prints_and_writes_the_table(digits_check, monkeypatch, tmp_path, capsys):
