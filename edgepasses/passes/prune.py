@@ -9,9 +9,10 @@ understand, a model output or an ignored layer is left whole, and the stats say 
 Lossy: fine-tune afterwards.
 
 `criterion=activation` is data-aware (structured Wanda): one pass over the `calibration`
-batches measures E|x_c| where each conv/linear reads channel c, and a channel scores
-E|x_c| · ||W_reader[:, c]||₂ summed over its readers. Weight norms alone miss inputs of very
-different scales, channels a ReLU keeps dead and what a batch norm scales.
+batches measures E[x_c²] where each conv/linear reads channel c, and a channel scores
+sqrt(Σ E[x_c²] · ||W_reader[:, c]||₂²) over its readers — the RMS error its removal adds to
+them. Weight norms alone miss inputs of very different scales, channels a ReLU keeps dead and
+what a batch norm scales.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ log = logging.getLogger("edgepasses")
 class PruneOptions:
     ratio: float = 0.3                    # share of each group's channels to remove, in [0, 1)
     # l1/l2: producer weight norms; bn_gamma: |gamma| of the following batch norm; activation:
-    # E|x| over `calibration` times the readers' weight-column norms (needs calibration)
+    # RMS of x over `calibration` times the readers' weight-column norms (needs calibration)
     criterion: Literal["l1", "l2", "bn_gamma", "activation"] = "l1"
     round_to: int = 1                     # kept channel counts rounded up to a multiple of this
     global_ranking: bool = False          # one threshold over all groups instead of ratio per group

@@ -6,7 +6,8 @@ and scores compare across groups (global ranking).
 
 `l1`/`l2` rank by the producer's weight rows, `bn_gamma` by the batch norm the channels pass
 through, `activation` by what the channel contributes to the layers that read it (structured
-Wanda: E|x_c| over calibration data times ||W_reader[:, c]||₂, summed over readers).
+Wanda: the RMS of x_c over calibration data times ||W_reader[:, c]||₂, as energies summed over
+readers and positions).
 """
 from __future__ import annotations
 
@@ -62,19 +63,20 @@ def _bn_gamma(an: Analysis, scores: np.ndarray, seen: np.ndarray) -> None:
 
 
 def _activation(an: Analysis, stats: ActivationStats, scores: np.ndarray, seen: np.ndarray) -> None:
-    """E|x_c| · ||W[:, c]||₂ per reader, added per union class (a residual stream's channel is one
-    class of every producer writing it), shared equally by the class's elements, normalised per layer."""
+    """sqrt(Σ E[x_c²] · ||W[:, c]||₂²) over readers and positions: the RMS error removing the channel
+    adds to what reads it. Summed per union class (a residual stream's channel is one class of every
+    producer writing it), shared equally by the class's elements, normalised per layer."""
     roots = np.array([an.find(e) for e in range(len(an.parent))], dtype=np.int64)
     total = np.zeros(len(roots))
     measured = np.zeros(len(roots), dtype=bool)
     for read in stats.reads:
-        mean = stats.mean_abs.get(read.input)
-        if mean is None:
+        mean_square = stats.mean_square.get(read.input)
+        if mean_square is None:
             continue
         norms = read.column_norms(constant_value(an.gm, read.layer.args[1])).numpy()
-        np.add.at(total, roots[read.chan.ids], mean * norms)
+        np.add.at(total, roots[read.chan.ids], mean_square * norms ** 2)
         measured[roots[read.chan.ids]] = True
-    share = total[roots] / np.bincount(roots, minlength=len(roots))[roots]
+    share = np.sqrt(total[roots]) / np.bincount(roots, minlength=len(roots))[roots]
     for src in an.sources:
         span = slice(src.base, src.base + src.size)
         if src.node is not None and measured[roots[span]].any():

@@ -65,7 +65,7 @@ def _random_batches(like: tuple, n: int = 2) -> list[tuple]:
     return [tuple(torch.randn_like(x) for x in like) for _ in range(n)]
 
 
-# Zeroed channels carry exactly 0, so the data-aware criterion measures E|x| = 0 for them too and
+# Zeroed channels carry exactly 0, so the data-aware criterion measures E[x²] = 0 for them too and
 # must drop the same channels: this holds its reader-to-channel mapping (flatten, residual, groups).
 @pytest.mark.parametrize("criterion", ["l1", "activation"])
 def test_residual_members_are_pruned_together_and_flatten_maps_to_linear_columns(criterion):
