@@ -70,9 +70,7 @@ def _activation(an: Analysis, stats: ActivationStats, scores: np.ndarray, seen: 
     total = np.zeros(len(roots))
     measured = np.zeros(len(roots), dtype=bool)
     for read in stats.reads:
-        mean_square = stats.mean_square.get(read.input)
-        if mean_square is None:
-            continue
+        mean_square = stats.mean_square[read.input]
         norms = read.column_norms(constant_value(an.gm, read.layer.args[1])).numpy()
         np.add.at(total, roots[read.chan.ids], mean_square * norms ** 2)
         measured[roots[read.chan.ids]] = True
