@@ -1,0 +1,129 @@
+"""`lowrank`: replace a weight by a product of smaller factors where that saves MACs.
+
+Linear and 1×1 conv: two layers through a truncated SVD. k×k conv: a Tucker-2 chain
+(1×1 → k×k core → 1×1) or a spatial split (k×1 → 1×k), chosen per layer by error at equal
+MACs (`method=auto`) or by option. The rank comes from exactly one of `rank`, `ratio` (of each
+layer's full rank) or `energy` (kept singular-value energy; the default, 0.9), rounded up to a
+multiple of `round_to`; a layer is split only when its MACs fall by at least `min_saving`.
+
+Data-aware (with calibration data, or `data_aware=true`): each weight is factorised under its input
+Gram G = Σ x·xᵀ (SVD-LLM style whitening), which minimises the output error over the data instead
+of the weight error — inputs with a few strong directions keep far more accuracy at the same rank.
+Convs use the im2col Gram: exactly for 1×1 convs and Tucker's output mode, its per-channel block sum
+for Tucker's input mode, and its vertical-patch blocks for the spatial split.
+
+Lossy: stats give each split layer's output SQNR on the calibration (or example) inputs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+
+from ..analysis.flops import count_cost
+from ..analysis.shape_prop import propagate_fake
+from ..errors import OptionError
+from ..graph_utils import CONV_OPS, LINEAR_OPS, ignore_matcher, remove_unused_attributes
+from ..lowrank.layers import collect_input_stats, find_layers, output_sqnr_db, replace_with_chain
+from ..lowrank.plan import Plan, Settings, check_rank, methods_for, plan_layer
+from ..pass_base import PassContext, PassResult, register_pass
+from ..quant.quantizer import layer_name
+
+log = logging.getLogger("edgepasses")
+
+DEFAULT_ENERGY = 0.9
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    rank: int | None = None          # the same rank for every layer (Tucker: for both modes, capped per mode)
+    ratio: float | None = None       # rank = ratio × each layer's full rank, in (0, 1]
+    energy: float | None = None      # kept singular-value energy in (0, 1]; 0.9 when none of the three is given
+    min_saving: float = 0.25         # split only where the layer's MACs fall by this share (<= 0: always)
+    method: Literal["auto", "svd", "tucker", "spatial"] = "auto"  # k×k convs; Linear/1×1 always use SVD
+    round_to: int = 8                # ranks rounded up to a multiple of this (SIMD widths)
+    data_aware: bool | None = None   # None: when calibration data is given
+    damping: float = 0.01            # added to the Gram diagonal, as a share of its mean
+    ignore: tuple[str, ...] = ()     # layer names or regexes (whole-name match) left as they are
+
+    def __post_init__(self):
+        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise OptionError(f"lowrank takes one of rank, ratio or energy; got {' and '.join(given)}")
+        if self.rank is not None and self.rank < 1:
+            raise OptionError(f"lowrank option 'rank' must be >= 1; got {self.rank}")
+        for key in ("ratio", "energy"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise OptionError(f"lowrank option {key!r} must be in (0, 1]; got {value}")
+        if self.min_saving >= 1.0:
+            raise OptionError(f"lowrank option 'min_saving' must be below 1; got {self.min_saving}")
+        if self.round_to < 1:
+            raise OptionError(f"lowrank option 'round_to' must be >= 1; got {self.round_to}")
+        if self.damping < 0:
+            raise OptionError(f"lowrank option 'damping' must be >= 0; got {self.damping}")
+
+    @property
+    def criterion(self) -> tuple[str, float]:
+        for key in ("rank", "ratio", "energy"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return "energy", DEFAULT_ENERGY
+
+
+def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
+    layers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS | CONV_OPS]
+    return ignore_matcher(patterns, layers, layer_name, where="lowrank", kind="Linear or conv")
+
+
+def _layer_stats(plan: Plan, sqnr: float) -> dict:
+    rank = plan.factors.rank
+    return {"method": plan.factors.method, "rank": list(rank) if isinstance(rank, tuple) else rank,
+            "energy": round(plan.factors.energy, 4), "macs_before": plan.macs_before,
+            "macs_after": plan.macs_after, "sqnr_db": round(sqnr, 2)}
+
+
+@register_pass("lowrank", options=LowRankOptions)
+def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) -> PassResult:
+    """Split Linear/conv weights into low-rank factor chains (SVD, Tucker-2, spatial) where MACs fall."""
+    data_aware = ctx.calibration is not None if opts.data_aware is None else opts.data_aware
+    settings = Settings(opts.criterion, opts.method, opts.min_saving, opts.round_to, opts.damping)
+    layers, skipped = find_layers(gm, _ignore(gm, opts.ignore))
+    candidates = []
+    for layer in layers:
+        methods = methods_for(layer, opts.method)
+        if isinstance(methods, str):
+            skipped[layer.name] = methods
+            continue
+        if settings.criterion[0] == "rank":
+            methods = check_rank(layer, methods, opts.rank)
+        candidates.append((layer, methods))
+    before = count_cost(gm)
+    # The Gram is always measured: data-aware factorisation needs it, and every split reports its SQNR.
+    batches = ctx.calibration if data_aware else [ctx.example_inputs]
+    inputs = collect_input_stats(gm, [layer for layer, _ in candidates], batches, ctx.example_inputs,
+                                 needed_by="lowrank(data_aware=true)" if opts.data_aware else "lowrank")
+    split = {}
+    for layer, methods in candidates:
+        stats = inputs[layer.node]
+        plan = plan_layer(layer, methods, settings, stats.gram if data_aware else None)
+        if isinstance(plan, str):
+            skipped[layer.name] = plan
+            continue
+        split[layer.name] = _layer_stats(plan, output_sqnr_db(layer, plan.factors.approx, stats))
+        replace_with_chain(gm, layer, plan.factors)
+    if split:
+        remove_unused_attributes(gm)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_fake(gm, ctx.example_inputs)
+    else:
+        log.warning("lowrank: no layer was split (%d left whole)", len(skipped))
+    after = count_cost(gm)
+    return PassResult(gm, modified=bool(split), stats={
+        "layers_split": len(split), "data_aware": data_aware, "macs_before": before.macs,
+        "macs_after": after.macs, "params_before": before.params, "params_after": after.params,
+        "layers": split, "skipped": skipped})
