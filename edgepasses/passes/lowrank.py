@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
@@ -79,11 +80,16 @@ def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     return ignore_matcher(patterns, layers, layer_name, where="lowrank", kind="Linear or conv")
 
 
-def _layer_stats(plan: Plan, sqnr: float) -> dict:
+def _layer_stats(plan: Plan, sqnr: float | None) -> dict:
     rank = plan.factors.rank
     return {"method": plan.factors.method, "rank": list(rank) if isinstance(rank, tuple) else rank,
             "energy": round(plan.factors.energy, 4), "macs_before": plan.macs_before,
-            "macs_after": plan.macs_after, "sqnr_db": round(sqnr, 2)}
+            "macs_after": plan.macs_after, "sqnr_db": None if sqnr is None else round(sqnr, 2)}
+
+
+def _real(inputs: tuple) -> bool:
+    """Example inputs hold values (under torch.compile Dynamo may hand fake tensors, which have none)."""
+    return all(not isinstance(x, FakeTensor) for x in inputs)
 
 
 @register_pass("lowrank", options=LowRankOptions)
@@ -102,18 +108,22 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
             methods = check_rank(layer, methods, opts.rank)
         candidates.append((layer, methods))
     before = count_cost(gm)
-    # The Gram is always measured: data-aware factorisation needs it, and every split reports its SQNR.
-    batches = ctx.calibration if data_aware else [ctx.example_inputs]
-    inputs = collect_input_stats(gm, [layer for layer, _ in candidates], batches, ctx.example_inputs,
-                                 needed_by="lowrank(data_aware=true)" if opts.data_aware else "lowrank")
+    # The Gram is measured whenever there are values: data-aware factorisation needs it, and it gives
+    # each split's output SQNR (on the example inputs when data-blind).
+    inputs = {}
+    if data_aware or _real(ctx.example_inputs):
+        batches = ctx.calibration if data_aware else [ctx.example_inputs]
+        inputs = collect_input_stats(gm, [layer for layer, _ in candidates], batches, ctx.example_inputs,
+                                     needed_by="lowrank(data_aware=true)" if opts.data_aware else "lowrank")
     split = {}
     for layer, methods in candidates:
-        stats = inputs[layer.node]
+        stats = inputs.get(layer.node)
         plan = plan_layer(layer, methods, settings, stats.gram if data_aware else None)
         if isinstance(plan, str):
             skipped[layer.name] = plan
             continue
-        split[layer.name] = _layer_stats(plan, output_sqnr_db(layer, plan.factors.approx, stats))
+        sqnr = None if stats is None else output_sqnr_db(layer, plan.factors.approx, stats)
+        split[layer.name] = _layer_stats(plan, sqnr)
         replace_with_chain(gm, layer, plan.factors)
     if split:
         remove_unused_attributes(gm)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import edgepasses
+from edgepasses.analysis.sqnr import sqnr_db
 from edgepasses.errors import OptionError
 from edgepasses.quant.sensitivity import output_sqnr
 from edgepasses.testing import count_ops, run_pass_case
@@ -200,3 +201,15 @@ def test_composes_after_fold_bn_and_prune():
     stats = _stats(gm)
     assert stats["layers_split"] >= 1 and stats["macs_after"] < stats["macs_before"]
     assert gm(*x).shape == (1, 10)
+
+
+def test_lowrank_under_torch_compile():
+    model = _decaying_linear(64, decay=0.8)
+    x = torch.randn(8, 64)
+    seen = []
+    compiled = torch.compile(model, backend="edge", options={"pipeline": "lowrank(rank=16)", "target": "reference",
+                                                             "on_compile": seen.append})
+    with torch.no_grad():
+        assert sqnr_db(model(x), compiled(x)) > 25.0
+    (stats,) = seen[0].report.records[0].stats["layers"].values()
+    assert stats["rank"] == 16
