@@ -1,6 +1,7 @@
 """Channel importance and the choice of what each group keeps.
 
-Scores are per channel element; an atom scores the sum of its elements. Each layer's scores
+Scores are per channel element; an atom scores the mean of its elements (a channel shuffle ties
+channels into units of unequal size: by sums the small units would always go first). Each layer's scores
 are divided by their mean first, so layers of different scale weigh equally inside a group
 and scores compare across groups (global ranking).
 
@@ -83,7 +84,7 @@ def _activation(an: Analysis, stats: ActivationStats, scores: np.ndarray, seen: 
 
 
 def atom_scores(group: Group, scores: np.ndarray) -> np.ndarray:
-    return np.array([scores[a].sum() for a in group.atoms])
+    return np.array([scores[a].mean() for a in group.atoms])
 
 
 def kept_atoms(group: Group, ratio: float, round_to: int) -> int:
