@@ -43,7 +43,8 @@ class LowRankOptions:
     rank: int | None = None          # the same rank for every layer (Tucker: for both modes, capped per mode)
     ratio: float | None = None       # rank = ratio × each layer's full rank, in (0, 1]
     energy: float | None = None      # kept singular-value energy in (0, 1]; 0.9 when none of the three is given
-    min_saving: float = 0.25         # split only where the layer's MACs fall by this share (<= 0: always)
+    #                                  (data-aware: energy of W·L, i.e. of the layer's output on the data)
+    min_saving: float = 0.25         # split only where the layer's MACs fall by this share (negative: may grow)
     method: Literal["auto", "svd", "tucker", "spatial"] = "auto"  # k×k convs; Linear/1×1 always use SVD
     round_to: int = 8                # ranks rounded up to a multiple of this (SIMD widths)
     data_aware: bool | None = None   # None: when calibration data is given
