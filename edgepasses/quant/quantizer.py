@@ -128,7 +128,8 @@ class EdgeQuantizer(Quantizer):
         """The quantizable nodes outside the ignore list; records names in `annotated`/`ignored`."""
         patterns = [re.compile(p) for p in self.setup.ignore]
         matched, selected = set(), []
-        for node in quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings):
+        candidates = quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings)
+        for node in candidates:
             name = layer_name(node)
             hits = {p.pattern for p in patterns if p.fullmatch(name) or p.fullmatch(node.name)}
             matched |= hits
@@ -137,7 +138,7 @@ class EdgeQuantizer(Quantizer):
                 selected.append(node)
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:
-            layers = ", ".join(layer_name(n) for n in quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings))
+            layers = ", ".join(layer_name(n) for n in candidates)
             raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
                               f"quantizable layer (patterns must match a whole name); layers: {layers}")
         return selected
