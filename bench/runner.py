@@ -282,8 +282,8 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
 
 def _edge_direct(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
                  precision: str) -> _Candidate:
-    """`compress` + `lower`: the same program without torch.compile's per-call work (Dynamo gathers
-    every parameter of the module tree as a graph input on each call, ~0.5 ms for MobileNetV2)."""
+    """`compress` + `lower`: the same program without torch.compile's per-call work (Dynamo's call
+    path, ~0.5–0.7 ms a call with cold caches, as between two timed OpenVINO calls)."""
     start = time.perf_counter()
     compressed = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
                                      target=target)
