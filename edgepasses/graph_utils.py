@@ -9,9 +9,13 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 aten = torch.ops.aten
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
+# The convolutions torch.export writes for nn.Conv*d; `aten.convolution` (also transposed) only after
+# further decomposition, with its own argument layout.
+FUNCTIONAL_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                       aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+CONV_OPS = FUNCTIONAL_CONV_OPS | {aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
+ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> torch.Tensor | None:
@@ -64,6 +68,16 @@ def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
         delattr(owner, attr)
         removed += 1
     return removed
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """A unique, readable name: the module path of a conv/linear (e.g. `layer1.0.conv1`); for a matmul,
+    which is no module of its own, the enclosing module's path and the node (`layers.0.attention/matmul_1`)."""
+    stack = node.meta.get("nn_module_stack")
+    path = list(stack.values())[-1][0] if stack else ""
+    if node.target in ACTIVATION_MATMUL_OPS or not path:
+        return f"{path}/{node.name}" if path else node.name
+    return path
 
 
 def replace_arg(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, new: torch.fx.Node) -> None:

@@ -30,3 +30,11 @@ def test_backends_and_kernels_install_under_the_edgepasses_namespace():
 
     assert edgepasses.backends.__name__ == "edgepasses.backends"
     assert "kernels" not in sys.modules or sys.modules["kernels"].__name__ != "edgepasses.kernels"
+
+
+def test_every_pass_registers_without_the_optional_torchao():
+    # torchao is the `quantize` extra: only quantize itself may need it, when it runs.
+    script = ("import sys; sys.modules['torchao'] = None; import edgepasses; "
+              "assert {'fold_bn', 'dce', 'prune', 'smooth', 'lowrank', 'quantize'} <= set(edgepasses.registered_passes())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

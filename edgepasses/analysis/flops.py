@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from ..graph_utils import constant_value
+from ..graph_utils import CONV_OPS, constant_value
 
 aten = torch.ops.aten
 
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 
 

@@ -7,9 +7,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value
+from ..graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value, layer_name
 from ..quant.calibration import calibrate
-from ..quant.quantizer import layer_name
 from .factorize import Factors
 
 aten = torch.ops.aten

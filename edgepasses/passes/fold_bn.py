@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from ..graph_utils import add_constant, constant_value
+from ..graph_utils import FUNCTIONAL_CONV_OPS, add_constant, constant_value
 from ..pass_base import NoOptions, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 
 
 @dataclass
@@ -65,7 +63,7 @@ def _producer_weight_axis(node: torch.fx.Node, bn: BatchNorm) -> bool:
     """True when `node` is a conv, or a linear whose features are the batch norm's channels."""
     if node.op != "call_function":
         return False
-    if node.target in CONV_OPS:
+    if node.target in FUNCTIONAL_CONV_OPS:
         return True
     if node.target is aten.convolution.default:
         return not node.args[6]  # transposed convs keep out-channels on weight axis 1: not folded

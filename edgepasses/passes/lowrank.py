@@ -27,11 +27,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import CONV_OPS, LINEAR_OPS, ignore_matcher, remove_unused_attributes
+from ..graph_utils import CONV_OPS, LINEAR_OPS, ignore_matcher, layer_name, remove_unused_attributes
 from ..lowrank.layers import collect_input_stats, find_layers, output_sqnr_db, replace_with_chain
 from ..lowrank.plan import Plan, Settings, check_rank, methods_for, plan_layer
 from ..pass_base import PassContext, PassResult, register_pass
-from ..quant.quantizer import layer_name
 
 log = logging.getLogger("edgepasses")
 

@@ -15,7 +15,7 @@ import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import ignore_matcher, remove_unused_attributes
+from ..graph_utils import ignore_matcher, layer_name, remove_unused_attributes
 from ..pass_base import PassContext, PassResult, register_pass
 from ..quant.channel_scale import apply_input_scale, collect_stats, linear_groups
 
@@ -41,8 +41,6 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
 
 
 def _ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    from ..quant.quantizer import layer_name
-
     linears = [n for g in linear_groups(gm) for n in g.linears]
     return ignore_matcher(patterns, linears, layer_name, where="smooth", kind="Linear")
 

@@ -19,13 +19,11 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from ..graph_utils import constant_value
+from ..graph_utils import CONV_OPS, FUNCTIONAL_CONV_OPS, LINEAR_OPS, constant_value, layer_name
 from ..graph_utils import ignore_matcher as graph_ignore_matcher
 
 aten = torch.ops.aten
 
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 BN_OPS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
 # One tensor in, same shape out, channels untouched.
 UNARY_OPS = {aten.relu.default, aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default,
@@ -181,11 +179,6 @@ def _val(node):
 
 def _shape(node) -> tuple[int, ...]:
     return tuple(int(s) for s in _val(node).shape)
-
-
-def layer_name(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else node.name
 
 
 def _conv_channel_dim(node: torch.fx.Node) -> int:
@@ -602,7 +595,7 @@ def _dispatch_by_set(target):
     return _unknown
 
 
-_SET_HANDLERS = [(CONV_OPS, _conv), (BN_OPS, _batch_norm), (UNARY_OPS, _unary), (BINARY_OPS, _binary),
+_SET_HANDLERS = [(FUNCTIONAL_CONV_OPS, _conv), (BN_OPS, _batch_norm), (UNARY_OPS, _unary), (BINARY_OPS, _binary),
                  (SPATIAL_OPS, _spatial), (REDUCE_OPS, _reduce), (VIEW_OPS, _view), (SPLIT_OPS, _split),
                  (MATMUL_OPS, _matmul), (SOFTMAX_OPS, _dim_op)]
 _HANDLERS = {aten.convolution.default: _conv, aten.linear.default: _linear, operator.getitem: _getitem,
@@ -613,5 +606,5 @@ _HANDLERS = {aten.convolution.default: _conv, aten.linear.default: _linear, oper
 def ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     """A predicate for the conv/linear layers `patterns` name (whole-name regex on module path or node)."""
     layers = [n for n in gm.graph.nodes if n.op == "call_function"
-              and (n.target in CONV_OPS or n.target in (aten.linear.default, aten.convolution.default))]
+              and n.target in CONV_OPS | LINEAR_OPS]
     return graph_ignore_matcher(patterns, layers, layer_name, where="prune", kind="conv or linear")

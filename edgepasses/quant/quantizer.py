@@ -18,7 +18,7 @@ from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, Quantiz
                                                  SharedQuantizationSpec)
 
 from ..errors import OptionError
-from ..graph_utils import CONV_OPS, LINEAR_OPS, remove_unused_attributes
+from ..graph_utils import ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, layer_name, remove_unused_attributes
 from .awq import SAMPLE_ROWS, search_scale
 from .calibration import calibrate
 from .channel_scale import apply_input_scale, collect_stats, linear_groups
@@ -27,7 +27,6 @@ from .weight_only import group_size_for, replace_with_codes
 
 aten = torch.ops.aten
 
-ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 EMBEDDING_OPS = {aten.embedding.default}
 # Quantised where a CNN's int8 region needs them (see `annotate_int8_regions`).
 RESIDUAL_ADD_OPS = {aten.add.Tensor}
@@ -78,16 +77,6 @@ def weight_spec(setup: QuantSetup) -> QuantizationSpec:
     return QuantizationSpec(dtype=torch.int8, quant_min=-q, quant_max=q, qscheme=qscheme,
                             ch_axis=0 if setup.per_channel else None, is_dynamic=False,
                             observer_or_fake_quant_ctr=observer)
-
-
-def layer_name(node: torch.fx.Node) -> str:
-    """A unique, readable name: the module path of a conv/linear (e.g. `layer1.0.conv1`); for a matmul,
-    which is no module of its own, the enclosing module's path and the node (`layers.0.attention/matmul_1`)."""
-    stack = node.meta.get("nn_module_stack")
-    path = list(stack.values())[-1][0] if stack else ""
-    if node.target in ACTIVATION_MATMUL_OPS or not path:
-        return f"{path}/{node.name}" if path else node.name
-    return path
 
 
 def _is_constant(node) -> bool:

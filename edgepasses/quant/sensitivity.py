@@ -19,7 +19,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from ..analysis.sqnr import SqnrAccumulator
-from .quantizer import QuantSetup, layer_name, quantizable_nodes, quantize_graph
+from ..graph_utils import layer_name
+from .quantizer import QuantSetup, quantizable_nodes, quantize_graph
 
 
 def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
