@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 
 import edgepasses
 from edgepasses.backends import tensors_mb
-from edgepasses.backends.openvino import OpenVINOProgram
+from edgepasses.backends.openvino import OpenVINOProgram, convert_exported
 
 from .timing import Timing, measure_side_by_side
 from .zoo import ZooModel, get_model
@@ -237,7 +237,6 @@ def _openvino_inputs(batch: tuple) -> list[np.ndarray]:
 
 def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Candidate:
     import nncf
-    import openvino as ov
 
     if not calibration:
         raise ValueError(f"the NNCF peer needs calibration batches and zoo model {zoo.name} has none")
@@ -246,7 +245,7 @@ def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Ca
     model_type = nncf.ModelType.TRANSFORMER if zoo.name in TRANSFORMER_MODELS else None
     # NNCF draws its progress bars on stdout, which carries only our results.
     with contextlib.redirect_stdout(io.StringIO()):
-        quantized = nncf.quantize(ov.convert_model(exported), nncf.Dataset(calibration, _openvino_inputs),
+        quantized = nncf.quantize(convert_exported(exported), nncf.Dataset(calibration, _openvino_inputs),
                                   subset_size=len(calibration), model_type=model_type)
     program = OpenVINOProgram(quantized, exported, precision)
     return _Candidate(NNCF_LABEL, program, program.weights_mb, time.perf_counter() - start,
@@ -270,14 +269,15 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
     if not compilations:
         raise RuntimeError(f"torch.compile(backend='edge') compiled no graph of {zoo.name}; the edge row "
                            "would time eager PyTorch")
-    compressed = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
-                                     target=target)
+    # Quantizing pipelines only: their Q/DQ graph run in PyTorch is the reference for what lowering adds.
+    own_fake_quant = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
+                                         target=target) if _quantizes(pipeline) else None
     precisions = ",".join(sorted({c.lowering.precision for c in compilations}))
     fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
     int8_ops = sum(c.lowering.int8_ops for c in compilations)
     weights_mb = sum(c.lowering.weights_mb for c in compilations)
     return _Candidate(edge_label(pipeline), compiled, weights_mb, compile_s, precisions, fallbacks,
-                      int8_ops, own_fake_quant=compressed if _quantizes(pipeline) else None)
+                      int8_ops, own_fake_quant=own_fake_quant)
 
 
 def _edge_direct(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
