@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from ..analysis.observe import NodeObserver
 from ..graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value, layer_name
 from ..quant.calibration import calibrate
 from .factorize import Factors
@@ -144,16 +146,9 @@ def _rows_key(layer: Layer) -> tuple:
         else (layer.node.args[0],)
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, readers: dict[torch.fx.Node, list[Layer]], stats: dict[tuple, InputStats]):
-        super().__init__(gm)
-        self.readers, self.stats = readers, stats
-
-    def run_node(self, node):
-        value = super().run_node(node)
-        for layer in self.readers.get(node, ()):
-            self.stats[_rows_key(layer)].add(input_rows(layer, value))
-        return value
+def _add_rows(readers: list[Layer], stats: dict[tuple, InputStats], value: torch.Tensor) -> None:
+    for layer in readers:
+        stats[_rows_key(layer)].add(input_rows(layer, value))
 
 
 def collect_input_stats(gm: torch.fx.GraphModule, layers: list[Layer], batches, example_inputs: tuple,
@@ -165,7 +160,8 @@ def collect_input_stats(gm: torch.fx.GraphModule, layers: list[Layer], batches, 
         if _rows_key(layer) not in stats:
             stats[_rows_key(layer)] = InputStats()
             readers.setdefault(layer.node.args[0], []).append(layer)
-    calibrate(_Recorder(gm, readers, stats).run, batches, example_inputs, needed_by=needed_by)
+    watch = {node: partial(_add_rows, layers, stats) for node, layers in readers.items()}
+    calibrate(NodeObserver(gm, watch).run, batches, example_inputs, needed_by=needed_by)
     return {layer.node: stats[_rows_key(layer)] for layer in layers}
 
 

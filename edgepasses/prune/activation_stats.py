@@ -13,11 +13,13 @@ digits ResNet-18 (fold_bn, 10% / 20% pruned, no fine-tuning) it keeps 93% / 56% 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.fx
 
+from ..analysis.observe import NodeObserver
 from ..quant.calibration import calibrate
 from .groups import Analysis, Chan, conv_groups
 
@@ -65,22 +67,12 @@ def weighted_reads(an: Analysis) -> list[Read]:
     return reads
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs the graph, adding each watched node's per-batch mean x² over its non-channel dims."""
-
-    def __init__(self, gm: torch.fx.GraphModule, watched: dict[torch.fx.Node, tuple[int, ...]]):
-        super().__init__(gm)
-        self.watched = watched
-        self.sums: dict[torch.fx.Node, torch.Tensor] = {}
-
-    def run_node(self, node):
-        value = super().run_node(node)
-        if node in self.watched:
-            reduce = self.watched[node]
-            batch_mean = value.detach().double().square()
-            batch_mean = batch_mean.mean(dim=reduce) if reduce else batch_mean  # mean(dim=()) means all
-            self.sums[node] = self.sums[node] + batch_mean if node in self.sums else batch_mean
-        return value
+def _add_mean_square(sums: dict[torch.fx.Node, torch.Tensor], node: torch.fx.Node, reduce: tuple[int, ...],
+                     value: torch.Tensor) -> None:
+    """Adds the batch's mean x² over the non-channel dims `reduce` to `sums[node]`."""
+    batch_mean = value.detach().double().square()
+    batch_mean = batch_mean.mean(dim=reduce) if reduce else batch_mean  # mean(dim=()) means all
+    sums[node] = sums[node] + batch_mean if node in sums else batch_mean
 
 
 def collect(an: Analysis, batches, example_inputs: tuple, *, needed_by: str) -> ActivationStats:
@@ -91,7 +83,9 @@ def collect(an: Analysis, batches, example_inputs: tuple, *, needed_by: str) -> 
     for read in reads:
         ndim = read.input.meta["val"].dim()
         watched[read.input] = tuple(d for d in range(ndim) if d not in read.chan.dims)
-    recorder = _Recorder(an.gm, watched)
-    count = calibrate(recorder.run, batches, example_inputs, needed_by=needed_by)
-    means = {node: (total / count).numpy() for node, total in recorder.sums.items()}
+    sums: dict[torch.fx.Node, torch.Tensor] = {}
+    watch = {node: partial(_add_mean_square, sums, node, reduce) for node, reduce in watched.items()}
+    observer = NodeObserver(an.gm, watch)
+    count = calibrate(observer.run, batches, example_inputs, needed_by=needed_by)
+    means = {node: (total / count).numpy() for node, total in sums.items()}
     return ActivationStats(reads, means, count)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.fx
 
+from ..analysis.observe import NodeObserver
 from ..graph_utils import add_constant, constant_value, replace_arg
 from .calibration import calibrate
 
@@ -65,23 +67,12 @@ def linear_groups(gm: torch.fx.GraphModule, ignore=lambda node: False) -> list[L
     return [LinearGroup(source, linears) for source, linears in by_source.items()]
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, stats: dict[torch.fx.Node, ChannelStats], keep_rows: int):
-        super().__init__(gm)
-        self.stats, self.keep_rows = stats, keep_rows
-
-    def run_node(self, node):
-        value = super().run_node(node)
-        if node in self.stats:
-            self.stats[node].add(value, self.keep_rows)
-        return value
-
-
 def collect_stats(gm: torch.fx.GraphModule, groups: list[LinearGroup], batches, example_inputs: tuple, *,
                   needed_by: str, keep_rows: int = 0) -> dict[torch.fx.Node, ChannelStats]:
     """Run the calibration batches through `gm`, recording each group source's channel statistics."""
     stats = {group.source: ChannelStats() for group in groups}
-    calibrate(_Recorder(gm, stats, keep_rows).run, batches, example_inputs, needed_by=needed_by)
+    watch = {source: partial(stat.add, keep_rows=keep_rows) for source, stat in stats.items()}
+    calibrate(NodeObserver(gm, watch).run, batches, example_inputs, needed_by=needed_by)
     return stats
 
 

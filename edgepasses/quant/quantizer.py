@@ -183,7 +183,8 @@ def annotate_int8_regions(gm: torch.fx.GraphModule, act: QuantizationSpec) -> No
       on to a quantised op: the add fuses into that conv as an int8 sum post-op and the conv writes
       u8, not f32 followed by a standalone FakeQuantize and an f32 reorder;
     * the input of a max/avg pooling that goes on to a quantised op, the output sharing the input's
-      quantizer: the pooling runs on u8, and the conv before it writes u8.
+      quantizer (an average read through reshapes by linears/convs: its own quantizer, see
+      `_annotate_pool`): the pooling runs on u8, and the conv before it writes u8.
 
     Adds and pools outside int8 regions (a transformer's residual adds before LayerNorm) stay float.
     """

@@ -12,12 +12,14 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from ..analysis.observe import NodeObserver
 from ..analysis.sqnr import SqnrAccumulator
 from ..graph_utils import layer_name
 from .quantizer import QuantSetup, quantizable_nodes, quantize_graph
@@ -105,18 +107,12 @@ def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibra
     return quantized, order[:high], sqnr, ranking
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs a graph and keeps the outputs of the nodes named in `wanted`."""
-
-    def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, str]):
-        super().__init__(gm)
-        self.wanted, self.seen = wanted, {}
-
-    def run_node(self, node):
-        result = super().run_node(node)
-        if node.name in self.wanted:
-            self.seen[self.wanted[node.name]] = result
-        return result
+def _layer_outputs(gm: torch.fx.GraphModule, wanted: dict[str, str], batch: tuple) -> dict[str, torch.Tensor]:
+    """Runs `gm` on `batch`; the outputs of the nodes named in `wanted`, keyed by their layer names."""
+    seen: dict[str, torch.Tensor] = {}
+    watch = {n: partial(seen.__setitem__, wanted[n.name]) for n in gm.graph.nodes if n.name in wanted}
+    NodeObserver(gm, watch).run(*batch)
+    return seen
 
 
 def _per_layer_sqnr(float_gm: torch.fx.GraphModule, quantized: torch.fx.GraphModule,
@@ -126,11 +122,9 @@ def _per_layer_sqnr(float_gm: torch.fx.GraphModule, quantized: torch.fx.GraphMod
     per_layer: dict[str, SqnrAccumulator] = {}
     with torch.no_grad():
         for batch in batches:
-            ref, got = _Recorder(float_gm, compute), _Recorder(quantized, compute)
-            ref.run(*batch)
-            got.run(*batch)
-            for layer, value in got.seen.items():
-                per_layer.setdefault(layer, SqnrAccumulator()).add(ref.seen[layer], value)
+            ref, got = _layer_outputs(float_gm, compute, batch), _layer_outputs(quantized, compute, batch)
+            for layer, value in got.items():
+                per_layer.setdefault(layer, SqnrAccumulator()).add(ref[layer], value)
     return {layer: accumulator.db for layer, accumulator in per_layer.items()}
 
 
