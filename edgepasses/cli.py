@@ -1,6 +1,7 @@
 """The `edgepasses` command.
 
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
+    edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -72,7 +73,36 @@ def _check_bench_args(args: argparse.Namespace) -> None:
             args.parser.error(str(exc))
 
 
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        m, k, n = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is M,K,N (e.g. 16,4096,4096); got {text!r}") from None
+    if min(m, k, n) < 1:
+        raise argparse.ArgumentTypeError(f"shape dims must be positive; got {text!r}")
+    return m, k, n
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from edgepasses.bench.kernels import DEFAULT_SHAPES, OPS, bench_kernels, to_markdown
+
+    unknown = [op for op in args.op if op not in OPS]
+    if unknown:
+        args.parser.error(f"unknown op(s) {', '.join(unknown)}; valid ops: {', '.join(OPS)}")
+    rows = bench_kernels(args.op or list(OPS), args.shape or list(DEFAULT_SHAPES), args.warmup, args.rounds,
+                         json_path=args.json)
+    text = to_markdown(rows)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "kernels":
+        return _bench_kernels(args)
+    if not args.model:
+        args.parser.error("bench models needs --model (repeatable)")
     args.pipeline = args.pipeline or [DEFAULT_PIPELINE]
     _check_bench_args(args)
     from edgepasses.bench.runner import bench_model
@@ -202,9 +232,14 @@ def _add_bench_parser(subparsers: Any) -> None:
     from .backends import TARGET_NAMES
     from .backends.openvino import PRECISIONS
 
-    bench = subparsers.add_parser("bench", help="latency, size and accuracy of zoo models: eager vs "
-                                                "OpenVINO direct (and NNCF int8) vs edge pipelines")
-    bench.add_argument("--model", action="append", required=True, help="zoo model name; repeatable")
+    bench = subparsers.add_parser("bench", help="models: latency, size and accuracy of zoo models, eager vs "
+                                                "OpenVINO direct (and NNCF int8) vs edge pipelines; kernels: "
+                                                "each edge:: op vs OpenVINO and torch per shape")
+    bench.add_argument("suite", nargs="?", choices=("models", "kernels"), default="models")
+    bench.add_argument("--model", action="append", default=[], help="zoo model name; repeatable (models)")
+    bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
+    bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
+                       help="kernels: M,K,N; repeatable (default: 1,4096,4096 16,4096,4096 128,4096,4096)")
     bench.add_argument("--pipeline", action="append", default=[],
                        help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
     # Spelled out here, not imported from the runner, so that building the parser stays light.

@@ -1,19 +1,29 @@
-"""The `reference` target: runs the canonical graph in PyTorch (our kernels come in later)."""
+"""The `reference` target: our own kernels (`edgepasses.kernels`) where a pattern has one,
+PyTorch for the rest.
+
+Quantize-dequantize linear/conv2d → `edge::int8_linear` / `edge::int8_conv2d`; linears with
+2:4-sparse weights → `edge::sparse24_linear`; low-rank pairs → `edge::lowrank_linear`. The
+graph is rewritten in a copy (the caller's GraphModule keeps its fake-quant form), and a
+quantized conv/linear/matmul left without an int8 kernel is reported as a fallback.
+"""
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch.fx
 
 from edgepasses.errors import OptionError
+from edgepasses.graph_utils import remove_unused_attributes
 from edgepasses.quant import QuantCaps
 
 from .. import Lowering, tensors_mb
+from ..partition import fallbacks_of, report_fallbacks
 
 
 class ReferenceTarget:
     name = "reference"
-    quant_caps = QuantCaps(bits=(8,))  # runs the quantize/dequantize graph as it is
+    quant_caps = QuantCaps(bits=(8,))  # the int8 kernels are exact for any int8 weight
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -22,5 +32,19 @@ class ReferenceTarget:
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
-        gm.edge_lowering = Lowering(self.name, precision, partitions=1, weights_mb=tensors_mb(gm))
-        return gm
+        from .int8 import lower_int8
+        from .lowrank import lower_lowrank_pairs
+        from .sparse24 import lower_sparse24
+
+        lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # new attribute owners, same tensors
+        int8_ops, left = lower_int8(lowered)
+        fallbacks = fallbacks_of(left)
+        report_fallbacks(self.name, fallbacks, strict=strict)
+        lower_sparse24(lowered)
+        lower_lowrank_pairs(lowered)
+        lowered.graph.eliminate_dead_code()
+        remove_unused_attributes(lowered)
+        lowered.recompile()
+        lowered.edge_lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks,
+                                         int8_ops=int8_ops, weights_mb=tensors_mb(lowered))
+        return lowered

@@ -21,3 +21,124 @@ def test_reference_target_refuses_bf16():
     compiled = torch.compile(nn.Linear(2, 2).eval(), backend="edge", options={"target": "reference", "precision": "bf16"})
     with pytest.raises(OptionError, match="precision 'f32' only"):
         compiled(torch.randn(1, 2))
+
+
+# ---- our kernels: what the reference target lowers to -------------------------------------------
+
+import logging  # noqa: E402
+
+import edgepasses  # noqa: E402
+from edgepasses.errors import UnsupportedOpError  # noqa: E402
+from edgepasses.kernels import ops  # noqa: E402
+
+
+def _count(gm, op) -> int:
+    return sum(n.target == op for n in gm.graph.nodes)
+
+
+def _calibration(shape, n=4):
+    return [(torch.randn(*shape),) for _ in range(n)]
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _close_to_fake_quant(out, reference):
+    # Same integer math; only the float association of the dequantization differs.
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-4 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_graph_runs_on_int8_kernels_matching_the_fake_quant_graph(symmetric):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    pipeline = f"fold_bn,quantize(symmetric={str(symmetric).lower()})"
+    gm = edgepasses.compress(ConvNet().eval(), (x,), pipeline, calibration=_calibration(x.shape))
+    lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
+    assert _count(lowered, torch.ops.edge.int8_conv2d.default) == 3
+    assert _count(lowered, torch.ops.edge.int8_linear.default) == 1
+    assert lowered.edge_lowering.int8_ops == 4 and lowered.edge_lowering.fallbacks == []
+    assert not any("quantize_per_channel" in str(n.target) for n in lowered.graph.nodes)
+    assert any("quantize_per_channel" in str(n.target) for n in gm.graph.nodes), "the caller's graph is kept"
+    with torch.no_grad():
+        _close_to_fake_quant(lowered(x), gm(x))
+
+
+def test_quantized_matmul_without_an_int8_kernel_is_reported(tiny_bert, caplog):
+    model, example, calibration, _ = tiny_bert
+    gm = edgepasses.compress(model, example, "quantize", calibration=calibration)
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, example, target="reference")
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "aten.matmul" in warning and "float fake-quant" in warning
+    assert lowered.edge_lowering.int8_ops == _count(lowered, torch.ops.edge.int8_linear.default) > 0
+    with torch.no_grad():
+        _close_to_fake_quant(lowered(*example), gm(*example))
+    with pytest.raises(UnsupportedOpError, match="aten.matmul"):
+        edgepasses.lower(gm, example, target="reference", strict=True)
+
+
+def test_lowrank_pairs_become_one_fused_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    x = torch.randn(4, 64)
+    gm = edgepasses.compress(model, (x,), "lowrank(rank=16,min_saving=0.1)")
+    lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
+    assert _count(lowered, torch.ops.edge.lowrank_linear.default) == 2
+    assert _count(lowered, torch.ops.aten.linear.default) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x))
+
+
+def test_24_sparse_weights_run_on_the_sparse_kernel_and_dense_ones_do_not():
+    from edgepasses.bench.kernels import magnitude_24
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(magnitude_24(model[0].weight))
+    x = torch.randn(5, 32)
+    gm = edgepasses.compress(model, (x,), "dce")
+    lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
+    assert _count(lowered, torch.ops.edge.sparse24_linear.default) == 1
+    assert _count(lowered, torch.ops.aten.linear.default) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_pipeline_compiles_end_to_end_on_the_reference_target():
+    torch.manual_seed(0)
+    model, x = ConvNet().eval(), torch.randn(2, 3, 12, 12)
+    seen = []
+    compiled = torch.compile(model, backend="edge", options={
+        "target": "reference", "pipeline": "fold_bn,quantize", "calibration": _calibration(x.shape),
+        "strict": True, "on_compile": seen.append})
+    with torch.no_grad():
+        out = compiled(x)
+    assert seen[0].lowering.int8_ops == 4
+    assert (out - model(x)).abs().max() < 0.1 * model(x).abs().max()
+
+
+def test_edge_ops_trace_through_export_and_compile():
+    codes = torch.randint(-127, 128, (6, 16), dtype=torch.int8)
+    scale, sums, bias = torch.rand(6) / 100, ops.int8_weight_sum(codes), torch.randn(6)
+
+    class UsesKernel(nn.Module):
+        def forward(self, x):
+            return ops.int8_linear(x, codes, scale, sums, bias, 0.05, 3, 8)
+
+    x = torch.randn(3, 16)
+    exported = torch.export.export(UsesKernel(), (x,))
+    assert any(n.target == torch.ops.edge.int8_linear.default for n in exported.graph.nodes)
+    compiled = torch.compile(UsesKernel(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), UsesKernel()(x))
+    torch.testing.assert_close(exported.module()(x), UsesKernel()(x))

@@ -1,0 +1,42 @@
+"""Linear layers whose constant weight is 2:4 sparse → `edge::sparse24_linear`.
+
+Sparsity is read from the weight itself (every group of 4 along the reduction dim holds at
+most 2 non-zeros), so a mask from `sparsify_24`, from pruning or from training all qualify,
+and a weight that is not sparse can never be lowered to the sparse kernel by mistake.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from edgepasses.graph_utils import add_constant, constant_value
+from edgepasses.kernels import ops
+
+aten = torch.ops.aten
+
+
+def is_24_sparse(weight: torch.Tensor | None) -> bool:
+    if weight is None or weight.dim() != 2 or weight.shape[1] % 4 or not weight.is_floating_point():
+        return False
+    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def lower_sparse24(gm: torch.fx.GraphModule) -> int:
+    """Rewrite float linears with 2:4-sparse weights; returns how many."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        weight = constant_value(gm, node.args[1]) if node.target == aten.linear.default else None
+        if not is_24_sparse(weight):
+            continue
+        values, indices = ops.pack_sparse24(weight.float())
+        values_node = add_constant(gm, f"{node.name}_values", values, before=node)
+        indices_node = add_constant(gm, f"{node.name}_indices", indices, before=node)
+        bias = node.args[2] if len(node.args) > 2 else None
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(torch.ops.edge.sparse24_linear.default,
+                                          (node.args[0], values_node, indices_node, bias, None, None, 0))
+        call.meta = {**node.meta}
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    return rewritten

@@ -1,0 +1,147 @@
+"""Per-op kernel benchmark: `edgepasses bench kernels`.
+
+For each op and shape, every implementation that exists here is timed in one interleaved run
+(`timing.measure_side_by_side`): our C++ kernel, our Triton kernel (CUDA only), OpenVINO
+(the same layer lowered through `edgepasses.lower`), torch fp32 and, for int8, torch's own
+int8 CPU kernel (FBGEMM dynamic quantized linear). Ratios are against torch fp32 of the same
+shape. TVM joins when its target exists (the TVM issue); it is listed as skipped until then.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgepasses
+from edgepasses.kernels import ops
+
+from .timing import Timing, measure_side_by_side
+
+OPS = ("int8_linear", "sparse24_linear", "lowrank_linear")
+DEFAULT_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096))
+BASELINE = "torch fp32"
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    op: str
+    shape: str              # M×K×N
+    candidate: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    speedup: float          # torch fp32 median / this median
+
+
+def _openvino(model: nn.Module, x: torch.Tensor, pipeline: str, calibration=None) -> Callable:
+    gm = edgepasses.compress(model, (x,), pipeline, calibration=calibration)
+    return edgepasses.lower(gm, (x,), target="openvino")
+
+
+def _int8_codes(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weight.abs().amax(1) / qmax
+    return torch.round(weight / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def int8_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Callable]:
+    w, b = linear.weight.detach(), linear.bias.detach()
+    x_scale, x_zp = float((x.max() - x.min()) / 255), int(torch.round(-x.min() / ((x.max() - x.min()) / 255)))
+    codes7, scale7 = _int8_codes(w, 63)     # the range our quantizer emits on CPUs without VNNI
+    codes8, scale8 = _int8_codes(w, 127)
+    sum7, sum8 = ops.int8_weight_sum(codes7), ops.int8_weight_sum(codes8)
+    packed = torch.ops.quantized.linear_prepack(torch.quantize_per_channel(w, scale8, torch.zeros_like(scale8, dtype=torch.long), 0, torch.qint8), b)
+    calibration = [(x,)]
+    candidates = {
+        BASELINE: lambda: F.linear(x, w, b),
+        "torch int8 dynamic (FBGEMM)": lambda: torch.ops.quantized.linear_dynamic(x, packed),
+        "openvino int8": (lambda fn=_openvino(linear, x, "quantize", calibration): fn(x)),
+        "edge C++ int8, 7-bit weights": lambda: ops.int8_linear(x, codes7, scale7, sum7, b, x_scale, x_zp, 7),
+        "edge C++ int8, 8-bit weights": lambda: ops.int8_linear(x, codes8, scale8, sum8, b, x_scale, x_zp, 8),
+        "edge C++ int8, per-token dynamic": lambda: ops.int8_linear(x, codes7, scale7, sum7, b, None, 0, 7),
+    }
+    if torch.cuda.is_available():
+        xc, cc, sc, sm, bc = (t.cuda() for t in (x, codes8, scale8, sum8, b))
+        candidates["edge Triton int8 (CUDA)"] = lambda: ops.int8_linear(xc, cc, sc, sm, bc, x_scale, x_zp, 8)
+    return candidates
+
+
+def magnitude_24(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` with the 2 smallest-magnitude entries of every group of 4 along K set to zero."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    drop = groups.abs().argsort(-1)[..., :2]
+    return groups.scatter(-1, drop, 0.0).reshape(weight.shape)
+
+
+def sparse24_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Callable]:
+    with torch.no_grad():
+        linear.weight.copy_(magnitude_24(linear.weight))
+    w, b = linear.weight.detach(), linear.bias.detach()
+    values, indices = ops.pack_sparse24(w)
+    candidates = {
+        BASELINE: lambda: F.linear(x, w, b),
+        "openvino fp32 (dense, masked weight)": (lambda fn=_openvino(linear, x, "dce"): fn(x)),
+        "edge C++ sparse24 fp32": lambda: ops.sparse24_linear(x, values, indices, b, None, None, 0),
+    }
+    if torch.cuda.is_available():
+        xc, vc, ic, bc = (t.cuda() for t in (x, values, indices, b))
+        candidates["edge Triton sparse24 (CUDA)"] = lambda: ops.sparse24_linear(xc, vc, ic, bc, None, None, 0)
+    return candidates
+
+
+def lowrank_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Callable]:
+    rank = min(linear.weight.shape) // 4
+    w, b = linear.weight.detach(), linear.bias.detach()
+    u, s, vh = torch.svd_lowrank(w, q=rank, niter=2)
+    first, second = (vh.T * s.sqrt()[:, None]).contiguous(), (u * s.sqrt()).contiguous()
+    pair = nn.Sequential(nn.Linear(w.shape[1], rank, bias=False), nn.Linear(rank, w.shape[0])).eval()
+    with torch.no_grad():
+        pair[0].weight.copy_(first), pair[1].weight.copy_(second), pair[1].bias.copy_(b)
+    return {
+        BASELINE: lambda: F.linear(x, w, b),
+        f"torch fp32, rank {rank} pair": lambda: F.linear(F.linear(x, first), second, b),
+        f"openvino fp32, rank {rank} pair": (lambda fn=_openvino(pair, x, "dce"): fn(x)),
+        f"edge lowrank_linear, rank {rank}": lambda: ops.lowrank_linear(x, first, second, b),
+    }
+
+
+CANDIDATES = {"int8_linear": int8_linear_candidates, "sparse24_linear": sparse24_linear_candidates,
+              "lowrank_linear": lowrank_linear_candidates}
+
+
+def bench_op(op: str, shape: tuple[int, int, int], warmup: int, rounds: int) -> list[KernelRow]:
+    m, k, n = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n).eval()
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        timings = measure_side_by_side(CANDIDATES[op](x, linear), warmup, rounds)
+    base = timings[BASELINE].median_ms
+    return [KernelRow(op, f"{m}x{k}x{n}", name, t.median_ms, t.min_ms, t.max_ms, base / t.median_ms)
+            for name, t in timings.items()]
+
+
+def to_markdown(rows: list[KernelRow]) -> str:
+    lines = ["| op | M×K×N | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
+    lines += [f"| {r.op} | {r.shape} | {r.candidate} | {r.median_ms:.3g} | {r.min_ms:.3g}–{r.max_ms:.3g} | "
+              f"{r.speedup:.2f}x |" for r in rows]
+    notes = ["TVM: no TVM target yet (it comes with the TVM issue); not timed."]
+    if not torch.cuda.is_available():
+        notes.append("Triton: no CUDA GPU here; `python -m edgepasses.bench.gpu_kernels` times the Triton "
+                     "kernels where there is one.")
+    return "\n".join(lines + [""] + notes)
+
+
+def bench_kernels(op_names: list[str], shapes: list[tuple[int, int, int]], warmup: int, rounds: int,
+                  json_path: str | None = None) -> list[KernelRow]:
+    rows = []
+    for op in op_names:
+        for shape in shapes:
+            rows += bench_op(op, shape, warmup, rounds)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return rows
