@@ -49,6 +49,19 @@ def report_fallbacks(target: str, fallbacks: list[Fallback], *, strict: bool) ->
     log.warning("target %r cannot run %d op(s); they run in PyTorch:\n%s", target, len(fallbacks), listing)
 
 
+def warn_dense_sparse24(target: str, layers: list[torch.fx.Node], why: str) -> None:
+    """One WARNING naming the 2:4-sparse layers (`sparsify_24`) a target runs as dense ones."""
+    if layers:
+        names = ", ".join(n.name for n in layers)
+        log.warning("target %r runs %d 2:4-sparse layer(s) dense, so 2:4 saves no time there (%s): %s. "
+                    "The reference target runs 2:4 Linear layers on its sparse kernel.", target, len(layers),
+                    why, names)
+
+
+def sparse24_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.meta.get("sparse24")]
+
+
 def _absorb_constants(partition) -> None:
     """Move into the partition each `get_attr` whose every user is inside it."""
     for node in list(partition.nodes):

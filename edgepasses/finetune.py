@@ -46,6 +46,19 @@ def make_weights_trainable(gm: torch.fx.GraphModule) -> None:
             owner.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=trainable))
 
 
+def keep_sparsity_masks(gm: torch.fx.GraphModule) -> int:
+    """Zero the gradients of the pruned weights of 2:4-sparse layers (`sparsify_24` marks them), so
+    training cannot refill them; Adam then leaves them exactly zero. Returns how many layers."""
+    masked = 0
+    for node in gm.graph.nodes:
+        if node.meta.get("sparse24") and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+            weight = gm.get_parameter(node.args[1].target)
+            mask = weight.detach() != 0
+            weight.register_hook(lambda grad, mask=mask: grad * mask)
+            masked += 1
+    return masked
+
+
 def recovery_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
                   temperature: float, distill_weight: float) -> torch.Tensor:
     """Cross-entropy on labels, logit distillation from the teacher, or their weighted sum."""
@@ -80,6 +93,7 @@ def finetune(gm: torch.fx.GraphModule, data: Iterable, steps: int, *, teacher: n
     """
     _check(steps, teacher, temperature, distill_weight)
     make_weights_trainable(gm)
+    keep_sparsity_masks(gm)
     parameters = [p for p in gm.parameters() if p.requires_grad]
     if not parameters:
         raise OptionError("finetune: the graph has no float conv/linear/norm weights to train")

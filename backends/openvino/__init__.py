@@ -20,7 +20,7 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
-from ..partition import fallbacks_of, lower_by_partition, report_fallbacks
+from ..partition import fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24
 
 PRECISIONS = ("f32", "bf16")
 
@@ -154,6 +154,7 @@ class OpenVINOTarget:
         from openvino.frontend import OpConversionFailure
 
         compile_config(precision)  # validate before the slow part
+        warn_dense_sparse24(self.name, sparse24_layers(gm), "OpenVINO's CPU plugin has no 2:4 kernels")
         exported = torch.export.export(gm, example_inputs)
         try:
             program = OpenVINOProgram.from_exported(exported, precision, cache_dir)

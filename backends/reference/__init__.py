@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+import torch
 import torch.fx
 
 from edgepasses.errors import OptionError
@@ -18,7 +19,7 @@ from edgepasses.graph_utils import remove_unused_attributes
 from edgepasses.quant import QuantCaps
 
 from .. import Lowering, tensors_mb
-from ..partition import fallbacks_of, report_fallbacks
+from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_dense_sparse24
 
 
 class ReferenceTarget:
@@ -41,6 +42,8 @@ class ReferenceTarget:
         fallbacks = fallbacks_of(left)
         report_fallbacks(self.name, fallbacks, strict=strict)
         lower_sparse24(lowered)
+        dense = [n for n in sparse24_layers(lowered) if n.target != torch.ops.edge.sparse24_linear.default]
+        warn_dense_sparse24(self.name, dense, "its 2:4 kernel is for float Linear layers; int8 and conv run dense")
         lower_lowrank_pairs(lowered)
         lowered.graph.eliminate_dead_code()
         remove_unused_attributes(lowered)

@@ -100,6 +100,10 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
     layers, skipped = find_layers(gm, _ignore(gm, opts.ignore))
     candidates = []
     for layer in layers:
+        if layer.node.meta.get("sparse24"):
+            skipped[layer.name] = ("2:4-sparse weight (sparsify_24 ran first); factors would be dense: "
+                                   "put lowrank before sparsify_24 to sparsify the factors")
+            continue
         methods = methods_for(layer, opts.method)
         if isinstance(methods, str):
             skipped[layer.name] = methods
