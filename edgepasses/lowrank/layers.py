@@ -165,15 +165,20 @@ def collect_input_stats(gm: torch.fx.GraphModule, layers: list[Layer], batches, 
     return {layer.node: stats[_rows_key(layer)] for layer in layers}
 
 
-def output_sqnr_db(layer: Layer, approx: torch.Tensor, stats: InputStats) -> float:
+def output_sqnr_db(layer: Layer, approx: torch.Tensor, stats: InputStats,
+                   bias_shift: torch.Tensor | None = None) -> float:
     """The layer's output SQNR over the recorded inputs, from the Gram alone: the factor chain computes
-    exactly the conv/linear with weight `approx`, so noise = tr(ΔW·G·ΔWᵀ); signal adds the bias terms."""
+    exactly the conv/linear with weight `approx` (and bias + `bias_shift`), so noise = Σ‖ΔW·x − δb‖²
+    = tr(ΔW·G·ΔWᵀ) − 2·δbᵀ·ΔW·Σx + rows·‖δb‖²; signal adds the bias terms."""
     import math
 
     w = layer.weight.reshape(layer.weight.shape[0], -1).double()
     delta = w - approx.reshape(w.shape).double()
     gram = stats.gram.double()
     noise = float(((delta @ gram) * delta).sum())
+    if bias_shift is not None:
+        shift = bias_shift.double()
+        noise += float(-2 * shift @ (delta @ stats.total.double()) + stats.rows * shift @ shift)
     signal = float(((w @ gram) * w).sum())
     if layer.bias_value is not None:
         b = layer.bias_value.double()

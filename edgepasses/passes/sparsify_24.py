@@ -10,7 +10,8 @@ skipped with the reason. Which 2 of 4 survive:
 - `activation` (Wanda): the larger |w|·‖x‖, with ‖x‖ the input feature's RMS over the
   calibration data — a small weight on a large input matters more than a large one on a
   near-silent input, so this keeps more accuracy.
-`auto` (the default) is `activation` when calibration data is given.
+`auto` (the default) is `activation` when calibration data is given. With data, the mean of
+what the removed weights contributed, Σ (W − W')·E[x], also moves into the bias (bias correction).
 
 Masked layers carry `node.meta["sparse24"] = True`; lowerings read it (the reference target
 runs linears on `edge::sparse24_linear`; OpenVINO runs them dense and says so). Lossy: stats
@@ -91,8 +92,26 @@ def _input_stats(gm, layers: list[Layer], ctx: PassContext, activation: bool) ->
                                needed_by="sparsify_24(criterion=activation)")
 
 
-def _apply(gm: torch.fx.GraphModule, layer: Layer, sparse_weight: torch.Tensor) -> None:
+def bias_shift(layer: Layer, sparse_weight: torch.Tensor, stats) -> torch.Tensor:
+    """What the removed weights added on average, Σ_k (W − W')[:, k]·E[x_k], moved into the bias: the
+    masked layer's output error then has zero mean over the data (post-ReLU inputs have a large one)."""
+    removed = (layer.weight.detach() - sparse_weight).reshape(sparse_weight.shape[0], -1).double()
+    return (removed @ (stats.total.double() / stats.rows)).to(sparse_weight.dtype)
+
+
+def _set_bias(gm: torch.fx.GraphModule, layer: Layer, shift: torch.Tensor) -> None:
+    bias = shift if layer.bias_value is None else layer.bias_value.detach() + shift
+    node = add_constant(gm, f"{layer.name}.bias_24", bias, before=layer.node)
+    if len(layer.node.args) > 2:
+        replace_arg(gm, layer.node, 2, node)
+    else:
+        layer.node.args = (*layer.node.args, node)
+
+
+def _apply(gm: torch.fx.GraphModule, layer: Layer, sparse_weight: torch.Tensor, shift: torch.Tensor | None) -> None:
     replace_arg(gm, layer.node, 1, add_constant(gm, f"{layer.name}.weight_24", sparse_weight, before=layer.node))
+    if shift is not None:
+        _set_bias(gm, layer, shift)
     layer.node.meta[SPARSE24] = True
 
 
@@ -115,8 +134,9 @@ def sparsify_24(gm: torch.fx.GraphModule, opts: Sparsify24Options, ctx: PassCont
         diagonal = layer_stats.gram.diagonal() / layer_stats.rows if activation else None
         mask = layer_mask(layer, diagonal)
         sparse = layer.weight.detach() * mask
-        sqnr = None if layer_stats is None else output_sqnr_db(layer, sparse, layer_stats)
-        _apply(gm, layer, sparse)
+        shift = bias_shift(layer, sparse, layer_stats) if activation else None
+        sqnr = None if layer_stats is None else output_sqnr_db(layer, sparse, layer_stats, shift)
+        _apply(gm, layer, sparse, shift)
         done[layer.name] = {"sparsity": round((sparse == 0).float().mean().item(), 4),
                             "sqnr_db": None if sqnr is None else round(sqnr, 2)}
     if done:

@@ -1,0 +1,122 @@
+"""Does 2:4 sparsity buy time on the reference target, and what does it cost in accuracy?
+
+    python -m edgepasses.bench.sparsity_bench [--rounds N] [--warmup N] [--only a,b,c]
+
+(a) the BERT-style encoder, batch 1: eager fp32 vs the reference target dense vs the reference
+    target after `sparsify_24` (its Linears on `edge::sparse24_linear`), end to end, one run;
+(b) the digits CNN: top-1 with magnitude vs activation-aware (Wanda) masks, no fine-tuning;
+(c) the BERT encoder: output SQNR of magnitude vs activation-aware masks on held-out batches.
+Latency: medians with min–max over interleaved rounds (`timing.measure_side_by_side`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import edgepasses
+from edgepasses.graph_utils import constant_value
+from edgepasses.quant.sensitivity import output_sqnr
+
+from .digits import load_digits_split
+from .timing import measure_side_by_side
+from .zoo import get_model
+
+
+def _stats(gm) -> dict:
+    return next(r.stats for r in gm.edge_report.records if r.step.startswith("sparsify_24"))
+
+
+def bench_bert_speed(warmup: int, rounds: int) -> list[str]:
+    zoo = get_model("bert_encoder", 1)
+    args, calibration = zoo.example_inputs, zoo.calibration(4)
+    dense = edgepasses.lower(edgepasses.compress(zoo.module, args, "dce"), args, target="reference")
+    sparse_gm = edgepasses.compress(zoo.module, args, "sparsify_24", calibration=calibration)
+    sparse = edgepasses.lower(sparse_gm, args, target="reference")
+    kernels = sum(n.target == torch.ops.edge.sparse24_linear.default for n in sparse.graph.nodes)
+    candidates = {"eager fp32": zoo.module, "reference, dense": dense, "reference, sparsify_24": sparse}
+    timings = measure_side_by_side({k: (lambda fn=fn: fn(*args)) for k, fn in candidates.items()}, warmup, rounds)
+    base, own = timings["eager fp32"].median_ms, timings["reference, dense"].median_ms
+    lines = [f"## (a) {zoo.description}, batch 1: latency", "",
+             f"sparsify_24: {_stats(sparse_gm)['layers_sparsified']} Linear layers masked, {kernels} on "
+             "edge::sparse24_linear", "",
+             "| graph | median ms | min–max | vs eager fp32 | vs reference dense |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {name} | {t.median_ms:.2f} | {t.min_ms:.2f}–{t.max_ms:.2f} | {base / t.median_ms:.2f}x | "
+              f"{own / t.median_ms:.2f}x |" for name, t in timings.items()]
+    return lines
+
+
+def _train_batches(batch_size: int) -> list[tuple]:
+    data = load_digits_split()
+    usable = len(data.train_x) // batch_size * batch_size
+    return list(zip(data.train_x[:usable].split(batch_size), data.train_y[:usable].split(batch_size)))
+
+
+def _finetuned(gm, steps: int) -> float:
+    """Fine-tunes `gm` (one thread: a tiny model trains faster so on 2 shared cores) and checks the mask held."""
+    zeros = [w == 0 for w in _masked_weights(gm)]
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    try:
+        edgepasses.finetune(gm, _train_batches(64), steps=steps, lr=3e-3)
+    finally:
+        torch.set_num_threads(threads)
+    assert all((w[z] == 0).all() for w, z in zip(_masked_weights(gm), zeros)), "fine-tuning refilled a mask"
+    return steps
+
+
+def _masked_weights(gm) -> list[torch.Tensor]:
+    return [constant_value(gm, n.args[1]) for n in gm.graph.nodes if n.meta.get("sparse24")]
+
+
+def bench_digits(steps: int = 400) -> list[str]:
+    zoo = get_model("digits_cnn", 64)  # graphs specialised to the fine-tuning batch
+    calibration = zoo.calibration(16)
+    lines = ["## (b) digits CNN (trained), top-1 % on the test split", "",
+             f"| masks | logit SQNR dB | top-1 % | after {steps} fine-tuning steps (masks kept) | layers masked |",
+             "|---|---:|---:|---:|---|", f"| none (original) | - | {zoo.accuracy_fn(zoo.module):.2f} | - | - |"]
+    test_x = load_digits_split().test_x
+    held_out = [(x,) for x in test_x[: len(test_x) // 64 * 64].split(64)]
+    for criterion, data in (("magnitude", None), ("activation", calibration)):
+        gm = edgepasses.compress(zoo.module, zoo.example_inputs, f"fold_bn,sparsify_24(criterion={criterion})",
+                                 calibration=data)
+        sqnr, before = output_sqnr(zoo.module, gm, held_out), zoo.accuracy_fn(gm)
+        _finetuned(gm, steps)
+        lines.append(f"| {criterion} | {sqnr:.2f} | {before:.2f} | {zoo.accuracy_fn(gm):.2f} | "
+                     f"{', '.join(_stats(gm)['layers'])} |")
+    skipped = _stats(gm)["skipped"]
+    return lines + ["", "left dense: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
+
+
+def bench_bert_sqnr() -> list[str]:
+    zoo = get_model("bert_encoder", 1)
+    data = zoo.calibration(16)
+    calibration, held_out = data[:8], data[8:]
+    lines = [f"## (c) {zoo.description}: output SQNR vs float on 8 held-out batches", ""]
+    for criterion, batches in (("magnitude", None), ("activation", calibration)):
+        gm = edgepasses.compress(zoo.module, zoo.example_inputs, f"sparsify_24(criterion={criterion})",
+                                 calibration=batches)
+        lines.append(f"{criterion:>10}: {output_sqnr(zoo.module, gm, held_out):6.2f} dB")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--only", default="a,b,c", help="comma-separated sections to run")
+    args = parser.parse_args(argv)
+    sections = {"a": lambda: bench_bert_speed(args.warmup, args.rounds), "b": bench_digits, "c": bench_bert_sqnr}
+    print(f"# 2:4 sparsity bench (torch threads {torch.get_num_threads()}, load average at start "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
+    for key in args.only.split(","):
+        start = time.perf_counter()
+        print("\n".join(sections[key]()))
+        print(f"\n({time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f})\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
