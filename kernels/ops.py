@@ -4,7 +4,8 @@ low-rank layers to.
 Each op is a `torch.library.custom_op` with a fake implementation, so graphs holding it
 trace through `torch.export` and `torch.compile`. On CPU tensors it runs our C++ kernels
 (`csrc/`, built on first use by `build.py`); on CUDA tensors the Triton kernels
-(`triton_ops.py`). Weights arrive in the form the lowering prepared once: int8 codes with
+(`triton_ops.py`: int8_linear and sparse24_linear; int8_conv2d has no CUDA kernel, and the
+dispatcher says so). Weights arrive in the form the lowering prepared once: int8 codes with
 their per-row sums (the zero-point correction), 2:4 weights as kept values plus 2-bit indices.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def unpack_sparse24(values: Tensor, indices: Tensor, k: int) -> Tensor:
 
 # ---- edge::int8_linear ------------------------------------------------------------------------
 
-@custom_op("edge::int8_linear", mutates_args=())
+@custom_op("edge::int8_linear", mutates_args=(), device_types="cpu")
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor, bias: Optional[Tensor],
                 x_scale: Optional[float], x_zero_point: int, weight_bits: int) -> Tensor:
     """y = dequant(quant(x) @ weightᵀ) + bias with int32 accumulation.
@@ -110,13 +111,20 @@ def _(x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_b
     return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
 
 
+@int8_linear.register_kernel("cuda")
+def _(x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_bits):
+    from . import triton_ops  # imported on first CUDA call: triton is optional on CPU machines
+
+    return triton_ops.int8_linear(x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_bits)
+
+
 # ---- edge::int8_conv2d ------------------------------------------------------------------------
 
 def _conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-@custom_op("edge::int8_conv2d", mutates_args=())
+@custom_op("edge::int8_conv2d", mutates_args=(), device_types="cpu")
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor, bias: Optional[Tensor],
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 x_scale: float, x_zero_point: int, weight_bits: int) -> Tensor:
@@ -149,7 +157,7 @@ def _(x, weight, weight_scale, weight_sum, bias, stride, padding, dilation, grou
 
 # ---- edge::sparse24_linear --------------------------------------------------------------------
 
-@custom_op("edge::sparse24_linear", mutates_args=())
+@custom_op("edge::sparse24_linear", mutates_args=(), device_types="cpu")
 def sparse24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor],
                     weight_scale: Optional[Tensor], x_scale: Optional[float], x_zero_point: int) -> Tensor:
     """x @ Wᵀ + bias for a 2:4-sparse W stored as `pack_sparse24` makes it.
@@ -176,6 +184,13 @@ def sparse24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[T
 @sparse24_linear.register_fake
 def _(x, values, indices, bias, weight_scale, x_scale, x_zero_point):
     return x.new_empty(*x.shape[:-1], values.shape[0], dtype=torch.float32)
+
+
+@sparse24_linear.register_kernel("cuda")
+def _(x, values, indices, bias, weight_scale, x_scale, x_zero_point):
+    from . import triton_ops
+
+    return triton_ops.sparse24_linear(x, values, indices, bias, weight_scale, x_scale, x_zero_point)
 
 
 # ---- edge::lowrank_linear ---------------------------------------------------------------------
