@@ -16,7 +16,7 @@ import torch.fx
 
 from edgepasses.errors import OptionError
 from edgepasses.graph_utils import remove_unused_attributes
-from edgepasses.quant import QuantCaps
+from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
 from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_dense_sparse24
@@ -24,7 +24,9 @@ from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_de
 
 class ReferenceTarget:
     name = "reference"
-    quant_caps = QuantCaps(bits=(8,))  # the int8 kernels are exact for any int8 weight
+    # The int8 kernels are exact for any int8 weight, but their fast AVX2 path adds u8·s8 pairs in
+    # 16 bits (vpmaddubsw), which is exact only for 7-bit weights: ask for those where it is the path.
+    quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
 
     def unavailable_reason(self) -> str | None:
         return None

@@ -31,11 +31,36 @@ DEQUANTIZE_OPS = {DEQUANTIZE_TENSOR, DEQUANTIZE_CHANNEL, qd.dequantize_per_tenso
 COMPUTE_OPS = CONV_OPS | LINEAR_OPS | ACTIVATION_MATMUL_OPS
 
 
+# Ops that only move values: quantizing before or after them is the same, so a linear reading a
+# dequantized tensor through them (a classifier head reads the pooled average through a flatten)
+# takes the float tensor through the same ops.
+SHAPE_OPS = {aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.squeeze.dims,
+             aten.unsqueeze.default, aten.permute.default, aten.transpose.int}
+
+
 @dataclass(frozen=True)
 class ActivationQuant:
-    source: torch.fx.Node   # the float input
+    source: torch.fx.Node   # the float input (of the quantize)
     scale: float
     zero_point: int         # as a uint8 zero point
+    moves: tuple[torch.fx.Node, ...] = ()  # shape ops between the dequantize and the reader, in order
+
+    def float_input(self, gm: torch.fx.GraphModule, before: torch.fx.Node) -> torch.fx.Node:
+        """The float tensor the reader would see unquantized: `source` through the same shape ops."""
+        value = self.source
+        for move in self.moves:
+            with gm.graph.inserting_before(before):
+                value = gm.graph.call_function(move.target, (value, *move.args[1:]), move.kwargs)
+            value.meta = {**move.meta}
+        return value
+
+
+def _through_shape_ops(node) -> tuple[object, tuple[torch.fx.Node, ...]]:
+    moves = []
+    while isinstance(node, torch.fx.Node) and node.target in SHAPE_OPS:
+        moves.append(node)
+        node = node.args[0]
+    return node, tuple(reversed(moves))
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,9 @@ class WeightCodes:
 
 
 def activation_quant(node) -> ActivationQuant | str:
-    """The static per-tensor quantization feeding `node` (a dequantize), or why there is none."""
+    """The static per-tensor quantization feeding `node` (a dequantize, possibly through shape ops),
+    or why there is none."""
+    node, moves = _through_shape_ops(node)
     if not isinstance(node, torch.fx.Node) or node.target != DEQUANTIZE_TENSOR:
         return "its input is not a per-tensor dequantize with a constant scale"
     quant = node.args[0]
@@ -54,9 +81,9 @@ def activation_quant(node) -> ActivationQuant | str:
         return "its input dequantize does not read a matching quantize_per_tensor"
     source, scale, zero_point, qmin, qmax, dtype = quant.args[:6]
     if (dtype, qmin, qmax) == (torch.uint8, 0, 255):
-        return ActivationQuant(source, float(scale), int(zero_point))
+        return ActivationQuant(source, float(scale), int(zero_point), moves)
     if (dtype, qmin, qmax) == (torch.int8, -128, 127):  # the same codes shifted by 128
-        return ActivationQuant(source, float(scale), int(zero_point) + 128)
+        return ActivationQuant(source, float(scale), int(zero_point) + 128, moves)
     return f"activation range {dtype} [{qmin}, {qmax}] is neither u8 [0, 255] nor s8 [-128, 127]"
 
 
@@ -94,10 +121,11 @@ def _kernel_call(gm, node, x: ActivationQuant, w: WeightCodes):
     scale = add_constant(gm, f"{node.name}_scale", w.scale, before=node)
     sums = add_constant(gm, f"{node.name}_sum", ops.int8_weight_sum(w.codes), before=node)
     bias = node.args[2] if len(node.args) > 2 else None
+    source = x.float_input(gm, before=node)
     if node.target == aten.linear.default:
-        return torch.ops.edge.int8_linear.default, (x.source, codes, scale, sums, bias, x.scale, x.zero_point, w.bits)
+        return torch.ops.edge.int8_linear.default, (source, codes, scale, sums, bias, x.scale, x.zero_point, w.bits)
     stride, padding, dilation, groups = _conv_args(node)
-    return torch.ops.edge.int8_conv2d.default, (x.source, codes, scale, sums, bias, stride, padding, dilation,
+    return torch.ops.edge.int8_conv2d.default, (source, codes, scale, sums, bias, stride, padding, dilation,
                                                 groups, x.scale, x.zero_point, w.bits)
 
 
@@ -113,7 +141,8 @@ def lower_int8(gm: torch.fx.GraphModule) -> tuple[int, dict[torch.fx.Node, str]]
     rewritten and, for each conv/linear/matmul that reads a dequantized tensor but was not, why not."""
     rewritten, left = 0, {}
     for node in list(gm.graph.nodes):
-        if node.target not in COMPUTE_OPS or not any(a.target in DEQUANTIZE_OPS for a in node.all_input_nodes):
+        if node.target not in COMPUTE_OPS or not any(getattr(_through_shape_ops(a)[0], "target", None) in DEQUANTIZE_OPS
+                                                     for a in node.all_input_nodes):
             continue
         match = _why_not(gm, node)
         if isinstance(match, str):
