@@ -31,9 +31,11 @@
 
 namespace {
 
-constexpr int64_t kWideMinRows = 3;    // M at or above which the weight-stationary kernel runs
-constexpr int64_t kChunkRows = 256;    // output rows per thread work item (L2-resident tile)
-constexpr int64_t kL1XtBytes = 16384;  // target size of one xt K-block × M-block
+constexpr int64_t kWideMinRows = 3;       // M at or above which the weight-stationary kernel runs
+constexpr int64_t kChunkRows = 256;       // output rows per thread work item (L2-resident tile)
+constexpr int64_t kL1XtBytes = 16384;     // target size of one xt K-block × M-block
+constexpr int64_t kPrefetchGroups = 2;    // software prefetch distance of the weights, in row groups
+constexpr int64_t kDotPrefetchBytes = 2048;  // the same for the dot kernel, along a row's values
 
 bool portable_forced() {
   const char* env = std::getenv("EDGE_KERNELS_PORTABLE");
@@ -120,6 +122,9 @@ __attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* x, int64_t K
     int64_t g = 0;
     for (; g + 8 <= G; g += 8) {  // 8 groups: 32 positions, 16 weights, 4 index bytes
       const uint8_t* idb = id + (g >> 1);
+      // The row streams from DRAM: ask for its values kDotPrefetchBytes ahead (and its indices).
+      _mm_prefetch(reinterpret_cast<const char*>(v + 2 * g) + kDotPrefetchBytes, _MM_HINT_T0);
+      if ((g & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(idb) + kDotPrefetchBytes / 16, _MM_HINT_T0);
       const __m256i p0 = perm_of(idb[0]), p1 = perm_of(idb[1]), p2 = perm_of(idb[2]), p3 = perm_of(idb[3]);
       const __m256 w0 = _mm256_loadu_ps(v + 2 * g), w1 = _mm256_loadu_ps(v + 2 * g + 8);
 #pragma GCC unroll 4
@@ -230,28 +235,37 @@ struct WideArgs {
 // Rows [n0, n1) of one M-block (NV vectors wide) over positions [k0, k1) into tile [n1-n0][BS].
 template <int NV>
 __attribute__((target("avx2,fma"))) void wide_block(const WideArgs& a, const float* xtb, int64_t n0, int64_t n1,
-                                                    int64_t k0, int64_t k1, float* tile) {
+                                                    int64_t k0, int64_t k1, float* tile, bool prefetch) {
   constexpr int BS = NV * 8;
   constexpr int R = NV == 4 ? 2 : NV == 3 ? 3 : NV == 2 ? 4 : 8;
   const int64_t groups = (k1 - k0) / 4, nbytes = groups / 2;
   const bool odd = groups & 1;
   const float* xk = xtb + k0 * BS;
   int64_t n = n0;
-  for (; n + R <= n1; n += R)
+  for (; n + R <= n1; n += R) {
+    if (prefetch) {  // the weights of the rows kPrefetchGroups row groups ahead, this K-block: DRAM → cache
+      const int64_t pend = std::min<int64_t>(n1, n + (kPrefetchGroups + 1) * R);
+      for (int64_t p = n + kPrefetchGroups * R; p < pend; ++p) {
+        const char* pv = reinterpret_cast<const char*>(a.values + p * a.half + k0 / 2);
+        for (int64_t off = 0; off < (k1 - k0) * 2; off += 64) _mm_prefetch(pv + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.indices + p * a.ib + k0 / 8), _MM_HINT_T0);
+      }
+    }
     wide_rows<NV, R>(xk, a.values + n * a.half + k0 / 2, a.half, a.indices + n * a.ib + k0 / 8, a.ib, nbytes, odd,
                      tile + (n - n0) * BS);
+  }
   for (; n < n1; ++n)
     wide_rows<NV, 1>(xk, a.values + n * a.half + k0 / 2, a.half, a.indices + n * a.ib + k0 / 8, a.ib, nbytes, odd,
                      tile + (n - n0) * BS);
 }
 
 __attribute__((target("avx2,fma"))) void wide_dispatch(int nv, const WideArgs& a, const float* xtb, int64_t n0,
-                                                       int64_t n1, int64_t k0, int64_t k1, float* tile) {
+                                                       int64_t n1, int64_t k0, int64_t k1, float* tile, bool prefetch) {
   switch (nv) {
-    case 4: wide_block<4>(a, xtb, n0, n1, k0, k1, tile); break;
-    case 3: wide_block<3>(a, xtb, n0, n1, k0, k1, tile); break;
-    case 2: wide_block<2>(a, xtb, n0, n1, k0, k1, tile); break;
-    default: wide_block<1>(a, xtb, n0, n1, k0, k1, tile); break;
+    case 4: wide_block<4>(a, xtb, n0, n1, k0, k1, tile, prefetch); break;
+    case 3: wide_block<3>(a, xtb, n0, n1, k0, k1, tile, prefetch); break;
+    case 2: wide_block<2>(a, xtb, n0, n1, k0, k1, tile, prefetch); break;
+    default: wide_block<1>(a, xtb, n0, n1, k0, k1, tile, prefetch); break;
   }
 }
 
@@ -320,7 +334,7 @@ bool linear_wide(const float* x, int64_t M, int64_t K, const float* values, cons
         const int64_t k1 = std::min<int64_t>(K, k0 + kb);
         for (int64_t b = b0; b < b1; ++b) {
           const int nv = block_nv(b);
-          wide_dispatch(nv, args, xt + b * K * 32, n0, n1, k0, k1, tile + (b - b0) * chunk * 32);
+          wide_dispatch(nv, args, xt + b * K * 32, n0, n1, k0, k1, tile + (b - b0) * chunk * 32, b == b0);
         }
       }
       for (int64_t b = b0; b < b1; ++b) {
@@ -345,7 +359,7 @@ bool linear_wide(const float* x, int64_t M, int64_t K, const float* values, cons
 
 void linear_dot(const float* x, int64_t M, int64_t K, const float* values, const uint8_t* indices, int64_t N,
                 const float* bias, float* out, int threads) {
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(256, (N + threads - 1) / threads));
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(64, (N + threads - 1) / threads));
   const int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t c = 0; c < nchunks; ++c)

@@ -58,7 +58,7 @@ shapes = st.tuples(
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(shape=shapes, with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_matches_dense_masked_matmul(path, shape, with_bias, seed):
     m, k, n = shape
@@ -116,7 +116,7 @@ def test_thread_count_does_not_change_the_result(path, m, n, monkeypatch):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(n=st.integers(1, 9), groups=st.integers(1, 13), max_kept=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
 def test_pack_unpack_roundtrip(n, groups, max_kept, seed):
     k = 4 * groups
