@@ -7,14 +7,19 @@
 //
 // The GEMM is a dot-product formulation that suits [N, K] rows: a tile of MR activation rows × NR weight
 // rows keeps MR·NR int32 vector accumulators over 32-byte chunks along K and reduces them horizontally at
-// the end. Paths, chosen at run time (EDGE_KERNELS_PORTABLE=1 forces the portable one):
+// the end (4×3 tiles, in inline asm so that all 12 accumulators stay in registers; 1×8 for a single row).
+// Tasks are blocks of weight rows sized for L2 (and blocks of activation rows when there are few), run
+// with OpenMP; M = 1 parallelises over N. Paths, chosen at run time (EDGE_KERNELS_PORTABLE=1 forces the
+// portable one):
 //   - AVX2, weight_bits 7 (|w| ≤ 64): vpmaddubsw (u8·s8 pairs into int16, exact since 255·64·2 < 2^15)
 //     then vpmaddwd with ones into int32.
 //   - AVX2, weight_bits 8: activations stored as int16, weights widened to int16, vpmaddwd (exact int32).
 //   - portable C++: plain int32 loops, for CPUs without AVX2 and for tests.
 // (An AVX-512 VNNI / AVX-VNNI (vpdpbusd) or AMX path would plug in beside the AVX2 microkernels.)
-// Conv2d quantizes the NCHW input once and runs im2col (padding = the zero point's code) + the same GEMM
-// per (image, group); convs with one input channel per group (depthwise) run a direct loop instead.
+// Conv2d quantizes the NCHW input once, transposes the codes to channels-last (so im2col copies runs of
+// contiguous channels; padding = the zero point's code), permutes the weights to (kh, kw, c) order and runs
+// the same GEMM per (image, group), writing NCHW. Convs with one input channel per group (depthwise) run
+// a direct loop over a zero-point-padded plane instead.
 
 #include <algorithm>
 #include <cmath>
@@ -33,7 +38,9 @@
 #endif
 
 #if EDGE_X86
-#define EDGE_AVX2 __attribute__((target("avx2,fma")))
+// AVX2 without FMA on purpose: nothing here needs FMA, and without it the compiler cannot contract the
+// dequant's multiply and add (GCC's C++ default is -ffp-contract=fast), which must round like torch.
+#define EDGE_AVX2 __attribute__((target("avx2")))
 #endif
 
 // The dequant epilogue must round like torch's float32 (mul, mul, add): no FMA contraction, which
@@ -51,6 +58,8 @@ enum Code : int32_t { kOk = 0, kBadPointer = 1, kBadShape = 2, kBadQuant = 3, kN
 enum Path { kPortable = 0, kAvx2U8 = 1, kAvx2S16 = 2 };
 
 constexpr int64_t kChunk = 32;  // K is padded to a multiple of this in the activation buffers
+// Longest reduction whose int32 sums cannot overflow: K·255·128 < 2^31.
+constexpr int64_t kMaxK = 65793;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -64,7 +73,7 @@ bool cpu_has_avx2() {
 #if EDGE_X86
     static const bool ok = [] {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") != 0;
     }();
     return ok;
 #else
@@ -215,60 +224,49 @@ float quant_dynamic(const float* x, int64_t n, T* q, bool avx2) {
 // ---- GEMM -------------------------------------------------------------------------------------
 
 struct Gemm {
-    const void* q;          // activation codes [M, ldq] (uint8_t, or int16_t for kAvx2S16), zero past K
-    int64_t ldq;            // a multiple of kChunk
-    const int8_t* w;        // [N, K]
+    const void* q;           // activation codes [M, ldq] (uint8_t, or int16_t for kAvx2S16), zero past K
+    int64_t ldq;             // a multiple of kChunk
+    const int8_t* w;         // [N, K]
     int64_t M, N, K;
     const float* row_scale;  // [M] per-row activation scale, or null: `scale` for every row
     float scale;
     int32_t zp;
     const int32_t* wsum;
     const float* wscale;
-    const float* bias;      // or null
-    float* out;             // out[m * ldo_m + n * ldo_n]
+    const float* bias;       // or null
+    float* out;              // out[m * ldo_m + n * ldo_n]
     int64_t ldo_m, ldo_n;
     Path path;
     // task grid: N in blocks of nb rows, M in blocks of mb rows; task t = (t / m_blocks, t % m_blocks)
     int64_t nb, mb, n_blocks, m_blocks;
 };
 
-// (float)(acc − zp·wsum) · rs · ws (+ bias), rounded step by step like torch's float32 ops.
+// (float)(acc − zp·wsum) · rs · ws (+ bias), rounded op by op like torch's float32 ops.
+// acc − zp·wsum = Σ(q − zp)·w, which fits int32 (K ≤ kMaxK): int32 wrap-around arithmetic is exact.
 EDGE_NO_CONTRACT inline float dequant(int32_t acc, int32_t zp, int32_t wsum, float rs, float ws, const float* bias) {
-    // Σ(q − zp)·w fits int32; the int64 difference avoids overflow in the intermediate.
-    float v = static_cast<float>(static_cast<int64_t>(acc) - static_cast<int64_t>(zp) * wsum);
+    const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(acc) - static_cast<uint32_t>(zp) * static_cast<uint32_t>(wsum));
+    float v = static_cast<float>(d);
     v = v * rs;
     v = v * ws;
     if (bias) v = v + *bias;
     return v;
 }
 
-EDGE_NO_CONTRACT __attribute__((noinline))
-void epilogue(const Gemm& g, int64_t m0, int64_t n0, int mr, int nr, const int32_t* acc) {
-    for (int i = 0; i < mr; ++i) {
-        const int64_t m = m0 + i;
-        const float rs = g.row_scale ? g.row_scale[m] : g.scale;
-        float* o = g.out + m * g.ldo_m;
-        for (int j = 0; j < nr; ++j) {
-            const int64_t n = n0 + j;
-            o[n * g.ldo_n] = dequant(acc[i * nr + j], g.zp, g.wsum[n], rs, g.wscale[n], g.bias ? g.bias + n : nullptr);
-        }
-    }
-}
-
-// Portable: one row of q against nr rows of w, int32 (GCC vectorizes the inner loop with SSE2).
-void tile_portable(const Gemm& g, int64_t m0, int64_t n0, int mr, int nr) {
-    int32_t acc[16];
+// Portable: int32 dot products (GCC vectorizes the inner loop with the baseline SSE2).
+EDGE_NO_CONTRACT void tile_portable(const Gemm& g, int64_t m0, int64_t n0, int mr, int nr) {
     const uint8_t* q = static_cast<const uint8_t*>(g.q);
     for (int i = 0; i < mr; ++i) {
-        const uint8_t* qr = q + (m0 + i) * g.ldq;
+        const int64_t m = m0 + i;
+        const uint8_t* qr = q + m * g.ldq;
+        const float rs = g.row_scale ? g.row_scale[m] : g.scale;
         for (int j = 0; j < nr; ++j) {
-            const int8_t* wr = g.w + (n0 + j) * g.K;
+            const int64_t n = n0 + j;
+            const int8_t* wr = g.w + n * g.K;
             int32_t s = 0;
             for (int64_t k = 0; k < g.K; ++k) s += static_cast<int32_t>(qr[k]) * static_cast<int32_t>(wr[k]);
-            acc[i * nr + j] = s;
+            g.out[m * g.ldo_m + n * g.ldo_n] = dequant(s, g.zp, g.wsum[n], rs, g.wscale[n], g.bias ? g.bias + n : nullptr);
         }
     }
-    epilogue(g, m0, n0, mr, nr, acc);
 }
 
 #if EDGE_X86
@@ -278,14 +276,42 @@ EDGE_AVX2 inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
-template <int MR, int NR>
-EDGE_AVX2 inline void reduce_tile(__m256i (&acc)[MR][NR], int32_t* out) {
-    const __m256i z = _mm256_setzero_si256();
+// Dequantizes and stores an MR×nr block (nr ≤ 4): acc[i] holds row m0 + i, lane j column n0 + j.
+// (The target has no FMA, so the compiler cannot fuse the multiply and the bias add.)
+template <int MR>
+EDGE_AVX2 inline void store_block(const Gemm& g, int64_t m0, int64_t n0, int nr, const __m128i (&acc)[MR]) {
+    const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(nr), _mm_setr_epi32(0, 1, 2, 3));
+    const bool full = nr == 4;
+    const __m128i wsum = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(g.wsum + n0))
+                              : _mm_maskload_epi32(g.wsum + n0, mask);
+    const __m128 ws = full ? _mm_loadu_ps(g.wscale + n0) : _mm_maskload_ps(g.wscale + n0, mask);
+    __m128 bias = _mm_setzero_ps();
+    if (g.bias) bias = full ? _mm_loadu_ps(g.bias + n0) : _mm_maskload_ps(g.bias + n0, mask);
+    const __m128i corr = _mm_mullo_epi32(wsum, _mm_set1_epi32(g.zp));
+    __m128 v[MR];
     for (int i = 0; i < MR; ++i) {
-        alignas(16) int32_t s[4];
-        _mm_store_si128(reinterpret_cast<__m128i*>(s), hsum4(acc[i][0], NR > 1 ? acc[i][1 % NR] : z,
-                                                             NR > 2 ? acc[i][2 % NR] : z, NR > 3 ? acc[i][3 % NR] : z));
-        for (int j = 0; j < NR; ++j) out[i * NR + j] = s[j];
+        const float rs = g.row_scale ? g.row_scale[m0 + i] : g.scale;
+        v[i] = _mm_cvtepi32_ps(_mm_sub_epi32(acc[i], corr));
+        v[i] = _mm_mul_ps(_mm_mul_ps(v[i], _mm_set1_ps(rs)), ws);
+        if (g.bias) v[i] = _mm_add_ps(v[i], bias);
+    }
+    if (g.ldo_n == 1) {  // row-major [M, N] (linear)
+        for (int i = 0; i < MR; ++i) {
+            float* o = g.out + (m0 + i) * g.ldo_m + n0;
+            if (full) _mm_storeu_ps(o, v[i]);
+            else _mm_maskstore_ps(o, mask, v[i]);
+        }
+    } else if (MR == 4 && g.ldo_m == 1) {  // [N, M] (conv's [O, OH·OW]): store columns
+        __m128 c0 = v[0], c1 = v[1 % MR], c2 = v[2 % MR], c3 = v[3 % MR];
+        _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+        const __m128 cols[4] = {c0, c1, c2, c3};
+        for (int j = 0; j < nr; ++j) _mm_storeu_ps(g.out + (n0 + j) * g.ldo_n + m0, cols[j]);
+    } else {
+        for (int i = 0; i < MR; ++i) {
+            alignas(16) float s[4];
+            _mm_store_ps(s, v[i]);
+            for (int j = 0; j < nr; ++j) g.out[(m0 + i) * g.ldo_m + (n0 + j) * g.ldo_n] = s[j];
+        }
     }
 }
 
@@ -318,6 +344,30 @@ EDGE_AVX2 __attribute__((always_inline)) inline void step_s16(__m256i (&acc)[MR]
     }
 }
 
+// The last, partial chunk along K: weights copied into zeroed 32-byte rows (activations are zero-padded).
+template <int NR>
+EDGE_AVX2 inline void tail_rows(const int8_t* const* w, int64_t k, int64_t K, int8_t (&tail)[NR][kChunk],
+                                const int8_t** tp) {
+    for (int j = 0; j < NR; ++j) {
+        std::memset(tail[j], 0, kChunk);
+        std::memcpy(tail[j], w[j] + k, static_cast<size_t>(K - k));
+        tp[j] = tail[j];
+    }
+}
+
+template <int MR, int NR>
+EDGE_AVX2 inline void finish_tile(const Gemm& g, int64_t m0, int64_t n0, __m256i (&acc)[MR][NR]) {
+    const __m256i z = _mm256_setzero_si256();
+    for (int j0 = 0; j0 < NR; j0 += 4) {
+        __m128i rows[MR];
+        for (int i = 0; i < MR; ++i)
+            rows[i] = hsum4(acc[i][j0], j0 + 1 < NR ? acc[i][(j0 + 1) % NR] : z,
+                            j0 + 2 < NR ? acc[i][(j0 + 2) % NR] : z, j0 + 3 < NR ? acc[i][(j0 + 3) % NR] : z);
+        store_block<MR>(g, m0, n0 + j0, NR - j0 < 4 ? NR - j0 : 4, rows);
+    }
+}
+
+// Generic MR×NR tiles (intrinsics): row tails, column tails and the single-row (GEMV) tile.
 // 7-bit weights: u8 activations × s8 weights via vpmaddubsw + vpmaddwd(ones).
 template <int MR, int NR>
 EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0) {
@@ -332,19 +382,13 @@ EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0) {
     const int64_t kfull = K & ~(kChunk - 1);
     int64_t k = 0;
     for (; k < kfull; k += kChunk) step_u8<MR, NR>(acc, q, ldq, k, w, k, ones);
-    if (k < K) {  // tail: weights copied into zeroed chunks (activations are zero-padded to ldq)
+    if (k < K) {
         alignas(32) int8_t tail[NR][kChunk];
         const int8_t* tp[NR];
-        for (int j = 0; j < NR; ++j) {
-            std::memset(tail[j], 0, kChunk);
-            std::memcpy(tail[j], w[j] + k, static_cast<size_t>(K - k));
-            tp[j] = tail[j];
-        }
+        tail_rows<NR>(w, k, K, tail, tp);
         step_u8<MR, NR>(acc, q, ldq, k, tp, 0, ones);
     }
-    int32_t out[MR * NR];
-    reduce_tile<MR, NR>(acc, out);
-    epilogue(g, m0, n0, MR, NR, out);
+    finish_tile<MR, NR>(g, m0, n0, acc);
 }
 
 // 8-bit weights: int16 activations × weights widened to int16, vpmaddwd (exact for any int8).
@@ -363,29 +407,151 @@ EDGE_AVX2 void tile_s16(const Gemm& g, int64_t m0, int64_t n0) {
     if (k < K) {
         alignas(32) int8_t tail[NR][kChunk];
         const int8_t* tp[NR];
-        for (int j = 0; j < NR; ++j) {
-            std::memset(tail[j], 0, kChunk);
-            std::memcpy(tail[j], w[j] + k, static_cast<size_t>(K - k));
-            tp[j] = tail[j];
-        }
+        tail_rows<NR>(w, k, K, tail, tp);
         step_s16<MR, NR>(acc, q, ldq, k, tp, 0);
     }
-    int32_t out[MR * NR];
-    reduce_tile<MR, NR>(acc, out);
-    epilogue(g, m0, n0, MR, NR, out);
+    finish_tile<MR, NR>(g, m0, n0, acc);
+}
+
+// The main 4×3 tiles in inline asm: with intrinsics GCC hoists every row's loads and spills some of
+// the 12 accumulators, putting store-to-load latency on the accumulation chains. Here ymm13–15 are
+// scratch and the 12 accumulators (and the ones vector) take the other 13 registers.
+#define EDGE_U8_ROW(qaddr, a0, a1, a2)                       \
+    "vmovdqa " qaddr ", %%ymm13\n\t"                        \
+    "vpmaddubsw (%[w0]), %%ymm13, %%ymm14\n\t"              \
+    "vpmaddwd %t[ones], %%ymm14, %%ymm14\n\t"               \
+    "vpaddd %%ymm14, %t[" a0 "], %t[" a0 "]\n\t"            \
+    "vpmaddubsw (%[w0],%[ws],1), %%ymm13, %%ymm15\n\t"      \
+    "vpmaddwd %t[ones], %%ymm15, %%ymm15\n\t"               \
+    "vpaddd %%ymm15, %t[" a1 "], %t[" a1 "]\n\t"            \
+    "vpmaddubsw (%[w0],%[ws],2), %%ymm13, %%ymm14\n\t"      \
+    "vpmaddwd %t[ones], %%ymm14, %%ymm14\n\t"               \
+    "vpaddd %%ymm14, %t[" a2 "], %t[" a2 "]\n\t"
+
+// int16 activations: per weight row, widen 32 codes (ymm13/14), multiply into each row's accumulator.
+#define EDGE_S16_COL(waddr, a0, a1, a2, a3)                  \
+    "vpmovsxbw " waddr ", %%ymm13\n\t"                      \
+    "vpmovsxbw 16" waddr ", %%ymm14\n\t"                    \
+    "vpmaddwd (%[q]), %%ymm13, %%ymm15\n\t"                 \
+    "vpaddd %%ymm15, %t[" a0 "], %t[" a0 "]\n\t"            \
+    "vpmaddwd 32(%[q]), %%ymm14, %%ymm15\n\t"               \
+    "vpaddd %%ymm15, %t[" a0 "], %t[" a0 "]\n\t"            \
+    "vpmaddwd (%[q],%[ld],1), %%ymm13, %%ymm15\n\t"         \
+    "vpaddd %%ymm15, %t[" a1 "], %t[" a1 "]\n\t"            \
+    "vpmaddwd 32(%[q],%[ld],1), %%ymm14, %%ymm15\n\t"       \
+    "vpaddd %%ymm15, %t[" a1 "], %t[" a1 "]\n\t"            \
+    "vpmaddwd (%[q],%[ld],2), %%ymm13, %%ymm15\n\t"         \
+    "vpaddd %%ymm15, %t[" a2 "], %t[" a2 "]\n\t"            \
+    "vpmaddwd 32(%[q],%[ld],2), %%ymm14, %%ymm15\n\t"       \
+    "vpaddd %%ymm15, %t[" a2 "], %t[" a2 "]\n\t"            \
+    "vpmaddwd (%[q3]), %%ymm13, %%ymm15\n\t"                \
+    "vpaddd %%ymm15, %t[" a3 "], %t[" a3 "]\n\t"            \
+    "vpmaddwd 32(%[q3]), %%ymm14, %%ymm15\n\t"              \
+    "vpaddd %%ymm15, %t[" a3 "], %t[" a3 "]\n\t"
+
+#define EDGE_ACC_OPERANDS                                                                                    \
+    [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c10] "+x"(c10), [c11] "+x"(c11), [c12] "+x"(c12), \
+        [c20] "+x"(c20), [c21] "+x"(c21), [c22] "+x"(c22), [c30] "+x"(c30), [c31] "+x"(c31), [c32] "+x"(c32)
+
+// One 4×3 tile over K range [k0, k1) (k1 = K or a multiple of kChunk), accumulating into c[12]
+// (row-major: c[3·i + j]). With `prefetch`, also pulls the next tile's weights (next_w) into L1.
+template <bool S16>
+EDGE_AVX2 __attribute__((always_inline)) inline void kernel4x3(const Gemm& g, int64_t m0, const int8_t* w,
+                                                               int64_t k0, int64_t k1, __m256i (&c)[12],
+                                                               const int8_t* next_w) {
+    const int64_t ldq = g.ldq, K = g.K, kfull = K & ~(kChunk - 1);
+    __m256i c00 = c[0], c01 = c[1], c02 = c[2], c10 = c[3], c11 = c[4], c12 = c[5], c20 = c[6], c21 = c[7],
+            c22 = c[8], c30 = c[9], c31 = c[10], c32 = c[11];
+    alignas(32) int8_t tail[3][kChunk];
+    for (int64_t k = k0; k < k1; k += kChunk) {
+        const int8_t* w0 = w + k;  // weight rows w0, w0 + ws, w0 + 2·ws
+        int64_t ws = K;
+        if (k == kfull) {
+            const int8_t* rows[3] = {w, w + K, w + 2 * K};
+            const int8_t* tp[3];
+            tail_rows<3>(rows, k, K, tail, tp);
+            w0 = tail[0], ws = kChunk;
+        }
+        if (next_w && (k & 32) == 0) {  // one prefetch per 64-byte line of each of the next 3 rows
+            const char* nx = reinterpret_cast<const char*>(next_w + k);
+            _mm_prefetch(nx, _MM_HINT_T0);
+            _mm_prefetch(nx + K, _MM_HINT_T0);
+            _mm_prefetch(nx + 2 * K, _MM_HINT_T0);
+        }
+        if (!S16) {
+            const uint8_t* qk = static_cast<const uint8_t*>(g.q) + m0 * ldq + k;
+            const uint8_t* q3 = qk + 3 * ldq;
+            const __m256i ones = _mm256_set1_epi16(1);
+            asm(EDGE_U8_ROW("(%[q])", "c00", "c01", "c02")
+                EDGE_U8_ROW("(%[q],%[ld],1)", "c10", "c11", "c12")
+                EDGE_U8_ROW("(%[q],%[ld],2)", "c20", "c21", "c22")
+                EDGE_U8_ROW("(%[q3])", "c30", "c31", "c32")
+                : EDGE_ACC_OPERANDS
+                : [ones] "x"(ones), [q] "r"(qk), [ld] "r"(ldq), [q3] "r"(q3), [w0] "r"(w0), [ws] "r"(ws)
+                : "xmm13", "xmm14", "xmm15", "memory");
+        } else {
+            const int16_t* qk = static_cast<const int16_t*>(g.q) + m0 * ldq + k;
+            const int16_t* q3 = qk + 3 * ldq;
+            const int64_t ld_bytes = ldq * 2;
+            asm(EDGE_S16_COL("(%[w0])", "c00", "c10", "c20", "c30")
+                EDGE_S16_COL("(%[w0],%[ws],1)", "c01", "c11", "c21", "c31")
+                EDGE_S16_COL("(%[w0],%[ws],2)", "c02", "c12", "c22", "c32")
+                : EDGE_ACC_OPERANDS
+                : [q] "r"(qk), [ld] "r"(ld_bytes), [q3] "r"(q3), [w0] "r"(w0), [ws] "r"(ws)
+                : "xmm13", "xmm14", "xmm15", "memory");
+        }
+    }
+    c[0] = c00, c[1] = c01, c[2] = c02, c[3] = c10, c[4] = c11, c[5] = c12;
+    c[6] = c20, c[7] = c21, c[8] = c22, c[9] = c30, c[10] = c31, c[11] = c32;
+}
+
+template <bool S16>
+EDGE_AVX2 inline void finish4x3(const Gemm& g, int64_t m0, int64_t n, const __m256i (&c)[12]) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m128i rows[4] = {hsum4(c[0], c[1], c[2], z), hsum4(c[3], c[4], c[5], z), hsum4(c[6], c[7], c[8], z),
+                             hsum4(c[9], c[10], c[11], z)};
+    store_block<4>(g, m0, n, 3, rows);
+}
+
+// Rows m0..m0+3 against weight rows [n_lo, n_hi): 4×3 tiles over the whole K (the 4 activation rows
+// stay in L1 while the weights stream past; blocking K measured no faster), then a 4×1 or 4×2 tile.
+// `prefetch`: the weights are not in cache yet (the task's first strip), so prefetch them a tile ahead.
+template <bool S16>
+EDGE_AVX2 void strip4(const Gemm& g, int64_t m0, int64_t n_lo, int64_t n_hi, bool prefetch) {
+    const int64_t K = g.K;
+    int64_t n = n_lo;
+    for (; n + 3 <= n_hi; n += 3) {
+        __m256i c[12];
+        for (auto& v : c) v = _mm256_setzero_si256();
+        kernel4x3<S16>(g, m0, g.w + n * K, 0, K, c, prefetch && n + 6 <= n_hi ? g.w + (n + 3) * K : nullptr);
+        finish4x3<S16>(g, m0, n, c);
+    }
+    if (n_hi - n == 2) (S16 ? tile_s16<4, 2> : tile_u8<4, 2>)(g, m0, n);
+    if (n_hi - n == 1) (S16 ? tile_s16<4, 1> : tile_u8<4, 1>)(g, m0, n);
 }
 
 using TileFn = void (*)(const Gemm&, int64_t, int64_t);
 
 #define EDGE_TILE_ROW(fn, mr) {fn<mr, 1>, fn<mr, 2>, fn<mr, 3>, fn<mr, 4>}
-#define EDGE_TILE_TABLE(fn) \
-    {EDGE_TILE_ROW(fn, 1), EDGE_TILE_ROW(fn, 2), EDGE_TILE_ROW(fn, 3), EDGE_TILE_ROW(fn, 4)}
-const TileFn kTilesU8[4][4] = EDGE_TILE_TABLE(tile_u8);
-const TileFn kTilesS16[4][4] = EDGE_TILE_TABLE(tile_s16);
+#define EDGE_TILE_TABLE(fn) {EDGE_TILE_ROW(fn, 1), EDGE_TILE_ROW(fn, 2), EDGE_TILE_ROW(fn, 3)}
+const TileFn kTilesU8[3][4] = EDGE_TILE_TABLE(tile_u8);   // [mr − 1][nr − 1], mr ≤ 3
+const TileFn kTilesS16[3][4] = EDGE_TILE_TABLE(tile_s16);
+constexpr int kNRRow = 8;  // weight rows per tile for a single activation row (a GEMV)
+
+// Rows m0..m0+mr−1 (mr ≤ 3) against weight rows [n_lo, n_hi).
+template <bool S16>
+EDGE_AVX2 void strip_small(const Gemm& g, int64_t m0, int mr, int64_t n_lo, int64_t n_hi) {
+    int64_t n = n_lo;
+    if (mr == 1)
+        for (; n + kNRRow <= n_hi; n += kNRRow) (S16 ? tile_s16<1, kNRRow> : tile_u8<1, kNRRow>)(g, m0, n);
+    for (; n < n_hi; n += 4) {
+        const int nr = static_cast<int>(std::min<int64_t>(4, n_hi - n));
+        (S16 ? kTilesS16 : kTilesU8)[mr - 1][nr - 1](g, m0, n);
+    }
+}
 #endif
 
-// Activation rows per tile, and weight rows per tile for a full (MR-row) tile and for fewer rows.
-constexpr int kMR = 4, kNRFull = 3, kNRPart = 4;
+constexpr int kMR = 4;  // activation rows per tile
 
 void run_task(const Gemm& g, int64_t t) {
     const int64_t nbi = t / g.m_blocks, mbi = t % g.m_blocks;
@@ -393,29 +559,29 @@ void run_task(const Gemm& g, int64_t t) {
     const int64_t m_lo = mbi * g.mb, m_hi = std::min(g.M, m_lo + g.mb);
     for (int64_t m = m_lo; m < m_hi; m += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m_hi - m));
-        const int nr_step = mr == kMR ? kNRFull : kNRPart;
-        for (int64_t n = n_lo; n < n_hi; n += nr_step) {
-            const int nr = static_cast<int>(std::min<int64_t>(nr_step, n_hi - n));
 #if EDGE_X86
-            if (g.path == kAvx2U8) { kTilesU8[mr - 1][nr - 1](g, m, n); continue; }
-            if (g.path == kAvx2S16) { kTilesS16[mr - 1][nr - 1](g, m, n); continue; }
-#endif
-            tile_portable(g, m, n, mr, nr);
+        if (g.path != kPortable) {
+            const bool s16 = g.path == kAvx2S16;
+            if (mr == kMR) (s16 ? strip4<true> : strip4<false>)(g, m, n_lo, n_hi, m == m_lo);
+            else (s16 ? strip_small<true> : strip_small<false>)(g, m, mr, n_lo, n_hi);
+            continue;
         }
+#endif
+        for (int64_t n = n_lo; n < n_hi; n += 4) tile_portable(g, m, n, mr, static_cast<int>(std::min<int64_t>(4, n_hi - n)));
     }
 }
 
 // Splits the output into tasks (N blocks whose weights stay in L2, M blocks when N alone gives too
 // few) and returns how many threads are worth using.
 int plan(Gemm& g, int nthreads) {
-    const int64_t unit = 12;  // multiple of both weight-tile widths
+    const int64_t unit = 24;  // a multiple of the tiles' widths (3, 4, 8)
     int64_t nb = std::max<int64_t>(unit, (256 * 1024 / std::max<int64_t>(g.K, 1)) / unit * unit);
     nb = std::min(nb, round_up(g.N, unit));
     g.nb = nb;
     g.n_blocks = ceil_div(g.N, nb);
     const double macs = static_cast<double>(g.M) * g.N * g.K;
     int nt = macs < 262144.0 ? 1 : std::max(1, nthreads);
-    const int64_t want = nt > 1 ? 4 * nt : 1;
+    const int64_t want = nt > 1 ? 8 * nt : 1;
     const int64_t m_split = std::max<int64_t>(1, ceil_div(want, g.n_blocks));
     g.mb = round_up(std::max<int64_t>(1, ceil_div(g.M, m_split)), kMR);
     g.m_blocks = ceil_div(g.M, g.mb);
@@ -425,7 +591,8 @@ int plan(Gemm& g, int nthreads) {
 
 void gemm_parallel(const Gemm& g, int nt) {
     const int64_t tasks = g.n_blocks * g.m_blocks;
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    // dynamic: on a shared machine a descheduled thread's blocks are taken over by the others
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
     for (int64_t t = 0; t < tasks; ++t) run_task(g, t);
 }
 
@@ -440,48 +607,101 @@ struct Conv {
     int64_t B, C, H, W, O, KH, KW, sh, sw, ph, pw, dh, dw, G, OH, OW, Cg, Og, K;
 };
 
-// Rows [r0, r1) of the im2col matrix of image plane group `src` ([Cg, H, W] codes) into A [OH·OW, ld]:
-// A[oh·OW + ow, (c·KH + kh)·KW + kw] = src[c, oh·sh − ph + kh·dh, ow·sw − pw + kw·dw], zp outside.
 template <typename T>
-void im2col_rows(const Conv& cv, const uint8_t* src, T zp, T* A, int64_t ld, int64_t r0, int64_t r1) {
+inline void copy_codes(T* dst, const uint8_t* src, int64_t n) {
+    if (sizeof(T) == 1 && n > 16) std::memcpy(dst, src, static_cast<size_t>(n));
+    else for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // few channels: no call
+}
+
+// Rows [r0, r1) of the im2col matrix of one image and group, from channels-last codes `img` [H, W, C]
+// (the group's channels start at c0) into A [OH·OW, ld], K ordered (kh, kw, c) like the permuted weights:
+// A[oh·OW + ow, (kh·KW + kw)·Cg + c] = img[oh·sh − ph + kh·dh, ow·sw − pw + kw·dw, c0 + c], zp outside.
+template <typename T>
+void im2col_rows(const Conv& cv, const uint8_t* img, int64_t c0, T zp, T* A, int64_t ld, int64_t r0, int64_t r1) {
+    const int64_t Cg = cv.Cg, C = cv.C;
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t oh = r / cv.OW, ow = r % cv.OW;
         T* row = A + r * ld;
         int64_t k = 0;
-        for (int64_t c = 0; c < cv.Cg; ++c) {
-            const uint8_t* plane = src + c * cv.H * cv.W;
-            for (int64_t kh = 0; kh < cv.KH; ++kh) {
-                const int64_t ih = oh * cv.sh - cv.ph + kh * cv.dh;
-                if (ih < 0 || ih >= cv.H) {
-                    for (int64_t kw = 0; kw < cv.KW; ++kw) row[k++] = zp;
-                    continue;
-                }
-                const uint8_t* line = plane + ih * cv.W;
-                const int64_t iw0 = ow * cv.sw - cv.pw;
-                for (int64_t kw = 0; kw < cv.KW; ++kw) {
-                    const int64_t iw = iw0 + kw * cv.dw;
-                    row[k++] = (iw >= 0 && iw < cv.W) ? static_cast<T>(line[iw]) : zp;
-                }
+        for (int64_t kh = 0; kh < cv.KH; ++kh) {
+            const int64_t ih = oh * cv.sh - cv.ph + kh * cv.dh;
+            if (ih < 0 || ih >= cv.H) {
+                std::fill(row + k, row + k + cv.KW * Cg, zp);
+                k += cv.KW * Cg;
+                continue;
+            }
+            const uint8_t* line = img + ih * cv.W * C + c0;
+            const int64_t iw0 = ow * cv.sw - cv.pw;
+            for (int64_t kw = 0; kw < cv.KW; ++kw, k += Cg) {
+                const int64_t iw = iw0 + kw * cv.dw;
+                if (iw >= 0 && iw < cv.W) copy_codes(row + k, line + iw * C, Cg);
+                else std::fill(row + k, row + k + Cg, zp);
             }
         }
-        for (; k < ld; ++k) row[k] = 0;
+        std::fill(row + k, row + ld, T(0));
     }
 }
 
+#if EDGE_X86
+// acc[i] += w · src[i] for n codes: u8·s8 products fit int16 exactly (|255·128| < 2^15).
+EDGE_AVX2 void dw_accumulate_avx2(int32_t* acc, const uint8_t* src, int32_t w, int64_t n) {
+    const __m256i wv = _mm256_set1_epi16(static_cast<int16_t>(w));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i p = _mm256_mullo_epi16(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), wv);
+        __m256i* a = reinterpret_cast<__m256i*>(acc + i);
+        _mm256_storeu_si256(a, _mm256_add_epi32(_mm256_loadu_si256(a), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p))));
+        _mm256_storeu_si256(a + 1, _mm256_add_epi32(_mm256_loadu_si256(a + 1),
+                                                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p, 1))));
+    }
+    if (i + 8 <= n) {
+        const __m256i p = _mm256_mullo_epi32(
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i))), _mm256_set1_epi32(w));
+        __m256i* a = reinterpret_cast<__m256i*>(acc + i);
+        _mm256_storeu_si256(a, _mm256_add_epi32(_mm256_loadu_si256(a), p));
+        i += 8;
+    }
+    for (; i < n; ++i) acc[i] += w * static_cast<int32_t>(src[i]);
+}
+
+// out[i] = dequant(acc[i]) for one output channel (same op order as `dequant`, no FMA in this target).
+EDGE_AVX2 void dw_dequant_avx2(float* out, const int32_t* acc, int64_t n, int32_t zp, int32_t wsum, float xs, float ws,
+                               const float* bias) {
+    const __m256i corr = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(zp) * static_cast<uint32_t>(wsum)));
+    const __m256 vxs = _mm256_set1_ps(xs), vws = _mm256_set1_ps(ws), vb = _mm256_set1_ps(bias ? *bias : 0.f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + i)), corr));
+        v = _mm256_mul_ps(_mm256_mul_ps(v, vxs), vws);
+        if (bias) v = _mm256_add_ps(v, vb);
+        _mm256_storeu_ps(out + i, v);
+    }
+    for (; i < n; ++i) out[i] = dequant(acc[i], zp, wsum, xs, ws, bias);
+}
+#endif
+
 // One output channel of a conv with one input channel per group: direct loop over a zp-padded plane.
-void depthwise_channel(const Conv& cv, const uint8_t* plane, const int8_t* w, int32_t zp, uint8_t* padded,
-                       int32_t* accrow, float xs, int32_t wsum, float ws, const float* bias, float* out) {
+EDGE_NO_CONTRACT void depthwise_channel(const Conv& cv, const uint8_t* plane, const int8_t* w, int32_t zp,
+                                        uint8_t* padded, int32_t* accrow, float xs, int32_t wsum, float ws,
+                                        const float* bias, float* out, bool avx2) {
     const int64_t Hp = cv.H + 2 * cv.ph, Wp = cv.W + 2 * cv.pw;
     std::memset(padded, zp, static_cast<size_t>(Hp * Wp));
     for (int64_t h = 0; h < cv.H; ++h)
         std::memcpy(padded + (h + cv.ph) * Wp + cv.pw, plane + h * cv.W, static_cast<size_t>(cv.W));
     for (int64_t oh = 0; oh < cv.OH; ++oh) {
-        for (int64_t ow = 0; ow < cv.OW; ++ow) accrow[ow] = 0;
+        std::fill(accrow, accrow + cv.OW, 0);
         for (int64_t kh = 0; kh < cv.KH; ++kh) {
             const uint8_t* line = padded + (oh * cv.sh + kh * cv.dh) * Wp;
             for (int64_t kw = 0; kw < cv.KW; ++kw) {
                 const int32_t wv = w[kh * cv.KW + kw];
                 const uint8_t* src = line + kw * cv.dw;
+#if EDGE_X86
+                if (avx2 && cv.sw == 1) {
+                    dw_accumulate_avx2(accrow, src, wv, cv.OW);
+                    continue;
+                }
+#endif
                 if (cv.sw == 1) {
                     for (int64_t ow = 0; ow < cv.OW; ++ow) accrow[ow] += wv * static_cast<int32_t>(src[ow]);
                 } else {
@@ -490,6 +710,12 @@ void depthwise_channel(const Conv& cv, const uint8_t* plane, const int8_t* w, in
             }
         }
         float* orow = out + oh * cv.OW;
+#if EDGE_X86
+        if (avx2) {
+            dw_dequant_avx2(orow, accrow, cv.OW, zp, wsum, xs, ws, bias);
+            continue;
+        }
+#endif
         for (int64_t ow = 0; ow < cv.OW; ++ow) orow[ow] = dequant(accrow[ow], zp, wsum, xs, ws, bias);
     }
 }
@@ -501,7 +727,7 @@ void depthwise_channel(const Conv& cv, const uint8_t* plane, const int8_t* w, in
 extern "C" int32_t edge_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
                                     const float* w_scale, const int32_t* w_sum, const float* bias, double x_scale,
                                     int32_t x_zero_point, int32_t weight_bits, float* out, int32_t num_threads) {
-    if (M < 0 || K <= 0 || N <= 0) return kBadShape;
+    if (M < 0 || K <= 0 || K > kMaxK || N <= 0) return kBadShape;
     if (weight_bits != 7 && weight_bits != 8) return kBadQuant;
     if (std::isnan(x_scale) || std::isinf(x_scale)) return kBadQuant;
     const bool dynamic = !(x_scale > 0.0);
@@ -550,17 +776,66 @@ extern "C" int32_t edge_int8_linear(const float* x, int64_t M, int64_t K, const 
 
 namespace {
 
+constexpr int64_t kTransposeBlock = 64;
+
+// dst[p, c] = src[c, p] for pixels [p0, p1): [C, HW] codes to channels-last [HW, C].
+void transpose_codes(const uint8_t* src, uint8_t* dst, int64_t C, int64_t HW, int64_t p0, int64_t p1) {
+    int64_t c0 = 0;
+#if EDGE_X86
+    // 8 channels × 16 pixels at a time with SSE2 (baseline x86-64) byte unpacks.
+    for (; c0 + 8 <= C; c0 += 8) {
+        int64_t p = p0;
+        for (; p + 16 <= p1; p += 16) {
+            __m128i r[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c0 + i) * HW + p));
+            __m128i a[8], b[8];
+            for (int i = 0; i < 4; ++i) {
+                a[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);      // pixels 0–7, channels 2i, 2i+1
+                a[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);  // pixels 8–15
+            }
+            for (int h = 0; h < 2; ++h) {  // h: pixel half
+                b[4 * h + 0] = _mm_unpacklo_epi16(a[h], a[2 + h]);      // channels 0–3, pixels 8h+0..3
+                b[4 * h + 1] = _mm_unpackhi_epi16(a[h], a[2 + h]);      // channels 0–3, pixels 8h+4..7
+                b[4 * h + 2] = _mm_unpacklo_epi16(a[4 + h], a[6 + h]);  // channels 4–7, pixels 8h+0..3
+                b[4 * h + 3] = _mm_unpackhi_epi16(a[4 + h], a[6 + h]);  // channels 4–7, pixels 8h+4..7
+            }
+            for (int h = 0; h < 2; ++h)
+                for (int q = 0; q < 2; ++q) {
+                    const __m128i lo = _mm_unpacklo_epi32(b[4 * h + q], b[4 * h + 2 + q]);  // 2 pixels × 8 channels
+                    const __m128i hi = _mm_unpackhi_epi32(b[4 * h + q], b[4 * h + 2 + q]);
+                    const int64_t px = p + 8 * h + 4 * q;
+                    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + px * C + c0), lo);
+                    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (px + 1) * C + c0), _mm_unpackhi_epi64(lo, lo));
+                    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (px + 2) * C + c0), hi);
+                    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (px + 3) * C + c0), _mm_unpackhi_epi64(hi, hi));
+                }
+        }
+        for (; p < p1; ++p)
+            for (int64_t c = c0; c < c0 + 8; ++c) dst[p * C + c] = src[c * HW + p];
+    }
+#endif
+    for (int64_t p = p0; p < p1; ++p)
+        for (int64_t c = c0; c < C; ++c) dst[p * C + c] = src[c * HW + p];
+}
+
+// The GEMM path: per (image, group), im2col from channels-last codes `xt` [B, H, W, C] with weights
+// `wt` permuted to [O, KH, KW, Cg], then the GEMM with the output written transposed (NCHW).
 template <typename T>
-int32_t conv_gemm(const Conv& cv, const uint8_t* xq, const int8_t* w, const Gemm& base, float* out, int nthreads) {
+int32_t conv_gemm(const Conv& cv, const uint8_t* xt, const int8_t* wt, const Gemm& base, float* out, int nthreads) {
     const int64_t M = cv.OH * cv.OW, ldq = round_up(cv.K, kChunk);
-    const size_t bytes = static_cast<size_t>(M * ldq) * sizeof(T);
+    // 1×1, stride 1, no padding, one group, K a multiple of 32: the channels-last codes are the matrix.
+    const bool direct = sizeof(T) == 1 && cv.KH == 1 && cv.KW == 1 && cv.sh == 1 && cv.sw == 1 && cv.ph == 0 &&
+                        cv.pw == 0 && cv.G == 1 && cv.C % kChunk == 0;
+    const size_t bytes = direct ? 0 : static_cast<size_t>(M * ldq) * sizeof(T);
     const T zp = static_cast<T>(base.zp);
     const int64_t jobs = cv.B * cv.G;
-    auto job_gemm = [&](int64_t job, T* A) {
+    auto image = [&](int64_t job) { return xt + (job / cv.G) * cv.H * cv.W * cv.C; };
+    auto job_gemm = [&](int64_t job, const T* A) {
         const int64_t b = job / cv.G, gi = job % cv.G;
         Gemm g = base;
-        g.q = A; g.ldq = ldq; g.M = M; g.N = cv.Og; g.K = cv.K;
-        g.w = w + gi * cv.Og * cv.K;
+        g.q = direct ? static_cast<const void*>(image(job)) : A;
+        g.ldq = ldq; g.M = M; g.N = cv.Og; g.K = cv.K;
+        g.w = wt + gi * cv.Og * cv.K;
         g.wsum = base.wsum + gi * cv.Og;
         g.wscale = base.wscale + gi * cv.Og;
         g.bias = base.bias ? base.bias + gi * cv.Og : nullptr;
@@ -568,7 +843,6 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xq, const int8_t* w, const Gemm
         g.ldo_m = 1; g.ldo_n = M;
         return g;
     };
-    auto src_of = [&](int64_t job) { return xq + ((job / cv.G) * cv.C + (job % cv.G) * cv.Cg) * cv.H * cv.W; };
 
     if (nthreads > 1 && jobs >= 2 * nthreads) {
         // Many (image, group) jobs: one per thread at a time, each with its own im2col buffer.
@@ -576,15 +850,15 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xq, const int8_t* w, const Gemm
 #pragma omp parallel num_threads(nthreads)
         {
             Buffer buf;
-            T* A = static_cast<T*>(buf.get(bytes));
-            if (!A) {
+            T* A = direct ? nullptr : static_cast<T*>(buf.get(bytes));
+            if (!direct && !A) {
 #pragma omp atomic write
                 failed = true;
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t job = 0; job < jobs; ++job) {
-                if (!A) continue;
-                im2col_rows<T>(cv, src_of(job), zp, A, ldq, 0, M);
+                if (!direct && !A) continue;
+                if (!direct) im2col_rows<T>(cv, image(job), (job % cv.G) * cv.Cg, zp, A, ldq, 0, M);
                 Gemm g = job_gemm(job, A);
                 plan(g, 1);
                 gemm_serial(g);
@@ -593,13 +867,16 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xq, const int8_t* w, const Gemm
         return failed ? kNoMemory : kOk;
     }
     Buffer buf;
-    T* A = static_cast<T*>(buf.get(bytes));
-    if (!A) return kNoMemory;
+    T* A = direct ? nullptr : static_cast<T*>(buf.get(bytes));
+    if (!direct && !A) return kNoMemory;
     for (int64_t job = 0; job < jobs; ++job) {
-        const uint8_t* src = src_of(job);
-        const int it = M * cv.K >= 65536 ? nthreads : 1;
+        if (!direct) {
+            const uint8_t* img = image(job);
+            const int64_t c0 = (job % cv.G) * cv.Cg;
+            const int it = M * cv.K >= 65536 ? nthreads : 1;
 #pragma omp parallel for num_threads(it) schedule(static) if (it > 1)
-        for (int64_t r0 = 0; r0 < M; r0 += 64) im2col_rows<T>(cv, src, zp, A, ldq, r0, std::min(M, r0 + 64));
+            for (int64_t r0 = 0; r0 < M; r0 += 64) im2col_rows<T>(cv, img, c0, zp, A, ldq, r0, std::min(M, r0 + 64));
+        }
         Gemm g = job_gemm(job, A);
         gemm_parallel(g, plan(g, nthreads));
     }
@@ -623,6 +900,7 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t B, int64_t C, int64_
     cv.OH = eh / stride_h + 1;
     cv.OW = ew / stride_w + 1;
     cv.K = cv.Cg * KH * KW;
+    if (cv.K > kMaxK) return kBadShape;
     if (weight_bits != 7 && weight_bits != 8) return kBadQuant;
     if (!(x_scale > 0.0) || std::isinf(x_scale)) return kBadQuant;
     if (x_zero_point < 0 || x_zero_point > 255) return kBadQuant;
@@ -677,11 +955,27 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t B, int64_t C, int64_
                 const int64_t b = p / O, o = p % O, c = o / cv.Og;
                 depthwise_channel(cv, xq + (b * C + c) * H * W, w + o * KH * KW, x_zero_point, padded.data(),
                                   accrow.data(), base.scale, w_sum[o], w_scale[o],
-                                  bias ? bias + o : nullptr, out + p * plane_out);
+                                  bias ? bias + o : nullptr, out + p * plane_out, avx2);
             }
         }
         return failed ? kNoMemory : kOk;
     }
-    if (path == kAvx2S16) return conv_gemm<int16_t>(cv, xq, w, base, out, nthreads);
-    return conv_gemm<uint8_t>(cv, xq, w, base, out, nthreads);
+    // Channels-last codes (im2col then copies runs of Cg contiguous codes) and weights permuted to match.
+    Buffer tbuf, wbuf;
+    uint8_t* xt = static_cast<uint8_t*>(tbuf.get(static_cast<size_t>(total)));
+    int8_t* wt = static_cast<int8_t*>(wbuf.get(static_cast<size_t>(O * cv.K)));
+    if (!xt || !wt) return kNoMemory;
+    const int64_t HW = H * W;
+    const int64_t tiles = B * ceil_div(HW, kTransposeBlock);
+    const int tt = total >= 65536 ? nthreads : 1;
+#pragma omp parallel for num_threads(tt) schedule(static) if (tt > 1)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t b = t / ceil_div(HW, kTransposeBlock), p0 = (t % ceil_div(HW, kTransposeBlock)) * kTransposeBlock;
+        transpose_codes(xq + b * C * HW, xt + b * HW * C, C, HW, p0, std::min(HW, p0 + kTransposeBlock));
+    }
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < cv.Cg; ++c)
+            for (int64_t k = 0; k < KH * KW; ++k) wt[o * cv.K + k * cv.Cg + c] = w[(o * cv.Cg + c) * KH * KW + k];
+    if (path == kAvx2S16) return conv_gemm<int16_t>(cv, xt, wt, base, out, nthreads);
+    return conv_gemm<uint8_t>(cv, xt, wt, base, out, nthreads);
 }

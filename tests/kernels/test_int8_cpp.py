@@ -77,7 +77,8 @@ def test_linear_small_shapes_exact(path, m, k, n, bits, dynamic, with_bias, zp, 
     assert_same(y, ref)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 40), (33, 300, 50), (4, 1030, 17), (130, 64, 9), (17, 96, 131)])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 40), (33, 300, 50), (4, 1030, 17), (130, 64, 9), (17, 96, 131),
+                                   (9, 4133, 29)])
 @pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_linear_larger_shapes_exact(path, m, k, n, bits, dynamic):
@@ -176,6 +177,9 @@ CONV_CASES = [  # b, c, h, w, o, kh, kw, stride, padding, dilation, groups
     (1, 40, 15, 15, 24, 1, 1, (1, 1), (0, 0), (1, 1), 1),   # 1x1
     (4, 8, 7, 7, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2),      # many (image, group) jobs
     (1, 7, 3, 4, 9, 3, 3, (1, 1), (3, 3), (1, 1), 1),       # padding larger than the image
+    (2, 64, 9, 7, 40, 1, 1, (1, 1), (0, 0), (1, 1), 1),     # 1x1 on 32k channels: channels-last codes used directly
+    (1, 13, 6, 11, 7, 3, 3, (1, 2), (1, 1), (1, 1), 1),     # channels-last transpose: 8-channel blocks and a rest
+    (1, 4, 30, 31, 4, 3, 3, (1, 1), (1, 1), (1, 1), 4),     # depthwise rows of 16 + 8 + rest
 ]
 
 
