@@ -367,10 +367,16 @@ EDGE_AVX2 inline void finish_tile(const Gemm& g, int64_t m0, int64_t n0, __m256i
     }
 }
 
+// Prefetch the 64-byte line at offset k of NR weight rows (the next tile's, while this one computes).
+template <int NR>
+EDGE_AVX2 __attribute__((always_inline)) inline void prefetch_rows(const int8_t* rows, int64_t K, int64_t k) {
+    for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(rows + j * K + k), _MM_HINT_T0);
+}
+
 // Generic MR×NR tiles (intrinsics): row tails, column tails and the single-row (GEMV) tile.
 // 7-bit weights: u8 activations × s8 weights via vpmaddubsw + vpmaddwd(ones).
 template <int MR, int NR>
-EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0) {
+EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0, const int8_t* next = nullptr) {
     const uint8_t* q = static_cast<const uint8_t*>(g.q) + m0 * g.ldq;
     const int64_t ldq = g.ldq, K = g.K;
     const int8_t* w[NR];
@@ -381,7 +387,10 @@ EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0) {
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
     const int64_t kfull = K & ~(kChunk - 1);
     int64_t k = 0;
-    for (; k < kfull; k += kChunk) step_u8<MR, NR>(acc, q, ldq, k, w, k, ones);
+    for (; k < kfull; k += kChunk) {
+        if (next && (k & 32) == 0) prefetch_rows<NR>(next, K, k);
+        step_u8<MR, NR>(acc, q, ldq, k, w, k, ones);
+    }
     if (k < K) {
         alignas(32) int8_t tail[NR][kChunk];
         const int8_t* tp[NR];
@@ -393,7 +402,7 @@ EDGE_AVX2 void tile_u8(const Gemm& g, int64_t m0, int64_t n0) {
 
 // 8-bit weights: int16 activations × weights widened to int16, vpmaddwd (exact for any int8).
 template <int MR, int NR>
-EDGE_AVX2 void tile_s16(const Gemm& g, int64_t m0, int64_t n0) {
+EDGE_AVX2 void tile_s16(const Gemm& g, int64_t m0, int64_t n0, const int8_t* next = nullptr) {
     const int16_t* q = static_cast<const int16_t*>(g.q) + m0 * g.ldq;
     const int64_t ldq = g.ldq, K = g.K;
     const int8_t* w[NR];
@@ -403,7 +412,10 @@ EDGE_AVX2 void tile_s16(const Gemm& g, int64_t m0, int64_t n0) {
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
     const int64_t kfull = K & ~(kChunk - 1);
     int64_t k = 0;
-    for (; k < kfull; k += kChunk) step_s16<MR, NR>(acc, q, ldq, k, w, k);
+    for (; k < kfull; k += kChunk) {
+        if (next && (k & 32) == 0) prefetch_rows<NR>(next, K, k);
+        step_s16<MR, NR>(acc, q, ldq, k, w, k);
+    }
     if (k < K) {
         alignas(32) int8_t tail[NR][kChunk];
         const int8_t* tp[NR];
@@ -526,11 +538,11 @@ EDGE_AVX2 void strip4(const Gemm& g, int64_t m0, int64_t n_lo, int64_t n_hi, boo
         kernel4x3<S16>(g, m0, g.w + n * K, 0, K, c, prefetch && n + 6 <= n_hi ? g.w + (n + 3) * K : nullptr);
         finish4x3<S16>(g, m0, n, c);
     }
-    if (n_hi - n == 2) (S16 ? tile_s16<4, 2> : tile_u8<4, 2>)(g, m0, n);
-    if (n_hi - n == 1) (S16 ? tile_s16<4, 1> : tile_u8<4, 1>)(g, m0, n);
+    if (n_hi - n == 2) (S16 ? tile_s16<4, 2> : tile_u8<4, 2>)(g, m0, n, nullptr);
+    if (n_hi - n == 1) (S16 ? tile_s16<4, 1> : tile_u8<4, 1>)(g, m0, n, nullptr);
 }
 
-using TileFn = void (*)(const Gemm&, int64_t, int64_t);
+using TileFn = void (*)(const Gemm&, int64_t, int64_t, const int8_t*);
 
 #define EDGE_TILE_ROW(fn, mr) {fn<mr, 1>, fn<mr, 2>, fn<mr, 3>, fn<mr, 4>}
 #define EDGE_TILE_TABLE(fn) {EDGE_TILE_ROW(fn, 1), EDGE_TILE_ROW(fn, 2), EDGE_TILE_ROW(fn, 3)}
@@ -543,10 +555,12 @@ template <bool S16>
 EDGE_AVX2 void strip_small(const Gemm& g, int64_t m0, int mr, int64_t n_lo, int64_t n_hi) {
     int64_t n = n_lo;
     if (mr == 1)
-        for (; n + kNRRow <= n_hi; n += kNRRow) (S16 ? tile_s16<1, kNRRow> : tile_u8<1, kNRRow>)(g, m0, n);
+        for (; n + kNRRow <= n_hi; n += kNRRow)
+            (S16 ? tile_s16<1, kNRRow> : tile_u8<1, kNRRow>)(g, m0, n,
+                                                             n + 2 * kNRRow <= n_hi ? g.w + (n + kNRRow) * g.K : nullptr);
     for (; n < n_hi; n += 4) {
         const int nr = static_cast<int>(std::min<int64_t>(4, n_hi - n));
-        (S16 ? kTilesS16 : kTilesU8)[mr - 1][nr - 1](g, m0, n);
+        (S16 ? kTilesS16 : kTilesU8)[mr - 1][nr - 1](g, m0, n, nullptr);
     }
 }
 #endif
