@@ -43,6 +43,24 @@ def _bias(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.contiguous().float()
 
 
+def _check_int8_weight(op: str, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor, bias: Tensor | None,
+                       weight_bits: int) -> None:
+    """The C++ kernels trust their pointers: every per-channel tensor must hold one value per output channel."""
+    n = weight.shape[0]
+    problems = []
+    if weight.dtype != torch.int8:
+        problems.append(f"weight must be int8 codes, got {weight.dtype}")
+    if weight_sum.dtype != torch.int32:
+        problems.append(f"weight_sum must be int32 (ops.int8_weight_sum), got {weight_sum.dtype}")
+    for name, t in (("weight_scale", weight_scale), ("weight_sum", weight_sum), ("bias", bias)):
+        if t is not None and t.numel() != n:
+            problems.append(f"{name} has {t.numel()} values for {n} output channels")
+    if weight_bits not in (7, 8):
+        problems.append(f"weight_bits must be 7 or 8, got {weight_bits}")
+    if problems:
+        raise KernelError(f"edge::{op}: " + "; ".join(problems))
+
+
 # ---- weight preparation (done once, when lowering) -------------------------------------------
 
 def int8_weight_sum(codes: Tensor) -> Tensor:
@@ -96,6 +114,7 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
     symmetric scales. weight_bits=7 promises |weight| <= 64, which lets the AVX2 kernel add
     u8·s8 pairs in 16 bits exactly (the quantizer emits such weights on CPUs without VNNI)."""
     n, k = weight.shape
+    _check_int8_weight("int8_linear", weight, weight_scale, weight_sum, bias, weight_bits)
     rows = _float_rows(x, k, "int8_linear")
     out = rows.new_empty(rows.shape[0], n)
     code = library().edge_int8_linear(
@@ -132,7 +151,11 @@ def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
     zero point) with int8 weight codes [O, C/groups, KH, KW], int32 accumulation, fused
     per-channel dequant and bias. NCHW float in, NCHW float out."""
     b, c, h, w = x.shape
-    o, _, kh, kw = weight.shape
+    o, per_group, kh, kw = weight.shape
+    _check_int8_weight("int8_conv2d", weight, weight_scale, weight_sum, bias, weight_bits)
+    if groups < 1 or per_group * groups != c or o % groups or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise KernelError(f"edge::int8_conv2d: input has {c} channels, weight {tuple(weight.shape)} with groups="
+                          f"{groups}, stride {stride}, padding {padding}, dilation {dilation}: these do not fit")
     oh = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     xc = x.contiguous().float()

@@ -67,7 +67,7 @@ def _through_shape_ops(node) -> tuple[object, tuple[torch.fx.Node, ...]]:
 class WeightCodes:
     codes: torch.Tensor     # int8, output channel first
     scale: torch.Tensor     # float32 per output channel
-    bits: int               # 7 when every code fits |w| <= 64 (the quantizer's range says so)
+    bits: int               # 7 when every code fits |w| <= 64: the kernel's fast path is then exact
 
 
 def activation_quant(node) -> ActivationQuant | str:
@@ -102,7 +102,7 @@ def weight_codes(gm: torch.fx.GraphModule, node) -> WeightCodes | str:
         codes = constant_value(gm, source)
     if codes is None:
         return "its weight is not a constant"
-    return WeightCodes(codes, scale.float(), 7 if max(-qmin, qmax) <= 64 else 8)
+    return WeightCodes(codes, scale.float(), 7 if int(codes.abs().max()) <= 64 else 8)
 
 
 def _conv_args(node: torch.fx.Node) -> tuple | None:
