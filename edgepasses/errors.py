@@ -29,3 +29,7 @@ class UnsupportedOpError(EdgeError):
 
 class PassVerificationError(EdgeError):
     """verify=True found a pass that left the graph malformed or its meta["val"] stale."""
+
+
+class ArtifactError(EdgeError):
+    """A saved artifact is missing files, corrupt or modified, or of an unknown format version."""
