@@ -9,7 +9,7 @@ original model) the loss adds logit distillation, KL(student/T ‖ teacher/T)·T
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx
@@ -84,12 +84,17 @@ def _check(steps: int, teacher, temperature: float, distill_weight: float) -> No
 
 
 def finetune(gm: torch.fx.GraphModule, data: Iterable, steps: int, *, teacher: nn.Module | None = None,
-             lr: float = 1e-3, temperature: float = 2.0, distill_weight: float = 0.5) -> torch.fx.GraphModule:
+             lr: float = 1e-3, temperature: float = 2.0, distill_weight: float = 0.5,
+             extra_loss: Callable[[], torch.Tensor] | None = None, losses: list[float] | None = None,
+             description: str = "fine-tuning") -> torch.fx.GraphModule:
     """Train `gm` in place for `steps` Adam steps (cosine-decayed from `lr`) and return it, ready for inference.
 
     `data` yields `(inputs, labels)`: inputs a tensor or tuple shaped like the example inputs (the
     graph is specialised to them), labels class indices or None (then `teacher` is required and
     the loss is distillation alone). It is cycled until `steps` is reached.
+    `extra_loss`, called after the teacher's and the graph's forward of each step, returns a term
+    added to the loss (`distill`'s feature loss, from what hooks captured); `losses` collects each
+    step's loss.
     """
     _check(steps, teacher, temperature, distill_weight)
     make_weights_trainable(gm)
@@ -99,13 +104,17 @@ def finetune(gm: torch.fx.GraphModule, data: Iterable, steps: int, *, teacher: n
         raise OptionError("finetune: the graph has no float conv/linear/norm weights to train")
     optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # settles at the end of a short run
-    for inputs, labels in progress(itertools.islice(itertools.cycle(data), steps), "fine-tuning", total=steps):
+    for inputs, labels in progress(itertools.islice(itertools.cycle(data), steps), description, total=steps):
         inputs = as_batch(inputs)
         if labels is None and teacher is None:
             raise OptionError("finetune: a batch without labels needs a teacher to distill from")
         with torch.no_grad():
             teacher_logits = teacher(*inputs) if teacher is not None else None
         loss = recovery_loss(gm(*inputs), labels, teacher_logits, temperature, distill_weight)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        if losses is not None:
+            losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
