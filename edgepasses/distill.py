@@ -89,7 +89,8 @@ def _check(gm, teacher, steps, feature_loss, feature_layers, temperature, distil
         raise OptionError(f"distill: the student must be a GraphModule from edgepasses.compress; got "
                           f"{type(gm).__name__}")
     if not isinstance(teacher, nn.Module):
-        raise OptionError(f"distill: the teacher must be an nn.Module (the original model); got {type(teacher).__name__}")
+        raise OptionError(f"distill: the teacher must be an nn.Module (the original model); got "
+                          f"{type(teacher).__name__}")
     if teacher.training:
         raise OptionError("distill: the teacher is in training mode; call teacher.eval() (its dropout and "
                           "batch-norm updates would make the targets noisy)")
@@ -332,13 +333,15 @@ class _Features:
                                       f"correlates only {r:.2f}")
                 continue
             layer["select"] = select
-            layer["note"] = f"{student.shape[dim]} of {target.shape[dim]} channels paired by correlation (mean r={r:.2f})"
+            layer["note"] = (f"{student.shape[dim]} of {target.shape[dim]} channels paired by correlation "
+                             f"(mean r={r:.2f})")
             kept.append(layer)
         self.layers = kept
         self.ready = True
 
     def matched_summary(self) -> list[str]:
-        return [f"{layer['name']}: {layer['note']}" + (" (after the teacher's batch norm)" if layer.get("after_bn") else "")
+        after_bn = " (after the teacher's batch norm)"
+        return [f"{layer['name']}: {layer['note']}" + (after_bn if layer.get("after_bn") else "")
                 for layer in self.layers]
 
 
