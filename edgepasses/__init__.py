@@ -4,11 +4,13 @@
 importing it also registers the backend when the package is used from a source tree.
 """
 from .api import compress, export, lower, quant_report
+from .artifacts import load, save
+from .distill import distill
 from .finetune import finetune
 from .pass_base import PassContext, PassResult, register_pass, registered_passes
 from .pipeline import PRESETS, Pipeline
 
-__all__ = ["compress", "export", "finetune", "lower", "quant_report", "prepare_qat", "convert_qat", "Pipeline", "PRESETS",
+__all__ = ["compress", "export", "finetune", "distill", "save", "load", "lower", "quant_report", "prepare_qat", "convert_qat", "Pipeline", "PRESETS",
            "PassContext", "PassResult", "register_pass", "registered_passes"]
 __version__ = "0.1.0"
 

@@ -31,17 +31,18 @@ _WEIGHT_ARGS = {**{op: (1, 2) for op in CONV_OPS | LINEAR_OPS}, aten.layer_norm.
 def make_weights_trainable(gm: torch.fx.GraphModule) -> None:
     """Conv/linear/norm weights and biases become parameters (passes such as fold_bn and smooth leave
     them buffers), and every parameter a copy: an exported graph shares its tensors with the user's model."""
-    targets = {name for name, _ in gm.named_parameters()}
+    weights = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _WEIGHT_ARGS:
             args = [node.args[i] for i in _WEIGHT_ARGS[node.target] if i < len(node.args)]
-            targets |= {a.target for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr"}
-    for target in targets:
+            weights |= {a.target for a in args if isinstance(a, torch.fx.Node) and a.op == "get_attr"}
+    for target in weights | {name for name, _ in gm.named_parameters()}:
         owner_path, _, name = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
         value = getattr(owner, name)
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            trainable = value.requires_grad if isinstance(value, nn.Parameter) else True
+            # Weights train even when an earlier fine-tuning froze them; other parameters keep their flag.
+            trainable = target in weights or not isinstance(value, nn.Parameter) or value.requires_grad
             delattr(owner, name)  # a buffer's name cannot be registered as a parameter
             owner.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=trainable))
 

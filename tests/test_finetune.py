@@ -64,3 +64,13 @@ def test_bad_finetune_input_gets_a_clear_error(kwargs, data, message):
     gm = edgepasses.compress(nn.Linear(8, 4).eval(), (torch.randn(4, 8),), "dce")
     with pytest.raises(OptionError, match=message):
         edgepasses.finetune(gm, data, **kwargs)
+
+
+def test_finetuning_twice_trains_the_weights_again():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    gm = edgepasses.compress(model, (torch.randn(4, 8),), "dce")
+    data = [(torch.randn(4, 8), torch.randint(0, 4, (4,)))]
+    edgepasses.finetune(gm, data, steps=2)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    edgepasses.finetune(gm, data, steps=2)  # the first run left every parameter frozen
+    assert any(not torch.equal(before[k], v) for k, v in gm.state_dict().items())
