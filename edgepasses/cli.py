@@ -5,6 +5,8 @@
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
+    edgepasses search --model digits_resnet18 --budget accuracy_drop=1 --trials 60 --out runs/r18  # Pareto front
+    edgepasses report runs/r18                                # the search report (Markdown, HTML, PNG)
     edgepasses compare --model bert_encoder --pipeline quantize --pipeline "smooth,quantize"  # SQNR
     edgepasses onnx --model resnet18 --pipeline "fold_bn,quantize" [--out r18.onnx]   # Q/DQ ONNX, checked
     edgepasses prune-check [--model resnet18 ...] [--ratio 0.3 ...] [--md PATH]  # pruned shapes, OpenVINO
@@ -127,6 +129,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.run_dir:
+        from .search.report import write_report
+
+        paths = write_report(args.run_dir)
+        print(Path(paths["md"]).read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+    if not args.model:
+        args.parser.error("report needs a search run directory or --model (the int8 sensitivity report)")
     from edgepasses.bench.quant_report import quant_report_for
     from edgepasses.bench.zoo import ZOO_NAMES
 
@@ -219,8 +230,10 @@ def _add_prune_check_parser(subparsers: Any) -> None:
 
 
 def _add_report_parser(subparsers: Any) -> None:
-    report = subparsers.add_parser("report", help="int8 sensitivity of a zoo model: per-layer SQNR, ranked")
-    report.add_argument("--model", required=True, help="zoo model name")
+    report = subparsers.add_parser("report", help="RUN_DIR: a search's report (Markdown, HTML, Pareto PNG); "
+                                                  "--model: int8 sensitivity of a zoo model, ranked")
+    report.add_argument("run_dir", nargs="?", help="a search run directory (edgepasses search --out)")
+    report.add_argument("--model", help="zoo model name (sensitivity report)")
     report.add_argument("--pipeline", default="fold_bn,quantize", help="a pipeline with a quantize step")
     report.add_argument("--batches", type=int, default=8, help="calibration = evaluation batches")
     report.add_argument("--min-sqnr", type=float, default=None,
@@ -259,12 +272,49 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.set_defaults(handler=_bench, parser=bench)
 
 
+def _search(args: argparse.Namespace) -> int:
+    from .search.cli import run_search_command
+
+    return run_search_command(args)
+
+
+def _add_search_parser(subparsers: Any) -> None:
+    search = subparsers.add_parser("search", help="multi-objective search over pipelines (latency, accuracy, "
+                                                  "size) of a zoo model on a target: the Pareto front")
+    search.add_argument("--model", required=True, help="zoo model name")
+    search.add_argument("--target", default="openvino", help="target (default: openvino)")
+    search.add_argument("--budget", action="append", default=[],
+                        help="upper bound NAME=VALUE: latency_ms, size_mb, accuracy_drop; repeatable")
+    search.add_argument("--objectives", default="latency,accuracy,size", help="comma-separated objectives")
+    search.add_argument("--trials", type=int, default=60, help="finished trials to reach (resumes)")
+    search.add_argument("--out", required=True, help="run directory (study storage; resumable)")
+    search.add_argument("--sampler", default="nsga2", choices=("nsga2", "tpe", "random"))
+    search.add_argument("--workers", default=None, help="'ray' (local instance) or ray://host:port")
+    search.add_argument("--num-workers", type=int, default=None, help="Ray tasks (default: the cluster's CPUs)")
+    search.add_argument("--batch", type=int, default=32, help="batch size of the timed and evaluated program")
+    search.add_argument("--calibration-batches", type=int, default=4)
+    search.add_argument("--distill-steps", type=int, default=0,
+                        help="flash distillation steps before quantize for pruned/low-rank/2:4 candidates")
+    search.add_argument("--warmup", type=int, default=2)
+    search.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per trial")
+    search.add_argument("--reference", default="nncf", choices=("nncf", "none"),
+                        help="int8 reference measured at the start and timed with every trial (openvino)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--knobs", default="quant,prune,lowrank,sparse24",
+                        help="per-group choices to search (default: %(default)s)")
+    search.add_argument("--prune-ratios", default="0,0.125,0.25,0.375,0.5", help="prune ratio choices")
+    search.add_argument("--lowrank-energies", default="0,0.99,0.97,0.95,0.9",
+                        help="lowrank energy choices (0: no split)")
+    search.set_defaults(handler=_search, parser=search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepasses", description="FX-graph compression passes and the "
                                                                     "torch.compile backend 'edge'")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(subparsers)
     _add_report_parser(subparsers)
+    _add_search_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_onnx_parser(subparsers)
     _add_prune_check_parser(subparsers)

@@ -1,0 +1,89 @@
+"""Running trials: the objective (space -> pipeline -> measurement -> objectives, constraints), locally
+or in Ray tasks that share the study's storage."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .evaluate import EvalFn, Evaluator
+from .objectives import Scoring
+from .space import SearchSpace
+
+
+@dataclass
+class Spec:
+    """Everything a worker needs to build the same objective (picklable: Ray ships it)."""
+    model: torch.nn.Module
+    example_inputs: tuple
+    data: Sequence[tuple]
+    eval_fn: EvalFn | None
+    target: str
+    space: SearchSpace
+    scoring: Scoring
+    warmup: int = 2
+    rounds: int = 5
+    distill_steps: int = 0
+    distill_data: Sequence | None = None
+    threads: int | None = None
+    reference: Callable[..., Any] | None = field(default=None, repr=False)  # driver only, never shipped
+
+    def evaluator(self) -> Evaluator:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return Evaluator(self.model, self.example_inputs, self.data, eval_fn=self.eval_fn, target=self.target,
+                         warmup=self.warmup, rounds=self.rounds, distill_steps=self.distill_steps,
+                         distill_data=self.distill_data, reference=self.reference)
+
+
+def _known(study, pipeline: str) -> dict[str, Any] | None:
+    """The measurement of a finished trial with the same pipeline: samplers repeat themselves."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("pipeline") == pipeline and "latency_ms" in t.user_attrs:
+            return dict(t.user_attrs)
+    return None
+
+
+def make_objective(spec: Spec, evaluator: Evaluator | None = None) -> Callable[[Any], list[float]]:
+    evaluator = evaluator or spec.evaluator()
+    with_calibration = bool(spec.data)
+
+    def objective(trial) -> list[float]:
+        config = spec.space.suggest(trial)
+        head, tail = spec.space.split(config, with_calibration)
+        pipeline = spec.space.pipeline(config, with_calibration)
+        trial.set_user_attr("pipeline", pipeline)
+        attrs = _known(trial.study, pipeline)
+        if attrs is None:
+            try:
+                attrs = evaluator.measure(head, tail).to_attrs()
+            except Exception as exc:  # the trial FAILs with the reason; the search goes on
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+                raise
+        else:
+            attrs["repeat_of"] = attrs.get("repeat_of", None) or "earlier trial"
+        attrs["pipeline"] = pipeline
+        attrs["constraints"] = spec.scoring.constraints(attrs)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return spec.scoring.values(attrs)
+
+    return objective
+
+
+def run_local(study, spec: Spec, n_trials: int, evaluator: Evaluator | None = None,
+              show_progress: bool = True) -> None:
+    from ..progress import progress
+
+    objective = make_objective(spec, evaluator)
+    steps = range(n_trials)
+    for _ in (progress(steps, "search: trials") if show_progress else steps):
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def spec_without_reference(spec: Spec) -> Spec:
+    return dataclasses.replace(spec, reference=None)

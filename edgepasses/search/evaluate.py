@@ -1,0 +1,113 @@
+"""Building and measuring one candidate: compress with a pipeline, lower to the target, then latency
+(interleaved rounds, median), size (`edge_lowering.weights_mb`) and accuracy (the user's `eval_fn`,
+or output SQNR vs the float model as a proxy)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..canonical import export_canonical
+from ..pass_base import PassContext
+from ..pipeline import Pipeline
+
+EvalFn = Callable[[Callable[..., torch.Tensor]], float]
+
+
+@dataclass
+class Measurement:
+    pipeline: str
+    latency_ms: float
+    latency_min_ms: float
+    latency_max_ms: float
+    size_mb: float
+    accuracy: float
+    reference_ms: float | None = None   # the reference timed in the same interleaved rounds
+    fallbacks: list[str] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)  # PipelineReport records
+    distill: dict[str, Any] | None = None
+    build_s: float = 0.0
+
+    def to_attrs(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def time_programs(programs: dict[str, Callable[[], Any]], warmup: int, rounds: int):
+    from ..bench.timing import measure_side_by_side  # bench/timing.py needs torch only
+
+    return measure_side_by_side(programs, warmup, rounds)
+
+
+class Evaluator:
+    """Holds the exported model once; `measure(pipeline)` builds, lowers and measures a candidate."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs: tuple, data: Sequence[tuple], *,
+                 eval_fn: EvalFn | None = None, target: str = "openvino", warmup: int = 2, rounds: int = 5,
+                 distill_steps: int = 0, distill_data: Sequence | None = None,
+                 reference: Callable[..., Any] | None = None):
+        from ..backends import get_target
+
+        self.model, self.example_inputs = model.eval(), tuple(example_inputs)
+        self.data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+        self.eval_fn, self.target_name = eval_fn, target
+        self.target = get_target(target)
+        self.warmup, self.rounds = warmup, rounds
+        self.distill_steps = distill_steps
+        self.distill_data = list(distill_data) if distill_data is not None else [b[0] for b in self.data]
+        self.reference = reference
+        with torch.no_grad():
+            self.base = export_canonical(self.model, self.example_inputs)
+
+    def accuracy(self, fn: Callable[..., Any]) -> float:
+        if self.eval_fn is not None:
+            return float(self.eval_fn(fn))
+        from ..quant.sensitivity import output_sqnr
+
+        return output_sqnr(self.model, fn, self.data)
+
+    def baseline_accuracy(self) -> float:
+        return self.accuracy(self.model)
+
+    def _run(self, gm: torch.fx.GraphModule, pipeline: str) -> torch.fx.GraphModule:
+        ctx = PassContext(example_inputs=self.example_inputs, calibration=self.data, target=self.target)
+        with torch.no_grad():
+            return Pipeline.parse(pipeline).run(gm, ctx)
+
+    def compress(self, head: str, tail: str | None = None) -> tuple[torch.fx.GraphModule, list, dict | None]:
+        """Run `head`, flash-distil (when asked and `head` changed the structure), then `tail`."""
+        gm = self._run(copy.deepcopy(self.base), head)
+        records = [dataclasses.asdict(r) for r in gm.edge_report.records]
+        distilled = None
+        if self.distill_steps and any(s.name in ("prune", "lowrank", "sparsify_24") for s in Pipeline.parse(head)):
+            from ..distill import distill
+
+            gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps)
+            distilled = dict(gm.edge_distill)
+        if tail:
+            gm = self._run(gm, tail)
+            records += [dataclasses.asdict(r) for r in gm.edge_report.records]
+        return gm, records, distilled
+
+    def measure(self, head: str, tail: str | None = None) -> Measurement:
+        from ..api import lower
+
+        start = time.perf_counter()
+        gm, records, distilled = self.compress(head, tail)
+        program = lower(gm, self.example_inputs, target=self.target_name)
+        build_s = time.perf_counter() - start
+        lowering = program.edge_lowering
+        programs = {"candidate": lambda: program(*self.example_inputs)}
+        if self.reference is not None:
+            programs["reference"] = lambda: self.reference(*self.example_inputs)
+        timings = time_programs(programs, self.warmup, self.rounds)
+        t = timings["candidate"]
+        pipeline = str(Pipeline.parse(head + ("," + tail if tail else "")))
+        return Measurement(pipeline, t.median_ms, t.min_ms, t.max_ms, lowering.weights_mb,
+                           self.accuracy(program),
+                           timings["reference"].median_ms if "reference" in timings else None,
+                           [str(f) for f in lowering.fallbacks], records, distilled, build_s)

@@ -1,0 +1,159 @@
+"""The search report: Pareto plot (PNG), the front as a table, what each pass did, what fell back;
+written as Markdown and HTML into the run directory."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from .front import Front, Point
+from .study import read_meta
+
+REGENERATE = "edgepasses report {out}"
+
+
+def _ms(p: Point) -> str:
+    return f"{p.latency_ms:.3g} ({p.latency_min_ms:.3g}–{p.latency_max_ms:.3g})"
+
+
+def _speedup(front: Front, p: Point) -> str:
+    ref = front.reference
+    if not ref:
+        return "-"
+    # Against the reference timed in the same interleaved rounds when there is one; else the start's.
+    ref_ms = p.reference_ms or ref["latency_ms"]
+    return f"{ref_ms / p.latency_ms:.2f}×"
+
+
+def front_markdown(front: Front) -> str:
+    lines = ["| trial | pipeline | latency ms median (min–max) | vs reference | size MB | accuracy | drop |",
+             "|---|---|---|---|---|---|---|"]
+    ref = front.reference
+    if ref:
+        acc = ref.get("accuracy")
+        lines.append(f"| ref | {ref.get('label', 'reference')} | {ref['latency_ms']:.3g} "
+                     f"({ref['latency_min_ms']:.3g}–{ref['latency_max_ms']:.3g}) | 1.00× | {ref['size_mb']:.2f} | "
+                     f"{'-' if acc is None else f'{acc:.2f}'} | "
+                     f"{'-' if acc is None else f'{front.baseline_accuracy - acc:.2f}'} |")
+    for p in front.points:
+        lines.append(f"| {p.trial} | `{p.pipeline}` | {_ms(p)} | {_speedup(front, p)} | {p.size_mb:.2f} | "
+                     f"{p.accuracy:.2f} | {p.accuracy_drop:.2f} |")
+    return "\n".join(lines)
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    keep = {k: v for k, v in stats.items() if not isinstance(v, (list, dict)) or len(str(v)) < 80}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+
+
+def passes_markdown(front: Front) -> str:
+    lines = []
+    for p in front.points:
+        lines += [f"**trial {p.trial}** `{p.pipeline}`", "", "| pass | modified | ms | stats |", "|---|---|---|---|"]
+        for r in p.passes:
+            lines.append(f"| `{r['step']}` | {'yes' if r['modified'] else 'no'} | {r['seconds'] * 1e3:.0f} | "
+                         f"{_stats_text(r['stats'])} |")
+        if p.distill:
+            lines.append(f"| distill | yes | - | steps={p.distill.get('steps')}, loss "
+                         f"{p.distill.get('loss_start', 0):.3g} → {p.distill.get('loss_end', 0):.3g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fallbacks_markdown(front: Front) -> str:
+    rows = [(p.trial, f) for p in front.all_points for f in p.fallbacks]
+    if not rows:
+        return f"Nothing fell back: every op of all {len(front.all_points)} finished trials ran on the target."
+    return "\n".join(f"- trial {t}: {f}" for t, f in rows)
+
+
+def plot(front: Front, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    others = [p for p in front.all_points if p not in front.points]
+    ax.scatter([p.latency_ms for p in others], [p.accuracy for p in others], s=[8 + 4 * p.size_mb for p in others],
+               c=["#bbbbbb" if p.feasible else "#f2b8b8" for p in others], label="other trials")
+    pts = sorted(front.points, key=lambda p: p.latency_ms)
+    ax.plot([p.latency_ms for p in pts], [p.accuracy for p in pts], "-o", color="#1f77b4", label="Pareto front")
+    for p in pts:
+        ax.annotate(str(p.trial), (p.latency_ms, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ref = front.reference
+    if ref and ref.get("accuracy") is not None:
+        ax.scatter([ref["latency_ms"]], [ref["accuracy"]], marker="*", s=160, color="#d62728",
+                   label=ref.get("label", "reference"))
+    ax.set_xlabel("latency ms (median)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("search: latency vs accuracy (marker area ~ size MB)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_markdown(front: Front, meta: dict[str, Any], out: str, png: str) -> str:
+    failed = meta.get("failed_trials", 0)
+    lines = [f"# Search report: {out}", "",
+             f"Regenerate: `{REGENERATE.format(out=out)}`", "",
+             f"target {meta['target']}, objectives {', '.join(meta['objectives'])}, budget "
+             f"{meta.get('budget') or 'none'}, sampler {meta.get('sampler')}, {len(front.all_points)} finished trials"
+             f" ({failed} failed), search wall time {meta.get('wall_s', 0) / 60:.1f} min, inputs "
+             f"{meta.get('example_inputs')}, {meta.get('rounds')} interleaved timing rounds per trial, "
+             f"flash distillation steps {meta.get('distill_steps', 0)}, groups {', '.join(meta.get('groups', []))}. "
+             f"Accuracy: {meta.get('accuracy_metric')}; baseline (float model) "
+             f"{front.baseline_accuracy:.2f}.", "", f"![Pareto front]({png})", "",
+             "## Front", "", "`vs reference`: the reference's median over the same interleaved rounds / the "
+             "candidate's median.", "", front_markdown(front), "",
+             "## What each pass did", "", passes_markdown(front), "## Fallbacks", "", fallbacks_markdown(front), ""]
+    errors = meta.get("errors") or []
+    if errors:
+        lines += ["## Failed trials", ""] + [f"- trial {t}: {e}" for t, e in errors] + [""]
+    return "\n".join(lines)
+
+
+def write_report(out: "str | Path") -> dict[str, Path]:
+    """Write report.md, report.html and pareto.png into the run directory `out`."""
+    return _write(out)
+
+
+def _failed(out) -> list[tuple[int, str]]:
+    from optuna.trial import TrialState
+
+    from .study import STUDY_NAME, storage_for
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out))
+    return [(t.number, t.user_attrs.get("error", "interrupted" if t.user_attrs.get("interrupted") else "?"))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+
+
+def _write(out: "str | Path") -> dict[str, Path]:
+    from .run import load_front
+
+    out_path = Path(out)
+    meta = read_meta(out_path)
+    front = load_front(out_path)
+    errors = _failed(out_path)
+    meta = {**meta, "failed_trials": len(errors), "errors": errors}
+    png = plot(front, out_path / "pareto.png")
+    text = report_markdown(front, meta, str(out), png.name)
+    md = out_path / "report.md"
+    md.write_text(text)
+    page = out_path / "report.html"
+    page.write_text(_html(text))
+    return {"md": md, "html": page, "png": png}
+
+
+def _html(markdown_text: str) -> str:
+    try:
+        from markdown_it import MarkdownIt
+
+        body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+    except ImportError:
+        body = f"<pre>{html.escape(markdown_text)}</pre>"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>search report</title></head><body>{body}</body></html>"

@@ -1,0 +1,156 @@
+"""The search space: per-group compression choices, written as pipeline text.
+
+Layers (conv/linear, by `graph_utils.layer_name`) are grouped by the first component of their
+module path (`conv1`, `layer1`, ..., `fc` on a ResNet): one choice per group keeps the space
+small. A configuration (a dict of choices, as Optuna suggests them) becomes one pipeline whose
+per-group choices are `ignore=[...]` lists, so every trial's result is text a user can paste.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.fx
+
+from ..graph_utils import CONV_OPS, LINEAR_OPS, layer_name
+from ..pipeline import Pipeline, format_value
+
+PRUNE_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5)
+LOWRANK_ENERGIES = (0.0, 0.99, 0.97, 0.95, 0.9)  # 0.0: no low-rank split
+QUANT_CONV = ("int8", "float")
+QUANT_LINEAR = ("int8", "float", "w8", "w4")      # w8 / w4: weight-only int8 / int4 (Linears only)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    layers: tuple[str, ...]
+    linear_only: bool
+    patterns: tuple[str, ...]  # whole-name regexes matching exactly this group's layers (and their
+                               # low-rank factors), free of backslashes so the text stays readable
+
+
+def layer_groups(gm: torch.fx.GraphModule) -> list[Group]:
+    """Conv/linear layers of a canonical graph grouped by the first component of their module path."""
+    layers: dict[str, list[tuple[str, bool]]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (node.target in CONV_OPS or node.target in LINEAR_OPS):
+            name = layer_name(node)
+            layers.setdefault(name.split(".")[0], []).append((name, node.target in LINEAR_OPS))
+    groups = []
+    for key, members in layers.items():
+        names = tuple(dict.fromkeys(n for n, _ in members))
+        patterns = (f"{key}([.].*)?",)  # the layer `key`, the layers under it, and low-rank factors
+        groups.append(Group(key, names, all(linear for _, linear in members), tuple(patterns)))
+    return groups
+
+
+@dataclass
+class SearchSpace:
+    groups: list[Group]
+    prune: bool = True
+    lowrank: bool = True
+    sparsify_24: bool = True
+    quantize: bool = True
+    data_aware: bool = True  # prune(criterion=activation) where calibration data is given
+    prune_ratios: tuple[float, ...] = PRUNE_RATIOS
+    lowrank_energies: tuple[float, ...] = LOWRANK_ENERGIES
+    prefix: str = "fold_bn"
+    suffix: str = "dce"
+    distill_point: str = field(default="before quantize", init=False)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """One configuration drawn through an Optuna trial (`trial.suggest_categorical` per knob)."""
+        config: dict[str, Any] = {}
+        for g in self.groups:
+            if self.quantize:
+                config[f"quant:{g.name}"] = trial.suggest_categorical(
+                    f"quant:{g.name}", QUANT_LINEAR if g.linear_only else QUANT_CONV)
+            if self.prune and not g.linear_only:
+                config[f"prune:{g.name}"] = trial.suggest_categorical(f"prune:{g.name}", self.prune_ratios)
+            if self.lowrank:
+                config[f"lowrank:{g.name}"] = trial.suggest_categorical(f"lowrank:{g.name}", self.lowrank_energies)
+            if self.sparsify_24:
+                config[f"sparse24:{g.name}"] = trial.suggest_categorical(f"sparse24:{g.name}", (False, True))
+        return config
+
+    def uniform(self, quant: str = "int8") -> dict[str, Any]:
+        """Every group the same: `quant` everywhere, nothing else (a seed trial, e.g. int8 only)."""
+        config: dict[str, Any] = {}
+        for g in self.groups:
+            if self.quantize:
+                config[f"quant:{g.name}"] = quant
+            if self.prune and not g.linear_only:
+                config[f"prune:{g.name}"] = 0.0
+            if self.lowrank:
+                config[f"lowrank:{g.name}"] = 0.0
+            if self.sparsify_24:
+                config[f"sparse24:{g.name}"] = False
+        return config
+
+    def _others(self, chosen: list[Group]) -> list[str]:
+        names = {g.name for g in chosen}
+        return [p for g in self.groups if g.name not in names for p in g.patterns]
+
+    def _step(self, name: str, options: dict[str, Any], chosen: list[Group]) -> str:
+        others = self._others(chosen)
+        if others:
+            options = {**options, "ignore": tuple(others)}
+        if not options:
+            return name
+        return f"{name}(" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + ")"
+
+    def _by_value(self, config: dict[str, Any], knob: str, off: Any) -> dict[Any, list[Group]]:
+        chosen: dict[Any, list[Group]] = {}
+        for g in self.groups:
+            value = config.get(f"{knob}:{g.name}", off)
+            if value != off:
+                chosen.setdefault(value, []).append(g)
+        return chosen
+
+    def structural_steps(self, config: dict[str, Any], with_calibration: bool) -> list[str]:
+        """prune, lowrank, sparsify_24 steps: the ones distillation recovers from."""
+        steps = []
+        criterion = {"criterion": "activation"} if with_calibration and self.data_aware else {}
+        for ratio, groups in sorted(self._by_value(config, "prune", 0.0).items()):
+            steps.append(self._step("prune", {"ratio": ratio, **criterion}, groups))
+        for energy, groups in sorted(self._by_value(config, "lowrank", 0.0).items(), reverse=True):
+            steps.append(self._step("lowrank", {"energy": energy}, groups))
+        sparse = self._by_value(config, "sparse24", False).get(True)
+        if sparse:
+            steps.append(self._step("sparsify_24", {}, sparse))
+        return steps
+
+    def quant_steps(self, config: dict[str, Any]) -> list[str]:
+        steps = []
+        static = self._by_value(config, "quant", "float").pop("int8", [])
+        if static:
+            steps.append(self._step("quantize", {}, static))
+        for mode, bits in (("w8", 8), ("w4", 4)):
+            groups = [g for g in self.groups if config.get(f"quant:{g.name}") == mode]
+            if groups:  # weight-only sees Linears only: ignore the other Linear-only groups
+                others = [p for g in self.groups if g.linear_only and g not in groups for p in g.patterns]
+                options: dict[str, Any] = {"weight_only": True, "bits": bits}
+                if others:
+                    options["ignore"] = tuple(others)
+                steps.append("quantize(" + ",".join(f"{k}={format_value(v)}" for k, v in options.items()) + ")")
+        return steps
+
+    def pipeline(self, config: dict[str, Any], with_calibration: bool = True) -> str:
+        """The canonical pipeline text of a configuration."""
+        steps = [self.prefix, *self.structural_steps(config, with_calibration), *self.quant_steps(config),
+                 self.suffix]
+        return str(Pipeline.parse(",".join(s for s in steps if s)))
+
+    def split(self, config: dict[str, Any], with_calibration: bool = True) -> tuple[str, str | None]:
+        """(the pipeline up to the quantize steps, the rest or None): where flash distillation goes."""
+        head = ",".join(s for s in [self.prefix, *self.structural_steps(config, with_calibration)] if s)
+        tail = ",".join(s for s in [*self.quant_steps(config), self.suffix] if s)
+        return str(Pipeline.parse(head)), (str(Pipeline.parse(tail)) if tail else None)
+
+
+def build_space(gm: torch.fx.GraphModule, *, target: str = "openvino", **kwargs: Any) -> SearchSpace:
+    return SearchSpace(layer_groups(gm), **kwargs)
+
+
+Suggest = Callable[[Any], dict[str, Any]]
