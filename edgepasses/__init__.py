@@ -10,7 +10,7 @@ from .finetune import finetune
 from .pass_base import PassContext, PassResult, register_pass, registered_passes
 from .pipeline import PRESETS, Pipeline
 
-__all__ = ["compress", "export", "finetune", "distill", "save", "load", "lower", "quant_report", "prepare_qat", "convert_qat", "Pipeline", "PRESETS",
+__all__ = ["compress", "export", "finetune", "distill", "save", "load", "lower", "quant_report", "prepare_qat", "convert_qat", "search", "Pipeline", "PRESETS",
            "PassContext", "PassResult", "register_pass", "registered_passes"]
 __version__ = "0.1.0"
 
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from .quant import qat
 
         return getattr(qat, name)
+    if name == "search":  # Optuna is the optional `search` extra
+        from .search import search
+
+        return search
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
