@@ -11,10 +11,6 @@ Latency: medians with min–max over interleaved rounds (`timing.measure_side_by
 """
 from __future__ import annotations
 
-import argparse
-import os
-import time
-
 import torch
 from torch import nn
 
@@ -22,7 +18,7 @@ import edgepasses
 from edgepasses.analysis.flops import count_cost
 from edgepasses.quant.sensitivity import output_sqnr
 
-from .timing import Timing, measure_side_by_side
+from .timing import Timing, measure_side_by_side, run_sections
 from .zoo import get_model
 
 TARGET_REDUCTION = 0.30  # the MAC reduction (b) asks of ResNet-18
@@ -146,20 +142,9 @@ def bench_bert(ratio: float = 0.25) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="a,b,c,d", help="comma-separated sections to run")
-    args = parser.parse_args(argv)
-    sections = {"a": lambda: bench_linear(args.warmup, args.rounds),
-                "b": lambda: bench_resnet18(args.warmup, args.rounds),
-                "c": bench_digits, "d": bench_bert}
-    print(f"# lowrank bench (torch threads {torch.get_num_threads()}, load average at start "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
-    for key in args.only.split(","):
-        start = time.perf_counter()
-        print("\n".join(sections[key]()))
-        print(f"\n({time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f})\n", flush=True)
+    run_sections("lowrank bench", __doc__.split("\n")[0], lambda warmup, rounds: {
+        "a": lambda: bench_linear(warmup, rounds), "b": lambda: bench_resnet18(warmup, rounds),
+        "c": bench_digits, "d": bench_bert}, argv)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,6 @@ Latency: medians with min–max over interleaved rounds (`timing.measure_side_by
 """
 from __future__ import annotations
 
-import argparse
-import os
-import time
-
 import torch
 
 import edgepasses
@@ -21,7 +17,7 @@ from edgepasses.graph_utils import constant_value
 from edgepasses.quant.sensitivity import output_sqnr
 
 from .digits import load_digits_split
-from .timing import measure_side_by_side
+from .timing import measure_side_by_side, run_sections
 from .zoo import get_model
 
 
@@ -104,18 +100,8 @@ def bench_bert_sqnr() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="a,b,c", help="comma-separated sections to run")
-    args = parser.parse_args(argv)
-    sections = {"a": lambda: bench_bert_speed(args.warmup, args.rounds), "b": bench_digits, "c": bench_bert_sqnr}
-    print(f"# 2:4 sparsity bench (torch threads {torch.get_num_threads()}, load average at start "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
-    for key in args.only.split(","):
-        start = time.perf_counter()
-        print("\n".join(sections[key]()))
-        print(f"\n({time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f})\n", flush=True)
+    run_sections("2:4 sparsity bench", __doc__.split("\n")[0], lambda warmup, rounds: {
+        "a": lambda: bench_bert_speed(warmup, rounds), "b": bench_digits, "c": bench_bert_sqnr}, argv)
 
 
 if __name__ == "__main__":
