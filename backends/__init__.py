@@ -47,11 +47,12 @@ class Target(Protocol):
 def _targets() -> dict[str, Target]:
     from .openvino import OpenVINOTarget
     from .reference import ReferenceTarget
+    from .tensorrt import TensorRTTarget
 
-    return {"openvino": OpenVINOTarget(), "reference": ReferenceTarget()}
+    return {"tensorrt": TensorRTTarget(), "openvino": OpenVINOTarget(), "reference": ReferenceTarget()}
 
 
-TARGET_NAMES = ("auto", "openvino", "reference")
+TARGET_NAMES = ("auto", "openvino", "tensorrt", "reference")
 
 
 def get_target(name: str) -> Target:
