@@ -48,11 +48,13 @@ def _targets() -> dict[str, Target]:
     from .openvino import OpenVINOTarget
     from .reference import ReferenceTarget
     from .tensorrt import TensorRTTarget
+    from .tvm import TVMTarget
 
-    return {"tensorrt": TensorRTTarget(), "openvino": OpenVINOTarget(), "reference": ReferenceTarget()}
+    return {"tensorrt": TensorRTTarget(), "openvino": OpenVINOTarget(), "reference": ReferenceTarget(),
+            "tvm": TVMTarget()}
 
 
-TARGET_NAMES = ("auto", "openvino", "tensorrt", "reference")
+TARGET_NAMES = ("auto", "openvino", "tensorrt", "reference", "tvm")
 
 
 def get_target(name: str) -> Target:

@@ -1,0 +1,139 @@
+"""The `tvm` target: Relax through `from_exported_program`, tuned with MetaSchedule for this CPU.
+
+`torch.export` → Relax (`tvm.relax.frontend.torch.from_exported_program`, weights as
+constants) → MetaSchedule records (cached per graph structure, target and TVM version; see
+`build.py`) → `tvm.compile` for an llvm target with this CPU's `mcpu` and `num-cores` = torch's
+thread count → a Relax VM called through DLPack. When the importer reports ops it cannot
+convert ("Unsupported function types [...]"), the graph (after the importer's own core-ATen
+decomposition, so the names match) is split: TVM runs the partitions it converts, PyTorch the
+rest, and one warning names each op left behind.
+
+The budget: `TVMTarget(trials=N, time_limit_s=T)` (N MetaSchedule trials per fused op; 0 =
+untuned plain loops) or the same keywords on `lower`; `EDGEPASSES_TVM_TRIALS` sets the
+default instance's budget until the backend options carry one.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from edgepasses.errors import OptionError
+from edgepasses.quant import QuantCaps
+
+from .. import Lowering, tensors_mb
+from ..partition import fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24
+
+_UNSUPPORTED = re.compile(r"Unsupported function types (\[.*?\])", re.DOTALL)
+
+
+def unsupported_ops(message: str) -> set[str] | None:
+    """The op names (`OpOverload.__name__`, e.g. "mystery.default") in the importer's error."""
+    match = _UNSUPPORTED.search(message)
+    return set(ast.literal_eval(match.group(1))) if match else None
+
+
+def _default_trials() -> int:
+    from .build import DEFAULT_TRIALS_PER_TASK
+
+    value = os.environ.get("EDGEPASSES_TVM_TRIALS")
+    return int(value) if value else DEFAULT_TRIALS_PER_TASK
+
+
+class TVMProgram(torch.nn.Module):
+    """A Relax VM executable behind the calling convention of the module it replaced."""
+
+    def __init__(self, exported: torch.export.ExportedProgram, *, trials: int, time_limit_s: float | None,
+                 cache_dir: str | None):
+        import tvm
+        from tvm import relax
+
+        from .build import build
+
+        super().__init__()
+        executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
+                                      cache_dir=cache_dir)
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
+        self.main = self.vm["main"]
+        self._from_dlpack = tvm.runtime.from_dlpack
+        self.out_spec = exported.call_spec.out_spec
+        self.weights_mb = sum(t.numel() * t.element_size() for t in exported.state_dict.values()) / 1e6
+        self.weights_mb += sum(t.numel() * t.element_size() for t in exported.constants.values()
+                               if isinstance(t, torch.Tensor)) / 1e6
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, example_inputs: tuple, **options) -> "TVMProgram":
+        return cls(torch.export.export(module, example_inputs), **options)
+
+    def forward(self, *args, **kwargs):
+        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        result = self.main(*(self._from_dlpack(x.detach().contiguous()) for x in leaves))
+        results = list(result) if not hasattr(result, "__dlpack__") else [result]
+        # Copy out of the VM's buffers: its memory planner reuses them on the next call.
+        outputs = [torch.from_dlpack(r).clone() for r in results]
+        return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+class TVMTarget:
+    name = "tvm"
+    # No converter for quantize/dequantize nodes yet: int8 graphs run their fake-quant in float.
+    quant_caps = QuantCaps(bits=(8,))
+
+    def __init__(self, trials: int | None = None, time_limit_s: float | None = None):
+        self.trials = trials
+        self.time_limit_s = time_limit_s
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import tvm  # noqa: F401
+            from tvm.relax.frontend.torch import from_exported_program  # noqa: F401
+        except ImportError as exc:
+            return f"TVM is not installed ({exc}): pip install apache-tvm"
+        return None
+
+    def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
+              precision: str = "f32", cache_dir: str | None = None, trials: int | None = None,
+              time_limit_s: float | None = None) -> Callable:
+        if precision != "f32":
+            raise OptionError(f"the tvm target runs precision 'f32' only; got {precision!r}")
+        trials = next(t for t in (trials, self.trials, _default_trials()) if t is not None)
+        options = {"trials": trials, "time_limit_s": time_limit_s or self.time_limit_s, "cache_dir": cache_dir}
+        warn_dense_sparse24(self.name, sparse24_layers(gm), "TVM's CPU code generation has no 2:4 kernels")
+        exported = torch.export.export(gm, example_inputs)
+        try:
+            program = TVMProgram(exported, **options)
+        except AssertionError as exc:  # the importer asserts on unknown ops
+            missing = unsupported_ops(str(exc))
+            if missing is None:
+                raise
+            return self._lower_partitioned(exported, missing, strict=strict, options=options)
+        program.edge_lowering = Lowering(self.name, precision, partitions=1, weights_mb=program.weights_mb)
+        return program
+
+    def _lower_partitioned(self, exported, missing: set[str], *, strict: bool, options: dict) -> torch.fx.GraphModule:
+        # The importer decomposes to core ATen first: partition that graph so names match.
+        decomposed = exported.run_decompositions().module()
+        unsupported = {n: "TVM's Relax importer (from_exported_program) has no converter for it"
+                       for n in decomposed.graph.nodes
+                       if n.op == "call_function" and getattr(n.target, "__name__", None) in missing}
+        if not unsupported:
+            raise RuntimeError(f"TVM could not import the graph and the ops it names ({sorted(missing)}) are "
+                               "not in it after decomposition, so it cannot be partitioned")
+        fallbacks = fallbacks_of(unsupported)
+        report_fallbacks(self.name, fallbacks, strict=strict)
+        programs: list[TVMProgram] = []
+
+        def compile_partition(sub, samples):
+            programs.append(TVMProgram.from_module(sub, samples, **options))
+            return programs[-1]
+
+        lowered = lower_by_partition(decomposed, unsupported, compile_partition, prefix="tvm_")
+        lowered.edge_lowering = Lowering(self.name, "f32", len(programs), fallbacks,
+                                         weights_mb=sum(p.weights_mb for p in programs) + tensors_mb(lowered))
+        lowered.tvm_programs = programs
+        return lowered

@@ -1,0 +1,241 @@
+"""Build a Relax module for this CPU, tuned with MetaSchedule and cached on disk.
+
+TVM 0.27's default CPU pipeline lowers each op to plain, single-threaded loops (ResNet-18:
+~40x slower than eager PyTorch); its only CPU schedules (DLight) cover matrix-vector
+products, and this wheel has no DNNL/BLAS offload. What makes the code fast is MetaSchedule:
+it tiles, vectorises and parallelises each fused op for the target (`num-cores` sets the
+parallelism), measured on this machine. Records live in a JSON database per
+(graph structure, target, TVM version) so the second compile of the same graph only
+applies them.
+
+Two problems of the wheel are worked around here (both found on apache-tvm 0.27.0.post1):
+- `import tvm.s_tir.tensor_intrin` (done by every TuneContext and every builder/runner
+  worker process) parses hundreds of TVMScript functions, each calling `inspect.stack()`,
+  whose `inspect.getmodule` scans `sys.modules` for every "<ast>" frame: ~150 s per process.
+  `fast_tensor_intrin_import` memoises those lookups for the import (~10 s).
+- With apache-tvm-ffi 0.1.15, `tvm.ir.save_json` of any object segfaults, and MetaSchedule
+  serialises modules in its mutators, builder and database; 0.1.14 works. Tuning is skipped
+  (with a warning) on a broken tvm-ffi.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("edgepasses")
+
+DEFAULT_TRIALS_PER_TASK = 0  # no tuning unless asked: a ResNet-18 costs ~minutes per 8 trials/task
+
+
+def cache_root() -> Path:
+    """The same root as the kernels' build cache: $EDGEPASSES_CACHE, else ~/.cache/edgepasses."""
+    root = os.environ.get("EDGEPASSES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepasses"
+    return Path(root) / "tvm"
+
+
+def host_cpu() -> str:
+    """LLVM's name for this CPU (znver3, sapphirerapids, ...), as `llc -mcpu=native` would pick."""
+    import tvm
+
+    try:
+        return str(tvm.target.codegen.llvm_get_system_cpu())
+    except Exception:  # noqa: BLE001 - older/newer TVM without the helper
+        return "generic"
+
+
+def host_target(num_cores: int | None = None):
+    """An llvm target for this CPU. TVM 0.27 rejects "llvm -mcpu=..." strings: pass a dict."""
+    import tvm
+
+    cores = num_cores or torch.get_num_threads()
+    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": int(cores)})
+
+
+def tvm_ffi_version() -> str:
+    try:
+        import tvm_ffi
+        return getattr(tvm_ffi, "__version__", "unknown")
+    except ImportError:
+        return "none"
+
+
+def tuning_unavailable_reason() -> str | None:
+    """Why MetaSchedule cannot run with this TVM installation, or None."""
+    version = tvm_ffi_version()
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if match and tuple(map(int, match.groups())) >= (0, 1, 15):
+        return (f"apache-tvm-ffi {version} segfaults in tvm.ir.save_json, which MetaSchedule needs; "
+                "install 0.1.14: pip install 'apache-tvm-ffi==0.1.14.post1'")
+    return None
+
+
+def fast_tensor_intrin_import() -> None:
+    """Import tvm.s_tir.tensor_intrin with inspect.getmodule memoised for "<...>" file names.
+
+    Module-level so MetaSchedule's builder and runner worker processes can run it as their
+    initializer (cloudpickle sends it by reference: edgepasses.backends.tvm.build)."""
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.getmodule
+    memo: dict[str, object] = {}
+
+    def getmodule(obj, _filename=None):
+        if _filename is not None and _filename.startswith("<"):
+            if _filename not in memo:
+                memo[_filename] = original(obj, _filename)
+            return memo[_filename]
+        return original(obj, _filename)
+
+    inspect.getmodule = getmodule
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.getmodule = original
+
+
+def graph_key(exported: torch.export.ExportedProgram, target, extra: str = "") -> str:
+    """Hash of the graph's structure (ops, wiring, shapes and dtypes; not weight values),
+    the target and the TVM version: the name of the tuning records' folder."""
+    import tvm
+
+    lines = []
+    for node in exported.graph.nodes:
+        val = node.meta.get("val")
+        shape = (tuple(val.shape), str(val.dtype)) if isinstance(val, torch.Tensor) else None
+        lines.append(f"{node.op} {node.name} {node.target} {node.args} {node.kwargs} {shape}")
+    text = "\n".join(lines + [str(target), tvm.__version__, extra])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def prepare(mod, target):
+    """The Relax passes before tuning: the static-shape-tuning pipeline's, up to tuning."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        return tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.get_pipeline("zero"),
+        ])(mod)
+
+
+class _Deadline:
+    """A MeasureCallback that stops every task once the time budget is spent."""
+
+    @staticmethod
+    def make(deadline: float):
+        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+        from tvm.ir.utils import derived_object
+
+        @derived_object
+        class Deadline(PyMeasureCallback):
+            def __init__(self):
+                self.stopped = False
+
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                if time.monotonic() > deadline and not self.stopped:
+                    self.stopped = True
+                    for i in range(len(task_scheduler.tasks_)):
+                        task_scheduler.terminate_task(i)
+
+        return Deadline()
+
+
+def _in_process_builder():
+    """MetaSchedule's LocalBuilder starts fresh worker processes for every batch, and each one
+    imports TVM and its tensor intrinsics (~20 s, ~150 s without `fast_tensor_intrin_import`):
+    more than the builds themselves. Compile the candidates here instead, one after another."""
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for build_input in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(build_input.mod, build_input.target,
+                                                                              None)), None))
+                except Exception as exc:  # noqa: BLE001 - a failed candidate, reported to the tuner
+                    results.append(BuilderResult(None, f"InProcessBuilder: {exc}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def tune(mod, target, work_dir: Path, trials_per_task: int, time_limit_s: float | None = None) -> dict:
+    """MetaSchedule over every fused op of `mod` (prepared), records into `work_dir`."""
+    import tvm.s_tir.meta_schedule as ms
+
+    fast_tensor_intrin_import()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, str(work_dir), num_threads=int(target.attrs["num-cores"]), seed=0)
+    try:
+        import xgboost  # noqa: F401
+        cost_model = "xgb"
+    except ImportError:
+        cost_model = "random"
+    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    if time_limit_s:
+        callbacks = list(callbacks) + [_Deadline.make(time.monotonic() + time_limit_s)]
+    runner = ms.runner.LocalRunner(timeout_sec=60,
+                                   evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                                               min_repeat_ms=50))
+    start = time.perf_counter()
+    ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                       max_trials_global=trials_per_task * len(tasks), max_trials_per_task=trials_per_task,
+                       num_trials_per_iter=min(trials_per_task, 32), builder=_in_process_builder(), runner=runner,
+                       database=ms.database.JSONDatabase(work_dir=str(work_dir)), cost_model=cost_model,
+                       measure_callbacks=callbacks)
+    return {"tasks": len(tasks), "trials_per_task": trials_per_task, "tuning_s": time.perf_counter() - start,
+            "cost_model": cost_model}
+
+
+def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFAULT_TRIALS_PER_TASK,
+          time_limit_s: float | None = None, cache_dir: str | None = None, num_cores: int | None = None):
+    """(VM executable, info): `exported` imported to Relax, tuned (or records reused), built."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    target = host_target(num_cores)
+    mod = prepare(from_exported_program(exported, keep_params_as_input=False), target)
+    info = {"target": str(target), "cache_hit": False, "tuned": False, "tuning_s": 0.0}
+    reason = tuning_unavailable_reason() if trials_per_task > 0 else None
+    if reason:
+        log.warning("target 'tvm' builds without tuning, so it runs plain loops: %s", reason)
+        trials_per_task = 0
+    records = Path(cache_dir) if cache_dir else cache_root()
+    work_dir = records / graph_key(exported, target)
+    meta_path = work_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if meta and meta.get("trials_per_task", 0) >= trials_per_task and meta.get("tasks"):
+        info.update(cache_hit=True, tuned=True, records=str(work_dir), tasks=meta["tasks"],
+                    trials_per_task=meta["trials_per_task"])
+        log.info("target 'tvm': reusing tuning records in %s (%d trials/task)", work_dir, meta["trials_per_task"])
+    elif trials_per_task > 0:
+        done = tune(mod, target, work_dir, trials_per_task, time_limit_s)
+        done["tvm"] = tvm.__version__
+        meta_path.write_text(json.dumps(done))
+        info.update(tuned=True, records=str(work_dir), **done)
+    if info["tuned"]:
+        with target, tvm.transform.PassContext(opt_level=3):
+            mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=target)
+    info["build_s"] = time.perf_counter() - start
+    return executable, info

@@ -1,0 +1,82 @@
+"""ResNet-18, batch 1, fp32: eager PyTorch vs OpenVINO vs TVM untuned vs TVM tuned with MetaSchedule.
+
+`python -m edgepasses.bench.tvm_bench [--trials 32] [--time-limit 780] [--rounds 20]`
+
+All lowered candidates run the same `fold_bn` graph; they are timed interleaved
+(`measure_side_by_side`): median and min–max in ms. Tuning time is stated; the tuned graph
+is then lowered a second time to show the cache (records reused, no tuning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import edgepasses
+
+from .timing import measure_side_by_side
+from .zoo import get_model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per fused op")
+    parser.add_argument("--time-limit", type=float, default=780.0, help="seconds of tuning at most")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--cache-dir", default=None, help="tuning records (default ~/.cache/edgepasses/tvm)")
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args(argv)
+
+    from edgepasses.backends.tvm import TVMTarget
+
+    zoo = get_model(args.model, 1)
+    model, inputs = zoo.module, zoo.example_inputs
+    gm = edgepasses.compress(model, inputs, "fold_bn")
+    compile_s, info = {}, {}
+
+    def timed(name, make):
+        start = time.perf_counter()
+        lowered = make()
+        compile_s[name] = time.perf_counter() - start
+        info[name] = getattr(lowered, "info", None)
+        return lowered
+
+    candidates = {"eager fp32": model}
+    candidates["openvino fp32"] = timed("openvino fp32", lambda: edgepasses.lower(gm, inputs, target="openvino"))
+    candidates["tvm untuned"] = timed("tvm untuned", lambda: TVMTarget(trials=0).lower(gm, inputs))
+    tuned_target = TVMTarget(trials=args.trials, time_limit_s=args.time_limit)
+    candidates["tvm tuned"] = timed("tvm tuned", lambda: tuned_target.lower(gm, inputs, cache_dir=args.cache_dir))
+    timed("tvm tuned, 2nd compile", lambda: tuned_target.lower(gm, inputs, cache_dir=args.cache_dir))
+
+    with torch.no_grad():
+        expected = model(*inputs)
+        errors = {name: (f(*inputs) - expected).abs().max().item() for name, f in candidates.items()}
+    timings = measure_side_by_side({name: (lambda f=f: f(*inputs)) for name, f in candidates.items()},
+                                   warmup=args.warmup, rounds=args.rounds)
+
+    eager = timings["eager fp32"].median_ms
+    print(f"\n{args.model}, batch 1, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
+    print("| candidate | median ms | min–max ms | vs eager | max abs err | compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in timings.items():
+        print(f"| {name} | {t.median_ms:.1f} | {t.min_ms:.1f}–{t.max_ms:.1f} | {eager / t.median_ms:.2f}× | "
+              f"{errors[name]:.2g} | {compile_s.get(name, 0):.1f} |")
+    tuned, second = info["tvm tuned"], info["tvm tuned, 2nd compile"]
+    print(f"\ntvm tuned: {tuned.get('trials_per_task')} trials/task over {tuned.get('tasks')} tasks, "
+          f"tuning {tuned.get('tuning_s', 0):.0f} s (cache hit: {tuned['cache_hit']}); "
+          f"2nd compile {compile_s['tvm tuned, 2nd compile']:.1f} s (cache hit: {second['cache_hit']}); "
+          f"target {tuned['target']}")
+    result = {"timings_ms": {n: {"median": t.median_ms, "min": t.min_ms, "max": t.max_ms} for n, t in timings.items()},
+              "compile_s": compile_s, "max_abs_err": errors, "tvm": {"tuned": tuned, "second": second}}
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=1, default=str)
+    return result
+
+
+if __name__ == "__main__":
+    main()
