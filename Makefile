@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check
 TORCH   := torch==2.14.1 torchvision==0.29.1
-EXTRAS  := openvino,quantize,onnx,bench,dev
+EXTRAS  := openvino,quantize,onnx,bench,dev,search,tvm
 
 .PHONY: demo test install clean
 

@@ -70,11 +70,21 @@ def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
     return removed
 
 
+# Under torch.compile, module paths start at Dynamo's name for the root (`L['fn'].layer1.0`, or
+# `L['self']._modules['layer1']`): stripped, so names (and ignore lists) match compress()'s.
+_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
+_DYNAMO_SUBMODULE = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+
+
+def module_path(path: str) -> str:
+    return _DYNAMO_ROOT.sub("", _DYNAMO_SUBMODULE.sub(r".\1", path))
+
+
 def layer_name(node: torch.fx.Node) -> str:
     """A unique, readable name: the module path of a conv/linear (e.g. `layer1.0.conv1`); for a matmul,
     which is no module of its own, the enclosing module's path and the node (`layers.0.attention/matmul_1`)."""
     stack = node.meta.get("nn_module_stack")
-    path = list(stack.values())[-1][0] if stack else ""
+    path = module_path(list(stack.values())[-1][0]) if stack else ""
     if node.target in ACTIVATION_MATMUL_OPS or not path:
         return f"{path}/{node.name}" if path else node.name
     return path

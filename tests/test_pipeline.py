@@ -98,3 +98,17 @@ def test_options_must_be_frozen_dataclasses():
 
     with pytest.raises(TypeError, match="frozen dataclass"):
         register_pass("mutable", options=Mutable)
+
+
+def test_layer_names_under_torch_compile_match_compress():
+    """Dynamo names the root `L['fn']`/`L['self']`: ignore lists written for compress() must still match."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    seen = []
+    compiled = torch.compile(model, backend="edge", options={
+        "pipeline": "prune(ratio=0.5,ignore=['2'])", "target": "reference", "on_compile": seen.append})
+    with torch.no_grad():
+        compiled(torch.randn(2, 8))
+    assert seen[0].report.records[0].step.startswith("prune")  # before: "ignore pattern '2' matched no ... L['fn'].2"

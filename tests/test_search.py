@@ -134,7 +134,7 @@ def test_resume_after_kill_loses_no_finished_trial(tmp_path):
 
 
 def test_search_on_local_ray(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'edgepasses[search]')")
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'edgepasses[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         front = search(tiny(), tiny_data(), trials=3, out=tmp_path, workers="ray", num_workers=2,

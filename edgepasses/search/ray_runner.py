@@ -20,7 +20,7 @@ def run_ray(address: str, out: "str | Path", spec, directions: list[str], sample
     try:
         import ray
     except ImportError as exc:
-        raise ImportError("--workers ray needs Ray: pip install 'edgepasses[search]' (ray[tune])") from exc
+        raise ImportError("--workers ray needs Ray: pip install 'edgepasses[ray]'") from exc
     started = False
     if not ray.is_initialized():
         if address == "ray":
