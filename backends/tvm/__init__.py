@@ -49,15 +49,19 @@ class TVMProgram(torch.nn.Module):
     """A Relax VM executable behind the calling convention of the module it replaced."""
 
     def __init__(self, exported: torch.export.ExportedProgram, *, trials: int, time_limit_s: float | None,
-                 cache_dir: str | None):
+                 cache_dir: str | None, records: bool = True):
         import tvm
         from tvm import relax
 
         from .build import build
 
         super().__init__()
+        # TVM's pool threads spin after each parallel op by default, holding the cores that
+        # PyTorch (partitions left to it, other models in the process) needs next; on 2 shared
+        # cores threads that sleep cost TVM little. (Measured effect unclear on a loaded machine.)
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
         executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
-                                      cache_dir=cache_dir)
+                                      cache_dir=cache_dir, records=records)
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.main = self.vm["main"]
         self._from_dlpack = tvm.runtime.from_dlpack
@@ -84,9 +88,12 @@ class TVMTarget:
     # No converter for quantize/dequantize nodes yet: int8 graphs run their fake-quant in float.
     quant_caps = QuantCaps(bits=(8,))
 
-    def __init__(self, trials: int | None = None, time_limit_s: float | None = None):
+    def __init__(self, trials: int | None = None, time_limit_s: float | None = None, records: bool = True):
+        """`trials`: MetaSchedule trials per fused op (0: no tuning); `time_limit_s`: tuning stops
+        then; `records`: apply tuning records cached for this graph (False: plain untuned build)."""
         self.trials = trials
         self.time_limit_s = time_limit_s
+        self.records = records
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -102,7 +109,8 @@ class TVMTarget:
         if precision != "f32":
             raise OptionError(f"the tvm target runs precision 'f32' only; got {precision!r}")
         trials = next(t for t in (trials, self.trials, _default_trials()) if t is not None)
-        options = {"trials": trials, "time_limit_s": time_limit_s or self.time_limit_s, "cache_dir": cache_dir}
+        options = {"trials": trials, "time_limit_s": time_limit_s or self.time_limit_s, "cache_dir": cache_dir,
+                   "records": self.records}
         warn_dense_sparse24(self.name, sparse24_layers(gm), "TVM's CPU code generation has no 2:4 kernels")
         exported = torch.export.export(gm, example_inputs)
         try:
