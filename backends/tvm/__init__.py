@@ -90,7 +90,7 @@ class TVMTarget:
 
     def __init__(self, trials: int | None = None, time_limit_s: float | None = None, records: bool = True):
         """`trials`: MetaSchedule trials per fused op (0: no tuning); `time_limit_s`: tuning stops
-        then; `records`: apply tuning records cached for this graph (False: plain untuned build)."""
+        after the batch in flight then (each op's first batch of up to 32 trials still runs); `records`: apply tuning records cached for this graph (False: plain untuned build)."""
         self.trials = trials
         self.time_limit_s = time_limit_s
         self.records = records
