@@ -19,7 +19,7 @@ from torch import nn
 import edgepasses
 from edgepasses.kernels import ops
 
-from .timing import Timing, measure_side_by_side
+from .timing import measure_side_by_side
 
 OPS = ("int8_linear", "sparse24_linear", "lowrank_linear")
 DEFAULT_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096))
