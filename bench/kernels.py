@@ -4,7 +4,7 @@ For each op and shape, every implementation that exists here is timed in one int
 (`timing.measure_side_by_side`): our C++ kernel, our Triton kernel (CUDA only), OpenVINO
 (the same layer lowered through `edgepasses.lower`), torch fp32 and, for int8, torch's own
 int8 CPU kernel (FBGEMM dynamic quantized linear). Ratios are against torch fp32 of the same
-shape. TVM joins when its target exists (the TVM issue); it is listed as skipped until then.
+shape. TVM is not timed per op yet (its target lowers whole graphs, fp32 only).
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def to_markdown(rows: list[KernelRow]) -> str:
     lines = ["| op | M×K×N | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
     lines += [f"| {r.op} | {r.shape} | {r.candidate} | {r.median_ms:.3g} | {r.min_ms:.3g}–{r.max_ms:.3g} | "
               f"{r.speedup:.2f}x |" for r in rows]
-    notes = ["TVM: no TVM target yet (it comes with the TVM issue); not timed."]
+    notes = ["TVM: not timed per op (the tvm target lowers whole graphs and converts no int8 op yet)."]
     if not torch.cuda.is_available():
         notes.append("Triton: no CUDA GPU here; `python -m edgepasses.bench.gpu_kernels` times the Triton "
                      "kernels where there is one.")
