@@ -18,6 +18,7 @@ from torch import nn
 
 import edgepasses
 from edgepasses.kernels import ops
+from edgepasses.passes.sparsify_24 import keep_2_of_4
 
 from .timing import measure_side_by_side
 
@@ -71,9 +72,7 @@ def int8_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Call
 
 def magnitude_24(weight: torch.Tensor) -> torch.Tensor:
     """`weight` with the 2 smallest-magnitude entries of every group of 4 along K set to zero."""
-    groups = weight.reshape(weight.shape[0], -1, 4)
-    drop = groups.abs().argsort(-1)[..., :2]
-    return groups.scatter(-1, drop, 0.0).reshape(weight.shape)
+    return weight * keep_2_of_4(weight.abs())
 
 
 def sparse24_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Callable]:

@@ -18,6 +18,7 @@ import torch.fx
 
 from edgepasses.canonical import user_source
 from edgepasses.errors import OptionError, UnsupportedOpError
+from edgepasses.graph_utils import constant_value
 from edgepasses.quant import QuantCaps
 
 from .. import Lowering, tensors_mb
@@ -44,7 +45,7 @@ class Handover:
 
 def _zero_point_is_zero(gm: torch.fx.GraphModule, zero_point) -> bool:
     if isinstance(zero_point, torch.fx.Node):
-        value = getattr(gm, zero_point.target, None) if zero_point.op == "get_attr" else None
+        value = constant_value(gm, zero_point)
         return value is not None and not bool(value.any())
     return zero_point == 0
 

@@ -11,6 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import edgepasses
 from edgepasses.errors import GradientsNeededError, OptionError, UnsupportedOpError
+from edgepasses.testing.unconvertible import WithMysteryOp
 
 pytest.importorskip("openvino")
 
@@ -33,32 +34,6 @@ def test_resnet18_in_a_fresh_process_without_importing_edgepasses():
     assert "max_abs_err=" in done.stdout
 
 
-torch.library.define("edgetest::mystery", "(Tensor x) -> Tensor")
-
-
-@torch.library.impl("edgetest::mystery", "CompositeExplicitAutograd")
-def _mystery(x):
-    return x * 2 + 1
-
-
-@torch.library.register_fake("edgetest::mystery")
-def _mystery_fake(x):
-    return torch.empty_like(x)
-
-
-class WithMysteryOp(nn.Module):
-    """A model with one op OpenVINO cannot convert between two it can."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = torch.ops.edgetest.mystery(torch.relu(self.conv(x)))
-        return self.fc(y.mean((2, 3)))
-
-
 def test_unconvertible_op_is_partitioned_and_named_in_one_warning(caplog):
     model, x = WithMysteryOp().eval(), torch.randn(1, 3, 12, 12)
     compilations = []
@@ -69,14 +44,14 @@ def test_unconvertible_op_is_partitioned_and_named_in_one_warning(caplog):
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert "edgetest.mystery.default" in message and "node mystery" in message
-    assert "test_openvino.py" in message and "no conversion rule" in message
+    assert "unconvertible.py\", line" in message and "no conversion rule" in message  # the forward's source line
     lowering = compilations[0].lowering
     assert lowering.partitions == 2 and [f.op for f in lowering.fallbacks] == ["edgetest.mystery.default"]
 
 
 def test_strict_raises_naming_op_node_and_source_line():
     compiled = torch.compile(WithMysteryOp().eval(), backend="edge", options={"target": "openvino", "strict": True})
-    with pytest.raises(UnsupportedOpError, match=r"edgetest.mystery.default \(node mystery, File .*test_openvino.py"):
+    with pytest.raises(UnsupportedOpError, match=r"edgetest.mystery.default \(node mystery, File .*unconvertible.py"):
         compiled(torch.randn(1, 3, 12, 12))
 
 

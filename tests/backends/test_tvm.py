@@ -12,6 +12,7 @@ pytest.importorskip("tvm", reason="TVM is not installed: pip install apache-tvm"
 
 from edgepasses.backends.tvm import TVMTarget, unsupported_ops  # noqa: E402
 from edgepasses.backends.tvm.build import tuning_unavailable_reason  # noqa: E402
+from edgepasses.testing.unconvertible import WithMysteryOp  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -68,32 +69,6 @@ def test_mlp_with_two_outputs_matches_eager():
         torch.testing.assert_close(lowered(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-torch.library.define("edgetest_tvm::mystery", "(Tensor x) -> Tensor")
-
-
-@torch.library.impl("edgetest_tvm::mystery", "CompositeExplicitAutograd")
-def _mystery(x):
-    return x * 2 + 1
-
-
-@torch.library.register_fake("edgetest_tvm::mystery")
-def _mystery_fake(x):
-    return torch.empty_like(x)
-
-
-class WithMysteryOp(nn.Module):
-    """One op TVM's importer cannot convert, between two it can."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = torch.ops.edgetest_tvm.mystery(torch.relu(self.conv(x)))
-        return self.fc(y.mean((2, 3)))
-
-
 def test_unconvertible_op_runs_in_pytorch_with_one_warning(caplog):
     model, x = WithMysteryOp().eval(), torch.randn(1, 3, 12, 12)
     with caplog.at_level(logging.WARNING, logger="edgepasses"):
@@ -103,14 +78,14 @@ def test_unconvertible_op_runs_in_pytorch_with_one_warning(caplog):
     warnings = [r for r in caplog.records if r.name == "edgepasses" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    assert "edgetest_tvm.mystery.default" in message and "node mystery" in message and "has no converter" in message
+    assert "edgetest.mystery.default" in message and "node mystery" in message and "has no converter" in message
     lowering = lowered.edge_lowering
-    assert lowering.partitions == 2 and [f.op for f in lowering.fallbacks] == ["edgetest_tvm.mystery.default"]
+    assert lowering.partitions == 2 and [f.op for f in lowering.fallbacks] == ["edgetest.mystery.default"]
 
 
 def test_strict_raises_naming_the_op():
     model, x = WithMysteryOp().eval(), torch.randn(1, 3, 12, 12)
-    with pytest.raises(UnsupportedOpError, match=r"edgetest_tvm.mystery.default \(node mystery"):
+    with pytest.raises(UnsupportedOpError, match=r"edgetest.mystery.default \(node mystery"):
         edgepasses.lower(_graph(model, x), (x,), target="tvm", strict=True)
 
 
