@@ -5,6 +5,8 @@ partition move into it, so the target sees weights as constants and not as input
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -36,9 +38,24 @@ def fallbacks_of(unsupported: dict[torch.fx.Node, str]) -> list[Fallback]:
     return [Fallback(n.name, str(n.target), reason, user_source(n)) for n, reason in unsupported.items()]
 
 
+# Set by a target chain while one of its targets lowers: what that target cannot run goes to
+# the next target in the list, not to PyTorch, so the chain reports it instead.
+_HANDED_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("edgepasses_handed_on", default=False)
+
+
+@contextlib.contextmanager
+def handing_on_fallbacks():
+    """Inside, `report_fallbacks` is silent: the caller (a target chain) reports what it does with them."""
+    token = _HANDED_ON.set(True)
+    try:
+        yield
+    finally:
+        _HANDED_ON.reset(token)
+
+
 def report_fallbacks(target: str, fallbacks: list[Fallback], *, strict: bool) -> None:
     """Raise (strict) or log ONE warning that names every op that stays in PyTorch."""
-    if not fallbacks:
+    if not fallbacks or _HANDED_ON.get():
         return
     listing = "\n".join(f"  - {f}" for f in fallbacks)
     if strict:
@@ -77,10 +94,11 @@ def _sample_input(node: torch.fx.Node) -> torch.Tensor:
 
 def lower_by_partition(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Node, str],
                        compile_partition: Callable[[torch.fx.GraphModule, tuple], torch.nn.Module],
-                       prefix: str) -> torch.fx.GraphModule:
-    """Fuse the supported compute nodes into submodules, each replaced by `compile_partition(sub, samples)`."""
+                       prefix: str, only: set[torch.fx.Node] | None = None) -> torch.fx.GraphModule:
+    """Fuse the supported compute nodes (those in `only` when given) into submodules, each replaced
+    by `compile_partition(sub, samples)`."""
     def is_supported(_submodules, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and node not in unsupported
+        return node.op == "call_function" and node not in unsupported and (only is None or node in only)
 
     partitioner = CapabilityBasedPartitioner(gm, create_op_support(is_supported),
                                              allows_single_node_partition=True)
@@ -88,9 +106,13 @@ def lower_by_partition(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Node
     for partition in partitions:
         _absorb_constants(partition)
     fuse_by_partitions(gm, [p.nodes for p in partitions], prefix=prefix, always_return_tuple=True)
+    sizes = {}  # partition name -> compute ops in it, for the placement report
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith(prefix):
+            sub = gm.get_submodule(node.target)
+            sizes[node.target] = sum(n.op == "call_function" for n in sub.graph.nodes)
             samples = tuple(_sample_input(a) for a in node.args)
-            setattr(gm, node.target, compile_partition(gm.get_submodule(node.target), samples))
+            setattr(gm, node.target, compile_partition(sub, samples))
     gm.recompile()
+    gm.edge_partition_ops = {**getattr(gm, "edge_partition_ops", {}), **sizes}
     return gm

@@ -27,7 +27,8 @@ log = logging.getLogger("edgepasses")
 @dataclass(frozen=True)
 class EdgeOptions:
     pipeline: str = DEFAULT_PIPELINE
-    target: str = "auto"
+    target: str = "auto"                # a target, or an ordered list: "tensorrt,openvino,reference"
+    target_options: Any = None          # per target: {"tvm": {"trials": 64, "time_limit_s": 600}}
     calibration: Any = None             # an iterable of example input tuples
     strict: bool = False                # raise instead of running unsupported ops in PyTorch
     verify: bool = False                # lint + re-propagate fake tensors after every pass
@@ -37,10 +38,12 @@ class EdgeOptions:
     on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
 
     def __post_init__(self):
-        from .backends import TARGET_NAMES
+        from .backends import parse_target_names
 
-        if self.target not in TARGET_NAMES:
-            raise OptionError(f"unknown target {self.target!r}; valid targets: {', '.join(TARGET_NAMES)}")
+        parse_target_names(self.target)
+        if self.target_options is not None and not isinstance(self.target_options, dict):
+            raise OptionError(f"target_options must be a dict of per-target options such as "
+                              f"{{'tvm': {{'trials': 64}}}}; got {self.target_options!r}")
         if self.calibration is not None and iter(self.calibration) is self.calibration:
             # Dynamo may compile several graphs, and each would find an iterator already used up.
             raise OptionError("calibration must be re-iterable (a list of input tuples), not an iterator "
@@ -77,7 +80,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     from .backends import get_target
 
     pipeline = Pipeline.parse(opts.pipeline)
-    target = get_target(opts.target)
+    target = get_target(opts.target, opts.target_options)
     frozen, user_positions = frozen_copy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = tuple(_static_example(placeholders[i], example_inputs[i]) for i in user_positions)
