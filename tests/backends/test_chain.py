@@ -1,0 +1,90 @@
+"""Ordered target lists: each partition goes to the first target that runs all its ops."""
+import logging
+
+import pytest
+import torch
+
+import edgepasses
+from edgepasses.backends import get_target, parse_target_names
+from edgepasses.backends.chain import TargetChain
+from edgepasses.errors import OptionError, UnsupportedOpError
+from edgepasses.testing.unconvertible import WithMysteryOp
+
+pytest.importorskip("openvino", reason="openvino is not installed")
+
+
+@pytest.fixture(scope="module")
+def mystery():
+    torch.manual_seed(0)
+    model, x = WithMysteryOp().eval(), torch.randn(1, 3, 12, 12)
+    return model, x, edgepasses.compress(model, (x,), "dce", target="openvino")
+
+
+def test_the_op_openvino_cannot_run_goes_to_the_next_target(mystery, caplog):
+    model, x, gm = mystery
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, (x,), target="openvino,reference")
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), model(x), rtol=1e-4, atol=1e-5)
+    lowering = lowered.edge_lowering
+    assert lowering.target == "openvino,reference" and lowering.fallbacks == []
+    by_target = {p.target: p for p in lowering.placements}
+    assert [p.target for p in lowering.placements].count("openvino") == 2  # before and after the op
+    assert by_target["reference"].ops == 1 and "reference -> reference" not in lowering.placement_text()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, "one warning per hand-over"
+    assert "edgetest.mystery" in warnings[0].getMessage() and "reference" in warnings[0].getMessage()
+
+
+def test_a_graph_the_first_target_runs_whole_stays_on_it():
+    model, x = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU()).eval(), torch.randn(2, 6)
+    lowered = edgepasses.lower(edgepasses.compress(model, (x,), "dce"), (x,), target="openvino,reference")
+    assert lowered.edge_lowering.target == "openvino"
+    assert lowered.edge_lowering.placement_text() == "whole graph -> openvino, 2 op(s)"
+
+
+def test_the_last_target_leftovers_follow_strict(mystery):
+    """tvm cannot run the op either; it is left to PyTorch (warned), or refused with strict."""
+    pytest.importorskip("tvm", reason="TVM is not installed")
+    model, x, gm = mystery
+    with pytest.raises(UnsupportedOpError, match="mystery"):
+        edgepasses.lower(gm, (x,), target="openvino,tvm", strict=True)
+
+
+def test_torch_compile_takes_a_target_list(mystery):
+    model, x, _ = mystery
+    compiled = torch.compile(model, backend="edge", options={"target": "openvino,reference", "pipeline": "dce"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_is_the_list_of_targets_that_run_here():
+    auto = get_target("auto")
+    assert isinstance(auto, TargetChain)
+    assert auto.name in ("openvino,reference", "tensorrt,openvino,reference")
+    assert auto.quant_caps is auto.targets[0].quant_caps
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("openvino,nope", "unknown target"), ("auto,reference", "stands alone"), ("reference,reference", "twice"),
+    ("openvino,", "unknown target")])
+def test_bad_target_lists_are_refused(spec, message):
+    with pytest.raises(OptionError, match=message):
+        parse_target_names(spec)
+
+
+def test_an_unavailable_target_in_a_list_is_skipped_and_a_single_one_refused():
+    assert get_target("tensorrt,reference").name == ("reference" if not torch.cuda.is_available()
+                                                     else "tensorrt,reference")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            get_target("tensorrt")
+
+
+def test_target_options_configure_the_target_and_unknown_ones_are_refused():
+    pytest.importorskip("tvm", reason="TVM is not installed")
+    assert get_target("tvm", {"tvm": {"trials": 3}}).trials == 3
+    with pytest.raises(OptionError, match="target_options\\['tvm'\\]"):
+        get_target("tvm", {"tvm": {"trails": 3}})
+    with pytest.raises(OptionError, match="unknown target"):
+        get_target("openvino", {"nvdla": {}})
