@@ -2,14 +2,20 @@
 
     path/graph.pt2             torch.export.save of torch.export.export(gm, example_inputs)
     path/openvino/model.xml    openvino.save_model of the converted graph (weights full precision
-    path/openvino/model.bin      unless compress_to_fp16=True); absent when there is no target artifact
-    path/manifest.json         format version, the edgepasses/torch/openvino versions that wrote it,
-                               the pipeline (text and uuid), the target, the inputs, a SHA-256 per file
+    path/openvino/model.bin      unless compress_to_fp16=True)
+    path/tvm/model.so          or: the Relax VM executable of a TVM program (`export_library`),
+                                 machine code for the CPU it was built on (`tvm_mcpu`)
+    path/manifest.json         format version, the edgepasses/torch/openvino/tvm versions that wrote it,
+                               the pipeline (text and uuid), the target, the inputs, a SHA-256 per file,
+                               and `extra` (what the caller keeps there: the compile cache's key)
 
-`load` refuses an unknown format version, a missing file, and a file whose hash differs
-(corrupt or modified), each with an `ArtifactError` naming it; a torch of another major.minor
-than the one that saved the graph gets a WARNING. It returns the graph as a module and, when
-an OpenVINO model is there and openvino imports, a compiled program that runs it.
+At most one target artifact is there (none for a graph-only artifact). `load` refuses an
+unknown format version, a missing file, and a file whose hash differs (corrupt or modified),
+each with an `ArtifactError` naming it; a torch of another major.minor than the one that
+saved the graph gets a WARNING. It returns the graph as a module and, when the target
+artifact's runtime imports, a program that runs it: OpenVINO's model compiled again, or
+TVM's library loaded into a Relax VM (only on a CPU of the same `mcpu`: loading a library
+runs its code, so load artifacts you trust, as with any pickle).
 """
 from __future__ import annotations
 
@@ -35,12 +41,15 @@ MANIFEST = "manifest.json"
 GRAPH = "graph.pt2"
 OPENVINO_XML = "openvino/model.xml"
 OPENVINO_BIN = "openvino/model.bin"
+TVM_LIB = "tvm/model.so"
+TARGET_FILES = (OPENVINO_XML, OPENVINO_BIN, TVM_LIB)
 
 
 @dataclass
 class Artifact:
-    """What `load` returns. `program` runs the target artifact (None when there is none, or openvino
-    is not installed); `graph` is the saved graph as a module (`exported.module()`)."""
+    """What `load` returns. `program` runs the target artifact (an OpenVINOProgram or a TVMProgram;
+    None when there is none, or its runtime is not installed); `graph` is the saved graph as a
+    module (`exported.module()`)."""
     path: Path
     manifest: dict[str, Any]
     graph: torch.nn.Module
@@ -54,40 +63,53 @@ class Artifact:
 
 
 def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | None = None, *,
-         target_artifact: bool | str = True, compress_to_fp16: bool = False) -> Path:
+         target_artifact: bool | str = True, compress_to_fp16: bool = False, program: Any = None,
+         extra: dict | None = None) -> Path:
     """Save `gm_or_lowered` under the directory `path` (created; an existing artifact there is replaced).
 
     `gm_or_lowered`: what `compress` returned, or what `lower(gm, args, target="openvino")` returned
     when that program keeps its source (`exported` and `ov_model` attributes). `example_inputs`
     default to zeros shaped like the graph's placeholders (`meta["val"]`). `target_artifact`: True
     saves the OpenVINO model too when openvino is installed and converts the whole graph (else the
-    graph alone, with a WARNING); "openvino" requires it; False saves the graph alone.
+    graph alone, with a WARNING), or the TVM library when `program` is a TVMProgram; "openvino" or
+    "tvm" requires that one; False saves the graph alone. `program`: what `lower` returned for this
+    graph, so a TVM build is written rather than rebuilt (an OpenVINO model is converted again
+    unless it keeps `ov_model`). `extra`: JSON-able data kept in the manifest.
     """
-    if target_artifact not in (True, False, "openvino"):
-        raise ArtifactError(f"save: target_artifact must be True, False or 'openvino'; got {target_artifact!r}")
+    if target_artifact not in (True, False, "openvino", "tvm"):
+        raise ArtifactError(f"save: target_artifact must be True, False, 'openvino' or 'tvm'; got {target_artifact!r}")
+    tvm_executable = getattr(program, "executable", None)
+    if target_artifact == "tvm" and tvm_executable is None:
+        raise ArtifactError("save: target_artifact='tvm' needs program=<the TVMProgram lower() returned for the "
+                            "graph>: the library is written from its executable")
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / MANIFEST).exists())):
         raise ArtifactError(f"save: {path} exists and is not an edgepasses artifact directory; refusing to "
                             f"write into it")
     exported, ov_model, gm = _sources(gm_or_lowered, example_inputs)
+    ov_model = ov_model if ov_model is not None else getattr(program, "ov_model", None)
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)  # a half-written directory is never taken for an artifact
+    for name in TARGET_FILES:  # no stale target files next to a manifest that does not list them
+        (path / name).unlink(missing_ok=True)
     files = [GRAPH]
     torch.export.save(exported, path / GRAPH)
 
-    target, openvino_version = None, _openvino_version()
-    if target_artifact and ov_model is None:
-        ov_model = _convert(exported, required=target_artifact == "openvino", openvino_version=openvino_version)
-    if target_artifact and ov_model is not None:
-        import openvino as ov
+    target, openvino_version, tvm_info = None, _openvino_version(), {}
+    if target_artifact in (True, "tvm") and tvm_executable is not None:
+        tvm_info = _save_tvm(program, path / TVM_LIB)
+        files.append(TVM_LIB)
+        target = "tvm"
+    elif target_artifact in (True, "openvino"):
+        if ov_model is None:
+            ov_model = _convert(exported, required=target_artifact == "openvino", openvino_version=openvino_version)
+        if ov_model is not None:
+            import openvino as ov
 
-        (path / OPENVINO_XML).parent.mkdir(exist_ok=True)
-        ov.save_model(ov_model, str(path / OPENVINO_XML), compress_to_fp16=compress_to_fp16)
-        files += [OPENVINO_XML, OPENVINO_BIN]
-        target = "openvino"
-    else:  # no stale target files next to a manifest that does not list them
-        for name in (OPENVINO_XML, OPENVINO_BIN):
-            (path / name).unlink(missing_ok=True)
+            (path / OPENVINO_XML).parent.mkdir(exist_ok=True)
+            ov.save_model(ov_model, str(path / OPENVINO_XML), compress_to_fp16=compress_to_fp16)
+            files += [OPENVINO_XML, OPENVINO_BIN]
+            target = "openvino"
 
     report = getattr(gm, "edge_report", None) if gm is not None else None
     pipeline = getattr(report, "pipeline", None)
@@ -102,17 +124,22 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
         "report": _jsonable(report.to_dict()) if hasattr(report, "to_dict") else None,
         "target": target,
         "openvino_weights": ("f16" if compress_to_fp16 else "f32") if target == "openvino" else None,
+        "tvm_version": tvm_info.get("version"),
+        "tvm_mcpu": tvm_info.get("mcpu"),
         "inputs": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                    for v in _user_input_vals(exported)],
         "files": {name: _sha256(path / name) for name in files},
+        "extra": _jsonable(extra),
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def load(path: str | os.PathLike, *, precision: str = "f32", program: bool = True) -> Artifact:
+def load(path: str | os.PathLike, *, precision: str = "f32", program: bool = True,
+         cache_dir: str | None = None) -> Artifact:
     """Check and load the artifact at `path` (see the module docstring); `precision` is the OpenVINO
-    inference precision of `.program`; `program=False` skips compiling it."""
+    inference precision of `.program` (TVM runs f32); `program=False` skips compiling or loading it;
+    `cache_dir` is OpenVINO's compiled-model cache (CACHE_DIR)."""
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
@@ -136,7 +163,9 @@ def load(path: str | os.PathLike, *, precision: str = "f32", program: bool = Tru
             from .backends.openvino import OpenVINOProgram
 
             ov_model = ov.Core().read_model(str(path / OPENVINO_XML))
-            artifact.program = OpenVINOProgram(ov_model, exported, precision)
+            artifact.program = OpenVINOProgram(ov_model, exported, precision, cache_dir)
+    elif manifest.get("target") == "tvm" and program:
+        artifact.program = _load_tvm(path, manifest, exported, artifact.notes)
     return artifact
 
 
@@ -169,6 +198,48 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         if _sha256(path / name) != digest:
             raise ArtifactError(f"load: {path / name} is corrupt or modified: its SHA-256 differs from the one "
                                 f"in {MANIFEST}")
+
+
+def _save_tvm(program: Any, file: Path) -> dict[str, str]:
+    """Write a TVMProgram's executable as a shared library (needs a C compiler, as TVM's builds do)."""
+    import tvm
+
+    file.parent.mkdir(exist_ok=True)
+    program.executable.export_library(str(file))
+    return {"version": tvm.__version__, "mcpu": _tvm_mcpu(getattr(program, "info", {}).get("target"))}
+
+
+def _tvm_mcpu(target: str | None) -> str:
+    """The CPU a TVM build was compiled for: from its target (a JSON dict in TVM 0.27), else this host's."""
+    try:
+        return json.loads(target)["mcpu"]
+    except (TypeError, ValueError, KeyError):
+        from .backends.tvm.build import host_cpu
+
+        return host_cpu()
+
+
+def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str]):
+    """A TVMProgram running the saved library, or None (with a note) where it cannot run here."""
+    try:
+        import tvm
+    except ImportError:
+        notes.append("tvm is not installed: .program is None (pip install apache-tvm)")
+        return None
+    from .backends.tvm import TVMProgram
+    from .backends.tvm.build import host_cpu
+
+    saved, here = manifest.get("tvm_mcpu"), host_cpu()
+    if saved != here:  # its machine code may use instructions this CPU lacks
+        notes.append(f"the TVM library was built for CPU {saved!r} and this CPU is {here!r}: .program is None "
+                     "(lower() the graph again)")
+        return None
+    try:
+        library = tvm.runtime.load_module(str(path / TVM_LIB))
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for a bad library
+        raise ArtifactError(f"load: {path / TVM_LIB} could not be loaded by TVM {tvm.__version__} (saved with "
+                            f"{manifest.get('tvm_version')}): {exc}") from exc
+    return TVMProgram(exported, trials=0, time_limit_s=None, cache_dir=None, executable=library)
 
 
 def _sources(obj: Any, example_inputs: tuple | None):

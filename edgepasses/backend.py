@@ -33,7 +33,8 @@ class EdgeOptions:
     strict: bool = False                # raise instead of running unsupported ops in PyTorch
     verify: bool = False                # lint + re-propagate fake tensors after every pass
     precision: Literal["f32", "bf16"] = "f32"
-    cache_dir: str | None = None        # the target's compiled-model cache
+    cache_dir: str | None = None        # opt-in compile cache (compile_cache.py: <cache_dir>/compiled/<key>/)
+                                        # and the targets' own caches (OpenVINO CACHE_DIR, TVM records)
     allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
     on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
 
@@ -53,9 +54,11 @@ class EdgeOptions:
 @dataclass(frozen=True)
 class EdgeCompilation:
     """What one compile did: the pipeline report, the target's lowering, and the wall time."""
-    report: Any        # pipeline.PipelineReport
+    report: Any        # pipeline.PipelineReport (on a cache hit: of the compile that stored the entry)
     lowering: Any      # backends.Lowering
     seconds: float
+    cache: Literal["hit", "miss"] | None = None  # None: no cache_dir, so no compile cache
+    cache_entry: str | None = None               # the entry's directory (on a miss: where it was stored)
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -93,14 +96,18 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
-    ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
     with torch.no_grad():
-        canonical = pipeline.run(canonical, ctx, verify=opts.verify)
-        lowered = target.lower(canonical, user_inputs, strict=opts.strict, precision=opts.precision,
-                               cache_dir=opts.cache_dir)
-    compilation = EdgeCompilation(canonical.edge_report, lowered.edge_lowering, time.perf_counter() - start)
-    log.info("edge: %s on %s (%s)", str(canonical.edge_report).replace("\n", "\n  "),
+        if opts.cache_dir:
+            lowered, report, cache, entry = _compile_cached(canonical, user_inputs, opts, pipeline, target)
+        else:
+            lowered, report, _ = _compile(canonical, user_inputs, opts, pipeline, target)
+            cache = entry = None
+    compilation = EdgeCompilation(report, lowered.edge_lowering, time.perf_counter() - start, cache,
+                                  entry and str(entry))
+    log.info("edge: %s on %s (%s)", str(report).replace("\n", "\n  "),
              compilation.lowering.target, compilation.lowering.precision)
+    if cache:
+        log.info("edge: compile cache %s, %s (%.2f s)", cache, entry or "not stored", compilation.seconds)
     if opts.on_compile is not None:
         opts.on_compile(compilation)
 
@@ -109,3 +116,27 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
 
     run.edge_compilation = compilation
     return run
+
+
+def _compile(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target):
+    """(lowered program, pipeline report, compressed graph): the pipeline, then the target's lowering."""
+    ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
+    compressed = pipeline.run(canonical, ctx, verify=opts.verify)
+    lowered = target.lower(compressed, user_inputs, strict=opts.strict, precision=opts.precision,
+                           cache_dir=opts.cache_dir)
+    return lowered, compressed.edge_report, compressed
+
+
+def _compile_cached(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target):
+    """(lowered, report, "hit" | "miss", entry directory or None): the compile cache in cache_dir first."""
+    from . import compile_cache
+
+    parts = compile_cache.key_parts(canonical, opts, target)
+    key = compile_cache.cache_key(parts)
+    hit = compile_cache.lookup(opts.cache_dir, key, target, user_inputs, strict=opts.strict,
+                               precision=opts.precision)
+    if hit is not None:
+        return *hit, "hit", compile_cache.entry_path(opts.cache_dir, key)
+    lowered, report, compressed = _compile(canonical, user_inputs, opts, pipeline, target)
+    entry = compile_cache.store(opts.cache_dir, key, parts, compressed, lowered, user_inputs)
+    return lowered, report, "miss", entry

@@ -1,4 +1,4 @@
-"""save/load: a compressed graph and its OpenVINO model in one checked directory."""
+"""save/load: a compressed graph and its OpenVINO model (or TVM library) in one checked directory."""
 import json
 import logging
 import shutil
@@ -105,3 +105,13 @@ def test_graph_only_artifact_and_bad_arguments(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="not an edgepasses artifact directory"):
         save(gm, tmp_path / "other")
+
+
+def test_extra_is_kept_and_a_tvm_artifact_needs_its_program(tmp_path):
+    gm = edgepasses.compress(_model(), (X,), "fold_bn")
+    path = save(gm, tmp_path / "extra", (X,), target_artifact=False, extra={"cache_key": "abc", "n": [1, 2]})
+    assert load(path, program=False).manifest["extra"] == {"cache_key": "abc", "n": [1, 2]}
+    with pytest.raises(ArtifactError, match="target_artifact='tvm' needs program="):
+        save(gm, tmp_path / "tvm", (X,), target_artifact="tvm")
+    with pytest.raises(ArtifactError, match="True, False, 'openvino' or 'tvm'"):
+        save(gm, tmp_path / "bad", (X,), target_artifact="onnx")

@@ -49,7 +49,7 @@ class TVMProgram(torch.nn.Module):
     """A Relax VM executable behind the calling convention of the module it replaced."""
 
     def __init__(self, exported: torch.export.ExportedProgram, *, trials: int, time_limit_s: float | None,
-                 cache_dir: str | None, records: bool = True):
+                 cache_dir: str | None, records: bool = True, executable=None):
         import tvm
         from tvm import relax
 
@@ -60,8 +60,12 @@ class TVMProgram(torch.nn.Module):
         # PyTorch (partitions left to it, other models in the process) needs next; on 2 shared
         # cores threads that sleep cost TVM little. (Measured effect unclear on a loaded machine.)
         os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-        executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
-                                      cache_dir=cache_dir, records=records)
+        if executable is None:
+            executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
+                                          cache_dir=cache_dir, records=records)
+        else:  # built before: the library edgepasses.artifacts.load read back
+            self.info = {"loaded": True}
+        self.executable = executable  # edgepasses.artifacts.save writes it with export_library
         self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.main = self.vm["main"]
         self._from_dlpack = tvm.runtime.from_dlpack
