@@ -82,6 +82,8 @@ class OpenVINOProgram(torch.nn.Module):
         self.compiled = compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
         self.request = compiled.create_infer_request()
         self.in_spec, self.out_spec = exported.call_spec.in_spec, exported.call_spec.out_spec
+        # Kept so `edgepasses.save` (and the compile cache) write this model without converting again.
+        self.ov_model, self.exported = ov_model, exported
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32"
 
     @classmethod
