@@ -61,6 +61,13 @@ def _check_int8_weight(op: str, weight: Tensor, weight_scale: Tensor, weight_sum
         raise KernelError(f"edge::{op}: " + "; ".join(problems))
 
 
+def _check_out(op: str, out: Tensor, shape: tuple) -> None:
+    """The kernels write `out` through a raw pointer: it must be exactly what they write."""
+    if out.dtype != torch.float32 or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        raise KernelError(f"edge::{op}: out must be a contiguous float32 tensor of shape {tuple(shape)}; got "
+                          f"{out.dtype} {tuple(out.shape)}")
+
+
 # ---- weight preparation (done once, when lowering) -------------------------------------------
 
 def int8_weight_sum(codes: Tensor) -> Tensor:
@@ -113,16 +120,24 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
     x_scale given: static per-tensor u8 quantization (x_zero_point); None: dynamic per-token
     symmetric scales. weight_bits=7 promises |weight| <= 64, which lets the AVX2 kernel add
     u8·s8 pairs in 16 bits exactly (the quantizer emits such weights on CPUs without VNNI)."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    int8_linear_into(out, x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_bits)
+    return out
+
+
+def int8_linear_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor,
+                     bias: Optional[Tensor], x_scale: Optional[float], x_zero_point: int, weight_bits: int) -> None:
+    """edge::int8_linear writing into `out` (float32, contiguous, [..., N]): the entry point for a
+    runtime that owns the buffers (the tvm target's packed function)."""
     n, k = weight.shape
     _check_int8_weight("int8_linear", weight, weight_scale, weight_sum, bias, weight_bits)
     rows = _float_rows(x, k, "int8_linear")
-    out = rows.new_empty(rows.shape[0], n)
+    _check_out("int8_linear", out, (*x.shape[:-1], n))
     code = library().edge_int8_linear(
         _ptr(rows), rows.shape[0], k, _ptr(weight.contiguous()), n, _ptr(weight_scale.contiguous().float()),
         _ptr(weight_sum.contiguous()), _ptr(_bias(bias)), 0.0 if x_scale is None else x_scale, x_zero_point,
         weight_bits, _ptr(out), torch.get_num_threads())
     _check(code, "int8_linear")
-    return out.reshape(*x.shape[:-1], n)
 
 
 @int8_linear.register_fake
@@ -150,22 +165,39 @@ def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
     """conv2d of u8-quantized x (static per-tensor scale and zero point; padding reads as the
     zero point) with int8 weight codes [O, C/groups, KH, KW], int32 accumulation, fused
     per-channel dequant and bias. NCHW float in, NCHW float out."""
+    out = x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation, groups), dtype=torch.float32)
+    int8_conv2d_into(out, x, weight, weight_scale, weight_sum, bias, stride, padding, dilation, groups, x_scale,
+                     x_zero_point, weight_bits)
+    return out
+
+
+def _conv_out_shape(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                    groups: int) -> tuple[int, int, int, int]:
     b, c, h, w = x.shape
     o, per_group, kh, kw = weight.shape
-    _check_int8_weight("int8_conv2d", weight, weight_scale, weight_sum, bias, weight_bits)
     if groups < 1 or per_group * groups != c or o % groups or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise KernelError(f"edge::int8_conv2d: input has {c} channels, weight {tuple(weight.shape)} with groups="
                           f"{groups}, stride {stride}, padding {padding}, dilation {dilation}: these do not fit")
-    oh = _conv_out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    return (b, o, _conv_out_size(h, kh, stride[0], padding[0], dilation[0]),
+            _conv_out_size(w, kw, stride[1], padding[1], dilation[1]))
+
+
+def int8_conv2d_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor,
+                     bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                     x_scale: float, x_zero_point: int, weight_bits: int) -> None:
+    """edge::int8_conv2d writing into `out` (float32, contiguous, NCHW): the entry point for a
+    runtime that owns the buffers (the tvm target's packed function)."""
+    _check_int8_weight("int8_conv2d", weight, weight_scale, weight_sum, bias, weight_bits)
+    shape = _conv_out_shape(x, weight, stride, padding, dilation, groups)
+    _check_out("int8_conv2d", out, shape)
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
     xc = x.contiguous().float()
-    out = xc.new_empty(b, o, oh, ow)
     code = library().edge_int8_conv2d(
         _ptr(xc), b, c, h, w, _ptr(weight.contiguous()), o, kh, kw, _ptr(weight_scale.contiguous().float()),
         _ptr(weight_sum.contiguous()), _ptr(_bias(bias)), stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], groups, x_scale, x_zero_point, weight_bits, _ptr(out), torch.get_num_threads())
     _check(code, "int8_conv2d")
-    return out
 
 
 @int8_conv2d.register_fake

@@ -32,6 +32,19 @@ import torch
 
 log = logging.getLogger("edgepasses")
 
+
+def _register_kernels() -> None:
+    """Programs call our int8 kernels by name (`quant`): register them on import, which every path to a
+    Relax VM takes (`TVMProgram` imports this module before it builds or loads an executable)."""
+    try:
+        from .quant import register_kernels
+        register_kernels()
+    except ImportError:  # TVM not installed: there is no program to call them
+        pass
+
+
+_register_kernels()
+
 SEARCH_POPULATION = 256
 DEFAULT_TRIALS_PER_TASK = 0  # no tuning unless asked: a ResNet-18 costs ~minutes per 8 trials/task
 
@@ -231,8 +244,12 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from .quant import convert_map
+
     target = host_target(num_cores)
-    mod = prepare(from_exported_program(exported, keep_params_as_input=False), target)
+    # Our converters for Q/DQ and the int8 ops `quant.rewrite_int8` leaves (the importer has none).
+    mod = prepare(from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map()),
+                  target)
     info = {"target": str(target), "cache_hit": False, "tuned": False, "tuning_s": 0.0}
     reason = tuning_unavailable_reason() if trials_per_task > 0 else None
     if reason:

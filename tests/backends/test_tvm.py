@@ -109,3 +109,137 @@ def test_second_compile_reuses_tuning_records(tmp_path, caplog):
     assert any("reusing tuning records" in r.getMessage() for r in caplog.records)
     with torch.no_grad():
         torch.testing.assert_close(second(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- int8: Q/DQ conv/linear on our kernels, activation matmuls in integer Relax, Q/DQ elementwise --------
+
+qd = torch.ops.quantized_decomposed
+
+
+class QuantCNN(nn.Module):
+    """conv (padding, so zero points meet the border), depthwise conv, conv, residual add, max-pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(torch.relu(self.dw(y))) + y)
+        return self.fc(nn.functional.max_pool2d(y, 2).mean((2, 3)))
+
+
+class QuantMLP(nn.Module):
+    """Linear with bias → relu → Linear without bias, on [batch, tokens, features] (rows flattened)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(12, 16), nn.Linear(16, 6, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class QuantAttention(nn.Module):
+    """Scores of two projected activations: an activation × activation matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), dim=-1)
+
+
+def _int8_graph(model, x, options=""):
+    torch.manual_seed(1)
+    calibration = [(torch.randn_like(x),) for _ in range(4)]
+    return edgepasses.compress(model.eval(), (x,), f"fold_bn,quantize{options}", calibration=calibration, target="tvm")
+
+
+def _output_step(gm) -> float:
+    """One quantisation step of the output: the last linear's input scale times its largest weight."""
+    from edgepasses.graph_utils import constant_value
+
+    layer = gm.graph.output_node().args[0][0]
+    assert layer.target == torch.ops.aten.linear.default
+    x_scale, w_dq = layer.args[0].args[1], layer.args[1]
+    w_qmax = w_dq.args[0].args[5]  # the weight quantize's quant_max
+    return float(x_scale * constant_value(gm, w_dq.args[1]).max() * w_qmax)
+
+
+def _assert_within_one_step(got, want, step):
+    """Equal to float rounding, except where a value sat on a rounding boundary and its code moved by one."""
+    diff = (got - want).abs()
+    close = diff <= 1e-5 + 1e-4 * want.abs()
+    assert close.float().mean() >= 0.99, f"{(~close).sum()} of {diff.numel()} values differ"
+    assert diff.max() <= step * 1.01 + 1e-5, f"max diff {diff.max():.3g} > one step {step:.3g}"
+
+
+@pytest.mark.parametrize("options, act_dtype", [("", torch.uint8),
+                                                ("(symmetric=true,overflow_fix=off)", torch.int8)])
+def test_int8_cnn_matches_fake_quant_graph(options, act_dtype):
+    torch.manual_seed(0)
+    model, x = QuantCNN(), torch.randn(2, 3, 16, 16)
+    gm = _int8_graph(model, x, options)
+    dtypes = {n.args[5] for n in gm.graph.nodes if n.target == qd.quantize_per_tensor.default}
+    assert dtypes == {act_dtype}
+    assert any(n.target == qd.dequantize_per_channel.default for n in gm.graph.nodes)  # per-channel weights
+    lowered = edgepasses.lower(gm, (x,), target="tvm", strict=True)  # strict: no Q/DQ conv/linear left behind
+    lowering = lowered.edge_lowering
+    assert (lowering.partitions, lowering.fallbacks, lowering.int8_ops) == (1, [], 4)
+    with torch.no_grad():
+        for sample in (x, 2 * torch.randn_like(x)):
+            _assert_within_one_step(lowered(sample), gm(sample), _output_step(gm))
+
+
+def test_int8_linears_with_and_without_bias_match_fake_quant_graph():
+    torch.manual_seed(0)
+    model, x = QuantMLP(), torch.randn(2, 5, 12)
+    gm = _int8_graph(model, x)
+    lowered = edgepasses.lower(gm, (x,), target="tvm", strict=True)
+    assert (lowered.edge_lowering.fallbacks, lowered.edge_lowering.int8_ops) == ([], 2)
+    with torch.no_grad():
+        _assert_within_one_step(lowered(x), gm(x), _output_step(gm))
+
+
+def test_int8_activation_matmul_runs_in_integers():
+    torch.manual_seed(0)
+    model, x = QuantAttention(), torch.randn(2, 6, 8)
+    gm = _int8_graph(model, x)
+    assert any(n.target == torch.ops.aten.matmul.default for n in gm.graph.nodes)
+    lowered = edgepasses.lower(gm, (x,), target="tvm", strict=True)
+    assert (lowered.edge_lowering.fallbacks, lowered.edge_lowering.int8_ops) == ([], 3)  # 2 linear + matmul
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x), rtol=1e-4, atol=1e-5)  # a softmax of scores: no step bound
+
+
+def test_quantize_rounds_half_to_even_like_torch():
+    class QDQ(nn.Module):
+        def forward(self, x):
+            q = qd.quantize_per_tensor(x, 0.25, 3, 0, 255, torch.uint8)
+            return qd.dequantize_per_tensor(q, 0.25, 3, 0, 255, torch.uint8) + 0.0
+
+    # x / 0.25 = ±0.5, ±1.5, ±2.5, ...: exactly halfway, where half-away-from-zero rounding would differ.
+    x = torch.tensor([[0.125, 0.375, 0.625, -0.125, -0.375, -0.625, 63.0, -2.0]])
+    gm = edgepasses.compress(QDQ().eval(), (x,), "dce")
+    lowered = edgepasses.lower(gm, (x,), target="tvm", strict=True)
+    with torch.no_grad():
+        assert torch.equal(lowered(x), QDQ()(x))
+
+
+def test_quantized_layer_without_integer_form_warns_and_strict_raises(caplog):
+    torch.manual_seed(0)
+    model, x = QuantMLP(), torch.randn(2, 5, 12)
+    gm = _int8_graph(model, x, "(per_channel=false)")  # per-tensor weights: no kernel form
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, (x,), target="tvm")
+    assert lowered.edge_lowering.int8_ops == 0 and lowered.edge_lowering.fallbacks == []
+    assert any("float fake-quant" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedOpError, match="no integer converter"):
+        edgepasses.lower(gm, (x,), target="tvm", strict=True)

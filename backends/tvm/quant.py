@@ -1,0 +1,278 @@
+"""Quantized graphs on the `tvm` target: Q/DQ patterns to integer code, Relax converters for them.
+
+TVM 0.27's `from_exported_program` converts no `quantized_decomposed` op. Before export the graph
+is rewritten in a copy (`rewrite_int8`), then the importer gets converters for what is left
+(`convert_map`):
+
+- dq(x) → conv2d / linear(·, dq(W)) [+ bias] → `edge::int8_conv2d` / `edge::int8_linear` (the
+  reference target's rewrite: weight codes quantized once, per-channel symmetric). In Relax they
+  are `R.call_dps_packed` calls of our C++ kernels (u8 activations quantized in the kernel as torch
+  rounds, int32 accumulation, per-channel requantisation and bias fused): on this AVX2 CPU without
+  VNNI a MetaSchedule-tuned TVM int8 conv was no faster than the tuned fp32 one, and 2-3x slower than
+  the kernel. Everything around them stays TVM's, fused and tuned.
+- dq(a) → matmul / bmm ← dq(b), both activations (attention) → `edgepasses_tvm::int8_matmul`, in
+  Relax an integer matmul of (code − zero point) in int16 with int32 accumulation, times sa·sb.
+- Remaining quantize/dequantize (around add, pooling, ...) → Relax elementwise ops with torch's
+  semantics: float32 x·(1/scale), round half to even, + zero point, clamp, cast.
+
+A conv/linear/matmul that reads a dequantized tensor but matches none of these runs as float
+fake-quant in TVM (same numbers as the fake-quant graph, no integer speed-up); `report_float_ops`
+says so once, and strict mode raises.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
+import torch.fx
+from torch import Tensor
+
+from edgepasses.errors import UnsupportedOpError
+from edgepasses.graph_utils import ACTIVATION_MATMUL_OPS, remove_unused_attributes
+
+from ..reference.int8 import DEQUANTIZE_OPS, activation_quant, lower_int8
+
+log = logging.getLogger("edgepasses")
+
+CONV2D_KERNEL = "edgepasses.tvm.int8_conv2d"   # tvm_ffi global functions Relax calls
+LINEAR_KERNEL = "edgepasses.tvm.int8_linear"
+
+
+# ---- the activation × activation matmul, as an op the importer keeps whole -----------------------
+
+@torch.library.custom_op("edgepasses_tvm::int8_matmul", mutates_args=())
+def int8_matmul(a: Tensor, b: Tensor, a_scale: float, a_zero_point: int, b_scale: float,
+                b_zero_point: int) -> Tensor:
+    """matmul(dq(q(a)), dq(q(b))) with u8 codes (static per-tensor scale, zero point in [0, 255]):
+    the fake-quant graph's computation, which the tvm target runs in integers."""
+    qd = torch.ops.quantized_decomposed
+
+    def fake_quant(x, scale, zero_point):
+        q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+        return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+    return torch.matmul(fake_quant(a, a_scale, a_zero_point), fake_quant(b, b_scale, b_zero_point))
+
+
+@int8_matmul.register_fake
+def _(a, b, a_scale, a_zero_point, b_scale, b_zero_point):
+    return torch.matmul(a, b)
+
+
+# ---- the FX rewrite (before export) ------------------------------------------------------------
+
+@dataclass
+class Int8Graph:
+    gm: torch.fx.GraphModule               # a rewritten copy; the caller's graph is untouched
+    int8_ops: int                          # conv/linear/matmul that run in integers
+    float_ops: dict[torch.fx.Node, str]    # quantized ones that run as float fake-quant, and why
+
+
+def _rewrite_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """`node` (matmul/bmm of two quantized activations) → int8_matmul; None when done, else why not."""
+    a, b = activation_quant(node.args[0]), activation_quant(node.args[1])
+    if isinstance(a, str) or isinstance(b, str):
+        return f"an input is not a quantized activation ({a if isinstance(a, str) else b})"
+    args = (a.float_input(gm, before=node), b.float_input(gm, before=node), a.scale, a.zero_point, b.scale,
+            b.zero_point)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(torch.ops.edgepasses_tvm.int8_matmul.default, args)
+    call.meta = {**node.meta}
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return None
+
+
+def rewrite_int8(gm: torch.fx.GraphModule) -> Int8Graph:
+    """Quantized conv2d/linear → edge:: kernel ops, quantized activation matmuls → int8_matmul, in a copy."""
+    if not any(n.target in DEQUANTIZE_OPS for n in gm.graph.nodes):  # a float graph stays as it is (and
+        return Int8Graph(gm, 0, {})                                    # keeps its tuning records' key)
+    lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # new attribute owners, same tensors
+    int8_ops, left = lower_int8(lowered)
+    float_ops = {}
+    for node, reason in left.items():
+        why = _rewrite_matmul(lowered, node) if node.target in ACTIVATION_MATMUL_OPS else reason
+        if why is None:
+            int8_ops += 1
+        else:  # the reference target's reasons end by saying where it runs: not true here
+            float_ops[node] = why.split("; it runs as")[0]
+    lowered.graph.eliminate_dead_code()
+    remove_unused_attributes(lowered)
+    lowered.recompile()
+    return Int8Graph(lowered, int8_ops, float_ops)
+
+
+def report_float_ops(target: str, float_ops: dict[torch.fx.Node, str], *, strict: bool) -> None:
+    """One WARNING (strict: an error) naming the quantized ops that run as float fake-quant."""
+    if not float_ops:
+        return
+    from edgepasses.canonical import user_source
+
+    listing = "\n".join(f"  - {n.target} (node {n.name}, {user_source(n)}): {why}" for n, why in float_ops.items())
+    message = (f"target {target!r} has no integer converter for {len(float_ops)} quantized op(s); they run as "
+               f"float fake-quant (quantize-dequantize, float op) in TVM:\n{listing}")
+    if strict:
+        raise UnsupportedOpError(message + "\nstrict=True forbids it: quantize these layers in a form listed in "
+                                 "edgepasses.backends.tvm.quant, or keep them float (quantize(ignore=...)).")
+    log.warning(message)
+
+
+# ---- Relax converters (the importer's custom_convert_map) ---------------------------------------
+
+def _relax():
+    from tvm import relax
+
+    return relax
+
+
+def _value(importer, arg):
+    """The Relax expression of an FX argument (None: an empty float tensor, the kernels' "no bias")."""
+    import numpy as np
+
+    return importer.env[arg] if isinstance(arg, torch.fx.Node) else _relax().const(np.zeros(0, "float32"))
+
+
+def _f32(value: float):
+    return _relax().const(value, "float32")
+
+
+def _codes(x, scale: float, zero_point: int, qmin: int, qmax: int):
+    """torch's quantize in float32: round(x · float32(1/scale)) + zero point, clamped (not yet cast)."""
+    op = _relax().op
+    # torch multiplies by the Python double 1/scale cast to float32; Relax's round is half to even.
+    q = op.add(op.round(op.multiply(x, _f32(1.0 / scale))), _f32(float(zero_point)))
+    return op.minimum(op.maximum(q, _f32(float(qmin))), _f32(float(qmax)))
+
+
+def _dtype(torch_dtype: torch.dtype) -> str:
+    return str(torch_dtype).removeprefix("torch.")
+
+
+def _quantize_per_tensor(node, importer):
+    x, scale, zero_point, qmin, qmax, dtype = node.args[:6]
+    codes = _codes(importer.env[x], float(scale), int(zero_point), qmin, qmax)
+    return importer.block_builder.emit(_relax().op.astype(codes, _dtype(dtype)))
+
+
+def _dequantize_per_tensor(node, importer):
+    q, scale, zero_point = node.args[:3]
+    op = _relax().op
+    value = op.subtract(op.astype(importer.env[q], "float32"), _f32(float(zero_point)))
+    return importer.block_builder.emit(op.multiply(value, _f32(float(scale))))
+
+
+def _per_channel(importer, node, vector):
+    """A per-channel [C] vector of `node`'s args, shaped to broadcast along its axis."""
+    axis, rank = node.args[3], len(node.meta["val"].shape)
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return _relax().op.reshape(_relax().op.astype(importer.env[vector], "float32"), shape)
+
+
+def _quantize_per_channel(node, importer):
+    x, scales, zero_points, _, qmin, qmax, dtype = node.args[:7]
+    op = _relax().op
+    # torch: x · (1 / scales) in float32, round, + zero points, clamp.
+    inverse = op.divide(_f32(1.0), _per_channel(importer, node, scales))
+    q = op.add(op.round(op.multiply(importer.env[x], inverse)), _per_channel(importer, node, zero_points))
+    q = op.minimum(op.maximum(q, _f32(float(qmin))), _f32(float(qmax)))
+    return importer.block_builder.emit(op.astype(q, _dtype(dtype)))
+
+
+def _dequantize_per_channel(node, importer):
+    q, scales, zero_points = node.args[:3]
+    op = _relax().op
+    value = op.astype(importer.env[q], "float32")
+    if zero_points is not None:
+        value = op.subtract(value, _per_channel(importer, node, zero_points))
+    return importer.block_builder.emit(op.multiply(value, _per_channel(importer, node, scales)))
+
+
+def _int8_matmul(node, importer):
+    a, b, a_scale, a_zero_point, b_scale, b_zero_point = node.args
+    op = _relax().op
+
+    def centred(x, scale, zero_point):
+        # code − zero point is in [−255, 255]: int16 operands, whose products LLVM can sum pairwise
+        # (vpmaddwd); the sums are exact in int32.
+        codes = _codes(importer.env[x], float(scale), int(zero_point), 0, 255)
+        return op.astype(op.subtract(codes, _f32(float(zero_point))), "int16")
+
+    acc = op.matmul(centred(a, a_scale, a_zero_point), centred(b, b_scale, b_zero_point), out_dtype="int32")
+    scale = torch.tensor(a_scale, dtype=torch.float32) * torch.tensor(b_scale, dtype=torch.float32)
+    return importer.block_builder.emit(op.multiply(op.astype(acc, "float32"), _f32(float(scale))))
+
+
+def _out_type(node):
+    val = node.meta["val"]
+    return _relax().TensorType([int(d) for d in val.shape], "float32")
+
+
+def _int8_conv2d(node, importer):
+    x, codes, scale, weight_sum, bias, stride, padding, dilation, groups, x_scale, x_zero_point, bits = node.args
+    relax = _relax()
+    params = relax.ShapeExpr([*stride, *padding, *dilation, groups, x_zero_point, bits])
+    args = [_value(importer, a) for a in (x, codes, scale, weight_sum, bias)] + [params, relax.prim_value(float(x_scale))]
+    return importer.block_builder.emit(relax.call_dps_packed(CONV2D_KERNEL, relax.Tuple(args), _out_type(node)))
+
+
+def _int8_linear(node, importer):
+    x, codes, scale, weight_sum, bias, x_scale, x_zero_point, bits = node.args
+    relax = _relax()
+    # x_scale None (dynamic per-token) reads as a scale <= 0 in the kernel.
+    args = [_value(importer, a) for a in (x, codes, scale, weight_sum, bias)]
+    args += [relax.ShapeExpr([x_zero_point, bits]), relax.prim_value(float(x_scale or 0.0))]
+    return importer.block_builder.emit(relax.call_dps_packed(LINEAR_KERNEL, relax.Tuple(args), _out_type(node)))
+
+
+def convert_map() -> dict[str, Callable]:
+    """`from_exported_program(custom_convert_map=...)`: op name (`OpOverload.__name__`) → converter."""
+    return {
+        "quantize_per_tensor.default": _quantize_per_tensor,
+        "dequantize_per_tensor.default": _dequantize_per_tensor,
+        "quantize_per_channel.default": _quantize_per_channel,
+        "dequantize_per_channel.default": _dequantize_per_channel,
+        "int8_matmul.default": _int8_matmul,
+        "int8_conv2d.default": _int8_conv2d,
+        "int8_linear.default": _int8_linear,
+    }
+
+
+# ---- the packed functions Relax calls -----------------------------------------------------------
+
+def _tensors(*values) -> list[Tensor | None]:
+    """TVM tensors as torch views of the same memory (DLPack, no copy); empty ones as None."""
+    return [torch.from_dlpack(v) if v.numel() else None for v in values]
+
+
+def _conv2d_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> None:
+    from edgepasses.kernels import ops
+
+    sh, sw, ph, pw, dh, dw, groups, x_zero_point, bits = (int(p) for p in params)
+    x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
+    ops.int8_conv2d_into(out, x, codes, scale, weight_sum, bias, [sh, sw], [ph, pw], [dh, dw], groups, x_scale,
+                         x_zero_point, bits)
+
+
+def _linear_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> None:
+    from edgepasses.kernels import ops
+
+    x_zero_point, bits = (int(p) for p in params)
+    x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
+    ops.int8_linear_into(out, x, codes, scale, weight_sum, bias, x_scale if x_scale > 0 else None, x_zero_point,
+                         bits)
+
+
+@functools.cache
+def register_kernels() -> None:
+    """Register the kernels' packed functions with TVM's FFI, once per process: before any VM that
+    calls them is created (built here or loaded from an artifact)."""
+    import tvm_ffi
+
+    tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_kernel, override=True)
+    tvm_ffi.register_global_func(LINEAR_KERNEL, _linear_kernel, override=True)
