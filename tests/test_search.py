@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 optuna = pytest.importorskip("optuna")
 
@@ -143,3 +140,38 @@ def test_search_on_local_ray(tmp_path):
         ray.shutdown()
     assert len(front.all_points) == 3 and (tmp_path / "journal.log").exists()
     assert len(load_front(tmp_path).all_points) == 3
+
+
+def test_latency_table_keys_follow_pruned_widths():
+    from edgepasses.search.lut import agreement, layer_keys
+
+    gm = edgepasses.compress(tiny(), tiny_data()[0], "fold_bn")
+    space = SearchSpace(layer_groups(gm), data_aware=False)
+    config = {**space.uniform("int8"), "prune:0": 0.5, "quant:5": "w4"}
+    pruned = edgepasses.compress(tiny(), tiny_data()[0], space.split(config)[0])
+    keys = {name: desc for name, _, desc in layer_keys(pruned, config)}
+    assert keys["0"]["w"] == [4, 4, 3, 3] and keys["2"]["w"] == [8, 4, 3, 3]      # 0's outputs = 2's inputs
+    assert keys["0"]["quant"] == "int8" and keys["5"]["quant"] == "w4" and keys["5"]["x"] == [2, 288]
+    good = agreement([(1.0, 2.0), (2.0, 4.1), (3.0, 5.9)])
+    assert good["spearman"] == 1.0 and abs(good["scale"] - 2.0) < 0.06 and good["median_abs_error"] < 0.05
+
+
+def test_search_with_latency_table_screens_and_records(tmp_path):
+    from edgepasses.search.lut import LUT
+
+    gm = edgepasses.compress(tiny(), tiny_data()[0], "fold_bn")
+    space = SearchSpace(layer_groups(gm), prune=False, lowrank=False, sparsify_24=False)  # few table entries
+    front = search(tiny(), tiny_data(), trials=2, out=tmp_path, sampler="random", lut=True, space=space,
+                   budget={"latency_ms": 1e-6}, **FAST)   # no candidate fits: everything after the first is screened
+    table = json.loads((tmp_path / LUT).read_text())
+    assert table["entries"] and all(v > 0 for v in table["entries"].values())
+    measured = [p for p in table["predictions"].values() if p["measured_ms"]]
+    assert measured and all(p["sum_ms"] > 0 for p in measured)
+    study = optuna.load_study(study_name="edgepasses-search", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    screened = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert screened and all("latency budget" in t.user_attrs["screened"] for t in screened)
+    assert len(front.all_points) == len(measured)          # screened candidates were never built
+    from edgepasses.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    assert "## Latency table" in (tmp_path / "report.md").read_text()

@@ -48,14 +48,18 @@ def run_search_command(args: argparse.Namespace) -> int:
     knobs = {k.strip() for k in args.knobs.split(",")}
     space = SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)),
                         quantize="quant" in knobs, prune="prune" in knobs, lowrank="lowrank" in knobs,
-                        sparsify_24="sparse24" in knobs,
+                        sparsify_24="sparse24" in knobs, data_aware=args.prune_criterion == "activation",
                         prune_ratios=tuple(float(v) for v in args.prune_ratios.split(",")),
                         lowrank_energies=tuple(float(v) for v in args.lowrank_energies.split(",")))
     front = search(zoo.module, data, zoo.accuracy_fn, example_inputs=zoo.example_inputs, target=args.target,
                    trials=args.trials, objectives=args.objectives, budget=args.budget, out=args.out,
                    sampler=args.sampler, workers=args.workers, num_workers=args.num_workers,
                    distill_steps=args.distill_steps, distill_data=distill_data, warmup=args.warmup,
-                   rounds=args.rounds, reference=reference, reference_info=info, seed=args.seed, space=space)
+                   rounds=args.rounds, reference=reference, reference_info=info, seed=args.seed, space=space,
+                   seed_configs=space.prune_seeds(tuple(float(v) for v in args.seed_prune.split(",") if v.strip())),
+                   lut=args.lut, distill_lr=args.distill_lr, meta={"model": args.model, "batch": args.batch,
+                                       "calibration_batches": args.calibration_batches,
+                                       "knobs": sorted(knobs), "prune_criterion": args.prune_criterion})
     print(front_markdown(front))
     print(f"\nrun directory: {args.out}; report: edgepasses report {args.out}")
     return 0

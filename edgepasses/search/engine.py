@@ -3,6 +3,7 @@ or in Ray tasks that share the study's storage."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,8 @@ class Spec:
     distill_steps: int = 0
     distill_data: Sequence | None = None
     threads: int | None = None
+    lut_dir: str | None = None      # screen with the per-layer latency table in this run directory
+    distill_lr: float = 1e-4
     reference: Callable[..., Any] | None = field(default=None, repr=False)  # driver only, never shipped
 
     def evaluator(self) -> Evaluator:
@@ -35,7 +38,8 @@ class Spec:
             torch.set_num_threads(self.threads)
         return Evaluator(self.model, self.example_inputs, self.data, eval_fn=self.eval_fn, target=self.target,
                          warmup=self.warmup, rounds=self.rounds, distill_steps=self.distill_steps,
-                         distill_data=self.distill_data, reference=self.reference)
+                         distill_data=self.distill_data, reference=self.reference,
+                         distill_lr=self.distill_lr)
 
 
 def _known(study, pipeline: str) -> dict[str, Any] | None:
@@ -51,6 +55,11 @@ def _known(study, pipeline: str) -> dict[str, Any] | None:
 def make_objective(spec: Spec, evaluator: Evaluator | None = None) -> Callable[[Any], list[float]]:
     evaluator = evaluator or spec.evaluator()
     with_calibration = bool(spec.data)
+    table = None
+    if spec.lut_dir:
+        from .lut import LatencyTable
+
+        table = LatencyTable(spec.lut_dir, spec.target, spec.warmup, spec.rounds)
 
     def objective(trial) -> list[float]:
         config = spec.space.suggest(trial)
@@ -58,21 +67,54 @@ def make_objective(spec: Spec, evaluator: Evaluator | None = None) -> Callable[[
         pipeline = spec.space.pipeline(config, with_calibration)
         trial.set_user_attr("pipeline", pipeline)
         attrs = _known(trial.study, pipeline)
+        lut_sum = None
+        if attrs is None and table is not None:
+            lut_sum = _screen(trial, spec, evaluator, table, config, head)
         if attrs is None:
             try:
                 attrs = evaluator.measure(head, tail).to_attrs()
+                if table is not None:
+                    table.record(trial.number, lut_sum, attrs["latency_ms"], pipeline)
+                    attrs["lut_sum_ms"] = lut_sum
             except Exception as exc:  # the trial FAILs with the reason; the search goes on
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
                 raise
         else:
             attrs["repeat_of"] = attrs.get("repeat_of", None) or "earlier trial"
         attrs["pipeline"] = pipeline
+        attrs["load_avg"] = round(os.getloadavg()[0], 2)  # 1-min load after the measurement (a shared machine)
         attrs["constraints"] = spec.scoring.constraints(attrs)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return spec.scoring.values(attrs)
 
     return objective
+
+
+def _screen(trial, spec: Spec, evaluator: Evaluator, table, config: dict[str, Any], head: str) -> float:
+    """The table's sum for this candidate; raises optuna.TrialPruned when the table screens it out."""
+    import copy
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from .lut import layer_keys, screen
+
+    layers = layer_keys(evaluator._run(copy.deepcopy(evaluator.base), head), config)
+    predicted = table.predict(layers)
+    scale = table.scale()
+    trial.set_user_attr("lut_sum_ms", predicted["sum_ms"])
+    if scale is None:
+        return predicted["sum_ms"]
+    measured = [{**t.user_attrs, "number": t.number} for t in trial.study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,)) if "latency_ms" in t.user_attrs]
+    why = screen(predicted["sum_ms"] * scale, predicted["size_mb"], spec.scoring.budget, measured,
+                 spec.scoring.baseline_accuracy)
+    trial.set_user_attr("lut_predicted_ms", predicted["sum_ms"] * scale)
+    if why:
+        trial.set_user_attr("screened", why)
+        raise optuna.TrialPruned(why)
+    return predicted["sum_ms"]
 
 
 def run_local(study, spec: Spec, n_trials: int, evaluator: Evaluator | None = None,

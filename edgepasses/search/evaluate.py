@@ -49,7 +49,7 @@ class Evaluator:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, data: Sequence[tuple], *,
                  eval_fn: EvalFn | None = None, target: str = "openvino", warmup: int = 2, rounds: int = 5,
                  distill_steps: int = 0, distill_data: Sequence | None = None,
-                 reference: Callable[..., Any] | None = None):
+                 reference: Callable[..., Any] | None = None, distill_lr: float = 1e-4):
         from ..backends import get_target
 
         self.model, self.example_inputs = model.eval(), tuple(example_inputs)
@@ -57,7 +57,7 @@ class Evaluator:
         self.eval_fn, self.target_name = eval_fn, target
         self.target = get_target(target)
         self.warmup, self.rounds = warmup, rounds
-        self.distill_steps = distill_steps
+        self.distill_steps, self.distill_lr = distill_steps, distill_lr
         self.distill_data = list(distill_data) if distill_data is not None else [b[0] for b in self.data]
         self.reference = reference
         with torch.no_grad():
@@ -86,7 +86,7 @@ class Evaluator:
         if self.distill_steps and any(s.name in ("prune", "lowrank", "sparsify_24") for s in Pipeline.parse(head)):
             from ..distill import distill
 
-            gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps)
+            gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps, lr=self.distill_lr)
             distilled = dict(gm.edge_distill)
         if tail:
             gm = self._run(gm, tail)

@@ -23,6 +23,7 @@ class Point:
     passes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     fallbacks: list[str] = field(default_factory=list, repr=False)
     distill: dict[str, Any] | None = field(default=None, repr=False)
+    load_avg: float | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -36,7 +37,8 @@ class Point:
         return cls(trial.number, a["pipeline"], target, a["latency_ms"], a["latency_min_ms"], a["latency_max_ms"],
                    a["size_mb"], a["accuracy"], baseline_accuracy - a["accuracy"],
                    all(c <= 0 for c in a.get("constraints", [])), a.get("reference_ms"),
-                   a.get("passes", []), a.get("fallbacks", []), a.get("distill"))
+                   a.get("passes", []), a.get("fallbacks", []), a.get("distill"),
+                   a.get("load_avg"))
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:

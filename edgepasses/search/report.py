@@ -25,6 +25,13 @@ def _speedup(front: Front, p: Point) -> str:
     return f"{ref_ms / p.latency_ms:.2f}×"
 
 
+def _load_text(front: Front) -> str:
+    loads = sorted(p.load_avg for p in front.all_points if p.load_avg is not None)
+    if not loads:
+        return "load average not recorded"
+    return f"1-min load average over the trials {loads[0]:.1f}–{loads[-1]:.1f} (median {loads[len(loads) // 2]:.1f})"
+
+
 def front_markdown(front: Front) -> str:
     lines = ["| trial | pipeline | latency ms median (min–max) | vs reference | size MB | accuracy | drop |",
              "|---|---|---|---|---|---|---|"]
@@ -104,16 +111,85 @@ def report_markdown(front: Front, meta: dict[str, Any], out: str, png: str) -> s
              f"{meta.get('budget') or 'none'}, sampler {meta.get('sampler')}, {len(front.all_points)} finished trials"
              f" ({failed} failed), search wall time {meta.get('wall_s', 0) / 60:.1f} min, inputs "
              f"{meta.get('example_inputs')}, {meta.get('rounds')} interleaved timing rounds per trial, "
-             f"flash distillation steps {meta.get('distill_steps', 0)}, groups {', '.join(meta.get('groups', []))}. "
+             f"flash distillation steps {meta.get('distill_steps', 0)} (lr {meta.get('distill_lr', '-')}), "
+             f"{_load_text(front)}, groups {', '.join(meta.get('groups', []))}. "
              f"Accuracy: {meta.get('accuracy_metric')}; baseline (float model) "
              f"{front.baseline_accuracy:.2f}.", "", f"![Pareto front]({png})", "",
              "## Front", "", "`vs reference`: the reference's median over the same interleaved rounds / the "
              "candidate's median.", "", front_markdown(front), "",
              "## What each pass did", "", passes_markdown(front), "## Fallbacks", "", fallbacks_markdown(front), ""]
+    lines += lut_markdown(Path(out), front)
+    lines += confirm_markdown(Path(out))
     errors = meta.get("errors") or []
     if errors:
         lines += ["## Failed trials", ""] + [f"- trial {t}: {e}" for t, e in errors] + [""]
     return "\n".join(lines)
+
+
+def lut_markdown(out: Path, front: Front) -> list[str]:
+    """Predicted (per-layer table) vs measured latency of the trials measured whole."""
+    import json
+
+    from .lut import LUT, agreement
+
+    path = out / LUT
+    if not path.exists():
+        return []
+    table = json.loads(path.read_text())
+    rows = sorted(((int(t), p) for t, p in table.get("predictions", {}).items()
+                   if p.get("sum_ms") and p.get("measured_ms")), key=lambda r: r[0])
+    fit = agreement([(p["sum_ms"], p["measured_ms"]) for _, p in rows])
+    lines = ["## Latency table", "",
+             f"{len(table.get('entries', {}))} one-layer programs measured on {table.get('target')} "
+             f"({table.get('measure_s', 0):.0f} s in all); a candidate's prediction is the sum of its layers' "
+             "entries times the median measured/sum of the trials measured whole.", ""]
+    if fit.get("n", 0) >= 2:
+        lines += [f"Over {fit['n']} measured trials: scale (measured/sum) {fit['scale']:.2f}, median |error| after "
+                  f"scaling {fit['median_abs_error']:.0%} (max {fit['max_abs_error']:.0%}), Spearman rank "
+                  f"correlation {fit['spearman']:.2f}.", ""]
+    screened = _screened(out)
+    if screened:
+        lines += [f"Screened out without a whole-model build: {len(screened)} candidates.", ""]
+        lines += [f"- trial {t}: {why}" for t, why in screened[:20]] + [""]
+    lines += ["| trial | sum of layers ms | predicted ms (scaled) | measured ms | error |", "|---|---|---|---|---|"]
+    scale = fit.get("scale", 1.0)
+    for t, p in rows:
+        pred = p["sum_ms"] * scale
+        lines.append(f"| {t} | {p['sum_ms']:.3g} | {pred:.3g} | {p['measured_ms']:.3g} | "
+                     f"{(pred - p['measured_ms']) / p['measured_ms']:+.0%} |")
+    return lines + [""]
+
+
+def _screened(out: Path) -> list[tuple[int, str]]:
+    import optuna
+    from optuna.trial import TrialState
+
+    from .study import STUDY_NAME, storage_for
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out))
+    return [(t.number, t.user_attrs.get("screened", "?")) for t in study.get_trials(deepcopy=False,
+                                                                                   states=(TrialState.PRUNED,))]
+
+
+def confirm_markdown(out: Path) -> list[str]:
+    """The final side-by-side re-measurement (`confirm.json`, written by `python -m edgepasses.search.confirm`)."""
+    import json
+
+    path = out / "confirm.json"
+    if not path.exists():
+        return []
+    c = json.loads(path.read_text())
+    lines = ["## Confirmation: the picked point vs NNCF int8 vs eager float, one interleaved run", "",
+             f"`{c['command']}`: {c['rounds']} interleaved rounds (warmup {c['warmup']}), batch {c['batch']}, "
+             f"load average {c['load_before']} before / {c['load_after']} after; picked: trial {c['trial']} "
+             f"(`front.pick(max_accuracy_drop={c['max_accuracy_drop']})`).", "",
+             "| program | latency ms median (min–max) | vs NNCF int8 | accuracy | drop |", "|---|---|---|---|---|"]
+    ref = c["programs"]["nncf int8"]["latency_ms"]
+    for name, p in c["programs"].items():
+        lines.append(f"| {name} | {p['latency_ms']:.3g} ({p['latency_min_ms']:.3g}–{p['latency_max_ms']:.3g}) | "
+                     f"{ref / p['latency_ms']:.2f}× | {p['accuracy']:.2f} | {c['baseline_accuracy'] - p['accuracy']:.2f} |")
+    lines += ["", f"Picked pipeline: `{c['pipeline']}`", ""]
+    return lines
 
 
 def write_report(out: "str | Path") -> dict[str, Path]:

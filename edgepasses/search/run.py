@@ -22,7 +22,9 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
            sampler: str = "nsga2", workers: str | None = None, num_workers: int | None = None,
            distill_steps: int = 0, distill_data: Sequence | None = None, warmup: int = 2, rounds: int = 5,
            reference: "Callable[..., Any] | None" = None, reference_info: dict[str, Any] | None = None,
-           space: SearchSpace | None = None, seed: int | None = 0, progress: bool = True) -> Front:
+           space: SearchSpace | None = None, seed: int | None = 0, progress: bool = True,
+           seed_configs: Sequence[dict[str, Any]] = (), lut: bool = False,
+           meta: dict[str, Any] | None = None, distill_lr: float = 1e-4) -> Front:
     """Search per-group compression choices (quantize / prune / lowrank / sparsify_24) for `model` on
     `target`; return the Pareto front of the finished, feasible trials.
 
@@ -45,7 +47,8 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgepasses-search-"))
     start = time.perf_counter()
     evaluator = Evaluator(model, example_inputs, data, eval_fn=eval_fn, target=target, warmup=warmup, rounds=rounds,
-                          distill_steps=distill_steps, distill_data=distill_data, reference=reference)
+                          distill_steps=distill_steps, distill_data=distill_data, reference=reference,
+                          distill_lr=distill_lr)
     meta_path = out / "search.json"
     if meta_path.exists():
         baseline = read_meta(out)["baseline_accuracy"]
@@ -53,21 +56,24 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
         baseline = evaluator.baseline_accuracy() if eval_fn is not None else float("inf")
     space = space or SearchSpace(layer_groups(evaluator.base))
     scoring = Scoring(objectives, budget, baseline if baseline != float("inf") else 200.0)
+    if lut and workers:
+        raise ValueError("lut=True screens in one process; it does not combine with workers (Ray)")
     spec = Spec(model, example_inputs, data, eval_fn, target, space, scoring, warmup, rounds, distill_steps,
-                distill_data, reference=reference)
+                distill_data, reference=reference, lut_dir=str(out) if lut else None, distill_lr=distill_lr)
     study = open_study(storage_for(out, journal=workers is not None), scoring.directions,
                        make_sampler(sampler, trials, seed))
     interrupted = close_interrupted(study)
     if not study.get_trials(deepcopy=False):
-        for seed_config in (space.uniform("int8"), space.uniform("float")):  # the obvious baselines first
+        for seed_config in (space.uniform("int8"), space.uniform("float"), *seed_configs):  # baselines first
             study.enqueue_trial(seed_config)
     write_meta(out, {"target": target, "objectives": list(objectives), "budget": budget, "trials": trials,
                      "sampler": sampler, "baseline_accuracy": baseline if eval_fn is not None else None,
                      "accuracy_metric": "eval_fn" if eval_fn is not None else "output SQNR dB (proxy)",
                      "groups": [g.name for g in space.groups], "warmup": warmup, "rounds": rounds,
-                     "distill_steps": distill_steps, "example_inputs": [list(x.shape) for x in example_inputs
+                     "distill_steps": distill_steps, "distill_lr": distill_lr, "example_inputs": [list(x.shape) for x in example_inputs
                                                                         if isinstance(x, torch.Tensor)],
-                     **({"reference": reference_info} if reference_info else {})})
+                     "seed_trials": 2 + len(seed_configs), "lut": bool(lut),
+                     **({"reference": reference_info} if reference_info else {}), **(meta or {})})
     remaining = max(0, trials - done_count(study))
     if remaining:
         if workers:
@@ -76,7 +82,11 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
             run_ray(workers, out, spec_without_reference(spec), scoring.directions, sampler, trials, remaining,
                     seed, num_workers)
         else:
-            run_local(study, spec, remaining, evaluator, show_progress=progress)
+            attempts = 0  # trials the latency table screens out (PRUNED) are not done: draw more, within reason
+            while remaining > 0 and attempts < 3 * trials:
+                run_local(study, spec, remaining, evaluator, show_progress=progress)
+                attempts += remaining
+                remaining = max(0, trials - done_count(study))
     elapsed = time.perf_counter() - start
     meta = read_meta(out)
     write_meta(out, {"wall_s": meta.get("wall_s", 0.0) + elapsed, "interrupted_trials":

@@ -88,6 +88,23 @@ class SearchSpace:
                 config[f"sparse24:{g.name}"] = False
         return config
 
+    def prune_seeds(self, ratios: tuple[float, ...]) -> list[dict[str, Any]]:
+        """Seed trials near where int8 + structure should pay: int8 everywhere, each ratio on the later
+        half of the prunable groups, then on all of them after the first (the stem stays whole)."""
+        prunable = [g for g in self.groups if not g.linear_only]
+        if not self.prune or not prunable:
+            return []
+        late, rest = prunable[len(prunable) // 2:], prunable[1:]
+        seeds = []
+        for chosen in (late, rest):
+            for ratio in ratios:
+                if ratio in self.prune_ratios and ratio > 0:
+                    config = self.uniform("int8")
+                    config.update({f"prune:{g.name}": ratio for g in chosen})
+                    if config not in seeds:
+                        seeds.append(config)
+        return seeds
+
     def _others(self, chosen: list[Group]) -> list[str]:
         names = {g.name for g in chosen}
         return [p for g in self.groups if g.name not in names for p in g.patterns]

@@ -1,0 +1,95 @@
+"""After a zoo-model search: re-measure the picked front point beside NNCF int8 and the eager float model
+in one interleaved run with more rounds (`confirm.json`, shown by the report), and optionally check the
+per-layer latency table against every measured trial (`lut.json`).
+
+    python -m edgepasses.search.confirm RUN_DIR [--rounds 30] [--lut]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_drop: float | None = None,
+            command: str = "") -> dict:
+    import torch
+
+    import edgepasses
+    from edgepasses.bench.runner import _nncf
+    from edgepasses.bench.zoo import get_model
+
+    from ..api import lower
+    from .evaluate import time_programs
+    from .run import load_front
+    from .study import read_meta
+
+    meta = read_meta(out)
+    if max_accuracy_drop is None:
+        max_accuracy_drop = meta.get("budget", {}).get("accuracy_drop")
+    zoo = get_model(meta["model"], meta["batch"])
+    data = zoo.calibration(meta.get("calibration_batches", 4))
+    front = load_front(out)
+    point = front.pick(max_accuracy_drop=max_accuracy_drop)
+    load_before = _load()
+    with torch.no_grad():
+        gm = edgepasses.compress(zoo.module, zoo.example_inputs, point.pipeline, calibration=data)
+    program = lower(gm, zoo.example_inputs, target=meta["target"])
+    nncf = _nncf(zoo, data, "f32").run
+    programs = {f"search trial {point.trial}": program, "nncf int8": nncf, "eager float (PyTorch)": zoo.module}
+    timings = time_programs({name: (lambda fn=fn: fn(*zoo.example_inputs)) for name, fn in programs.items()},
+                            warmup, rounds)
+    result = {"command": command, "trial": point.trial, "pipeline": point.pipeline, "rounds": rounds,
+              "warmup": warmup, "batch": meta["batch"], "max_accuracy_drop": max_accuracy_drop,
+              "baseline_accuracy": front.baseline_accuracy, "load_before": load_before, "load_after": _load(),
+              "programs": {name: {"latency_ms": timings[name].median_ms, "latency_min_ms": timings[name].min_ms,
+                                  "latency_max_ms": timings[name].max_ms, "accuracy": zoo.accuracy_fn(fn)}
+                           for name, fn in programs.items()},
+              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    (Path(out) / "confirm.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def check_lut(out: "str | Path") -> dict:
+    from edgepasses.bench.zoo import get_model
+
+    from ..canonical import export_canonical
+    from .lut import check_run
+    from .space import SearchSpace, layer_groups
+    from .study import read_meta
+
+    meta = read_meta(out)
+    zoo = get_model(meta["model"], meta["batch"])
+    data = zoo.calibration(meta.get("calibration_batches", 4))
+    knobs = set(meta.get("knobs", ["quant", "prune", "lowrank", "sparse24"]))
+    space = SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)), quantize="quant" in knobs,
+                        prune="prune" in knobs, lowrank="lowrank" in knobs, sparsify_24="sparse24" in knobs,
+                        data_aware=meta.get("prune_criterion", "activation") == "activation")
+    return check_run(out, zoo.module, zoo.example_inputs, data, space, meta.get("warmup", 2), meta.get("rounds", 5))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgepasses.search.confirm", description=__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-accuracy-drop", type=float, default=None)
+    parser.add_argument("--lut", action="store_true", help="also predict every measured trial from the latency table")
+    args = parser.parse_args(argv)
+    command = "python -m edgepasses.search.confirm " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.lut:
+        print("latency table vs measured:", json.dumps(check_lut(args.run_dir)))
+    result = confirm(args.run_dir, args.rounds, args.warmup, args.max_accuracy_drop, command)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
