@@ -8,7 +8,7 @@ PIP     := $(PY) -m pip --disable-pip-version-check
 TORCH   := torch==2.14.1 torchvision==0.29.1
 EXTRAS  := openvino,quantize,onnx,bench,dev,search,tvm
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean search-example
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --durations=15
+
+# The search example in docs/search-example/run (the search, the confirmation, the report; about an hour).
+search-example: $(VENV)/.installed
+	sh docs/search-example/regenerate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -57,7 +57,7 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     return result
 
 
-def check_lut(out: "str | Path") -> dict:
+def check_lut(out: "str | Path", max_trials: int | None = None) -> dict:
     from edgepasses.bench.zoo import get_model
 
     from ..canonical import export_canonical
@@ -72,7 +72,8 @@ def check_lut(out: "str | Path") -> dict:
     space = SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)), quantize="quant" in knobs,
                         prune="prune" in knobs, lowrank="lowrank" in knobs, sparsify_24="sparse24" in knobs,
                         data_aware=meta.get("prune_criterion", "activation") == "activation")
-    return check_run(out, zoo.module, zoo.example_inputs, data, space, meta.get("warmup", 2), meta.get("rounds", 5))
+    return check_run(out, zoo.module, zoo.example_inputs, data, space, meta.get("warmup", 2), meta.get("rounds", 5),
+                     max_trials)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-accuracy-drop", type=float, default=None)
-    parser.add_argument("--lut", action="store_true", help="also predict every measured trial from the latency table")
+    parser.add_argument("--lut", action="store_true", help="also predict measured trials from the latency table")
+    parser.add_argument("--lut-trials", type=int, default=None, help="that many trials, evenly spaced (default: all)")
     args = parser.parse_args(argv)
     command = "python -m edgepasses.search.confirm " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.lut:
-        print("latency table vs measured:", json.dumps(check_lut(args.run_dir)))
+        print("latency table vs measured:", json.dumps(check_lut(args.run_dir, args.lut_trials)))
     result = confirm(args.run_dir, args.rounds, args.warmup, args.max_accuracy_drop, command)
     print(json.dumps(result, indent=1))
     return 0

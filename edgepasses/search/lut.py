@@ -187,9 +187,10 @@ def agreement(pairs: list[tuple[float, float]]) -> dict[str, float]:
 
 
 def check_run(out: "str | Path", model: torch.nn.Module, example_inputs: tuple, data: list, space,
-              warmup: int = 2, rounds: int = 5) -> dict[str, float]:
-    """Predict every finished trial of a run directory from the table (measuring missing entries) and
-    record predicted vs measured in `lut.json`: how well the table would have screened this run."""
+              warmup: int = 2, rounds: int = 5, max_trials: int | None = None) -> dict[str, float]:
+    """Predict the finished trials of a run directory from the table (measuring missing entries) and
+    record predicted vs measured in `lut.json`: how well the table would have screened this run.
+    `max_trials`: that many trials, evenly spaced over the run (every one-layer build costs seconds)."""
     from optuna.trial import TrialState
 
     from .evaluate import Evaluator
@@ -200,9 +201,12 @@ def check_run(out: "str | Path", model: torch.nn.Module, example_inputs: tuple, 
     evaluator = Evaluator(model, example_inputs, data, target=meta["target"])
     directions = ["minimize" if o != "accuracy" else "maximize" for o in meta["objectives"]]
     study = open_study(storage_for(out), directions)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "latency_ms" not in t.user_attrs or t.user_attrs.get("repeat_of"):
-            continue
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "latency_ms" in t.user_attrs and not t.user_attrs.get("repeat_of")]
+    if max_trials and len(trials) > max_trials:
+        step = (len(trials) - 1) / (max_trials - 1) if max_trials > 1 else 0
+        trials = [trials[round(i * step)] for i in range(max_trials)]
+    for t in trials:
         config = {**space.uniform("float"), **t.params}
         head, _ = space.split(config, bool(data))
         layers = layer_keys(evaluator._run(_copy(evaluator.base), head), config)
