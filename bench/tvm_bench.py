@@ -1,10 +1,12 @@
-"""ResNet-18, batch 1, fp32: eager PyTorch vs OpenVINO vs TVM untuned vs TVM tuned with MetaSchedule.
+"""ResNet-18, batch 1: eager PyTorch vs OpenVINO vs TVM untuned vs TVM tuned with MetaSchedule, fp32 and int8.
 
-`python -m edgepasses.bench.tvm_bench [--trials 32] [--time-limit 780] [--rounds 20]`
+`python -m edgepasses.bench.tvm_bench [--trials 32] [--time-limit 780] [--rounds 20] [--int8] [--no-untuned]`
 
-All lowered candidates run the same `fold_bn` graph; they are timed interleaved
-(`measure_side_by_side`): median and min–max in ms. Tuning time is stated; the tuned graph
-is then lowered a second time to show the cache (records reused, no tuning).
+The fp32 candidates run the same `fold_bn` graph. `--int8` adds `fold_bn,quantize` (8 batches of the zoo's
+calibration) on TVM (its conv/linear on our int8 kernels, the rest tuned; records in `--int8-cache-dir`)
+and on OpenVINO, each quantized for its target. Everything is timed interleaved
+(`measure_side_by_side`): median and min–max in ms. Tuning time is stated (as recorded when the
+records were reused); the tuned fp32 graph is then lowered a second time to show the cache.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import edgepasses
 from .timing import measure_side_by_side
 from .zoo import get_model
 
+CALIBRATION_BATCHES = 8  # as bench.runner's int8 rows
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cache-dir", default=None, help="tuning records (default ~/.cache/edgepasses/tvm)")
+    parser.add_argument("--int8", action="store_true", help="add tvm int8 and openvino int8 rows")
+    parser.add_argument("--int8-cache-dir", default=None, help="tuning records of the int8 graph (default: --cache-dir)")
+    parser.add_argument("--no-untuned", action="store_true", help="leave out the untuned tvm row (slow to time)")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
 
@@ -47,10 +54,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     candidates = {"eager fp32": model}
     candidates["openvino fp32"] = timed("openvino fp32", lambda: edgepasses.lower(gm, inputs, target="openvino"))
-    candidates["tvm untuned"] = timed("tvm untuned", lambda: TVMTarget(trials=0, records=False).lower(gm, inputs))
+    if not args.no_untuned:
+        candidates["tvm untuned"] = timed("tvm untuned", lambda: TVMTarget(trials=0, records=False).lower(gm, inputs))
     tuned_target = TVMTarget(trials=args.trials, time_limit_s=args.time_limit)
     candidates["tvm tuned"] = timed("tvm tuned", lambda: tuned_target.lower(gm, inputs, cache_dir=args.cache_dir))
     timed("tvm tuned, 2nd compile", lambda: tuned_target.lower(gm, inputs, cache_dir=args.cache_dir))
+    if args.int8:
+        calibration = zoo.calibration(CALIBRATION_BATCHES)
+        int8 = {t: edgepasses.compress(model, inputs, "fold_bn,quantize", calibration=calibration, target=t)
+                for t in ("tvm", "openvino")}
+        candidates["openvino int8"] = timed("openvino int8", lambda: edgepasses.lower(int8["openvino"], inputs,
+                                                                                      target="openvino"))
+        candidates["tvm int8 tuned"] = timed("tvm int8 tuned", lambda: tuned_target.lower(
+            int8["tvm"], inputs, cache_dir=args.int8_cache_dir or args.cache_dir))
 
     with torch.no_grad():
         expected = model(*inputs)
@@ -66,16 +82,27 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {t.median_ms:.1f} | {t.min_ms:.1f}–{t.max_ms:.1f} | {eager / t.median_ms:.2f}× | "
               f"{errors[name]:.2g} | {compile_s.get(name, 0):.1f} |")
     tuned, second = info["tvm tuned"], info["tvm tuned, 2nd compile"]
-    print(f"\ntvm tuned: {tuned.get('trials_per_task')} trials/task over {tuned.get('tasks')} tasks, "
-          f"tuning {tuned.get('tuning_s', 0):.0f} s (cache hit: {tuned['cache_hit']}); "
-          f"2nd compile {compile_s['tvm tuned, 2nd compile']:.1f} s (cache hit: {second['cache_hit']}); "
-          f"target {tuned['target']}")
+    print(f"\ntvm tuned: {_tuning(tuned)}; 2nd compile {compile_s['tvm tuned, 2nd compile']:.1f} s (cache hit: "
+          f"{second['cache_hit']}); target {tuned['target']}")
+    if args.int8:
+        lowering = candidates["tvm int8 tuned"].edge_lowering
+        print(f"tvm int8 tuned: {_tuning(info['tvm int8 tuned'])}; {lowering.int8_ops} int8 ops on our kernels, "
+              f"{len(lowering.fallbacks)} fallbacks")
     result = {"timings_ms": {n: {"median": t.median_ms, "min": t.min_ms, "max": t.max_ms} for n, t in timings.items()},
-              "compile_s": compile_s, "max_abs_err": errors, "tvm": {"tuned": tuned, "second": second}}
+              "compile_s": compile_s, "max_abs_err": errors, "tvm": {"tuned": tuned, "second": second,
+                                                               "int8": info.get("tvm int8 tuned")}}
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1, default=str)
     return result
+
+
+def _tuning(info: dict) -> str:
+    """Trials, tasks and tuning time of a tuned TVM build (the recorded time when records were reused)."""
+    seconds = info.get("recorded_tuning_s") if info.get("cache_hit") else info.get("tuning_s")
+    when = "when recorded, reused now" if info.get("cache_hit") else "now"
+    return (f"{info.get('trials_per_task')} trials/task over {info.get('tasks')} tasks, tuning "
+            f"{seconds or 0:.0f} s ({when})")
 
 
 if __name__ == "__main__":

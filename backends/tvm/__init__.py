@@ -8,6 +8,10 @@ convert ("Unsupported function types [...]"), the graph (after the importer's ow
 decomposition, so the names match) is split: TVM runs the partitions it converts, PyTorch the
 rest, and one warning names each op left behind.
 
+Quantized graphs (`quantize`'s Q/DQ) are rewritten first (`quant.py`): Q/DQ conv2d/linear call our
+int8 C++ kernels from Relax, activation matmuls become integer Relax matmuls, other Q/DQ Relax
+elementwise ops; `Lowering.int8_ops` counts the integer layers.
+
 The budget: `TVMTarget(trials=N, time_limit_s=T)` (N MetaSchedule trials per fused op; 0 =
 untuned plain loops) or the same keywords on `lower`; `EDGEPASSES_TVM_TRIALS` sets the
 default instance's budget until the backend options carry one.

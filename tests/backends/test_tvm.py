@@ -100,8 +100,9 @@ def test_second_compile_reuses_tuning_records(tmp_path, caplog):
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval(), torch.randn(1, 16)
     gm = _graph(model, x)
-    first = TVMTarget(trials=2).lower(gm, (x,), cache_dir=str(tmp_path))
-    assert first.info["tuned"] and not first.info["cache_hit"]
+    # A time limit already spent: tuning ends after the first measured batch, and its records count.
+    first = TVMTarget(trials=2, time_limit_s=1e-3).lower(gm, (x,), cache_dir=str(tmp_path))
+    assert first.info["tuned"] and not first.info["cache_hit"] and first.info["stopped_at_time_limit"]
     assert list(tmp_path.glob("*/database_tuning_record.json"))
     with caplog.at_level(logging.INFO, logger="edgepasses"):
         second = TVMTarget(trials=2).lower(gm, (x,), cache_dir=str(tmp_path))
