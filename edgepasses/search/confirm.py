@@ -20,7 +20,6 @@ def _load() -> str:
 
 def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_drop: float | None = None,
             command: str = "") -> dict:
-    import torch
 
     import edgepasses
     from edgepasses.bench.runner import _nncf
@@ -39,14 +38,25 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     front = load_front(out)
     point = front.pick(max_accuracy_drop=max_accuracy_drop)
     load_before = _load()
-    with torch.no_grad():
-        gm = edgepasses.compress(zoo.module, zoo.example_inputs, point.pipeline, calibration=data)
+    # Built as the search built it: the structural steps, flash distillation (when the run used it and the
+    # structure changed), then quantize: the pipeline text alone does not carry the distillation.
+    from .evaluate import Evaluator
+
+    steps = meta.get("distill_steps", 0)
+    distill_data = [b[0] for b in zoo.calibration(min(16, max(meta.get("calibration_batches", 4), 8)))]
+    evaluator = Evaluator(zoo.module, zoo.example_inputs, data, target=meta["target"], distill_steps=steps,
+                          distill_data=distill_data, distill_lr=meta.get("distill_lr", 1e-4))
+    head, tail = _space(meta, zoo).split({**_space(meta, zoo).uniform("float"), **_params(out, point.trial)},
+                                         bool(data))
+    gm, _, distilled = evaluator.compress(head, tail)
+    assert str(edgepasses.Pipeline.parse(head + ("," + tail if tail else ""))) == point.pipeline
     program = lower(gm, zoo.example_inputs, target=meta["target"])
     nncf = _nncf(zoo, data, "f32").run
     programs = {f"search trial {point.trial}": program, "nncf int8": nncf, "eager float (PyTorch)": zoo.module}
     timings = time_programs({name: (lambda fn=fn: fn(*zoo.example_inputs)) for name, fn in programs.items()},
                             warmup, rounds)
     result = {"command": command, "trial": point.trial, "pipeline": point.pipeline, "rounds": rounds,
+              "distilled": distilled,
               "warmup": warmup, "batch": meta["batch"], "max_accuracy_drop": max_accuracy_drop,
               "baseline_accuracy": front.baseline_accuracy, "load_before": load_before, "load_after": _load(),
               "programs": {name: {"latency_ms": timings[name].median_ms, "latency_min_ms": timings[name].min_ms,
@@ -57,21 +67,34 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     return result
 
 
+def _space(meta: dict, zoo):
+    from ..canonical import export_canonical
+    from .space import SearchSpace, layer_groups
+
+    knobs = set(meta.get("knobs", ["quant", "prune", "lowrank", "sparse24"]))
+    return SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)), quantize="quant" in knobs,
+                       prune="prune" in knobs, lowrank="lowrank" in knobs, sparsify_24="sparse24" in knobs,
+                       data_aware=meta.get("prune_criterion", "activation") == "activation")
+
+
+def _params(out, number: int) -> dict:
+    from .study import STUDY_NAME, storage_for
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out))
+    return dict(study.trials[number].params)
+
+
 def check_lut(out: "str | Path", max_trials: int | None = None) -> dict:
     from edgepasses.bench.zoo import get_model
 
-    from ..canonical import export_canonical
     from .lut import check_run
-    from .space import SearchSpace, layer_groups
     from .study import read_meta
 
     meta = read_meta(out)
     zoo = get_model(meta["model"], meta["batch"])
     data = zoo.calibration(meta.get("calibration_batches", 4))
-    knobs = set(meta.get("knobs", ["quant", "prune", "lowrank", "sparse24"]))
-    space = SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)), quantize="quant" in knobs,
-                        prune="prune" in knobs, lowrank="lowrank" in knobs, sparsify_24="sparse24" in knobs,
-                        data_aware=meta.get("prune_criterion", "activation") == "activation")
+    space = _space(meta, zoo)
     return check_run(out, zoo.module, zoo.example_inputs, data, space, meta.get("warmup", 2), meta.get("rounds", 5),
                      max_trials)
 
@@ -82,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-accuracy-drop", type=float, default=None)
+    parser.add_argument("--no-confirm", action="store_true", help="only the latency-table check")
     parser.add_argument("--lut", action="store_true", help="also predict measured trials from the latency table")
     parser.add_argument("--lut-trials", type=int, default=None, help="that many trials, evenly spaced (default: all)")
     args = parser.parse_args(argv)
     command = "python -m edgepasses.search.confirm " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.lut:
         print("latency table vs measured:", json.dumps(check_lut(args.run_dir, args.lut_trials)))
+    if args.no_confirm:
+        return 0
     result = confirm(args.run_dir, args.rounds, args.warmup, args.max_accuracy_drop, command)
     print(json.dumps(result, indent=1))
     return 0

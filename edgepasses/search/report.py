@@ -91,7 +91,7 @@ def plot(front: Front, path: Path) -> Path:
     ref = front.reference
     if ref and ref.get("accuracy") is not None:
         ax.scatter([ref["latency_ms"]], [ref["accuracy"]], marker="*", s=160, color="#d62728",
-                   label=ref.get("label", "reference"))
+                   label=f"{ref.get('label', 'reference')} (timed at the start)")
     ax.set_xlabel("latency ms (median)")
     ax.set_ylabel("accuracy")
     ax.set_title("search: latency vs accuracy (marker area ~ size MB)")
@@ -116,7 +116,11 @@ def report_markdown(front: Front, meta: dict[str, Any], out: str, png: str) -> s
              f"Accuracy: {meta.get('accuracy_metric')}; baseline (float model) "
              f"{front.baseline_accuracy:.2f}.", "", f"![Pareto front]({png})", "",
              "## Front", "", "`vs reference`: the reference's median over the same interleaved rounds / the "
-             "candidate's median.", "", front_markdown(front), "",
+             "candidate's median." + (f" Pruned points were flash-distilled ({meta.get('distill_steps')} steps) "
+                                     "between the structural steps and quantize: the pipeline text alone does not "
+                                     "reproduce their accuracy (`edgepasses.distill` does; "
+                                     "`python -m edgepasses.search.confirm` rebuilds them so)."
+                                     if meta.get("distill_steps") else ""), "", front_markdown(front), "",
              "## What each pass did", "", passes_markdown(front), "## Fallbacks", "", fallbacks_markdown(front), ""]
     lines += lut_markdown(Path(out), front)
     lines += confirm_markdown(Path(out))
@@ -182,7 +186,9 @@ def confirm_markdown(out: Path) -> list[str]:
     lines = ["## Confirmation: the picked point vs NNCF int8 vs eager float, one interleaved run", "",
              f"`{c['command']}`: {c['rounds']} interleaved rounds (warmup {c['warmup']}), batch {c['batch']}, "
              f"load average {c['load_before']} before / {c['load_after']} after; picked: trial {c['trial']} "
-             f"(`front.pick(max_accuracy_drop={c['max_accuracy_drop']})`).", "",
+             f"(`front.pick(max_accuracy_drop={c['max_accuracy_drop']})`), rebuilt as the search built it"
+             + (f" (flash distillation {c['distilled'].get('steps')} steps, loss {c['distilled'].get('loss_start', 0):.3g}"
+                f" → {c['distilled'].get('loss_end', 0):.3g})" if c.get("distilled") else "") + ".", "",
              "| program | latency ms median (min–max) | vs NNCF int8 | accuracy | drop |", "|---|---|---|---|---|"]
     ref = c["programs"]["nncf int8"]["latency_ms"]
     for name, p in c["programs"].items():
