@@ -7,7 +7,7 @@ Output on 2026-11-29 11:19 UTC (load average 3.9 before and after timing):
 
 Run: python docs/search-example/probe_distill100.py
 """
-import os, time, torch
+import os, time
 from edgepasses.bench.zoo import get_model
 from edgepasses.bench.runner import _nncf
 from edgepasses.search.evaluate import Evaluator, time_programs
