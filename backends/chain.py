@@ -88,23 +88,17 @@ class TargetChain:
     def _hand_on(self, lowered: torch.fx.GraphModule, lowering: Lowering, handed: set[torch.fx.Node],
                  rest: "TargetChain", **options) -> torch.fx.GraphModule:
         own = dict(getattr(lowered, "edge_partition_ops", {}))
-        programs = {}
-
-        def compile_partition(sub, samples):
-            program = rest.lower(sub, samples, **options)
-            programs[id(program)] = program
-            return program
-
         prefix = f"{rest.targets[0].name}_"
-        lower_by_partition(lowered, {}, compile_partition, prefix=prefix, only=handed)
-        placements = [p for name, ops in own.items() for p in [Placement(name, lowering.target, ops)]]
+        lower_by_partition(lowered, {}, lambda sub, samples: rest.lower(sub, samples, **options), prefix=prefix,
+                           only=handed)
+        placements = [Placement(name, lowering.target, ops) for name, ops in own.items()]
+        subs = []
         for name, ops in lowered.edge_partition_ops.items():
             if name.startswith(prefix):
-                sub_lowering = lowered.get_submodule(name).edge_lowering
+                subs.append(lowered.get_submodule(name).edge_lowering)
                 placements += [Placement(f"{name}/{p.partition}" if p.partition != "whole graph" else name,
                                          p.target, p.ops if p.partition != "whole graph" else ops)
-                               for p in sub_lowering.placements]
-        subs = [p.edge_lowering for p in programs.values()]
+                               for p in subs[-1].placements]
         lowered.edge_lowering = Lowering(
             target=",".join(dict.fromkeys([lowering.target] + [s.target for s in subs])),
             precision=lowering.precision, partitions=lowering.partitions + sum(s.partitions for s in subs),
