@@ -16,7 +16,7 @@ from typing import Callable
 import torch.fx
 
 from . import Lowering, Target
-from .partition import handing_on_fallbacks, lower_by_partition
+from .partition import compute_ops, handing_on_fallbacks, lower_by_partition, report_fallbacks
 
 log = logging.getLogger("edgepasses")
 
@@ -30,10 +30,6 @@ class Placement:
     def __str__(self) -> str:
         ops = f", {self.ops} op(s)" if self.ops is not None else ""
         return f"{self.partition} -> {self.target}{ops}"
-
-
-def _count_ops(gm: torch.fx.GraphModule) -> int:
-    return sum(n.op == "call_function" for n in gm.graph.nodes)
 
 
 class TargetChain:
@@ -68,16 +64,15 @@ class TargetChain:
         first, rest = self.targets[0], TargetChain(self.targets[1:])
         if not rest.targets:
             lowered = first.lower(gm, example_inputs, strict=strict, precision=precision, cache_dir=cache_dir)
-            _fill_placements(lowered.edge_lowering, lowered, _count_ops(gm))
+            _fill_placements(lowered.edge_lowering, lowered, compute_ops(gm))
             return lowered
         with handing_on_fallbacks():
             lowered = first.lower(gm, example_inputs, strict=False, precision=precision, cache_dir=cache_dir)
         lowering = lowered.edge_lowering
         handed = _handed_nodes(lowered, lowering)
         if not handed:
-            _fill_placements(lowering, lowered, _count_ops(gm))
+            _fill_placements(lowering, lowered, compute_ops(gm))
             if lowering.fallbacks:  # ops the target's own partitioner keeps (TensorRT): cannot hand on
-                from .partition import report_fallbacks
                 report_fallbacks(first.name, lowering.fallbacks, strict=strict)
             return lowered
         log.warning("target %r cannot run %d op(s); the next targets in the list (%s) run them:\n%s", first.name,

@@ -79,6 +79,11 @@ def sparse24_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.meta.get("sparse24")]
 
 
+def compute_ops(gm: torch.fx.GraphModule) -> int:
+    """The op count a placement report gives for a graph or partition."""
+    return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
 def _absorb_constants(partition) -> None:
     """Move into the partition each `get_attr` whose every user is inside it."""
     for node in list(partition.nodes):
@@ -110,7 +115,7 @@ def lower_by_partition(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Node
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith(prefix):
             sub = gm.get_submodule(node.target)
-            sizes[node.target] = sum(n.op == "call_function" for n in sub.graph.nodes)
+            sizes[node.target] = compute_ops(sub)
             samples = tuple(_sample_input(a) for a in node.args)
             setattr(gm, node.target, compile_partition(sub, samples))
     gm.recompile()

@@ -13,8 +13,9 @@ int8 C++ kernels from Relax, activation matmuls become integer Relax matmuls, ot
 elementwise ops; `Lowering.int8_ops` counts the integer layers.
 
 The budget: `TVMTarget(trials=N, time_limit_s=T)` (N MetaSchedule trials per fused op; 0 =
-untuned plain loops) or the same keywords on `lower`; `EDGEPASSES_TVM_TRIALS` sets the
-default instance's budget until the backend options carry one.
+untuned plain loops), the same keywords on `lower`, or the backend option
+`target_options={"tvm": {"trials": N, "time_limit_s": T}}`; `EDGEPASSES_TVM_TRIALS` sets the
+budget when none of these does.
 """
 from __future__ import annotations
 
