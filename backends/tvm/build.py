@@ -19,6 +19,7 @@ Two problems of the wheel are worked around here (both found on apache-tvm 0.27.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -200,21 +201,38 @@ def _flops(mod) -> float:
         return 0.0
 
 
+@contextlib.contextmanager
+def _without_foreign_log_handlers():
+    """MetaSchedule's logging setup lists its logger's handlers by name in a `dictConfig`, which fails on
+    any handler it did not create (pytest's capture handlers, a user's): detach those meanwhile."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith(logger.name)]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
+
+
 def tune(mod, target, work_dir: Path, trials_per_task: int, time_limit_s: float | None = None) -> dict:
     """MetaSchedule over every fused op of `mod` (prepared), records into `work_dir`."""
     import tvm.s_tir.meta_schedule as ms
 
     fast_tensor_intrin_import()
     work_dir.mkdir(parents=True, exist_ok=True)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+             if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]  # conv_nchwc's
     # Heaviest first: the scheduler's first round goes through the tasks in order, so when the
     # time limit cuts tuning short, what is left untuned is the cheap ops.
     tasks = sorted(tasks, key=lambda t: -_flops(t.dispatched[0]) * t.weight)
     # A smaller evolutionary search than the default (512 candidates, 4 generations): the
     # search took half of each task's time on 2 cores; the measurements decide anyway.
     strategy = ms.search_strategy.EvolutionarySearch(population_size=SEARCH_POPULATION, genetic_num_iters=2)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), strategy=strategy, num_threads=int(target.attrs["num-cores"]), seed=0)
+    with _without_foreign_log_handlers():
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(work_dir), strategy=strategy, num_threads=int(target.attrs["num-cores"]), seed=0)
     try:
         import xgboost  # noqa: F401
         cost_model = "xgb"
@@ -253,20 +271,26 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from . import conv_nchwc
     from .quant import convert_map
 
     target = host_target(num_cores)
     # Our converters for Q/DQ and the int8 ops `quant.rewrite_int8` leaves (the importer has none).
-    mod = prepare(from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map()),
-                  target)
+    mod = from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map())
+    mod = prepare(conv_nchwc.to_nchwc(mod, target), target)
     info = {"target": str(target), "cache_hit": False, "tuned": False, "tuning_s": 0.0}
     reason = tuning_unavailable_reason() if trials_per_task > 0 else None
     if reason:
         log.warning("target 'tvm' builds without tuning, so it runs plain loops: %s", reason)
         trials_per_task = 0
-    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / graph_key(exported, target)
+    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / graph_key(exported, target, conv_nchwc.LAYOUT)
     meta_path = work_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    # Convolutions first, by our schedule: their tiles measured when tuning is asked for, or read back.
+    start = time.perf_counter()
+    mod, info["conv_tiles"] = conv_nchwc.choose_tiles(mod, target, work_dir / "conv_tiles.json" if records else None,
+                                                     measure_new=records and trials_per_task > 0)
+    info["conv_tiles"]["seconds"] = time.perf_counter() - start
     if not records:
         trials_per_task = 0
     elif meta and meta.get("trials_per_task", 0) >= trials_per_task and meta.get("tasks"):
