@@ -62,6 +62,13 @@ def test_budget_and_pick():
     assert best.trial == 1 and best.options == {"pipeline": "p1", "target": "openvino"}
     with pytest.raises(ValueError, match="no front point"):
         front.pick(max_accuracy_drop=-1)
+    # Timed beside a reference: trial 1 ran under more load (slower in ms) but is faster relative to it,
+    # so it is the front (trial 0 dominated) and the pick.
+    timed = [mk(0, 8, 89.5), mk(1, 10, 89.5)]
+    timed[0].reference_ms, timed[1].reference_ms = 9.0, 13.0
+    both = Front.from_points(timed, ("latency", "accuracy", "size"), 90.0)
+    assert [p.trial for p in both] == [1] and both.points[0].speedup == pytest.approx(1.3)
+    assert both.pick(max_accuracy_drop=1.0).trial == 1
 
 
 def test_search_front_constraints_and_report(tmp_path):

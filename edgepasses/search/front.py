@@ -26,6 +26,11 @@ class Point:
     load_avg: float | None = None
 
     @property
+    def speedup(self) -> float | None:
+        """The reference's median over the same interleaved rounds / this point's, when timed with one."""
+        return self.reference_ms / self.latency_ms if self.reference_ms else None
+
+    @property
     def options(self) -> dict[str, Any]:
         """torch.compile(model, backend="edge", options=point.options) — add "calibration" when the
         pipeline quantizes or is data-aware."""
@@ -47,7 +52,7 @@ def _dominates(a: list[float], b: list[float]) -> bool:
 
 @dataclass
 class Front:
-    points: list[Point]                 # the Pareto-optimal feasible points, fastest first
+    points: list[Point]                 # the Pareto-optimal feasible points, fastest first (vs the reference)
     all_points: list[Point]             # every finished trial
     objectives: tuple[str, ...]
     baseline_accuracy: float
@@ -56,14 +61,19 @@ class Front:
     @classmethod
     def from_points(cls, points: list[Point], objectives: tuple[str, ...], baseline_accuracy: float,
                     reference: dict[str, Any] | None = None) -> "Front":
-        def key(p: Point) -> list[float]:
-            return [getattr(p, OBJECTIVES[o][0]) * (-1 if OBJECTIVES[o][1] == "maximize" else 1)
-                    for o in objectives]
-
         feasible = [p for p in points if p.feasible]
+        # Latency relative to the reference timed in the same rounds when every trial has one (see pick).
+        relative = bool(feasible) and all(p.speedup for p in feasible)
+
+        def value(p: Point, attr: str) -> float:
+            return 1 / p.speedup if attr == "latency_ms" and relative else getattr(p, attr)
+
+        def key(p: Point) -> list[float]:
+            return [value(p, OBJECTIVES[o][0]) * (-1 if OBJECTIVES[o][1] == "maximize" else 1) for o in objectives]
+
         front = [p for p in feasible if not any(_dominates(key(q), key(p)) for q in feasible)]
         seen, unique = set(), []
-        for p in sorted(front, key=lambda p: (p.latency_ms, -p.accuracy)):
+        for p in sorted(front, key=lambda p: (value(p, "latency_ms"), -p.accuracy)):
             if p.pipeline not in seen:
                 seen.add(p.pipeline)
                 unique.append(p)
@@ -71,7 +81,10 @@ class Front:
 
     def pick(self, max_accuracy_drop: float | None = None, max_latency_ms: float | None = None,
              max_size_mb: float | None = None) -> Point:
-        """The fastest front point within the limits (accuracy drop in eval_fn's units: points for %)."""
+        """The fastest front point within the limits (accuracy drop in eval_fn's units: points for %).
+
+        Fastest relative to the reference timed in the same rounds when every candidate has one: trials
+        run minutes apart under whatever else loads the machine, and the ratio does not drift with it."""
         ok = [p for p in self.points
               if (max_accuracy_drop is None or p.accuracy_drop <= max_accuracy_drop)
               and (max_latency_ms is None or p.latency_ms <= max_latency_ms)
@@ -80,6 +93,8 @@ class Front:
             raise ValueError(f"no front point within max_accuracy_drop={max_accuracy_drop}, "
                              f"max_latency_ms={max_latency_ms}, max_size_mb={max_size_mb}; front: "
                              + "; ".join(f"{p.latency_ms:.3g} ms, drop {p.accuracy_drop:.3g}" for p in self.points))
+        if all(p.speedup for p in ok):
+            return max(ok, key=lambda p: (p.speedup, p.accuracy))
         return min(ok, key=lambda p: (p.latency_ms, -p.accuracy))
 
     def __len__(self) -> int:

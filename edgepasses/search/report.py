@@ -21,8 +21,7 @@ def _speedup(front: Front, p: Point) -> str:
     if not ref:
         return "-"
     # Against the reference timed in the same interleaved rounds when there is one; else the start's.
-    ref_ms = p.reference_ms or ref["latency_ms"]
-    return f"{ref_ms / p.latency_ms:.2f}×"
+    return f"{p.speedup or ref['latency_ms'] / p.latency_ms:.2f}×"
 
 
 def _load_text(front: Front) -> str:
@@ -183,8 +182,9 @@ def confirm_markdown(out: Path) -> list[str]:
     if not path.exists():
         return []
     c = json.loads(path.read_text())
-    lines = ["## Confirmation: the picked point vs NNCF int8 vs eager float, one interleaved run", "",
-             f"`{c['command']}`: {c['rounds']} interleaved rounds (warmup {c['warmup']}), batch {c['batch']}, "
+    lines = ["## Confirmation: the picked point vs NNCF int8 (one interleaved run) vs eager float (its own rounds)", "",
+             f"`{c['command']}`: {c['rounds']} interleaved rounds (warmup {c['warmup']}), then as many of the eager "
+             f"float model alone (its OpenMP threads spin after each call and slow what runs next), batch {c['batch']}, "
              f"load average {c['load_before']} before / {c['load_after']} after; picked: trial {c['trial']} "
              f"(`front.pick(max_accuracy_drop={c['max_accuracy_drop']})`), rebuilt as the search built it"
              + (f" (flash distillation {c['distilled'].get('steps')} steps, loss {c['distilled'].get('loss_start', 0):.3g}"
