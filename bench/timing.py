@@ -34,10 +34,13 @@ def rotated(names: list[str], shift: int) -> list[str]:
 
 
 def measure_side_by_side(candidates: dict[str, Callable[[], Any]], warmup: int, rounds: int, *,
-                         on_round: Callable[[], None] | None = None) -> dict[str, Timing]:
+                         on_round: Callable[[], None] | None = None, settle: int = 0) -> dict[str, Timing]:
     """Warm each candidate up `warmup` times, then time `rounds` interleaved rounds.
 
-    `on_round` is called after each timed round (progress display) and is not timed.
+    `on_round` is called after each timed round (progress display) and is not timed. `settle`: untimed
+    calls of a candidate right before its timed one, for candidates of different runtimes in one process:
+    the worker threads one runtime leaves spinning after a call (PyTorch's OpenMP, TVM's pool) otherwise
+    take the cores from the next candidate, whose time then carries its predecessor's habits.
     """
     if not candidates or rounds < 1 or warmup < 0:
         raise ValueError(f"need at least one candidate, rounds >= 1 and warmup >= 0; got "
@@ -50,6 +53,8 @@ def measure_side_by_side(candidates: dict[str, Callable[[], Any]], warmup: int, 
                 candidates[name]()
         for round_index in range(rounds):
             for name in rotated(names, round_index):
+                for _ in range(settle):
+                    candidates[name]()
                 start = time.perf_counter()
                 candidates[name]()
                 samples[name].append((time.perf_counter() - start) * 1e3)

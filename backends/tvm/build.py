@@ -295,11 +295,12 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
         trials_per_task = 0
     elif meta and meta.get("trials_per_task", 0) >= trials_per_task and meta.get("tasks"):
         info.update(cache_hit=True, tuned=True, records=str(work_dir), tasks=meta["tasks"],
-                    trials_per_task=meta["trials_per_task"], recorded_tuning_s=meta.get("tuning_s"))
+                    trials_per_task=meta["trials_per_task"], recorded_tuning_s=meta.get("tuning_s"),
+                    recorded_conv_tiles_s=meta.get("conv_tiles_s"))
         log.info("target 'tvm': reusing tuning records in %s (%d trials/task)", work_dir, meta["trials_per_task"])
     elif trials_per_task > 0:
         done = tune(mod, target, work_dir, trials_per_task, time_limit_s)
-        done["tvm"] = tvm.__version__
+        done.update(tvm=tvm.__version__, conv_tiles_s=info["conv_tiles"]["seconds"])
         meta_path.write_text(json.dumps(done))
         info.update(tuned=True, records=str(work_dir), **done)
     if info["tuned"]:

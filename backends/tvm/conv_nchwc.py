@@ -27,29 +27,71 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, topi
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 log = logging.getLogger("edgepasses")
 
 CHANNEL_BLOCK = 16      # output channels per block: two 8-lane AVX2 vectors
 ACCUMULATORS = 6        # tile pixels (x 2 vectors each): 12 of the 16 ymm registers, the rest for operands
+SMALL_MAP = 14 * 14     # output pixels up to which the weights-outer schedule is a candidate
 CONV_BLOCK = "conv2d_NCHWc"
 LAYOUT = f"NCHW{CHANNEL_BLOCK}c"  # part of the tuning records' key: the ops MetaSchedule sees depend on it
 
 
 def to_nchwc(mod, target):
     """`mod` with its float conv2d in the blocked layout, legalized to TOPI's `conv2d_NCHWc`."""
-    import tvm
-    from tvm import relax
-
     block = CHANNEL_BLOCK
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": [LAYOUT, f"OIHW{block}i{block}o"]})(mod)
+    mod = _NarrowInputConvs(mod).transform()  # after: ConvertLayout fails on their 5-d input layout
     with target:  # TOPI's conv2d_NCHWc asks for the target
         return relax.transform.LegalizeOps({"relax.nn.conv2d": _legalize_blocked_conv})(mod)
 
 
-def _legalize_blocked_conv(bb, call):
-    from tvm import topi
+@mutator
+class _NarrowInputConvs(PyExprMutator):
+    """Convolutions with a few input channels that do not fill a block (a 3-channel stem) but blocked
+    outputs take their whole input as one block (NCHW3c) and write NCHW16c, which `ConvertLayout` then
+    carries on. Otherwise ConvertLayout leaves them in NCHW, to MetaSchedule (ResNet-18's stem: 10 ms
+    after 64 trials, the largest op of the tuned model)."""
 
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod = mod
+
+    def transform(self):
+        for gvar, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", None) != "relax.nn.conv2d" or not _narrow_input(call):
+            return call
+        attrs, in_ch, block = call.attrs, int(call.args[1].ty.shape[1]), CHANNEL_BLOCK
+        data = self.builder_.emit(relax.op.layout_transform(
+            call.args[0], lambda n, c, h, w: (n, c // in_ch, h, w, c % in_ch)))
+        weight = self.builder_.emit(relax.op.layout_transform(
+            call.args[1], lambda o, i, h, w: (o // block, i // in_ch, h, w, i % in_ch, o % block)))
+        out = self.builder_.emit(relax.op.nn.conv2d(
+            data, weight, attrs.strides, attrs.padding, attrs.dilation, 1, f"NCHW{in_ch}c",
+            f"OIHW{in_ch}i{block}o", LAYOUT, attrs.out_dtype))
+        return relax.op.layout_transform(out, lambda n, c, h, w, b: (n, c * block + b, h, w))
+
+
+def _narrow_input(call) -> bool:
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, int(attrs.groups), call.args[0].ty.dtype) != \
+            ("NCHW", "OIHW", 1, "float32"):
+        return False
+    out_ch, in_ch = [int(d) for d in call.args[1].ty.shape][:2]
+    return out_ch % CHANNEL_BLOCK == 0 and in_ch < CHANNEL_BLOCK
+
+
+def _legalize_blocked_conv(bb, call):
     attrs = call.attrs
     if attrs.data_layout == "NCHW" or attrs.out_dtype not in ("", "float32"):
         return call  # not blocked: the default legalization (LegalizeOps in `build.prepare`)
@@ -59,8 +101,6 @@ def _legalize_blocked_conv(bb, call):
 
 
 def is_blocked_conv(func) -> bool:
-    from tvm import s_tir
-
     try:
         s_tir.Schedule(func).get_sblock(CONV_BLOCK)
         return True
@@ -68,31 +108,42 @@ def is_blocked_conv(func) -> bool:
         return False
 
 
-def schedule(func, tile: tuple[int, int]):
-    """The register-tiled schedule of a fused `conv2d_NCHWc` PrimFunc (padding, conv, epilogue)."""
-    from tvm import s_tir
-
-    rows, cols = tile
+def schedule(func, tile: tuple[int, int, int]):
+    """The schedule of a fused `conv2d_NCHWc` PrimFunc (padding, conv, epilogue) for `tile`:
+    (rows, columns, weights_outer). A register tile is `columns` pixels (by `rows` rows unless
+    `weights_outer`) of one channel block. With `weights_outer`, each parallel item takes `rows` whole
+    rows and the loop over input channels and taps goes outside the pixel loops: every weight is
+    loaded once per item instead of once per tile, and the sums live in L1. That is what deep layers
+    on small maps need (512 channels at 7x7: 295 KB of weights per block, 49 pixels to use them on)."""
+    rows, cols, weights_outer = tile
     sch = s_tir.Schedule(func)
     conv = sch.get_sblock(CONV_BLOCK)
     epilogue = _consumer_chain(sch, conv)
     padding = sch.get_producers(conv)  # before decompose_reduction makes the init block a producer too
     for block in epilogue[:-1]:  # bias, residual add, relu: one expression in the last block
         sch.compute_inline(block)
+    if not epilogue:  # accumulate in a tile-sized buffer (registers) all the same, then store it
+        epilogue = [sch.cache_write(conv, 0, "global")]
     n, oc_chunk, oh, ow, oc_block, ic, kh, kw = sch.get_loops(conv)
     in_block = int(sch.get(conv).reads[0].source.shape[-1])  # the padded input's channel block
     oh_outer, oh_inner = sch.split(oh, [None, rows])
     sch.reorder(oh_outer, ow, oh_inner)
     # Parallel first: once the reduction is split from its init, `parallel` refuses the loop.
-    sch.parallel(sch.fuse(n, oc_chunk, oh_outer))
+    item = sch.fuse(n, oc_chunk, oh_outer)
+    sch.parallel(item)
     ow_outer, ow_inner = sch.split(ow, [None, cols])
     ic_outer, ic_inner = sch.split(ic, [None, in_block])
-    sch.reorder(ow_outer, ic_outer, kh, kw, ic_inner, oh_inner, ow_inner, oc_block)
-    if epilogue:
+    if weights_outer:
+        sch.reorder(ic_outer, kh, kw, oh_inner, ow_outer, ic_inner, ow_inner, oc_block)
+        sch.reverse_compute_at(epilogue[-1], item)
+        unrolled = (ic_inner, ow_inner)
+    else:
+        sch.reorder(ow_outer, ic_outer, kh, kw, ic_inner, oh_inner, ow_inner, oc_block)
         sch.reverse_compute_at(epilogue[-1], ow_outer)
-        sch.vectorize(sch.get_loops(epilogue[-1])[-1])
+        unrolled = (ic_inner, oh_inner, ow_inner)
+    sch.vectorize(sch.get_loops(epilogue[-1])[-1])
     sch.vectorize(oc_block)
-    for loop in (ic_inner, oh_inner, ow_inner):  # kw stays a loop: unrolled, LLVM spills the broadcasts
+    for loop in unrolled:  # kw stays a loop: unrolled, LLVM spills the broadcasts
         sch.unroll(loop)
     init = sch.decompose_reduction(conv, ic_outer)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -116,23 +167,26 @@ def _output_hw(func) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
-def tile_candidates(out_h: int, out_w: int) -> list[tuple[int, int]]:
+def tile_candidates(out_h: int, out_w: int) -> list[tuple[int, int, int]]:
     """Register tiles within the budget: rows dividing the height; columns need not divide the
-    width (the last tile of a row is cut short), which matters for 7- and 14-wide maps."""
-    tiles = [(rows, cols) for rows in (1, 2, 3) for cols in range(2, ACCUMULATORS + 1)
+    width (the last tile of a row is cut short), which matters for 7- and 14-wide maps. On small
+    maps also the weights-outer variants (see `schedule`), one item per channel block and height."""
+    tiles = [(rows, cols, 0) for rows in (1, 2, 3) for cols in range(2, ACCUMULATORS + 1)
              if rows * cols <= ACCUMULATORS and out_h % rows == 0 and cols <= out_w]
-    return tiles or [(1, 1)]
+    if out_h * out_w <= SMALL_MAP:
+        tiles += [(out_h, cols, 1) for cols in range(2, min(ACCUMULATORS, out_w) + 1)]
+    return tiles or [(1, 1, 0)]
 
 
-def default_tile(out_h: int, out_w: int) -> tuple[int, int]:
-    """Without measurements: columns that divide the width (no cut-short tiles), then the most pixels."""
-    return max(tile_candidates(out_h, out_w), key=lambda t: (out_w % t[1] == 0, t[0] * t[1], t[1]))
+def default_tile(out_h: int, out_w: int) -> tuple[int, int, int]:
+    """Without measurements: a register tile whose columns divide the width (no cut-short tiles),
+    then the most pixels."""
+    registers = [t for t in tile_candidates(out_h, out_w) if not t[2]]
+    return max(registers, key=lambda t: (out_w % t[1] == 0, t[0] * t[1], t[1]))
 
 
-def measure(func, tile: tuple[int, int], target, repeat: int = 5) -> float:
+def measure(func, tile: tuple[int, int, int], target, repeat: int = 5) -> float:
     """Median seconds of one run of `func` scheduled with `tile`, on random inputs."""
-    import tvm
-
     lib = tvm.compile(tvm.IRModule({"main": schedule(func, tile).mod["main"].with_attr("global_symbol", "main")}),
                       target=target)
     device = tvm.cpu()
@@ -148,10 +202,6 @@ def choose_tiles(mod, target, records: Path | None, measure_new: bool) -> tuple[
 
     Tiles come from `records` (JSON: structural hash -> tile), else from measuring the candidates
     when `measure_new`, else `default_tile`; measured choices are written back to `records`."""
-    import tvm
-
-    import tvm_ffi
-
     known = json.loads(records.read_text()) if records and records.exists() else {}
     scheduled, measured = {}, 0
     for gvar, func in mod.functions.items():
@@ -163,7 +213,8 @@ def choose_tiles(mod, target, records: Path | None, measure_new: bool) -> tuple[
             known[key] = list(min(timings, key=timings.get))
             measured += 1
             log.info("target 'tvm': %s: tile %s (%.2f ms; candidates %s)", gvar.name_hint, known[key],
-                     1e3 * min(timings.values()), {f"{r}x{c}": round(1e3 * s, 2) for (r, c), s in timings.items()})
+                     1e3 * min(timings.values()),
+                     {"x".join(map(str, t)): round(1e3 * s, 2) for t, s in timings.items()})
         tile = tuple(known.get(key) or default_tile(*_output_hw(func)))
         scheduled[gvar] = schedule(func, tile).mod["main"].with_attr("tirx.is_scheduled", True)
     if measured and records:

@@ -21,7 +21,7 @@ def _no_tuning_from_environment(monkeypatch):
 
 
 class ResidualNet(nn.Module):
-    """A 3-channel stem (stays NCHW), 3x3 convs on a 7-wide map (tiles that do not divide it), a
+    """A 3-channel stem (input channels in one block of 3), 3x3 convs on a 7-wide map (tiles that do not divide it), a
     residual add, a stride-2 conv beside a 1x1 downsample, max-pool, global pool, linear."""
 
     def __init__(self):
@@ -50,8 +50,8 @@ def test_blocked_convolutions_match_eager():
     lowered = TVMTarget(trials=0).lower(gm, (x,))
     with torch.no_grad():
         torch.testing.assert_close(lowered(x), model(x), rtol=1e-4, atol=1e-5)
-    # conv1 (+ residual + relu), down (+ skip's output + relu), skip: blocked; the stem is not.
-    assert lowered.info["conv_tiles"]["convs"] == 3 and lowered.info["conv_tiles"]["measured"] == 0
+    # the stem (its 3 input channels as one block), conv1 (+ residual + relu), down (+ skip + relu), skip
+    assert lowered.info["conv_tiles"]["convs"] == 4 and lowered.info["conv_tiles"]["measured"] == 0
 
 
 def _blocked_conv_functions():
@@ -87,12 +87,15 @@ def test_every_tile_candidate_computes_the_unscheduled_result():
 
 
 def test_default_tile_prefers_dividing_columns_within_the_register_budget():
-    assert conv_nchwc.default_tile(56, 56) == (1, 4)
-    assert conv_nchwc.default_tile(14, 14) == (2, 2)
-    assert conv_nchwc.default_tile(7, 7) == (1, 6)  # nothing divides 7: the most pixels, the last tile cut short
-    assert conv_nchwc.default_tile(1, 1) == (1, 1)
+    assert conv_nchwc.default_tile(56, 56) == (1, 4, 0)
+    assert conv_nchwc.default_tile(14, 14) == (2, 2, 0)
+    assert conv_nchwc.default_tile(7, 7) == (1, 6, 0)  # nothing divides 7: the most pixels, the last tile cut short
+    assert conv_nchwc.default_tile(1, 1) == (1, 1, 0)
     for h, w in [(56, 56), (28, 28), (14, 14), (7, 7), (3, 5)]:
-        assert all(r * c <= conv_nchwc.ACCUMULATORS and h % r == 0 for r, c in conv_nchwc.tile_candidates(h, w))
+        tiles = conv_nchwc.tile_candidates(h, w)
+        assert all(r * c <= conv_nchwc.ACCUMULATORS and h % r == 0 for r, c, outer in tiles if not outer)
+        assert all(r == h and c <= conv_nchwc.ACCUMULATORS for r, c, outer in tiles if outer)
+        assert any(outer for *_, outer in tiles) == (h * w <= conv_nchwc.SMALL_MAP)
 
 
 def test_measured_tiles_are_kept_and_read_back(tmp_path):
@@ -100,7 +103,7 @@ def test_measured_tiles_are_kept_and_read_back(tmp_path):
     gm = edgepasses.compress(model, (x,), "dce")
     # A time limit already spent: MetaSchedule stops after its first batch; the tiles are measured before.
     first = TVMTarget(trials=1, time_limit_s=1e-3).lower(gm, (x,), cache_dir=str(tmp_path))
-    assert first.info["conv_tiles"]["measured"] == 3
+    assert first.info["conv_tiles"]["measured"] == 4
     assert list(tmp_path.glob("*/conv_tiles.json"))
     second = TVMTarget(trials=1).lower(gm, (x,), cache_dir=str(tmp_path))
     assert second.info["cache_hit"] and second.info["conv_tiles"] == {**second.info["conv_tiles"], "measured": 0}
