@@ -1,12 +1,12 @@
-"""Build a Relax module for this CPU, tuned with MetaSchedule and cached on disk.
+"""Build a Relax module for this CPU, tuned and cached on disk.
 
 TVM 0.27's default CPU pipeline lowers each op to plain, single-threaded loops (ResNet-18:
 ~40x slower than eager PyTorch); its only CPU schedules (DLight) cover matrix-vector
-products, and this wheel has no DNNL/BLAS offload. What makes the code fast is MetaSchedule:
-it tiles, vectorises and parallelises each fused op for the target (`num-cores` sets the
-parallelism), measured on this machine. Records live in a JSON database per
-(graph structure, target, TVM version) so the second compile of the same graph only
-applies them.
+products, and this wheel has no DNNL/BLAS offload. fp32 convolutions get our blocked-layout
+schedule (`conv_nchwc`: its tile measured per conv); MetaSchedule tiles, vectorises and
+parallelises the other fused ops for the target (`num-cores` sets the parallelism), measured on
+this machine. Tiles and records live per (graph structure, target, TVM version) so the second
+compile of the same graph only applies them.
 
 Two problems of the wheel are worked around here (both found on apache-tvm 0.27.0.post1):
 - `import tvm.s_tir.tensor_intrin` (done by every TuneContext and every builder/runner
