@@ -80,20 +80,28 @@ def plot(front: Front, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    others = [p for p in front.all_points if p not in front.points]
-    ax.scatter([p.latency_ms for p in others], [p.accuracy for p in others], s=[8 + 4 * p.size_mb for p in others],
-               c=["#bbbbbb" if p.feasible else "#f2b8b8" for p in others], label="other trials")
-    pts = sorted(front.points, key=lambda p: p.latency_ms)
-    ax.plot([p.latency_ms for p in pts], [p.accuracy for p in pts], "-o", color="#1f77b4", label="Pareto front")
-    for p in pts:
-        ax.annotate(str(p.trial), (p.latency_ms, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ref = front.reference
+    # Speed relative to the reference timed in the same rounds, as the front is ranked, when every
+    # trial has one; else milliseconds.
+    relative = bool(front.all_points) and all(p.speedup for p in front.all_points)
+
+    def x(p):
+        return p.speedup if relative else p.latency_ms
+
+    others = [p for p in front.all_points if p not in front.points]
+    ax.scatter([x(p) for p in others], [p.accuracy for p in others], s=[8 + 4 * p.size_mb for p in others],
+               c=["#bbbbbb" if p.feasible else "#f2b8b8" for p in others], label="other trials")
+    pts = sorted(front.points, key=x)
+    ax.plot([x(p) for p in pts], [p.accuracy for p in pts], "-o", color="#1f77b4", label="Pareto front")
+    for p in pts:
+        ax.annotate(str(p.trial), (x(p), p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if ref and ref.get("accuracy") is not None:
-        ax.scatter([ref["latency_ms"]], [ref["accuracy"]], marker="*", s=160, color="#d62728",
-                   label=f"{ref.get('label', 'reference')} (timed at the start)")
-    ax.set_xlabel("latency ms (median)")
+        ax.scatter([1.0 if relative else ref["latency_ms"]], [ref["accuracy"]], marker="*", s=160, color="#d62728",
+                   label=ref.get("label", "reference") + ("" if relative else " (timed at the start)"))
+    label = ref.get("label", "the reference") if ref else ""
+    ax.set_xlabel(f"speed-up over {label}, timed in the same rounds (×)" if relative else "latency ms (median)")
     ax.set_ylabel("accuracy")
-    ax.set_title("search: latency vs accuracy (marker area ~ size MB)")
+    ax.set_title(f"search: {'speed-up' if relative else 'latency'} vs accuracy (marker area ~ size MB)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
