@@ -185,10 +185,14 @@ def default_tile(out_h: int, out_w: int) -> tuple[int, int, int]:
     return max(registers, key=lambda t: (out_w % t[1] == 0, t[0] * t[1], t[1]))
 
 
+def compile_func(func, target):
+    """One PrimFunc built on its own (as `main`), to time or to run it."""
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
 def measure(func, tile: tuple[int, int, int], target, repeat: int = 5) -> float:
     """Median seconds of one run of `func` scheduled with `tile`, on random inputs."""
-    lib = tvm.compile(tvm.IRModule({"main": schedule(func, tile).mod["main"].with_attr("global_symbol", "main")}),
-                      target=target)
+    lib = compile_func(schedule(func, tile).mod["main"], target)
     device = tvm.cpu()
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.shape]).astype(p.dtype), device)

@@ -27,7 +27,6 @@ def _load() -> str:
 
 def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_drop: float | None = None,
             command: str = "") -> dict:
-
     import edgepasses
     from edgepasses.bench.runner import _nncf
     from edgepasses.bench.zoo import get_model
@@ -53,8 +52,8 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     distill_data = [b[0] for b in zoo.calibration(min(16, max(meta.get("calibration_batches", 4), 8)))]
     evaluator = Evaluator(zoo.module, zoo.example_inputs, data, target=meta["target"], distill_steps=steps,
                           distill_data=distill_data, distill_lr=meta.get("distill_lr", 1e-4))
-    head, tail = _space(meta, zoo).split({**_space(meta, zoo).uniform("float"), **_params(out, point.trial)},
-                                         bool(data))
+    space = _space(meta, zoo)  # exports the model: once
+    head, tail = space.split({**space.uniform("float"), **_params(out, point.trial)}, bool(data))
     gm, _, distilled = evaluator.compress(head, tail)
     assert str(edgepasses.Pipeline.parse(head + ("," + tail if tail else ""))) == point.pipeline
     program = lower(gm, zoo.example_inputs, target=meta["target"])

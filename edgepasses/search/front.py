@@ -46,6 +46,11 @@ class Point:
                    a.get("load_avg"))
 
 
+def timed_with_reference(points: list[Point]) -> bool:
+    """Whether latency can be compared as speed-up over the reference timed in each point's own rounds."""
+    return bool(points) and all(p.speedup for p in points)
+
+
 def _dominates(a: list[float], b: list[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
@@ -63,7 +68,7 @@ class Front:
                     reference: dict[str, Any] | None = None) -> "Front":
         feasible = [p for p in points if p.feasible]
         # Latency relative to the reference timed in the same rounds when every trial has one (see pick).
-        relative = bool(feasible) and all(p.speedup for p in feasible)
+        relative = timed_with_reference(feasible)
 
         def value(p: Point, attr: str) -> float:
             return 1 / p.speedup if attr == "latency_ms" and relative else getattr(p, attr)
@@ -93,7 +98,7 @@ class Front:
             raise ValueError(f"no front point within max_accuracy_drop={max_accuracy_drop}, "
                              f"max_latency_ms={max_latency_ms}, max_size_mb={max_size_mb}; front: "
                              + "; ".join(f"{p.latency_ms:.3g} ms, drop {p.accuracy_drop:.3g}" for p in self.points))
-        if all(p.speedup for p in ok):
+        if timed_with_reference(ok):
             return max(ok, key=lambda p: (p.speedup, p.accuracy))
         return min(ok, key=lambda p: (p.latency_ms, -p.accuracy))
 

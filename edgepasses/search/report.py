@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from .front import Front, Point
+from .front import Front, Point, timed_with_reference
 from .study import read_meta
 
 REGENERATE = "edgepasses report {out}"
@@ -83,7 +83,7 @@ def plot(front: Front, path: Path) -> Path:
     ref = front.reference
     # Speed relative to the reference timed in the same rounds, as the front is ranked, when every
     # trial has one; else milliseconds.
-    relative = bool(front.all_points) and all(p.speedup for p in front.all_points)
+    relative = timed_with_reference(front.all_points)
 
     def x(p):
         return p.speedup if relative else p.latency_ms

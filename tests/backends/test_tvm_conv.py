@@ -66,7 +66,7 @@ def _blocked_conv_functions():
 
 
 def _run(func, target, inputs):
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    lib = conv_nchwc.compile_func(func, target)
     args = [tvm.runtime.tensor(a) for a in inputs]
     lib.mod["main"](*args)
     return args[-1].numpy()
