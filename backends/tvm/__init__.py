@@ -58,7 +58,7 @@ class TVMProgram(torch.nn.Module):
         import tvm
         from tvm import relax
 
-        from .build import build
+        from .build import build, use_threads
 
         super().__init__()
         # TVM's pool threads spin briefly after each parallel op (its default, kept): with
@@ -69,6 +69,7 @@ class TVMProgram(torch.nn.Module):
             executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
                                           cache_dir=cache_dir, records=records)
         else:  # built before: the library edgepasses.artifacts.load read back
+            use_threads(torch.get_num_threads())
             self.info = {"loaded": True}
         self.executable = executable  # edgepasses.artifacts.save writes it with export_library
         self.vm = relax.VirtualMachine(executable, tvm.cpu())

@@ -74,6 +74,24 @@ def host_target(num_cores: int | None = None):
     return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": int(cores)})
 
 
+def use_threads(count: int) -> int:
+    """Run TVM's parallel loops on `count` threads. Unless TVM_NUM_THREADS (or OMP_NUM_THREADS) says
+    otherwise, TVM's runtime pool starts half of `std::thread::hardware_concurrency()` threads on x86,
+    assuming two hyperthreads per core: on a 2-core machine without them, one thread, so every parallel
+    loop ran on one core (ResNet-18 tuned: 68 ms; 35 ms on both). The environment serves pools created
+    later (other threads, MetaSchedule's runner processes); this thread's pool may exist already."""
+    import tvm_ffi
+
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(count)
+    count = int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])
+    if tvm_ffi.get_global_func("runtime.NumThreads")() != count:
+        share_all_cores = -3  # TVM's ThreadPool::AffinityMode kSpecifyThreadShareAllCore
+        cores = [str(core) for core in sorted(os.sched_getaffinity(0))]
+        tvm_ffi.get_global_func("runtime.config_threadpool")(share_all_cores, count, cores)
+    return count
+
+
 def tvm_ffi_version() -> str:
     try:
         import tvm_ffi
@@ -275,6 +293,7 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     from .quant import convert_map
 
     target = host_target(num_cores)
+    threads = use_threads(int(target.attrs["num-cores"]))  # before measuring tiles or tuning: they time parallel loops
     # Our converters for Q/DQ and the int8 ops `quant.rewrite_int8` leaves (the importer has none).
     mod = from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map())
     mod = prepare(conv_nchwc.to_nchwc(mod, target), target)
@@ -283,7 +302,7 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     if reason:
         log.warning("target 'tvm' builds without tuning, so it runs plain loops: %s", reason)
         trials_per_task = 0
-    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / graph_key(exported, target, conv_nchwc.LAYOUT)
+    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / graph_key(exported, target, f"{conv_nchwc.LAYOUT} threads={threads}")
     meta_path = work_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     # Convolutions first, by our schedule: their tiles measured when tuning is asked for, or read back.

@@ -1,5 +1,6 @@
 """The tvm target: numerics vs eager, fallbacks and strict mode, tuning records reused from the cache."""
 import logging
+import threading
 
 import pytest
 import torch
@@ -50,6 +51,23 @@ def test_small_cnn_matches_eager():
     lowering = lowered.edge_lowering
     assert (lowering.target, lowering.precision, lowering.partitions, lowering.fallbacks) == ("tvm", "f32", 1, [])
     assert lowering.weights_mb == pytest.approx(sum(p.numel() for p in model.parameters()) * 4 / 1e6)
+
+
+def test_parallel_loops_run_on_torchs_thread_count(monkeypatch):
+    """TVM's own default is half the logical CPUs on x86: one thread on a 2-core machine."""
+    import tvm_ffi
+
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    model, x = SmallCNN().eval(), torch.randn(1, 3, 16, 16)
+    edgepasses.lower(_graph(model, x), (x,), target="tvm")
+    pool_size = tvm_ffi.get_global_func("runtime.NumThreads")
+    in_another_thread = []
+    worker = threading.Thread(target=lambda: in_another_thread.append(pool_size()))
+    worker.start()
+    worker.join()
+    assert pool_size() == torch.get_num_threads()
+    assert in_another_thread == [torch.get_num_threads()]
 
 
 def test_mlp_with_two_outputs_matches_eager():
