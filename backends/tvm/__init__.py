@@ -61,10 +61,6 @@ class TVMProgram(torch.nn.Module):
         from .build import build, use_threads
 
         super().__init__()
-        # TVM's pool threads spin briefly after each parallel op (its default, kept): with
-        # TVM_THREAD_POOL_SPIN_COUNT=0 every parallel op waits for a worker to wake up (ResNet-18,
-        # 2 cores: 59-69 ms instead of 54). Users who run PyTorch between TVM calls (partitions)
-        # and want those cores back at once can set it to 0 themselves.
         if executable is None:
             executable, self.info = build(exported, trials_per_task=trials, time_limit_s=time_limit_s,
                                           cache_dir=cache_dir, records=records)

@@ -79,9 +79,15 @@ def use_threads(count: int) -> int:
     otherwise, TVM's runtime pool starts half of `std::thread::hardware_concurrency()` threads on x86,
     assuming two hyperthreads per core: on a 2-core machine without them, one thread, so every parallel
     loop ran on one core (ResNet-18 tuned: 68 ms; 35 ms on both). The environment serves pools created
-    later (other threads, MetaSchedule's runner processes); this thread's pool may exist already."""
+    later (other threads, MetaSchedule's runner processes); this thread's pool may exist already.
+
+    Its workers also stop spinning when a loop ends (TVM_THREAD_POOL_SPIN_COUNT=0, unless set): spinning,
+    they took the cores from the OpenMP threads of our int8 kernels called between TVM's loops (ResNet-18
+    int8: 84-92 ms spinning, 52 ms not) and from PyTorch partitions, and won nothing measurable on fp32
+    (33-49 vs 35-39 ms, three runs each)."""
     import tvm_ffi
 
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
         os.environ["TVM_NUM_THREADS"] = str(count)
     count = int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])
