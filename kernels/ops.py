@@ -126,9 +126,11 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
 
 
 def int8_linear_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor,
-                     bias: Optional[Tensor], x_scale: Optional[float], x_zero_point: int, weight_bits: int) -> None:
+                     bias: Optional[Tensor], x_scale: Optional[float], x_zero_point: int, weight_bits: int,
+                     threads: Optional[int] = None) -> None:
     """edge::int8_linear writing into `out` (float32, contiguous, [..., N]): the entry point for a
-    runtime that owns the buffers (the tvm target's packed function)."""
+    runtime that owns the buffers and the threads (the tvm target's packed function); `threads`
+    defaults to torch's."""
     n, k = weight.shape
     _check_int8_weight("int8_linear", weight, weight_scale, weight_sum, bias, weight_bits)
     rows = _float_rows(x, k, "int8_linear")
@@ -136,7 +138,7 @@ def int8_linear_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tenso
     code = library().edge_int8_linear(
         _ptr(rows), rows.shape[0], k, _ptr(weight.contiguous()), n, _ptr(weight_scale.contiguous().float()),
         _ptr(weight_sum.contiguous()), _ptr(_bias(bias)), 0.0 if x_scale is None else x_scale, x_zero_point,
-        weight_bits, _ptr(out), torch.get_num_threads())
+        weight_bits, _ptr(out), threads or torch.get_num_threads())
     _check(code, "int8_linear")
 
 
@@ -184,9 +186,10 @@ def _conv_out_shape(x: Tensor, weight: Tensor, stride: list[int], padding: list[
 
 def int8_conv2d_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Tensor,
                      bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                     x_scale: float, x_zero_point: int, weight_bits: int) -> None:
+                     x_scale: float, x_zero_point: int, weight_bits: int, threads: Optional[int] = None) -> None:
     """edge::int8_conv2d writing into `out` (float32, contiguous, NCHW): the entry point for a
-    runtime that owns the buffers (the tvm target's packed function)."""
+    runtime that owns the buffers and the threads (the tvm target's packed function); `threads`
+    defaults to torch's."""
     _check_int8_weight("int8_conv2d", weight, weight_scale, weight_sum, bias, weight_bits)
     shape = _conv_out_shape(x, weight, stride, padding, dilation, groups)
     _check_out("int8_conv2d", out, shape)
@@ -196,7 +199,8 @@ def int8_conv2d_into(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tenso
     code = library().edge_int8_conv2d(
         _ptr(xc), b, c, h, w, _ptr(weight.contiguous()), o, kh, kw, _ptr(weight_scale.contiguous().float()),
         _ptr(weight_sum.contiguous()), _ptr(_bias(bias)), stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], groups, x_scale, x_zero_point, weight_bits, _ptr(out), torch.get_num_threads())
+        dilation[0], dilation[1], groups, x_scale, x_zero_point, weight_bits, _ptr(out),
+        threads or torch.get_num_threads())
     _check(code, "int8_conv2d")
 
 

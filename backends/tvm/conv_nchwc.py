@@ -38,7 +38,7 @@ CHANNEL_BLOCK = 16      # output channels per block: two 8-lane AVX2 vectors
 ACCUMULATORS = 6        # tile pixels (x 2 vectors each): 12 of the 16 ymm registers, the rest for operands
 SMALL_MAP = 14 * 14     # output pixels up to which the weights-outer schedule is a candidate
 CONV_BLOCK = "conv2d_NCHWc"
-LAYOUT = f"NCHW{CHANNEL_BLOCK}c"  # part of the tuning records' key: the ops MetaSchedule sees depend on it
+LAYOUT = f"NCHW{CHANNEL_BLOCK}c"
 
 
 def to_nchwc(mod, target):

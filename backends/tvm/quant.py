@@ -5,12 +5,12 @@ is rewritten in a copy (`rewrite_int8`), then the importer gets converters for w
 (`convert_map`):
 
 - dq(x) → conv2d / linear(·, dq(W)) [+ bias] → `edge::int8_conv2d` / `edge::int8_linear` (the
-  reference target's rewrite: weight codes quantized once, per-channel symmetric). In Relax they
-  are `R.call_dps_packed` calls of our C++ kernels (u8 activations quantized in the kernel as torch
-  rounds, int32 accumulation, per-channel requantisation and bias fused). On this AVX2 CPU without
-  VNNI, TVM's own int8 conv loses: 64→64 3x3 at 56x56, batch 1, 2 threads, 64 MetaSchedule trials
-  each: TVM u8·s8→s32 6.6 ms, TVM fp32 6.0 ms, the kernel 1.5 ms (with quantizing its input).
-  Everything around them stays TVM's, fused and tuned.
+  reference target's rewrite: weight codes quantized once, per-channel symmetric). In Relax, dense
+  convs with 7-bit weights and whole channel blocks are TVM's own int8 code (`int8_conv`: u8·s8 dot
+  products in blocked channels, quantize and dequantize fused); the other convs (depthwise, odd
+  channel counts) and the linears are `R.call_dps_packed` calls of our C++ kernels (u8 activations
+  quantized in the kernel as torch rounds, int32 accumulation, per-channel requantisation and bias
+  fused). Everything around them stays TVM's, fused and tuned.
 - dq(a) → matmul / bmm ← dq(b), both activations (attention) → `edgepasses_tvm::int8_matmul`, in
   Relax an integer matmul of (code − zero point) in int16 with int32 accumulation, times sa·sb.
 - Remaining quantize/dequantize (around add, pooling, ...) → Relax elementwise ops with torch's
@@ -37,6 +37,7 @@ from edgepasses.errors import UnsupportedOpError
 from edgepasses.graph_utils import ACTIVATION_MATMUL_OPS, remove_unused_attributes
 
 from ..reference.int8 import DEQUANTIZE_OPS, activation_quant, lower_int8
+from . import int8_conv
 
 log = logging.getLogger("edgepasses")
 
@@ -217,6 +218,9 @@ def _out_type(node):
 def _int8_conv2d(node, importer):
     x, codes, scale, weight_sum, bias, stride, padding, dilation, groups, x_scale, x_zero_point, bits = node.args
     relax = _relax()
+    out_channels, in_channels = codes.meta["val"].shape[:2]
+    if int8_conv.supported(in_channels, out_channels, groups, dilation, bits):
+        return _tvm_int8_conv2d(node, importer)
     params = relax.ShapeExpr([*stride, *padding, *dilation, groups, x_zero_point, bits])
     args = [_value(importer, a) for a in (x, codes, scale, weight_sum, bias)] + [params, relax.prim_value(float(x_scale))]
     return importer.block_builder.emit(relax.call_dps_packed(CONV2D_KERNEL, relax.Tuple(args), _out_type(node)))
@@ -229,6 +233,23 @@ def _int8_linear(node, importer):
     args = [_value(importer, a) for a in (x, codes, scale, weight_sum, bias)]
     args += [relax.ShapeExpr([x_zero_point, bits]), relax.prim_value(float(x_scale or 0.0))]
     return importer.block_builder.emit(relax.call_dps_packed(LINEAR_KERNEL, relax.Tuple(args), _out_type(node)))
+
+
+def _tvm_int8_conv2d(node, importer):
+    """The conv as TVM's own int8 code (`int8_conv`): one scheduled PrimFunc."""
+    x, codes, scale, weight_sum, bias, stride, padding, _, _, x_scale, x_zero_point, _ = node.args
+    relax, bb = _relax(), importer.block_builder
+    # Packed by a layout transform of the (still symbolic) weight, which FoldConstant computes once.
+    packed = relax.op.layout_transform(importer.env[codes], int8_conv.packing(codes.meta["val"].shape[1]),
+                                       pad_value=0)
+    packed_shape = [int(d) for d in bb.normalize(packed).ty.shape]
+    func = int8_conv.compute(tuple(x.meta["val"].shape), packed_shape, stride, padding, float(x_scale),
+                             int(x_zero_point), bias is not None)
+    args = [importer.env[x], packed, relax.op.astype(importer.env[scale], "float32"),
+            relax.op.astype(importer.env[weight_sum], "int32")]
+    args += [relax.op.astype(importer.env[bias], "float32")] if bias is not None else []
+    gvar = bb.add_func(int8_conv.schedule(func), "int8_conv2d")
+    return bb.emit(relax.call_tir(gvar, [bb.emit(a) for a in args], _out_type(node)))
 
 
 def convert_map() -> dict[str, Callable]:
@@ -245,6 +266,10 @@ def convert_map() -> dict[str, Callable]:
 
 
 # ---- the packed functions Relax calls -----------------------------------------------------------
+# They run the kernels on the calling thread: TVM's pool owns the cores, and the kernels' OpenMP threads
+# beside it spin after each call, taking a core from TVM's next parallel loop (ResNet-18 int8, whose
+# last linear is such a call: 30.6-31.6 ms with two kernel threads, 22.1-22.5 ms with one).
+KERNEL_THREADS = 1
 
 def _tensors(*values) -> list[Tensor | None]:
     """TVM tensors as torch views of the same memory (DLPack, no copy); empty ones as None."""
@@ -257,7 +282,7 @@ def _conv2d_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> N
     sh, sw, ph, pw, dh, dw, groups, x_zero_point, bits = (int(p) for p in params)
     x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
     ops.int8_conv2d_into(out, x, codes, scale, weight_sum, bias, [sh, sw], [ph, pw], [dh, dw], groups, x_scale,
-                         x_zero_point, bits)
+                         x_zero_point, bits, KERNEL_THREADS)
 
 
 def _linear_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> None:
@@ -266,7 +291,7 @@ def _linear_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> N
     x_zero_point, bits = (int(p) for p in params)
     x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
     ops.int8_linear_into(out, x, codes, scale, weight_sum, bias, x_scale if x_scale > 0 else None, x_zero_point,
-                         bits)
+                         bits, KERNEL_THREADS)
 
 
 @functools.cache
@@ -277,3 +302,4 @@ def register_kernels() -> None:
 
     tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_kernel, override=True)
     tvm_ffi.register_global_func(LINEAR_KERNEL, _linear_kernel, override=True)
+

@@ -19,18 +19,23 @@ class QuantCaps:
     saturating_int8: bool = False
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (avx2, avx512_vnni, ...); empty where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return frozenset(next((line for line in info if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_int8_saturates() -> bool:
     """Whether this CPU's int8 dot products go through 16-bit pair sums: x86 without VNNI or AMX."""
     import platform
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
+    flags = cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64") or not flags:
         return False  # cannot tell: assume the VNNI path rather than cost every user a bit of precision
-    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
 
 
 def require_torchao() -> None:

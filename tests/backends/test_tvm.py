@@ -13,6 +13,7 @@ pytest.importorskip("tvm", reason="TVM is not installed: pip install apache-tvm"
 
 from edgepasses.backends.tvm import TVMTarget, unsupported_ops  # noqa: E402
 from edgepasses.backends.tvm.build import tuning_unavailable_reason  # noqa: E402
+from edgepasses.quant import cpu_flags, cpu_int8_saturates  # noqa: E402
 from edgepasses.testing.unconvertible import WithMysteryOp  # noqa: E402
 
 
@@ -136,14 +137,15 @@ qd = torch.ops.quantized_decomposed
 
 
 class QuantCNN(nn.Module):
-    """conv (padding, so zero points meet the border), depthwise conv, conv, residual add, max-pool, linear."""
+    """conv (padding, so zero points meet the border), depthwise conv, conv, residual add, max-pool, linear.
+    At width 16 the two dense convs run TVM's int8 code (`int8_conv`), at 8 our C++ kernel."""
 
-    def __init__(self):
+    def __init__(self, width=8):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 5)
 
     def forward(self, x):
         y = torch.relu(self.conv1(x))
@@ -198,11 +200,11 @@ def _assert_within_one_step(got, want, step):
     assert diff.max() <= step * 1.01 + 1e-5, f"max diff {diff.max():.3g} > one step {step:.3g}"
 
 
-@pytest.mark.parametrize("options, act_dtype", [("", torch.uint8),
-                                                ("(symmetric=true,overflow_fix=off)", torch.int8)])
-def test_int8_cnn_matches_fake_quant_graph(options, act_dtype):
+@pytest.mark.parametrize("options, act_dtype, width, convs_in_tvm", [
+    ("", torch.uint8, 8, 0), ("(symmetric=true,overflow_fix=off)", torch.int8, 8, 0), ("", torch.uint8, 16, 2)])
+def test_int8_cnn_matches_fake_quant_graph(options, act_dtype, width, convs_in_tvm):
     torch.manual_seed(0)
-    model, x = QuantCNN(), torch.randn(2, 3, 16, 16)
+    model, x = QuantCNN(width), torch.randn(2, 3, 16, 16)
     gm = _int8_graph(model, x, options)
     dtypes = {n.args[5] for n in gm.graph.nodes if n.target == qd.quantize_per_tensor.default}
     assert dtypes == {act_dtype}
@@ -210,6 +212,8 @@ def test_int8_cnn_matches_fake_quant_graph(options, act_dtype):
     lowered = edgepasses.lower(gm, (x,), target="tvm", strict=True)  # strict: no Q/DQ conv/linear left behind
     lowering = lowered.edge_lowering
     assert (lowering.partitions, lowering.fallbacks, lowering.int8_ops) == (1, [], 4)
+    # TVM's int8 code takes the 7-bit weights of AVX2 CPUs without VNNI; elsewhere our C++ kernel runs them.
+    assert lowered.info["int8_conv_kernels"] == (convs_in_tvm if cpu_int8_saturates() and "avx2" in cpu_flags() else 0)
     with torch.no_grad():
         for sample in (x, 2 * torch.randn_like(x)):
             _assert_within_one_step(lowered(sample), gm(sample), _output_step(gm))
