@@ -3,7 +3,8 @@
 `python -m edgepasses.bench.tvm_bench [--trials 32] [--time-limit 780] [--rounds 20] [--int8] [--no-untuned]`
 
 The fp32 candidates run the same `fold_bn` graph. `--int8` adds `fold_bn,quantize` (8 batches of the zoo's
-calibration) on TVM (its conv/linear on our int8 kernels, the rest tuned; records in `--int8-cache-dir`)
+calibration) on TVM (dense convs as TVM's int8 code, `backends/tvm/int8_conv.py`, the linear on our C++ kernel,
+the rest tuned; records in `--int8-cache-dir`)
 and on OpenVINO, each quantized for its target. Everything is timed interleaved
 (`measure_side_by_side`): median and min–max in ms. Tuning time is stated (as recorded when the
 records were reused); the tuned fp32 graph is then lowered a second time to show the cache.
