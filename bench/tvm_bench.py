@@ -109,7 +109,7 @@ def _tuning(info: dict) -> str:
     seconds = (info.get("recorded_tuning_s") if hit else info.get("tuning_s")) or 0
     tiles_s = (info.get("recorded_conv_tiles_s") if hit else info.get("conv_tiles", {}).get("seconds")) or 0
     when = "when recorded, reused now" if hit else "now"
-    return (f"{info.get('conv_tiles', {}).get('convs')} convolutions by our schedule + MetaSchedule "
+    return (f"{info.get('conv_tiles', {}).get('convs')} fp32 convolutions by our schedule + MetaSchedule "
             f"{info.get('trials_per_task')} trials/task over {info.get('tasks')} other tasks, tuning "
             f"{seconds + tiles_s:.0f} s ({tiles_s:.0f} s of it measuring conv tiles; {when})")
 
