@@ -120,12 +120,13 @@ def library_versions() -> dict[str, str]:
 
 
 def host_text(target_name: str) -> str:
-    """The machine: a TVM library is code for this CPU and this thread count (`num-cores`)."""
+    """The machine: a TVM library is code for this CPU and this thread count (`num-cores`), made by
+    this version of our lowering."""
     text = platform.machine()
     if "tvm" in target_name.split(","):
-        from .backends.tvm.build import host_target
+        from .backends.tvm.build import LOWERING_VERSION, host_target
 
-        text += f" {host_target()}"
+        text += f" {host_target()} lowering {LOWERING_VERSION}"
     return text
 
 

@@ -47,8 +47,8 @@ def _register_kernels() -> None:
 _register_kernels()
 
 SEARCH_POPULATION = 256
-# Part of the records' key: the ops MetaSchedule is given depend on our converters and schedules
-# (`conv_nchwc`, `int8_conv`, `quant`). Bump it when they change what is left to tune.
+# Part of the records' key (and the compile cache's): the ops MetaSchedule is given and the code built
+# depend on our converters and schedules (`conv_nchwc`, `int8_conv`, `quant`). Bump it when they change.
 LOWERING_VERSION = 2
 DEFAULT_TRIALS_PER_TASK = 0  # no tuning unless asked: a ResNet-18 costs ~minutes per 8 trials/task
 
@@ -302,7 +302,7 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     from .quant import convert_map
 
     target = host_target(num_cores)
-    threads = use_threads(int(target.attrs["num-cores"]))  # before measuring tiles or tuning: they time parallel loops
+    threads = use_threads(int(target.attrs["num-cores"]))  # before tiles or tuning: they time parallel loops
     # Our converters for Q/DQ and the int8 ops `quant.rewrite_int8` leaves (the importer has none).
     mod = from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map())
     mod = prepare(conv_nchwc.to_nchwc(mod, target), target)
@@ -312,7 +312,8 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     if reason:
         log.warning("target 'tvm' builds without tuning, so it runs plain loops: %s", reason)
         trials_per_task = 0
-    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / graph_key(exported, target, f"lowering {LOWERING_VERSION} threads={threads}")
+    key = graph_key(exported, target, f"lowering {LOWERING_VERSION} threads={threads}")
+    work_dir = (Path(cache_dir) if cache_dir else cache_root()) / key
     meta_path = work_dir / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     # Convolutions first, by our schedule: their tiles measured when tuning is asked for, or read back.
