@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{second['cache_hit']}); target {tuned['target']}")
     if args.int8:
         lowering = candidates["tvm int8 tuned"].edge_lowering
-        print(f"tvm int8 tuned: {_tuning(info['tvm int8 tuned'])}; {lowering.int8_ops} int8 ops, "
-              f"{info['tvm int8 tuned']['int8_conv_kernels']} distinct int8 conv kernels in TVM code (the other int8 ops "
-              f"on our C++ kernels), {len(lowering.fallbacks)} fallbacks")
+        int8_info = info["tvm int8 tuned"]
+        print(f"tvm int8 tuned: {_tuning(int8_info)}; {lowering.int8_ops} int8 ops, {int8_info['int8_conv_kernels']} "
+              f"distinct int8 conv kernels in TVM code (the other int8 ops on our C++ kernels), "
+              f"{len(lowering.fallbacks)} fallbacks")
     result = {"timings_ms": {n: {"median": t.median_ms, "min": t.min_ms, "max": t.max_ms} for n, t in timings.items()},
               "compile_s": compile_s, "max_abs_err": errors, "tvm": {"tuned": tuned, "second": second,
                                                                "int8": info.get("tvm int8 tuned")}}

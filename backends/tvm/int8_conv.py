@@ -6,8 +6,8 @@ replaces:
 
 - the input is quantized as torch rounds and written in blocked channels (NCHW16c; a stem with fewer
   than 16 channels in one block of a multiple of 4), padded with the zero point's code;
-- the weights are packed once (a constant-folded layout transform) as OIHW4i16o4i: 4 input channels x 8 output channels
-  are one 32-byte vector;
+- the weights are packed once (a constant-folded layout transform) as OIHW4i16o4i: 4 input
+  channels x 8 output channels are one 32-byte vector;
 - the convolution accumulates in int32 over a register tile of `rows x cols` pixels x 16 output
   channels: per 4 input channels one broadcast of 4 input codes, two `vpmaddubsw` (u8·s8 pairs summed
   in int16: exact, since |w| <= 64 makes 2·255·64 < 2^15) and two `vpmaddwd` with ones (int32);
@@ -69,8 +69,8 @@ def in_block(channels: int) -> int | None:
 def supported(in_channels: int, out_channels: int, groups: int, dilation, weight_bits: int) -> bool:
     """An AVX2 CPU and 7-bit weights (what `QuantCaps.saturating_int8` asks for on one without VNNI),
     dense, undilated, whole channel blocks."""
-    return (weight_bits == 7 and "avx2" in cpu_flags() and groups == 1 and tuple(dilation) == (1, 1) and out_channels % OUT_BLOCK == 0
-            and in_block(in_channels) is not None)
+    return (weight_bits == 7 and "avx2" in cpu_flags() and groups == 1 and tuple(dilation) == (1, 1)
+            and out_channels % OUT_BLOCK == 0 and in_block(in_channels) is not None)
 
 
 def packing(in_channels: int):
