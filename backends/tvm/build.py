@@ -146,16 +146,13 @@ def fast_tensor_intrin_import() -> None:
 
 
 def graph_key(exported: torch.export.ExportedProgram, target, extra: str = "") -> str:
-    """Hash of the graph's structure (ops, wiring, shapes and dtypes; not weight values),
-    the target and the TVM version: the name of the tuning records' folder."""
+    """Hash of the graph's structure (ops, wiring, shapes and dtypes; not weight values, as the
+    compile cache hashes it), the target and the TVM version: the name of the tuning records' folder."""
     import tvm
 
-    lines = []
-    for node in exported.graph.nodes:
-        val = node.meta.get("val")
-        shape = (tuple(val.shape), str(val.dtype)) if isinstance(val, torch.Tensor) else None
-        lines.append(f"{node.op} {node.name} {node.target} {node.args} {node.kwargs} {shape}")
-    text = "\n".join(lines + [str(target), tvm.__version__, extra])
+    from edgepasses.compile_cache import graph_hash
+
+    text = "\n".join([graph_hash(exported.graph_module), str(target), tvm.__version__, extra])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
