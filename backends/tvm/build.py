@@ -295,7 +295,7 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    from . import conv_nchwc
+    from . import conv_nchwc, int8_conv
     from .quant import convert_map
 
     target = host_target(num_cores)
@@ -304,7 +304,7 @@ def build(exported: torch.export.ExportedProgram, *, trials_per_task: int = DEFA
     mod = from_exported_program(exported, keep_params_as_input=False, custom_convert_map=convert_map())
     mod = prepare(conv_nchwc.to_nchwc(mod, target), target)
     info = {"target": str(target), "cache_hit": False, "tuned": False, "tuning_s": 0.0,
-            "int8_conv_kernels": sum(g.name_hint.startswith("int8_conv2d") for g in mod.functions)}  # `int8_conv`'s
+            "int8_conv_kernels": sum(g.name_hint.startswith(int8_conv.FUNC_NAME) for g in mod.functions)}
     reason = tuning_unavailable_reason() if trials_per_task > 0 else None
     if reason:
         log.warning("target 'tvm' builds without tuning, so it runs plain loops: %s", reason)

@@ -27,6 +27,7 @@ from edgepasses.quant import cpu_flags
 OUT_BLOCK = 16          # output channels per block: two 8-lane int32 vectors
 DOT = 4                 # input channels per u8 x s8 dot product
 INTRINSIC = "edgepasses_dot_8x4_u8i8i32_avx2"
+FUNC_NAME = "int8_conv2d"   # the PrimFuncs' names in the Relax module (counted in `build`'s info)
 
 
 @T.prim_func(s_tir=True)

@@ -248,7 +248,7 @@ def _tvm_int8_conv2d(node, importer):
     args = [importer.env[x], packed, relax.op.astype(importer.env[scale], "float32"),
             relax.op.astype(importer.env[weight_sum], "int32")]
     args += [relax.op.astype(importer.env[bias], "float32")] if bias is not None else []
-    gvar = bb.add_func(int8_conv.schedule(func), "int8_conv2d")
+    gvar = bb.add_func(int8_conv.schedule(func), int8_conv.FUNC_NAME)
     return bb.emit(relax.call_tir(gvar, [bb.emit(a) for a in args], _out_type(node)))
 
 
@@ -270,6 +270,7 @@ def convert_map() -> dict[str, Callable]:
 # beside it spin after each call, taking a core from TVM's next parallel loop (ResNet-18 int8, whose
 # last linear is such a call: 30.6-31.6 ms with two kernel threads, 22.1-22.5 ms with one).
 KERNEL_THREADS = 1
+
 
 def _tensors(*values) -> list[Tensor | None]:
     """TVM tensors as torch views of the same memory (DLPack, no copy); empty ones as None."""
@@ -302,4 +303,3 @@ def register_kernels() -> None:
 
     tvm_ffi.register_global_func(CONV2D_KERNEL, _conv2d_kernel, override=True)
     tvm_ffi.register_global_func(LINEAR_KERNEL, _linear_kernel, override=True)
-

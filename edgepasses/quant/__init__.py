@@ -4,6 +4,7 @@ Only this module is free of torchao; the quantizer, observers and QAT import it 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -19,8 +20,10 @@ class QuantCaps:
     saturating_int8: bool = False
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as Linux lists them (avx2, avx512_vnni, ...); empty where it cannot tell."""
+    """This CPU's feature flags as Linux lists them (avx2, avx512_vnni, ...); empty where it cannot tell.
+    Read once: the int8 converters ask for every conv."""
     try:
         with open("/proc/cpuinfo") as info:
             return frozenset(next((line for line in info if line.startswith("flags")), "").split())
