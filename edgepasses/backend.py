@@ -3,21 +3,25 @@
     Dynamo graph -> freeze weights -> canonical form -> pipeline -> target lowering
 
 Only inference graphs compile. Dynamo's `example_inputs` give shapes only; calibration
-data comes from the `calibration` option and nowhere else.
+data comes from the `calibration` option and nowhere else: those are inputs of the model, which
+reach each of Dynamo's graphs by running through the model (`model_calibration.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
 from .canonical import check_no_grad_inputs, export_canonical_graph, frozen_copy
+from . import model_calibration
 from .errors import GradientsNeededError, OptionError
+from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options
 from .pipeline import DEFAULT_PIPELINE, Pipeline
 
@@ -59,6 +63,7 @@ class EdgeCompilation:
     seconds: float
     cache: Literal["hit", "miss"] | None = None  # None: no cache_dir, so no compile cache
     cache_entry: str | None = None               # the entry's directory (on a miss: where it was stored)
+    graph: GraphOrigin = GraphOrigin(1)          # which of the model's graphs, and the break that ends it
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -96,26 +101,49 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
+    prepared_s = time.perf_counter() - start  # Dynamo's graph to the canonical form
+    model = model_calibration.for_current_compile(opts.calibration) if opts.calibration is not None else None
+    origin = model.next_origin(gm) if model else GraphOrigin(1, model_calibration.graph_break_of(gm))
+
+    def compile_with(calibration) -> Callable:
+        """The compiled program of this graph, calibrated on `calibration` (batches of its own inputs)."""
+        compiled_opts = dataclasses.replace(opts, calibration=calibration)
+        lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
+                                              prepared_s)
+
+        def run(*args):
+            return lowered(*(args[i] for i in user_positions))
+
+        run.edge_compilation = compilation
+        return run
+
+    if model is None:
+        return compile_with(opts.calibration)
+    # Calibrated graphs wait for their first call: the calibration set then runs through the whole
+    # model, so that each graph is calibrated on the inputs it really gets (model_calibration.py).
+    return model.defer(origin, user_positions, gm.forward, compile_with)
+
+
+def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target,
+                   origin: GraphOrigin, seconds_before: float):
+    """(lowered program, EdgeCompilation): the pipeline and the lowering, through the compile cache
+    when there is a cache_dir; `on_compile` hears of it."""
+    start = time.perf_counter()
     with torch.no_grad():
         if opts.cache_dir:
             lowered, report, cache, entry = _compile_cached(canonical, user_inputs, opts, pipeline, target)
         else:
             lowered, report, _ = _compile(canonical, user_inputs, opts, pipeline, target)
             cache = entry = None
-    compilation = EdgeCompilation(report, lowered.edge_lowering, time.perf_counter() - start, cache,
-                                  entry and str(entry))
-    log.info("edge: %s on %s (%s)", str(report).replace("\n", "\n  "),
+    compilation = EdgeCompilation(report, lowered.edge_lowering, seconds_before + time.perf_counter() - start,
+                                  cache, entry and str(entry), origin)
+    log.info("edge: %s: %s on %s (%s)", origin, str(report).replace("\n", "\n  "),
              compilation.lowering.target, compilation.lowering.precision)
     if cache:
         log.info("edge: compile cache %s, %s (%.2f s)", cache, entry or "not stored", compilation.seconds)
     if opts.on_compile is not None:
         opts.on_compile(compilation)
-
-    def run(*args):
-        return lowered(*(args[i] for i in user_positions))
-
-    run.edge_compilation = compilation
-    return run
+    return lowered, compilation
 
 
 def _compile(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target):

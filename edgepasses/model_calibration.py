@@ -1,0 +1,166 @@
+"""Calibrating every graph Dynamo hands the backend, whatever its inputs.
+
+The `calibration` option holds inputs of the *model*. When Dynamo splits the model into several
+graphs (a graph break, or a recompile after a guard fails), a later graph's inputs are whatever
+Python computed between graphs, so the model's inputs cannot calibrate it directly. The backend
+therefore compiles in two phases:
+
+1. Each graph is first handed back as a `DeferredGraph`. On its first call, the calibration set
+   runs through the whole compiled model (re-entering the `torch.compile` wrapper the user called),
+   while every graph still waiting runs in float and records the inputs it really receives.
+2. Then each waiting graph compresses and lowers with its own recorded inputs as calibration data,
+   and the call that started it all goes on through the compiled program.
+
+One `ModelCalibration` serves one `torch.compile(...)` call (keyed by Dynamo's callback for it), so
+graphs compiled later (a new branch, a new shape) calibrate the same way on their first call.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import OptionError
+from .quant.calibration import as_batch
+
+log = logging.getLogger("edgepasses")
+
+
+@dataclass(frozen=True)
+class GraphOrigin:
+    """Where a graph sits in the model: its number (from 1) and why Dynamo ended it, if it broke."""
+    index: int
+    graph_break: str | None = None   # Dynamo's explanation and the user's line, when the graph ends at a break
+
+    def __str__(self) -> str:
+        return f"graph {self.index}" + (f" (ends at a graph break: {self.graph_break})" if self.graph_break else "")
+
+
+def graph_break_of(gm: torch.fx.GraphModule) -> str | None:
+    """Dynamo's reason for ending `gm` early and the user's line, or None if the graph ran to the end."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not reason.graph_break:
+        return None
+    explanation = next((ln.strip() for ln in reason.reason.splitlines() if ln.strip().startswith("Explanation:")),
+                       "")
+    first = reason.reason.strip().splitlines()[0] if reason.reason.strip() else "graph break"
+    where = reason.user_stack[-1] if reason.user_stack else None
+    line = f'File "{where.filename}", line {where.lineno}, in {where.name}' if where else "source line unknown"
+    return f"{first}{' — ' + explanation if explanation else ''} at {line}"
+
+
+def _dynamo_entry_frame():
+    """The frame of the innermost `torch.compile` wrapper being run, or None outside one."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_wrapper" and code.co_filename.endswith("_dynamo/eval_frame.py"):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+@dataclass
+class DeferredGraph:
+    """A graph that compiles once the calibration set has shown it its real inputs."""
+    model: "ModelCalibration"
+    origin: GraphOrigin
+    user_positions: list[int]
+    run_float: Callable                         # Dynamo's graph as it is (all its inputs)
+    compile_with: Callable[[list[tuple]], Callable]  # recorded batches -> the compiled program
+    recorded: list[tuple] = field(default_factory=list)
+    compiled: Callable | None = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            if self.model.running:
+                self.recorded.append(tuple(args[i].detach().clone() if isinstance(args[i], torch.Tensor)
+                                           else args[i] for i in self.user_positions))
+                return self.run_float(*args)
+            self.model.calibrate()
+        return self.compiled(*args)
+
+    def finish(self) -> None:
+        if not self.recorded:
+            raise OptionError(
+                f"{self.origin} of the model was not reached by any calibration batch, so it cannot be "
+                "calibrated: add calibration inputs that take the path this call takes (another branch or "
+                "input shape)")
+        self.compiled = self.compile_with(self.recorded)
+        self.recorded = []
+
+
+class ModelCalibration:
+    """The graphs of one `torch.compile(model, backend="edge")` call, and its calibration set."""
+
+    def __init__(self, calibration, entry: Callable[[], Callable]):
+        self.calibration = calibration
+        self.entry = entry          # -> the compiled model, callable like the user's own call
+        self.graphs = 0
+        self.breaks: list[str] = []
+        self.waiting: list[DeferredGraph] = []
+        self.running = False
+
+    def next_origin(self, gm: torch.fx.GraphModule) -> GraphOrigin:
+        self.graphs += 1
+        origin = GraphOrigin(self.graphs, graph_break_of(gm))
+        if origin.graph_break:
+            self.breaks.append(origin.graph_break)
+        return origin
+
+    def defer(self, origin: GraphOrigin, user_positions: list[int], run_float: Callable,
+              compile_with: Callable[[list[tuple]], Callable]) -> DeferredGraph:
+        graph = DeferredGraph(self, origin, user_positions, run_float, compile_with)
+        self.waiting.append(graph)
+        return graph
+
+    def calibrate(self) -> None:
+        """Run the calibration set through the whole model, then compile every waiting graph."""
+        model = self.entry()
+        self.running = True
+        try:
+            batches = 0
+            with torch.no_grad():
+                for batches, batch in enumerate(self.calibration, start=1):
+                    _call(model, batch)
+        finally:
+            self.running = False
+        if batches == 0:
+            raise OptionError("the calibration iterable is empty")
+        waiting, self.waiting = self.waiting, []
+        log.info("edge: %d calibration batch(es) ran through the model: %d graph(s), %d graph break(s)%s",
+                 batches, self.graphs, len(self.breaks), "".join(f"\n  - {b}" for b in self.breaks))
+        for graph in waiting:
+            graph.finish()
+
+
+def _call(model: Callable, batch: Any) -> None:
+    """One calibration batch into the model: a dict as keyword arguments, else positional ones."""
+    if isinstance(batch, dict):
+        model(**batch)
+    else:
+        model(*as_batch(batch))
+
+
+# One ModelCalibration per Dynamo callback: that is, per torch.compile(...) call.
+_BY_CALLBACK: "weakref.WeakKeyDictionary[Any, ModelCalibration]" = weakref.WeakKeyDictionary()
+
+
+def for_current_compile(calibration) -> ModelCalibration | None:
+    """The ModelCalibration of the torch.compile call whose graph is being compiled; None when the
+    backend is called outside a torch.compile wrapper (then calibration batches are the graph's inputs)."""
+    frame = _dynamo_entry_frame()
+    if frame is None:
+        return None
+    callback = frame.f_locals["callback"]
+    found = _BY_CALLBACK.get(callback)
+    if found is None:
+        context, fn = frame.f_locals["self"], frame.f_locals["fn"]
+        # The wrapper built again from the same Dynamo context runs with the same callback, so it reuses
+        # the graphs compiled so far and hands new ones to the same ModelCalibration.
+        found = _BY_CALLBACK[callback] = ModelCalibration(calibration, lambda: context(fn))
+    return found
