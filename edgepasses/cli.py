@@ -2,6 +2,7 @@
 
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
     edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
+    edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -100,9 +101,29 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_coverage(args: argparse.Namespace) -> int:
+    from edgepasses.bench.architectures import ARCHITECTURE_NAMES
+    from edgepasses.bench.coverage import COLUMN_NAMES, run_matrix, stderr_progress
+
+    for kind, given, valid in (("model", args.model, ARCHITECTURE_NAMES), ("column", args.column, COLUMN_NAMES)):
+        unknown = [name for name in given if name not in valid]
+        if unknown:
+            args.parser.error(f"unknown {kind}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    matrix = run_matrix(args.model, args.column, progress=stderr_progress)
+    text = matrix.to_markdown()
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        Path(args.json).write_text(matrix.to_json())
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.suite == "kernels":
         return _bench_kernels(args)
+    if args.suite == "coverage":
+        return _bench_coverage(args)
     if not args.model:
         args.parser.error("bench models needs --model (repeatable)")
     args.pipeline = args.pipeline or [DEFAULT_PIPELINE]
@@ -254,9 +275,16 @@ def _add_bench_parser(subparsers: Any) -> None:
 
     bench = subparsers.add_parser("bench", help="models: latency, size and accuracy of zoo models, eager vs "
                                                 "OpenVINO direct (and NNCF int8) vs edge pipelines; kernels: "
-                                                "each edge:: op vs OpenVINO and torch per shape")
-    bench.add_argument("suite", nargs="?", choices=("models", "kernels"), default="models")
-    bench.add_argument("--model", action="append", default=[], help="zoo model name; repeatable (models)")
+                                                "each edge:: op vs OpenVINO and torch per shape; coverage: "
+                                                "which architectures each pipeline compiles, reaches, and "
+                                                "at what error")
+    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage"), default="models")
+    bench.add_argument("--model", action="append", default=[],
+                       help="zoo model name (models) or catalogue architecture (coverage; default: all); "
+                            "repeatable")
+    bench.add_argument("--column", action="append", default=[],
+                       help="coverage: pipeline column; repeatable (default: int8-openvino, int8-reference, "
+                            "sparse24, prune, lowrank)")
     bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
                        help="kernels: M,K,N; repeatable (default: 1,4096,4096 16,4096,4096 128,4096,4096)")
