@@ -102,7 +102,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         return gm.forward
 
     prepared_s = time.perf_counter() - start  # Dynamo's graph to the canonical form
-    model = model_calibration.for_current_compile(opts.calibration) if opts.calibration is not None else None
+    model = model_calibration.for_current_compile(opts.calibration)
     origin = model.next_origin(gm) if model else GraphOrigin(1, model_calibration.graph_break_of(gm))
 
     def compile_with(calibration) -> Callable:
@@ -117,7 +117,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         run.edge_compilation = compilation
         return run
 
-    if model is None:
+    if model is None or opts.calibration is None:
         return compile_with(opts.calibration)
     # Calibrated graphs wait for their first call: the calibration set then runs through the whole
     # model, so that each graph is calibrated on the inputs it really gets (model_calibration.py).

@@ -139,3 +139,13 @@ def test_a_graph_no_calibration_batch_reaches_is_a_clear_error(data):
         compiled(x)
         with pytest.raises(OptionError, match="graph 2 of the model was not reached by any calibration batch"):
             compiled(torch.randn(1, 3, 12, 12))  # another shape: a new graph the calibration set never takes
+
+
+def test_graphs_are_numbered_and_breaks_quoted_without_calibration_too(data):
+    x, _ = data
+    model = _trained_like(TwoBlocks(graph_break=True))
+    compilations = []
+    compiled = torch.compile(model, backend="edge", options={"target": "reference", "on_compile": compilations.append})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert [(c.graph.index, bool(c.graph.graph_break)) for c in compilations] == [(1, True), (2, False)]
