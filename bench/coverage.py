@@ -16,7 +16,9 @@ import datetime
 import json
 import math
 import os
+import subprocess
 import sys
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -55,6 +57,7 @@ class Cell:
     column: str
     compiled: bool = False
     error: str | None = None          # "Type: first line" when compiling or running failed
+    error_detail: str | None = None   # its first lines (runtimes' first line is often only "Check failed at")
     reached: int | None = None        # summed over the graphs' pipeline reports
     total: int | None = None          # column.total_key summed; None: the model's Linear/conv layers
     graphs: int = 0                   # compilations (one per graph Dynamo handed the backend)
@@ -91,6 +94,13 @@ def error_text(exc: BaseException) -> str:
         exc = inner
     line = first_line(str(exc))
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def error_detail(exc: BaseException, lines: int = 6, limit: int = 600) -> str:
+    """The first non-empty lines of the (unwrapped) exception's message, joined by ' / '."""
+    exc = getattr(exc, "inner_exception", None) or exc
+    text = " / ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:lines])
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -146,7 +156,7 @@ def run_cell(built: Built, column: Column, reference: list[torch.Tensor]) -> Cel
         cell.compiled = True
         cell.max_abs_error, cell.sqnr_db = compare(reference, output_tensors(output))
     except Exception as exc:  # the matrix records every failure and goes on
-        cell.error = error_text(exc)
+        cell.error, cell.error_detail = error_text(exc), error_detail(exc)
     finally:
         _record_compilations(cell, column, compilations)
         cell.seconds = time.perf_counter() - start
@@ -247,10 +257,22 @@ def _version(module_name: str) -> str:
         return "not installed"
 
 
+def _git_state() -> str | None:
+    """The checkout's commit, '+ uncommitted changes' when the tree is dirty; None outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_header() -> dict[str, Any]:
     from .runner import _cpu_model
 
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _git_state(),
             "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "versions": {name: _version(name) for name in
@@ -298,7 +320,8 @@ def _table_row(row: ModelRow, columns: list[Column]) -> list[str]:
 def _header_lines(header: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
     load = " / ".join(f"{x:.2f}" for x in header["load_average"])
-    lines = [f"Generated {header['date']} by `edgepasses bench coverage`"
+    commit = f" at commit {header['commit']}" if header.get("commit") else ""
+    lines = [f"Generated {header['date']} by `edgepasses bench coverage`{commit}"
              + (f" in {header['minutes']} min" if "minutes" in header else "") + ".", "",
              f"Machine: {header['cpu']}, {header['logical_cpus']} logical CPUs, torch threads "
              f"{header['torch_threads']}, load average {load} (1/5/15 min) at start.", "",
@@ -319,12 +342,16 @@ than one, and the ops the target left to PyTorch. `✗`: the exception's type an
 finds in eager tracing."""
 
 
+def type_of(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
 def _failure_lines(matrix: Matrix) -> list[str]:
     lines = []
     for row in matrix.rows:
         if row.error:
             lines.append(f"- {row.name}: {row.error}")
-        lines += [f"- {row.name} × {c.column}: {c.error}" for c in row.cells if c.error]
+        lines += [f"- {row.name} × {c.column}: {type_of(c.error)}: {c.error_detail}" for c in row.cells if c.error]
     return lines
 
 
