@@ -4,7 +4,9 @@ The form is what `torch.export.export(model, args).run_decompositions({}).module
 produces: a functional ATen-level GraphModule whose weights are `get_attr` constants and
 whose nodes carry `meta["val"]`.
 `compress()` exports the user's module; the backend first freezes Dynamo's parameter
-placeholders into attributes, then exports that graph the same way.
+placeholders into attributes, then exports that graph the same way. Both then decompose the
+fused transformer fast paths (`decompositions.py`) and bring every layer to one form
+(`canonical_forms.py`).
 """
 from __future__ import annotations
 
@@ -15,9 +17,14 @@ import torch
 import torch.fx
 from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 
+from .canonical_forms import canonicalize_layers
+from .decompositions import FUSED_DECOMPOSITIONS
 from .errors import ExportFailedError, GradientsNeededError
+from .graph_utils import module_path
 
 aten = torch.ops.aten
+# GraphModule.meta key of a frozen Dynamo graph: its constants' paths in the user's model
+WEIGHT_PATHS = "edge_weight_paths"
 
 
 def user_source(node: torch.fx.Node) -> str:
@@ -36,14 +43,25 @@ def export_canonical(module: torch.nn.Module, example_inputs: tuple) -> torch.fx
 def export_canonical_graph(module: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
     """Export without the eval-mode check (Dynamo's graphs carry training semantics in their ops)."""
     try:
-        # run_decompositions({}) functionalises (relu_ -> relu, add_ -> add) and decomposes nothing
-        # else: passes never reason about aliasing, and conv2d/linear stay whole for pattern matching.
-        exported = torch.export.export(module, tuple(example_inputs)).run_decompositions({})
+        # run_decompositions functionalises (relu_ -> relu, add_ -> add) and decomposes only the fused
+        # transformer ops, whose Linears no pass could reach: passes never reason about aliasing, and
+        # conv2d/linear stay whole for pattern matching.
+        exported = torch.export.export(module, tuple(example_inputs)).run_decompositions(FUSED_DECOMPOSITIONS)
     except Exception as exc:  # torch.export raises many types; all mean the same to a user
         raise ExportFailedError(_explain_export_failure(module, exc)) from exc
     gm = exported.module()
+    canonicalize_layers(gm, _weight_paths(module, gm))
     check_inference_graph(gm)
     return gm
+
+
+def _weight_paths(module: torch.nn.Module, gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Each constant's path in the user's model: a frozen Dynamo graph says; an exported module's
+    constants keep their paths as names."""
+    frozen = getattr(module, "meta", {}).get(WEIGHT_PATHS) if isinstance(module, torch.fx.GraphModule) else None
+    if frozen is not None:
+        return frozen
+    return {n.target: n.target for n in gm.graph.nodes if n.op == "get_attr"}
 
 
 def _explain_export_failure(module: torch.nn.Module, exc: Exception) -> str:
@@ -119,6 +137,7 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
     constants: dict[str, object] = {}
+    paths: dict[str, str] = {}
     user_positions = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
@@ -128,6 +147,7 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
         copied = env[node]
         name = f"_frozen_{node.name}"
         constants[name] = node.meta["grapharg"].example.detach()
+        paths[name] = source_path(node.meta["grapharg"].source.name)
         with graph.inserting_before(copied):
             attr = graph.get_attr(name)
         copied.replace_all_uses_with(attr)
@@ -135,7 +155,17 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
     for node in graph.nodes:  # constants Dynamo itself put in the graph keep theirs
         if node.op in ("get_attr", "call_module") and node.target not in constants:
             constants[node.target] = operator.attrgetter(node.target)(gm)
-    return torch.fx.GraphModule(constants, graph), user_positions
+    frozen = torch.fx.GraphModule(constants, graph)
+    frozen.meta[WEIGHT_PATHS] = paths
+    return frozen, user_positions
+
+
+_DYNAMO_MEMBER = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
+
+
+def source_path(source_name: str) -> str:
+    """A Dynamo source's path in the user's model: `L['fn']._modules['fc']._parameters['weight']` -> `fc.weight`."""
+    return module_path(_DYNAMO_MEMBER.sub(r".\1", source_name))
 
 
 def check_no_grad_inputs(example_inputs: list, user_positions: list[int]) -> None:
