@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,6 +18,11 @@ FUNCTIONAL_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.def
 CONV_OPS = FUNCTIONAL_CONV_OPS | {aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+# Weight layers in forms no pass rewrites; `weight_layers` lists them with the reason.
+TRANSPOSED_CONV_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+RECURRENT_OPS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input}
+MATMUL_FAMILY_OPS = {aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
+                     aten.baddbmm.default, aten.einsum.default}
 
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> torch.Tensor | None:
@@ -112,3 +119,78 @@ def ignore_matcher(patterns: tuple[str, ...], layers: list[torch.fx.Node], name_
         raise OptionError(f"{where} ignore pattern(s) {', '.join(map(repr, unmatched))} matched no {kind} "
                           f"(patterns must match a whole name); layers: {', '.join(map(name_of, layers))}")
     return matches
+
+
+# ------------------------------------------------------------------ weight layers in every form
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """An op that applies a constant weight (or a Linear/conv whose weight is computed)."""
+    node: torch.fx.Node
+    name: str                  # layer_name(node)
+    form: str                  # the op: linear, conv2d, conv_transpose2d, bmm, lstm, ...
+    unreachable: str | None    # why no pass can rewrite it; None: a Linear/conv with a constant weight
+
+
+def _form(node: torch.fx.Node) -> str:
+    if node.target is aten.convolution.default:
+        return "conv_transpose" if node.args[6] else "convolution"
+    return getattr(node.target, "_opname", str(node.target))
+
+
+def _tensor_args(node: torch.fx.Node) -> list:
+    return list(node.args[1]) if node.target is aten.einsum.default else list(node.args[:3])
+
+
+def _unreachable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None | bool:
+    """Why a weight-applying node cannot be rewritten; None where passes can; False: not a weight layer."""
+    target = node.target
+    if target in TRANSPOSED_CONV_OPS or (target is aten.convolution.default and node.args[6]):
+        return "transposed convolution"
+    if target in LINEAR_OPS | CONV_OPS:
+        return None if constant_value(gm, node.args[1]) is not None else \
+            "weight is not a constant in the graph (an input, or computed as by weight norm): nothing to rewrite"
+    if target in RECURRENT_OPS:
+        return f"recurrent layer: its weights stay inside one fused aten.{_form(node)} op"
+    if target in MATMUL_FAMILY_OPS:
+        constants = [constant_value(gm, a) for a in _tensor_args(node)]
+        if not any(c is not None for c in constants):
+            return False  # activations only (attention): not a weight layer
+        if target is aten.einsum.default:
+            return "einsum with a constant operand: write it as x @ W or an nn.Linear to reach it"
+        if target is aten.addmm.default:
+            return "addmm whose bias is not a constant vector or that scales by alpha/beta: no Linear form"
+        weight = constants[1]
+        if weight is None:
+            return "constant on the left (W @ x): no Linear form"
+        return f"matmul by a constant {weight.dim()}-D weight (one per batch entry): no Linear form"
+    return False
+
+
+def weight_layers(gm: torch.fx.GraphModule) -> list[WeightLayer]:
+    """Every layer applying a weight, in any form, with why no pass can reach it where none can.
+    After canonicalization (`canonical_forms`) the reachable ones are `aten.linear` and the convs."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        reason = _unreachable(gm, node)
+        if reason is not False:
+            found.append(WeightLayer(node, layer_name(node), _form(node), reason))
+    return found
+
+
+def skipped_forms(layers: list[WeightLayer], skipped: dict[str, str]) -> str:
+    """The skipped layers by form and reason: `2 conv_transpose2d (transposed convolution); 1 linear (...)`."""
+    forms = {layer.name: layer.form for layer in layers}
+    counts = Counter((forms.get(name, "layer"), reason) for name, reason in skipped.items())
+    return "; ".join(f"{n} {form} ({reason})" for (form, reason), n in counts.most_common())
+
+
+def warn_nothing_reached(log, pass_name: str, done: str, layers: list[WeightLayer], skipped: dict[str, str]) -> None:
+    """The one WARNING of a pass that changed no layer: the forms it saw and why it skipped each."""
+    if not layers:
+        log.warning("%s: the graph has no Linear or conv layer in any form; nothing was %s", pass_name, done)
+    else:
+        log.warning("%s: no layer was %s; of %d Linear/conv layers it skipped %s", pass_name, done,
+                    len(layers), skipped_forms(layers, skipped) or "none (each was left as it is)")

@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..analysis.observe import NodeObserver
-from ..graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value, layer_name
+from ..graph_utils import LINEAR_OPS, add_constant, constant_value, layer_name, weight_layers
 from ..quant.calibration import calibrate
 from .factorize import Factors
 
@@ -99,17 +99,20 @@ def _bias(gm, node) -> torch.Tensor | None:
 
 
 def find_layers(gm: torch.fx.GraphModule, ignore) -> tuple[list[Layer], dict[str, str]]:
-    """Every Linear and conv node: those that can be split, and the others with reasons."""
+    """Every layer applying a weight, in any form (`graph_utils.weight_layers`): the Linear and conv
+    layers a pass can rewrite, and the others by name with the reason."""
     layers, skipped = [], {}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_OPS | CONV_OPS:
+    for weight_layer in weight_layers(gm):
+        node = weight_layer.node
+        if weight_layer.unreachable:
+            skipped[weight_layer.name] = weight_layer.unreachable
             continue
         if ignore(node):
-            skipped[layer_name(node)] = "in the ignore list"
+            skipped[weight_layer.name] = "in the ignore list"
             continue
         found = describe(gm, node)
         if isinstance(found, str):
-            skipped[layer_name(node)] = found
+            skipped[weight_layer.name] = found
         else:
             layers.append(found)
     return layers, skipped

@@ -2,7 +2,8 @@
 
 Linear and 1×1 conv: two layers through a truncated SVD. k×k conv: a Tucker-2 chain
 (1×1 → k×k core → 1×1) or a spatial split (k×1 → 1×k), chosen per layer by error at equal
-MACs (`method=auto`) or by option. The rank comes from exactly one of `rank`, `ratio` (of each
+MACs (`method=auto`) or by option; a 1×k conv (a conv1d, in the canonical conv2d form) by the
+spatial split alone (1×1 → 1×k). The rank comes from exactly one of `rank`, `ratio` (of each
 layer's full rank) or `energy` (kept singular-value energy; the default, 0.9), rounded up to a
 multiple of `round_to`; a layer is split only when its MACs fall by at least `min_saving`.
 
@@ -27,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import CONV_OPS, LINEAR_OPS, ignore_matcher, layer_name, remove_unused_attributes
+from ..graph_utils import ignore_matcher, layer_name, remove_unused_attributes, warn_nothing_reached, weight_layers
 from ..lowrank.layers import collect_input_stats, find_layers, output_sqnr_db, replace_with_chain
 from ..lowrank.plan import Plan, Settings, check_rank, methods_for, plan_layer
 from ..pass_base import PassContext, PassResult, register_pass
@@ -76,8 +77,18 @@ class LowRankOptions:
 
 
 def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    layers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS | CONV_OPS]
+    layers = [layer.node for layer in weight_layers(gm)]
     return ignore_matcher(patterns, layers, layer_name, where="lowrank", kind="Linear or conv")
+
+
+def _one_dimensional(layer, methods):
+    """A 1×k conv (a conv1d in the canonical conv2d form) splits spatially, into 1×1 then 1×k: Tucker-2's
+    core would be a 1×k conv between two 1×1s, and its output rank can exceed what that core holds."""
+    if isinstance(methods, str) or not layer.is_conv or layer.kernel[0] != 1 or layer.kernel[1] == 1:
+        return methods
+    spatial = [m for m in methods if m.name != "tucker"]
+    return spatial or (f"a 1x{layer.kernel[1]} conv (conv1d) splits spatially only (1x1 then 1x{layer.kernel[1]}); "
+                       "use method=auto or method=spatial")
 
 
 def _layer_stats(plan: Plan, sqnr: float | None) -> dict:
@@ -104,7 +115,7 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
             skipped[layer.name] = ("2:4-sparse weight (sparsify_24 ran first); factors would be dense: "
                                    "put lowrank before sparsify_24 to sparsify the factors")
             continue
-        methods = methods_for(layer, opts.method)
+        methods = _one_dimensional(layer, methods_for(layer, opts.method))
         if isinstance(methods, str):
             skipped[layer.name] = methods
             continue
@@ -135,7 +146,7 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
         gm.recompile()
         propagate_fake(gm, ctx.example_inputs)
     else:
-        log.warning("lowrank: no layer was split (%d left whole)", len(skipped))
+        warn_nothing_reached(log, "lowrank", "split", weight_layers(gm), skipped)
     after = count_cost(gm)
     return PassResult(gm, modified=bool(split), stats={
         "layers_split": len(split), "data_aware": data_aware, "macs_before": before.macs,

@@ -27,7 +27,7 @@ import torch.fx
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import remove_unused_attributes
+from ..graph_utils import remove_unused_attributes, skipped_forms, weight_layers
 from ..pass_base import PassContext, PassResult, register_pass
 from ..prune import activation_stats
 from ..prune.apply import apply_keep
@@ -108,6 +108,9 @@ def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> Pas
         if opts.criterion == "activation" else None
     before = count_cost(gm)
     an = analyze(gm, ignore_matcher(gm, opts.ignore))
+    layers = weight_layers(gm)
+    skipped = {layer.name: layer.unreachable or "not a prunable layer"
+               for layer in layers if layer.node not in an.roles}
     groups = an.groups()
     left_whole = {g.name: "; ".join(g.reasons) for g in groups if g.reasons}
     left_whole.update({g.name: "a single channel unit" for g in groups if not g.reasons and len(g.atoms) < 2})
@@ -132,7 +135,20 @@ def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> Pas
         propagate_fake(gm, ctx.example_inputs)
     after = count_cost(gm)
     stats.update({"groups_pruned": len(removed), "params_after": after.params, "macs_after": after.macs,
-                  "channels_removed": removed, "left_whole": left_whole})
+                  "channels_removed": removed, "left_whole": left_whole, "skipped": skipped})
     if not removed and opts.ratio > 0:
-        log.warning("prune: no group could be pruned (%d left whole)", len(left_whole))
+        _warn_nothing_pruned(layers, left_whole, skipped)
     return PassResult(gm, modified=bool(removed), stats=stats)
+
+
+def _warn_nothing_pruned(layers, left_whole: dict[str, str], skipped: dict[str, str]) -> None:
+    """One WARNING: the groups left whole (with their first reasons) and the layers outside any group."""
+    if not layers:
+        log.warning("prune: the graph has no Linear or conv layer in any form; nothing was pruned")
+        return
+    reasons = "; ".join(f"{name}: {why}" for name, why in list(left_whole.items())[:3])
+    if len(left_whole) > 3:
+        reasons += f"; +{len(left_whole) - 3} more"
+    log.warning("prune: no group could be pruned; of %d Linear/conv layers, %d groups were left whole (%s); "
+                "outside any group: %s", len(layers), len(left_whole), reasons or "-",
+                skipped_forms(layers, skipped) or "none")

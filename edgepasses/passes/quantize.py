@@ -17,6 +17,7 @@ import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
+from ..graph_utils import warn_nothing_reached, weight_layers
 from ..pass_base import PassContext, PassResult, register_pass
 from ..quant import QuantCaps, require_torchao
 
@@ -84,10 +85,15 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
              "weights": _weights_text(setup),
              "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
-             "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib}
+             "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib,
+             "skipped": quantizer.skipped}
     if not quantizer.annotated:
-        log.warning("quantize: nothing to quantise (no conv, linear or activation matmul outside the ignore "
-                    "list); the graph is left in float")
+        layers = weight_layers(gm)
+        if layers:
+            warn_nothing_reached(log, "quantize", "quantised (the graph is left in float)", layers, quantizer.skipped)
+        else:
+            log.warning("quantize: nothing to quantise (no conv, linear or activation matmul outside the ignore "
+                        "list); the graph is left in float")
         return PassResult(gm, modified=False, stats=stats)
     stats["calibration_batches"] = result.calibration_batches
     propagate_fake(result.graph, ctx.example_inputs)

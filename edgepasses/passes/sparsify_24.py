@@ -27,7 +27,8 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..graph_utils import CONV_OPS, LINEAR_OPS, add_constant, ignore_matcher, layer_name, remove_unused_attributes, replace_arg
+from ..graph_utils import (add_constant, ignore_matcher, layer_name, remove_unused_attributes, replace_arg,
+                           warn_nothing_reached, weight_layers)
 from ..lowrank.layers import Layer, collect_input_stats, find_layers, output_sqnr_db
 from ..pass_base import PassContext, PassResult, register_pass
 
@@ -75,7 +76,7 @@ def layer_mask(layer: Layer, input_mean_square: torch.Tensor | None) -> torch.Te
 
 
 def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    layers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS | CONV_OPS]
+    layers = [layer.node for layer in weight_layers(gm)]
     return ignore_matcher(patterns, layers, layer_name, where="sparsify_24", kind="Linear or conv")
 
 
@@ -143,7 +144,7 @@ def sparsify_24(gm: torch.fx.GraphModule, opts: Sparsify24Options, ctx: PassCont
         remove_unused_attributes(gm)
         gm.recompile()
     else:
-        log.warning("sparsify_24: no layer was sparsified (%d skipped)", len(skipped))
+        warn_nothing_reached(log, "sparsify_24", "sparsified", weight_layers(gm), skipped)
     return PassResult(gm, modified=bool(done), stats={
         "criterion": "activation" if activation else "magnitude", "layers_sparsified": len(done),
         "layers": done, "skipped": skipped})

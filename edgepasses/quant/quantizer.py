@@ -18,7 +18,7 @@ from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, Quantiz
                                                  SharedQuantizationSpec)
 
 from ..errors import OptionError
-from ..graph_utils import ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, layer_name, remove_unused_attributes
+from ..graph_utils import ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, layer_name, remove_unused_attributes, weight_layers
 from .awq import SAMPLE_ROWS, search_scale
 from .calibration import calibrate
 from .channel_scale import apply_input_scale, collect_stats, linear_groups
@@ -111,6 +111,7 @@ class EdgeQuantizer(Quantizer):
         self.setup = setup
         self.annotated: list[str] = []
         self.ignored: list[str] = []
+        self.skipped: dict[str, str] = {}   # weight layers left in float, by name, with the reason
         self.embedding_nodes: list[str] = []
 
     def select(self, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -125,12 +126,20 @@ class EdgeQuantizer(Quantizer):
             (self.ignored if hits else self.annotated).append(name)
             if not hits:
                 selected.append(node)
+        self.skipped = {**self._unquantizable(gm, candidates), **{name: "in the ignore list" for name in self.ignored}}
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:
             layers = ", ".join(layer_name(n) for n in candidates)
             raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
                               f"quantizable layer (patterns must match a whole name); layers: {layers}")
         return selected
+
+    def _unquantizable(self, gm: torch.fx.GraphModule, candidates: list[torch.fx.Node]) -> dict[str, str]:
+        """Weight layers that are no candidate, with the reason."""
+        chosen = set(candidates)
+        weight_only = "weight-only quantization covers Linear layers only"
+        return {layer.name: layer.unreachable or (weight_only if self.setup.weight_only else "not a quantizable form")
+                for layer in weight_layers(gm) if layer.node not in chosen}
 
     def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         act, weight = activation_spec(self.setup), weight_spec(self.setup)
