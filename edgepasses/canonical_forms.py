@@ -32,6 +32,7 @@ aten = torch.ops.aten
 
 SOURCE_META = ("nn_module_stack", "stack_trace")
 _MATMULS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
+_BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default}
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
@@ -62,16 +63,21 @@ def _value(gm: torch.fx.GraphModule, node):
     return node.meta.get("val")
 
 
-def _call(gm: torch.fx.GraphModule, target, args: tuple, *, like: torch.fx.Node) -> torch.fx.Node:
-    """A new `target(*args)` node before `like`, with `like`'s source meta and its fake value."""
-    with gm.graph.inserting_before(like):
+def _call(gm: torch.fx.GraphModule, target, args: tuple, *, like: torch.fx.Node, after: bool = False) -> torch.fx.Node:
+    """A new `target(*args)` node before (or after) `like`, with `like`'s source meta and its fake value."""
+    with gm.graph.inserting_after(like) if after else gm.graph.inserting_before(like):
         node = gm.graph.create_node("call_function", target, args, name=target.__name__.split(".")[0])
     node.meta.update({k: like.meta[k] for k in SOURCE_META if k in like.meta})
+    _refresh_value(gm, node)
+    return node
+
+
+def _refresh_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Recompute `node`'s fake value from its arguments'."""
     mode = fake_mode_of(gm)
     if mode is not None:
         with mode:
-            node.meta["val"] = target(*pytree.tree_map(lambda a: _value(gm, a), args))
-    return node
+            node.meta["val"] = node.target(*pytree.tree_map(lambda a: _value(gm, a), node.args))
 
 
 # ------------------------------------------------------------------ matmul by a constant -> linear
@@ -184,8 +190,30 @@ def conv2d_from_conv1d(gm: torch.fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         if not weight_node.users:
             gm.graph.erase_node(weight_node)
+        _squeeze_after_batch_norm(gm, out)
         count += 1
     return count
+
+
+def _squeeze_after_batch_norm(gm: torch.fx.GraphModule, squeeze: torch.fx.Node) -> None:
+    """conv1d -> BatchNorm1d: the norm reads the 4-D conv output (channels still on dim 1) and the squeeze
+    follows it, so that fold_bn finds the conv right before the norm, as it did the conv1d."""
+    norm = next(iter(squeeze.users)) if len(squeeze.users) == 1 else None
+    if norm is None or norm.target not in _BATCH_NORMS or norm.args[0] is not squeeze \
+            or _value(gm, squeeze).dim() != 3:
+        return
+    norm.update_arg(0, squeeze.args[0])
+    _refresh_value(gm, norm)
+    outputs = [norm] if norm.target is aten.batch_norm.default else list(norm.users)  # getitems
+    for output in outputs:
+        _refresh_value(gm, output)
+        if output is not norm and output.args[1] != 0:
+            continue  # saved statistics: no channels-first output to squeeze
+        readers = list(output.users)
+        squeezed = _call(gm, aten.squeeze.dim, (output, -2), like=output, after=True)
+        for reader in readers:
+            reader.replace_input_with(output, squeezed)
+    gm.graph.erase_node(squeeze)
 
 
 def numeric_conv_padding(gm: torch.fx.GraphModule) -> int:
