@@ -1,7 +1,10 @@
 """Split a graph into what a target runs and what stays in PyTorch, and say so.
 
 Partitions come from torch's `CapabilityBasedPartitioner`; constants read only inside a
-partition move into it, so the target sees weights as constants and not as inputs.
+partition move into it, so the target sees weights as constants and not as inputs. A
+quantize and the dequantizes reading it are never cut apart: a boundary between them would
+hand the next program integer codes where every consumer expects floats (OpenVINO then fails
+on a MatMul with a u8 input, and PyTorch would multiply raw codes).
 """
 from __future__ import annotations
 
@@ -92,22 +95,119 @@ def _absorb_constants(partition) -> None:
                 partition.add_node(arg)
 
 
+def _is_quant_op(node: torch.fx.Node, name: str) -> bool:
+    """`name` is "quantize_per" or "dequantize_per": every overload (.default, .tensor, .tensor2)."""
+    return node.op == "call_function" and str(node.target).startswith(f"quantized_decomposed.{name}")
+
+
+def quant_groups(gm: torch.fx.GraphModule) -> list[set[torch.fx.Node]]:
+    """Each quantize (`quantized_decomposed.quantize_per_*`, any overload) with the dequantizes that
+    read its codes: the node sets a partition boundary must not cut."""
+    groups = []
+    for node in gm.graph.nodes:
+        if _is_quant_op(node, "quantize_per"):
+            readers = {u for u in node.users if _is_quant_op(u, "dequantize_per")}
+            if readers:
+                groups.append({node, *readers})
+    return groups
+
+
+def with_quant_partners(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Node, str]) -> dict[torch.fx.Node, str]:
+    """`unsupported` plus the quantize/dequantize partners of the nodes in it, so pairs stay together in
+    PyTorch. Targets call this before reporting fallbacks, so the report names every op left behind."""
+    kept = dict(unsupported)
+    for group in quant_groups(gm):
+        out = sorted((n for n in group if n in unsupported), key=lambda n: n.name)
+        for node in group - set(out) if out else ():
+            kept[node] = (f"its quantize/dequantize partner {out[0].name} runs in PyTorch, and a partition "
+                          "boundary between them would pass integer codes where floats are expected")
+    return kept
+
+
+def _split_quant_groups(partitions, groups: list[set[torch.fx.Node]]) -> list[set[torch.fx.Node]]:
+    """The groups whose nodes the proposed partitions put in different places."""
+    where = {node: id(p) for p in partitions for node in p.nodes}
+    return [g for g in groups if len({where.get(n) for n in g}) > 1]
+
+
+def _propose_partitions(gm: torch.fx.GraphModule, excluded: set[torch.fx.Node],
+                        only: set[torch.fx.Node] | None) -> list:
+    """Partitions of the supported compute nodes, no quantize/dequantize group cut apart."""
+    excluded, only = set(excluded), None if only is None else set(only)
+    _warn_unreported_partners(gm, excluded, only)
+    while True:
+        groups = quant_groups(gm)
+        for group in groups:  # a group with one member left out stays out whole
+            if any(n in excluded or (only is not None and n not in only) for n in group):
+                excluded |= group
+
+        def is_supported(_submodules, node: torch.fx.Node) -> bool:
+            return node.op == "call_function" and node not in excluded and (only is None or node in only)
+
+        partitioner = CapabilityBasedPartitioner(gm, create_op_support(is_supported),
+                                                 allows_single_node_partition=True)
+        partitions = partitioner.propose_partitions()
+        split = _split_quant_groups(partitions, groups)
+        if not split:
+            return partitions
+        shared = [g for g in split if len(g) > 2]
+        if shared:
+            # The partitioner keeps partitions acyclic, so dequantizes of one quantize can land in
+            # different partitions (q/k/v projections reading one input): give each its own quantize.
+            for group in shared:
+                copies = _one_quantize_per_reader(gm, group)
+                if only is not None:
+                    only |= copies
+            continue
+        # A pair the partitioner still separates: keep it in PyTorch, named in a warning.
+        nodes = sorted((n for g in split for n in g), key=lambda n: n.name)
+        log.warning("partitioning would cut %d quantize/dequantize pair(s) apart; they run in PyTorch:\n%s",
+                    len(split), "\n".join(f"  - {n.target} (node {n.name}, {user_source(n)})" for n in nodes))
+        excluded |= set(nodes)
+
+
+def _warn_unreported_partners(gm: torch.fx.GraphModule, excluded: set[torch.fx.Node],
+                              only: set[torch.fx.Node] | None) -> None:
+    """One WARNING for the partners `with_quant_partners` would have added, when the caller did not
+    add them to the ops it reported (they run in PyTorch all the same)."""
+    candidates = {n: "" for n in excluded}
+    added = [n for n in with_quant_partners(gm, candidates) if n not in excluded and (only is None or n in only)]
+    if added:
+        log.warning("%d quantize/dequantize op(s) run in PyTorch with their partner, which the target cannot "
+                    "run:\n%s", len(added),
+                    "\n".join(f"  - {n.target} (node {n.name}, {user_source(n)})" for n in added))
+
+
+def _one_quantize_per_reader(gm: torch.fx.GraphModule, group: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Give every dequantize of the group's quantize a copy of it (the same op on the same input,
+    so the same codes). Returns the copies."""
+    quantize = next(n for n in group if _is_quant_op(n, "quantize_per"))
+    readers = sorted((n for n in group if n is not quantize), key=lambda n: n.name)
+    copies = set()
+    for reader in readers[1:]:
+        with gm.graph.inserting_after(quantize):
+            twin = gm.graph.call_function(quantize.target, quantize.args, quantize.kwargs)
+        twin.meta = dict(quantize.meta)
+        reader.replace_input_with(quantize, twin)
+        copies.add(twin)
+    return copies
+
+
 def _sample_input(node: torch.fx.Node) -> torch.Tensor:
+    """Zeros with the shape, dtype and strides the partition input has when the graph runs: a
+    partition may `view` it (attention's output, transposed back), which needs those strides."""
     val = node.meta["val"]
-    return torch.zeros(val.shape, dtype=val.dtype)
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(val.shape, val.stride())) if val.numel() else 0
+    return torch.zeros(extent, dtype=val.dtype).as_strided(val.shape, val.stride())
 
 
 def lower_by_partition(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Node, str],
                        compile_partition: Callable[[torch.fx.GraphModule, tuple], torch.nn.Module],
                        prefix: str, only: set[torch.fx.Node] | None = None) -> torch.fx.GraphModule:
     """Fuse the supported compute nodes (those in `only` when given) into submodules, each replaced
-    by `compile_partition(sub, samples)`."""
-    def is_supported(_submodules, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and node not in unsupported and (only is None or node in only)
-
-    partitioner = CapabilityBasedPartitioner(gm, create_op_support(is_supported),
-                                             allows_single_node_partition=True)
-    partitions = partitioner.propose_partitions()
+    by `compile_partition(sub, samples)`. A quantize and its dequantizes land in the same
+    partition or all stay in PyTorch (`with_quant_partners` names the latter for a report)."""
+    partitions = _propose_partitions(gm, set(unsupported), only)
     for partition in partitions:
         _absorb_constants(partition)
     fuse_by_partitions(gm, [p.nodes for p in partitions], prefix=prefix, always_return_tuple=True)
