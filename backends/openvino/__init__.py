@@ -4,10 +4,13 @@ Inference precision is set explicitly (OpenVINO would pick bf16 on a CPU with AM
 read back from the compiled model, so a report says what really ran. When OpenVINO's
 PyTorch frontend has no conversion for an op, the graph is split: OpenVINO runs the
 partitions it converts, PyTorch the rest, and one warning names each op left behind.
+Two forms transformers' decoders produce are rewritten, exactly, before conversion
+(`for_openvino`): the KV cache's cat with a 1-d empty tensor, and grouped-query attention.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 from typing import Callable
@@ -20,9 +23,11 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
-from ..partition import fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24
+from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24,
+                         with_quant_partners)
 
 PRECISIONS = ("f32", "bf16")
+aten = torch.ops.aten
 
 
 def compile_config(precision: str, cache_dir: str | None = None) -> dict[str, str]:
@@ -41,6 +46,77 @@ def convert_exported(exported: torch.export.ExportedProgram):
 
     with _root_logger_kept():
         return ov.convert_model(exported)
+
+
+@contextlib.contextmanager
+def outside_dynamo():
+    """Export as if no Dynamo compile were running. Inside a backend Dynamo's tracing context is
+    still current, and `torch.export` then traces with Dynamo's fake mode, which rejects real tensors:
+    a graph constant that is a plain attribute rather than a buffer (a KV cache's lifted
+    `torch.tensor([])`) fails with "Please convert all Tensors to FakeTensors first"."""
+    with torch._guards.tracing(None):
+        yield
+
+
+def for_openvino(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with the exact rewrites OpenVINO's PyTorch frontend needs, in a copy when there are any
+    (the caller's graph, which the compile cache and `save` keep, stays as it is)."""
+    if not any(_is_legacy_empty_cat(n) or _is_gqa_attention(n) for n in gm.graph.nodes):
+        return gm
+    copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in list(copied.graph.nodes):
+        if _is_legacy_empty_cat(node):
+            node.update_arg(0, _cat_inputs_kept(node))
+        elif _is_gqa_attention(node):
+            _repeat_kv_heads(copied.graph, node)
+    copied.graph.eliminate_dead_code()
+    copied.recompile()
+    return copied
+
+
+def _cat_inputs_kept(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [t for t in node.args[0] if tuple(t.meta["val"].shape) != (0,)]
+
+
+def _is_legacy_empty_cat(node: torch.fx.Node) -> bool:
+    """A cat of higher rank with 1-d empty inputs, which PyTorch skips and OpenVINO cannot.
+
+    transformers' DynamicCache starts each layer's keys and values as `torch.tensor([])` (shape
+    [0]) and appends with `torch.cat([cache, new], dim=-2)`. PyTorch skips 1-d empty cat inputs
+    whatever the other ranks (a legacy rule), but OpenVINO's Concat needs equal ranks and fails
+    ("Axis -2 out of the tensor rank range [-1, 0]"). Dropping them is exact: they add no
+    elements, and what remains must have the output's dtype (no promotion came from them).
+    """
+    if node.target != aten.cat.default or node.meta.get("val") is None or node.meta["val"].dim() == 1:
+        return False
+    tensors = node.args[0]
+    if not all(isinstance(t, torch.fx.Node) and isinstance(t.meta.get("val"), torch.Tensor) for t in tensors):
+        return False
+    kept = _cat_inputs_kept(node)
+    return 0 < len(kept) < len(tensors) and all(t.meta["val"].dtype == node.meta["val"].dtype for t in kept)
+
+
+def _is_gqa_attention(node: torch.fx.Node) -> bool:
+    """Attention with grouped key/value heads (`enable_gqa=True`, Llama's GQA): OpenVINO's frontend
+    ignores the flag, and its ScaledDotProductAttention then rejects keys with fewer heads."""
+    return node.target == aten.scaled_dot_product_attention.default and bool(node.kwargs.get("enable_gqa"))
+
+
+def _repeat_kv_heads(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Repeat each key/value head for its group of query heads (what `enable_gqa` means: head h of
+    the query reads head h // group), then attend without the flag."""
+    query, key, value = node.args[:3]
+    heads = query.meta["val"].shape[-3]
+    repeated = []
+    for tensor in (key, value):
+        shape = list(tensor.meta["val"].shape)
+        group = heads // shape[-3]
+        with graph.inserting_before(node):
+            x = graph.call_function(aten.unsqueeze.default, (tensor, -3))
+            x = graph.call_function(aten.expand.default, (x, shape[:-2] + [group] + shape[-2:]))
+            repeated.append(graph.call_function(aten.reshape.default, (x, shape[:-3] + [heads] + shape[-2:])))
+    node.args = (query, *repeated, *node.args[3:])
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "enable_gqa"}
 
 
 def constants_mb(ov_model) -> float:
@@ -66,6 +142,25 @@ def _input_shapes(exported: torch.export.ExportedProgram) -> list[list[int]]:
     return [list(placeholders[name].meta["val"].shape) for name in exported.graph_signature.user_inputs]
 
 
+def input_positions(ov_model, exported: torch.export.ExportedProgram) -> list[int]:
+    """For each input of `ov_model`, the position of the exported program's user input it takes.
+
+    The converter names each input after its placeholder and drops inputs no output depends on
+    (a partition input read only by `_assert_tensor_metadata`), so the counts can differ: match
+    by name. A rewritten model whose inputs lost those names (NNCF keeps them) must keep them all.
+    """
+    names = list(exported.graph_signature.user_inputs)
+    positions = [next((names.index(n) for n in port.get_names() if n in names), None) for port in ov_model.inputs]
+    if None not in positions:
+        return positions
+    if len(positions) == len(names):  # same inputs, renamed: the converter keeps their order
+        return list(range(len(names)))
+    unknown = [sorted(port.get_names()) for port, i in zip(ov_model.inputs, positions) if i is None]
+    raise RuntimeError(f"OpenVINO model inputs {unknown} match none of the exported program's inputs {names}, "
+                       f"and the counts differ ({len(positions)} vs {len(names)}), so which tensor feeds them is "
+                       "unknown; convert the model from this exported program (openvino.convert_model)")
+
+
 class OpenVINOProgram(torch.nn.Module):
     """A compiled OpenVINO model behind the calling convention of the module it replaced."""
 
@@ -77,7 +172,9 @@ class OpenVINOProgram(torch.nn.Module):
         import openvino as ov
 
         super().__init__()
-        ov_model.reshape(dict(zip(ov_model.inputs, map(ov.PartialShape, _input_shapes(exported)), strict=True)))
+        self.input_positions = input_positions(ov_model, exported)
+        shapes = _input_shapes(exported)
+        ov_model.reshape({port: ov.PartialShape(shapes[i]) for port, i in zip(ov_model.inputs, self.input_positions)})
         self.weights_mb = constants_mb(ov_model)
         self.compiled = compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
         self.request = compiled.create_infer_request()
@@ -89,7 +186,9 @@ class OpenVINOProgram(torch.nn.Module):
     @classmethod
     def from_module(cls, module: torch.nn.Module, example_inputs: tuple, precision: str,
                     cache_dir: str | None = None) -> "OpenVINOProgram":
-        return cls.from_exported(torch.export.export(module, example_inputs), precision, cache_dir)
+        with outside_dynamo():
+            exported = torch.export.export(module, example_inputs)
+        return cls.from_exported(exported, precision, cache_dir)
 
     @classmethod
     def from_exported(cls, exported: torch.export.ExportedProgram, precision: str,
@@ -106,8 +205,9 @@ class OpenVINOProgram(torch.nn.Module):
         return count
 
     def forward(self, *args, **kwargs):
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        results = self.request.infer([x.detach().contiguous().numpy() for x in leaves], share_inputs=True)
+        leaves = pytree.tree_leaves((args, kwargs))  # in the order of the exported user inputs
+        inputs = [leaves[i].detach().contiguous().numpy() for i in self.input_positions]
+        results = self.request.infer(inputs, share_inputs=True)
         outputs = [torch.from_numpy(results[i]) for i in range(len(results))]
         return pytree.tree_unflatten(outputs, self.out_spec)
 
@@ -153,10 +253,16 @@ class OpenVINOTarget:
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
-        from openvino.frontend import OpConversionFailure
-
         compile_config(precision)  # validate before the slow part
         warn_dense_sparse24(self.name, sparse24_layers(gm), "OpenVINO's CPU plugin has no 2:4 kernels")
+        with outside_dynamo():
+            return self._lower(for_openvino(gm), example_inputs, strict=strict,
+                               precision=precision, cache_dir=cache_dir)
+
+    def _lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool, precision: str,
+               cache_dir: str | None) -> Callable:
+        from openvino.frontend import OpConversionFailure
+
         exported = torch.export.export(gm, example_inputs)
         try:
             program = OpenVINOProgram.from_exported(exported, precision, cache_dir)
@@ -179,6 +285,7 @@ class OpenVINOTarget:
         if not unsupported:
             raise RuntimeError(f"OpenVINO could not convert the graph and the failing ops are not in it "
                                f"after decomposition, so it cannot be partitioned:\n{failure}")
+        unsupported = with_quant_partners(decomposed, unsupported)
         fallbacks = fallbacks_of(unsupported)
         report_fallbacks(self.name, fallbacks, strict=strict)
         programs = []
