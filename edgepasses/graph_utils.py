@@ -192,5 +192,5 @@ def warn_nothing_reached(log, pass_name: str, done: str, layers: list[WeightLaye
     if not layers:
         log.warning("%s: the graph has no Linear or conv layer in any form; nothing was %s", pass_name, done)
     else:
-        log.warning("%s: no layer was %s; of %d Linear/conv layers it skipped %s", pass_name, done,
+        log.warning("%s: no layer was %s; of %d layers with weights it skipped %s", pass_name, done,
                     len(layers), skipped_forms(layers, skipped) or "none (each was left as it is)")

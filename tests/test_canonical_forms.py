@@ -317,6 +317,24 @@ def test_forms_no_pass_reaches_are_skipped_with_their_reason():
         edgepasses.compress(model, (x,), "sparsify_24", target="reference"))["skipped"]["depthwise"]
 
 
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_recurrent_layers_are_named_as_skipped_beside_the_layers_reached():
+    model, x = _Recurrent().eval(), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        gm = edgepasses.compress(model, (x,), "sparsify_24", target="reference")
+    stats = _stats(gm)
+    assert list(stats["layers"]) == ["head"]
+    assert stats["skipped"] == {"lstm": "recurrent layer: its weights stay inside one fused aten.lstm op"}
+
+
 class _Upsampler(nn.Module):
     def __init__(self):
         super().__init__()
@@ -333,5 +351,5 @@ def test_a_pass_that_reaches_nothing_warns_once_with_the_forms_it_skipped(step, 
     with caplog.at_level(logging.WARNING, logger="edgepasses"), torch.no_grad():
         gm = edgepasses.compress(model, (x,), step, calibration=[(x,)], target="reference")
     assert not gm.edge_report.records[0].modified
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "edgepasses"]
     assert "2 conv_transpose2d (transposed convolution)" in warning

@@ -149,6 +149,6 @@ def _warn_nothing_pruned(layers, left_whole: dict[str, str], skipped: dict[str, 
     reasons = "; ".join(f"{name}: {why}" for name, why in list(left_whole.items())[:3])
     if len(left_whole) > 3:
         reasons += f"; +{len(left_whole) - 3} more"
-    log.warning("prune: no group could be pruned; of %d Linear/conv layers, %d groups were left whole (%s); "
+    log.warning("prune: no group could be pruned; of %d layers with weights, %d groups were left whole (%s); "
                 "outside any group: %s", len(layers), len(left_whole), reasons or "-",
                 skipped_forms(layers, skipped) or "none")
