@@ -4,11 +4,13 @@
 transformer ops are decomposed (`decompositions.py`):
 
 - a matmul by a constant weight W of shape [in, out] — `addmm(b, x, W)` (transformers' Conv1D, as in
-  GPT-2), `mm(x, W)`, `matmul(x, W)` — becomes `aten.linear(x, Wᵀ, b)` with Wᵀ a new constant. The
-  flattening views Conv1D puts around its addmm are folded, so the linear reads [..., in] as an
-  nn.Linear's does;
+  GPT-2), `mm(x, W)`, `matmul(x, W)` — becomes `aten.linear(x, Wᵀ, b)` with Wᵀ a new constant
+  (`x @ W.T` reads W itself). The flattening views Conv1D puts around its addmm are folded, so the
+  linear reads [..., in] as an nn.Linear's does;
 - `conv1d` (Whisper's encoder) becomes `conv2d` on the input unsqueezed at dim -2, with a kernel of
-  height 1, squeezed back after: prune, lowrank, sparsify_24 and quantize handle one conv form;
+  height 1, squeezed back after (after a BatchNorm1d that follows, which fold_bn then still folds):
+  prune, lowrank, sparsify_24 and quantize handle one conv form. Symmetric `'same'`/`'valid'`
+  padding becomes numbers (lowrank rebuilds convs from numeric padding);
 - a Linear or conv whose weight belongs to a submodule of the module calling it, or is a differently
   named parameter of it (nn.MultiheadAttention's `out_proj.weight` and `in_proj_weight`, and the
   decomposed fast paths), is named after that weight (`self_attn.out_proj`, `self_attn.in_proj`):

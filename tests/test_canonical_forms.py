@@ -17,8 +17,9 @@ from edgepasses.graph_utils import CONV_OPS, LINEAR_OPS, layer_name, weight_laye
 
 aten = torch.ops.aten
 FUSED_OPS = {aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default}
-PASSES = {"quantize": "layers_quantized", "sparsify_24": "layers_sparsified", "prune(ratio=0.3)": "groups_pruned",
-          "lowrank(ratio=0.5,min_saving=-1)": "layers_split"}
+PASSES = ("quantize", "sparsify_24", "prune(ratio=0.3)", "lowrank(ratio=0.5,min_saving=-1)")
+ENCODER_LAYERS = [f"layers.{i}.{name}" for i in range(2)
+                  for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
 
 
 def _layer_names(gm) -> list[str]:
@@ -44,9 +45,10 @@ def _compiled_canonical(model, inputs: tuple):
     return graphs, out
 
 
-def _encoder(norm_first=False, activation="relu", layers=2):
+def _encoder(norm_first=False, activation="relu", layers=2, batch_first=True):
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, norm_first=norm_first, activation=activation)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=batch_first, norm_first=norm_first,
+                                       activation=activation)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
 
 
@@ -75,8 +77,7 @@ def test_the_fused_encoder_layer_is_decomposed_exactly_with_every_linear(norm_fi
     graphs, out = _compiled_canonical(model, (x,))
     (gm,) = graphs
     assert not _targets(gm) & FUSED_OPS
-    assert _layer_names(gm) == [f"layers.{i}.{name}" for i in range(2)
-                                for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
+    assert _layer_names(gm) == ENCODER_LAYERS
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))  # eager takes the fused fast path
 
@@ -123,13 +124,15 @@ def test_native_multi_head_attention_is_decomposed_exactly(need_weights, average
         torch.testing.assert_close(got[1], expected[1])
 
 
-def test_multi_head_attention_projections_have_names_of_their_own_in_both_entry_points():
-    model, x = _encoder(), torch.randn(2, 10, 64)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multi_head_attention_projections_have_names_of_their_own_in_both_entry_points(batch_first):
+    model, x = _encoder(batch_first=batch_first), torch.randn(2, 10, 64)
     with torch.no_grad():
         exported = export_canonical(model, (x,))  # torch.export takes the slow path
-    graphs, _ = _compiled_canonical(model, (x,))  # Dynamo the fused one
-    assert _layer_names(exported) == _layer_names(graphs[0])
-    assert len(set(_layer_names(exported))) == 8
+        torch.testing.assert_close(exported(x), model(x))
+    graphs, out = _compiled_canonical(model, (x,))  # Dynamo the fused one where batch_first
+    assert _layer_names(exported) == _layer_names(graphs[0]) == ENCODER_LAYERS
+    torch.testing.assert_close(out, exported(x))
 
 
 # ------------------------------------------------------------------ layer forms
@@ -269,11 +272,7 @@ def _reached(gm, step: str) -> set[str]:
     return set(_stats(gm)["layers"])
 
 
-ENCODER_LAYERS = [f"layers.{i}.{name}" for i in range(2)
-                  for name in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")]
-
-
-@pytest.mark.parametrize("step", list(PASSES))
+@pytest.mark.parametrize("step", PASSES)
 def test_each_pass_reaches_every_gpt2_and_encoder_layer(step):
     for model, x, names in [(_GPT2().eval(), torch.randint(0, 100, (2, 16)), GPT2_LAYERS),
                             (_encoder(), torch.randn(2, 16, 64), ENCODER_LAYERS)]:
@@ -307,12 +306,14 @@ def test_whisper_convs_are_reached(step):
 
 def test_forms_no_pass_reaches_are_skipped_with_their_reason():
     model, x = _Forms().eval(), torch.randn(2, 5, 16)
-    for step, key in PASSES.items():
+    for step in PASSES:
         with torch.no_grad():
             gm = edgepasses.compress(model, (x,), step, calibration=[(x,)], target="reference")
         skipped = _stats(gm)["skipped"]
         assert skipped["up"] == "transposed convolution", step
         assert skipped["bmm"].startswith("matmul by a constant 3-D weight"), step
+        if step == "quantize":  # every Linear and conv form, grouped and depthwise convs included
+            assert set(skipped) == {"up", "bmm"}
     assert "depthwise" in _stats(
         edgepasses.compress(model, (x,), "sparsify_24", target="reference"))["skipped"]["depthwise"]
 
@@ -345,7 +346,7 @@ class _Upsampler(nn.Module):
         return self.up2(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("step", list(PASSES))
+@pytest.mark.parametrize("step", PASSES)
 def test_a_pass_that_reaches_nothing_warns_once_with_the_forms_it_skipped(step, caplog):
     model, x = _Upsampler().eval(), torch.randn(1, 8, 4, 4)
     with caplog.at_level(logging.WARNING, logger="edgepasses"), torch.no_grad():
