@@ -156,9 +156,13 @@ def _torchvision(name: str, image_size: int = IMAGE, **kwargs) -> Callable[[], B
 def _torchvision_vit() -> Built:
     from torchvision.models import VisionTransformer
 
-    model = _seeded(lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                                              hidden_dim=64, mlp_dim=128, num_classes=10))
-    return _built(model, _images(32))
+    def factory() -> nn.Module:
+        model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                  mlp_dim=128, num_classes=10)
+        nn.init.trunc_normal_(model.heads.head.weight, std=0.02)  # torchvision zeroes it: a constant output
+        return model
+
+    return _built(_seeded(factory), _images(32))
 
 
 def _transformer_encoder() -> Built:
