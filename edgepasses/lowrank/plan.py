@@ -153,8 +153,10 @@ class _Tucker:
         """Tucker-2 at (r_in, r_out); r_out None: by the rank criterion on the output mode."""
         first, out_projection = tucker_core_projection(self.layer.weight, self.in_projection, r_in, self.gram,
                                                        self.settings.damping)
+        # The core's output mode has rank at most r_in·kh·kw: a wide conv (out > that) is capped there.
         if r_out is None:
-            r_out = _criterion_rank(self.settings, self.layer.weight.shape[0], out_projection)
+            r_out = _criterion_rank(self.settings, out_projection.full_rank, out_projection)
+        r_out = min(r_out, out_projection.full_rank)
         factors = tucker_factors(self.layer.weight, first, self.in_projection.kept_energy(r_in), out_projection,
                                  r_out)
         factors.convs = self.convs()

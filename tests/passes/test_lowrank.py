@@ -213,3 +213,11 @@ def test_lowrank_under_torch_compile():
         assert sqnr_db(model(x), compiled(x)) > 25.0
     (stats,) = seen[0].report.records[0].stats["layers"].values()
     assert stats["rank"] == 16
+
+
+def test_tucker_on_a_wide_conv_caps_the_output_rank_at_the_cores():
+    # Conv2d(16, 256, 3): ratio 0.5 asks 128 output components of a core that has at most 8·9 = 72
+    model, x = nn.Sequential(nn.Conv2d(16, 256, 3)).eval(), torch.randn(1, 16, 12, 12)
+    gm = edgepasses.compress(model, (x,), "lowrank(ratio=0.5,method=tucker)")
+    assert gm.edge_report.records[0].stats["layers_split"] == 1
+    assert gm(x).shape == model(x).shape
