@@ -2,10 +2,7 @@
 Conv1D (addmm), matmuls by constant weights and conv1d become linear / conv2d, exactly in fp32 and
 under the module's name; every pass reaches each Linear/conv or names why not, and warns once when it
 reaches none."""
-import importlib
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from torch import nn
 import edgepasses
 from edgepasses.canonical import export_canonical, export_canonical_graph, frozen_copy
 from edgepasses.graph_utils import CONV_OPS, LINEAR_OPS, layer_name, weight_layers
+from edgepasses.testing import import_transformers
 
 aten = torch.ops.aten
 FUSED_OPS = {aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default}
@@ -138,18 +136,7 @@ def test_multi_head_attention_projections_have_names_of_their_own_in_both_entry_
 # ------------------------------------------------------------------ layer forms
 
 def _transformers():
-    """transformers, its `kernels` dependency (the Hugging Face hub package) imported first from where it
-    is installed: `python -m pytest` from the checkout puts the project's own kernels/ folder first."""
-    if "kernels" not in sys.modules:
-        root, saved = Path(__file__).resolve().parent.parent, sys.path[:]
-        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:
-            pass  # not installed: transformers does without it
-        finally:
-            sys.path[:] = saved
-    return pytest.importorskip("transformers")
+    return pytest.importorskip("transformers") and import_transformers()
 
 
 class _GPT2(nn.Module):

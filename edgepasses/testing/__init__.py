@@ -22,7 +22,28 @@ from torch.testing import FileCheck
 from ..analysis.sqnr import sqnr_db
 from ..api import compress
 
-__all__ = ["CaseResult", "count_ops", "run_pass_case"]
+__all__ = ["CaseResult", "count_ops", "import_transformers", "run_pass_case"]
+
+
+def import_transformers():
+    """`transformers`, with its dependency `kernels` (the Hugging Face hub package) imported first from
+    where it is installed. Run from a checkout's root (`python -m pytest` puts '' on sys.path), this
+    project's own top-level kernels/ folder would shadow it, and transformers' models fail to import."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    if "kernels" not in sys.modules:
+        ours = Path(importlib.import_module("edgepasses.kernels").__file__).resolve().parent
+        saved = sys.path[:]
+        sys.path[:] = [p for p in saved if (Path(p or ".").resolve() / "kernels") != ours]
+        try:
+            importlib.import_module("kernels")
+        except ImportError:  # not installed: transformers does without it
+            pass
+        finally:
+            sys.path[:] = saved
+    return importlib.import_module("transformers")
 
 
 @dataclass

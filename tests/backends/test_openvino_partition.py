@@ -1,9 +1,6 @@
 """Small transformers decoders on OpenVINO and the reference target, and the partitioning
 they exposed: quantize/dequantize pairs kept together, OpenVINO programs fed by input name."""
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,26 +9,11 @@ from torch import nn
 
 from edgepasses.backends.partition import lower_by_partition, quant_groups, with_quant_partners
 from edgepasses.canonical import export_canonical
+from edgepasses.testing import import_transformers
 from edgepasses.testing.unconvertible import WithMysteryOp
 
-
-
-def _import_transformers():
-    """transformers with its `kernels` dependency (the Hugging Face hub package) imported from where it
-    is installed: `python -m pytest` from the checkout puts the project's own kernels/ folder first."""
-    if "kernels" not in sys.modules:
-        root, saved = Path(__file__).resolve().parents[2], sys.path[:]
-        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:
-            pass  # not installed: transformers does without it
-        finally:
-            sys.path[:] = saved
-    return pytest.importorskip("transformers")
-
-
-transformers = _import_transformers()
+pytest.importorskip("transformers")
+transformers = import_transformers()
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
 VOCAB, TOKENS = 100, 16
