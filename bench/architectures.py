@@ -8,15 +8,13 @@ one compile takes seconds (hidden 64-128, 2 layers, images 64 px where the model
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+
+from edgepasses.testing import import_transformers
 
 from .zoo import _recalibrate_batch_norm
 
@@ -75,28 +73,9 @@ def _built(model: nn.Module, make_inputs: Callable[[torch.Generator], tuple], im
 
 # transformers -------------------------------------------------------------------------------
 
-_CHECKOUT = Path(__file__).resolve().parent.parent  # the repository root, in an editable install
-
-
-def _transformers() -> ModuleType:
-    """transformers, with its `kernels` dependency (the Hugging Face hub-kernels package) imported
-    first from where it is installed: run from the checkout's root (`python -m pytest` puts '' on
-    sys.path), the project's own kernels/ folder shadows it and transformers' models fail to import."""
-    if "kernels" not in sys.modules:
-        saved = sys.path[:]
-        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != _CHECKOUT]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:  # not installed: transformers then does without it
-            pass
-        finally:
-            sys.path[:] = saved
-    return importlib.import_module("transformers")
-
-
 def _text_model(config_name: str, model_name: str = "AutoModel", **config) -> Callable[[], Built]:
     def build() -> Built:
-        transformers = _transformers()
+        transformers = import_transformers()
         cfg = getattr(transformers, config_name)(**config)
         model_class = getattr(transformers, model_name)
         model = _seeded(lambda: model_class.from_config(cfg) if model_name == "AutoModel" else model_class(cfg))
@@ -106,7 +85,7 @@ def _text_model(config_name: str, model_name: str = "AutoModel", **config) -> Ca
 
 def _image_model(config_name: str, image_size: int, **config) -> Callable[[], Built]:
     def build() -> Built:
-        transformers = _transformers()
+        transformers = import_transformers()
         cfg = getattr(transformers, config_name)(image_size=image_size, **config)
         model = _seeded(lambda: transformers.AutoModel.from_config(cfg))
         return _built(model, _images(image_size), image_size)
@@ -114,7 +93,7 @@ def _image_model(config_name: str, image_size: int, **config) -> Callable[[], Bu
 
 
 def _whisper_encoder() -> Built:
-    _transformers()
+    import_transformers()
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -243,7 +222,7 @@ def _weight_layer_types() -> tuple[type, ...]:
     types: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     try:
-        _transformers()
+        import_transformers()
         from transformers.pytorch_utils import Conv1D  # GPT-2's transposed Linear
     except ImportError:
         return types
