@@ -44,8 +44,8 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("int8-openvino", "fold_bn,quantize", "openvino", "quantize", "layers_quantized"),
-    Column("int8-reference", "fold_bn,quantize", "reference", "quantize", "layers_quantized"),
+    Column("int8-openvino", "fold_bn,quantize", "openvino", "quantize", "linear_conv_quantized"),
+    Column("int8-reference", "fold_bn,quantize", "reference", "quantize", "linear_conv_quantized"),
     Column("sparse24", "sparsify_24", "reference", "sparsify_24", "layers_sparsified"),
     Column("prune", "prune(ratio=0.3)", "reference", "prune", "groups_pruned", total_key="groups"),
     Column("lowrank", "lowrank(ratio=0.5)", "reference", "lowrank", "layers_split"),
@@ -61,6 +61,7 @@ class Cell:
     error_detail: str | None = None   # its first lines (runtimes' first line is often only "Check failed at")
     reached: int | None = None        # summed over the graphs' pipeline reports
     total: int | None = None          # column.total_key summed; None: the model's Linear/conv layers
+    skipped: dict[str, int] = field(default_factory=dict)  # layers the pass left alone: reason -> count
     graphs: int = 0                   # compilations (one per graph Dynamo handed the backend)
     fallbacks: list[dict] = field(default_factory=list)  # ops left to PyTorch: op, node, reason, source
     targets: list[str] = field(default_factory=list)    # the lowering's target per graph
@@ -147,6 +148,9 @@ def _record_compilations(cell: Cell, column: Column, compilations: list) -> None
     cell.reached = _stat_sum(compilations, column.pass_name, column.reached_key)
     if column.total_key:
         cell.total = _stat_sum(compilations, column.pass_name, column.total_key)
+    cell.skipped = dict(Counter(reason for c in compilations for record in c.report.records
+                                if record.step.split("(")[0] == column.pass_name
+                                for reason in (record.stats.get("skipped") or {}).values()))
     cell.fallbacks = [_fallback_record(f) for c in compilations for f in c.lowering.fallbacks]
     cell.targets = [c.lowering.target for c in compilations]
 
@@ -309,7 +313,9 @@ def cell_text(cell: Cell, row: ModelRow, column: Column) -> str:
         return "✗ " + _clip(cell.error or "not run")
     total = cell.total if column.total_key else row.layers
     unit = f" {column.total_key}" if column.total_key else ""
-    parts = [f"✓ {cell.reached if cell.reached is not None else '?'}/{total}{unit}", _error_measure(cell, column)]
+    parts = [f"✓ {cell.reached if cell.reached is not None else '?'}/{total}{unit}"
+             + (f" +{sum(cell.skipped.values())} skipped" if cell.skipped and not column.total_key else ""),
+             _error_measure(cell, column)]
     if cell.graphs > 1:
         parts.append(f"{cell.graphs} graphs")
     if cell.fallbacks:
@@ -342,9 +348,10 @@ _LEGEND = """Each cell is `torch.compile(model, backend="edge", options={"pipeli
 "calibration": ...})` called once on the example inputs under `torch.no_grad()`, after
 `torch._dynamo.reset()`. `✓ r/n`: the pass reached r of the model's n Linear/conv layers
 (`layers`: nn.Linear, Conv1d/2d/3d, ConvTranspose, transformers' Conv1D, and the packed in_proj of
-each nn.MultiheadAttention), summed over every graph Dynamo compiled; quantize's count also holds
-activation matmuls and embedding tables, so it can exceed n; prune counts channel groups pruned of
-the groups it found. Then the output's SQNR against eager in dB (10·log10(Σref²/Σ(ref−out)²),
+each nn.MultiheadAttention), summed over every graph Dynamo compiled (quantize: its Linear/conv
+layers, not the activation matmuls and embedding tables it also quantizes); `+k skipped`: layers the
+pass left alone with a reason in its stats (listed under "Skipped layers"); prune counts channel
+groups pruned of the groups it found. Then the output's SQNR against eager in dB (10·log10(Σref²/Σ(ref−out)²),
 over every output tensor; `identical` when it is; max abs for exact pipelines), the graphs compiled when more
 than one, and the ops the target left to PyTorch. `✗`: the exception's type and first line
 (the backend's own error when Dynamo wraps it). `breaks`: graph breaks `torch._dynamo.explain`
@@ -383,6 +390,29 @@ def _fallback_lines(matrix: Matrix) -> list[str]:
     return lines
 
 
+def _skipped_lines(matrix: Matrix) -> list[str]:
+    """Per cell, the reasons the pass gave for the layers it left alone: '16× depthwise convolution ...'."""
+    return [f"- {row.name} × {cell.column}: " + "; ".join(f"{n}× {reason}" for reason, n in cell.skipped.items())
+            for row in matrix.rows for cell in row.cells if cell.skipped]
+
+
+def accounted_lines(matrix: Matrix) -> list[str]:
+    """Per layer-counting column: on how many models every Linear/conv layer was reached or skipped with a
+    stated reason, and the share reached without those."""
+    lines = []
+    for column in (c for c in matrix.columns if not c.total_key):
+        cells = [(row, cell) for row in matrix.rows for cell in row.cells if cell.column == column.name]
+        whole = [row.name for row, cell in cells if cell.compiled and row.layers
+                 and (cell.reached or 0) + sum(cell.skipped.values()) >= row.layers]
+        shares = [(cell.reached or 0) / row.layers for row, cell in cells if cell.compiled and row.layers]
+        missing = [row.name for row, _ in cells if row.name not in whole]
+        lines.append(f"- `{column.name}`: every layer reached or skipped with a reason on {len(whole)} of "
+                     f"{len(cells)} models; reached alone: {100 * min(shares, default=0):.0f} % at least, "
+                     f"{100 * sum(shares) / max(len(shares), 1):.0f} % on average"
+                     + (f"; not accounted for: {', '.join(missing)}" if missing else ""))
+    return lines
+
+
 def _pipeline_lines(columns: list[Column]) -> list[str]:
     return [f"- `{c.name}`: `{c.pipeline}` on target `{c.target}`" for c in columns]
 
@@ -394,8 +424,9 @@ def matrix_markdown(matrix: Matrix) -> str:
     lines = ["# Coverage matrix", "", *_header_lines(matrix.header), "", "Columns:",
              *_pipeline_lines(matrix.columns), "", _LEGEND, ""]
     lines += markdown_table(header, [_table_row(r, matrix.columns) for r in matrix.rows])
+    lines += ["", "## Layers accounted for", "", *accounted_lines(matrix)]
     for title, section in (("Failures", _failure_lines(matrix)), ("Graph breaks", _break_lines(matrix)),
-                           ("Fallbacks", _fallback_lines(matrix))):
+                           ("Skipped layers", _skipped_lines(matrix)), ("Fallbacks", _fallback_lines(matrix))):
         if section:
             lines += ["", f"## {title}", "", *section]
     return "\n".join(lines) + "\n"

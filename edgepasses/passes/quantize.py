@@ -82,7 +82,8 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
         return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
     quantizer = result.quantizer
-    stats = {"layers_quantized": len(quantizer.annotated), "layers_ignored": len(quantizer.ignored),
+    stats = {"layers_quantized": len(quantizer.annotated), "linear_conv_quantized": quantizer.weight_layers,
+             "layers_ignored": len(quantizer.ignored),
              "weights": _weights_text(setup),
              "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
              "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib,
