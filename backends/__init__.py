@@ -23,6 +23,7 @@ class Lowering:
     partitions: int                     # pieces the target runs
     fallbacks: list = field(default_factory=list)  # partition.Fallback: ops left to PyTorch
     int8_ops: int = 0                   # compute ops the runtime reports running in integer precision
+    sparse24_ops: int = 0               # layers running on a 2:4-sparse kernel (reference: edge::sparse24_linear)
     weights_mb: float = 0.0             # MB (1e6 bytes) of constants the lowered program holds, in the
                                         # dtype it stores them (OpenVINO: i8 for quantised weights)
     placements: list = field(default_factory=list)  # chain.Placement: which target runs which partition

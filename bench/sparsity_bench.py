@@ -6,7 +6,7 @@
     target after `sparsify_24` (its Linears on `edge::sparse24_linear`), end to end, one run;
 (b) the digits CNN: top-1 with magnitude vs activation-aware (Wanda) masks, no fine-tuning;
 (c) the BERT encoder: output SQNR of magnitude vs activation-aware masks on held-out batches;
-(d) torch.nn.TransformerEncoder (4 layers, d 768), batch 1: as (a), through its fused fast path.
+(d) torch.nn.TransformerEncoder (4 layers, d 768), batch 1: as (a), under torch.compile (its fused fast path).
 Latency: medians with min–max over interleaved rounds (`timing.measure_side_by_side`).
 """
 from __future__ import annotations
@@ -34,32 +34,55 @@ def bench_bert_speed(warmup: int, rounds: int) -> list[str]:
 
 
 def bench_transformer_encoder_speed(warmup: int, rounds: int) -> list[str]:
-    """torch.nn.TransformerEncoder as users build it: eval mode runs PyTorch's fused fast path, which the
-    canonical form decomposes so that sparsify_24 sees its Linears."""
+    """torch.nn.TransformerEncoder as users build it, through torch.compile: in eval mode without grad Dynamo
+    records PyTorch's fused fast path, which the canonical form decomposes so that sparsify_24 sees its
+    Linears."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(768, 12, batch_first=True)
     module = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
     args = (torch.randn(1, 128, 768),)
     calibration = [(torch.randn(1, 128, 768),) for _ in range(4)]
-    return _speed("(d) torch.nn.TransformerEncoder (4 layers, d 768, 12 heads, ffn 2048, seq 128), batch 1", module,
-                  args, calibration, warmup, rounds)
+    programs, compilations = {}, {}
+    for name, pipeline in (("reference, dense", "dce"), ("reference, sparsify_24", "sparsify_24"),
+                           ("reference, quantize (int8)", "quantize")):
+        compilations[name] = []
+        programs[name] = torch.compile(module, backend="edge", options={
+            "pipeline": pipeline, "target": "reference", "calibration": calibration,
+            "on_compile": compilations[name].append})
+    with torch.no_grad():
+        for program in programs.values():
+            program(*args)  # compiles
+    sparse = compilations["reference, sparsify_24"][0]
+    stats = next(r.stats for r in sparse.report.records if r.step.startswith("sparsify_24"))
+    int8 = compilations["reference, quantize (int8)"][0]
+    quantized = next(r.stats for r in int8.report.records if r.step.startswith("quantize"))
+    return _timed("(d) torch.nn.TransformerEncoder (4 layers, d 768, 12 heads, ffn 2048, seq 128), batch 1, "
+                  "torch.compile", {"eager fp32": module, **programs}, args,
+                  f"sparsify_24: {stats['layers_sparsified']} of the model's {count_weight_layers(module)} Linear "
+                  f"layers masked (nn.MultiheadAttention's packed q/k/v in_proj is one), "
+                  f"{sparse.lowering.sparse24_ops} on edge::sparse24_linear; quantize: "
+                  f"{quantized['linear_conv_quantized']} Linear layers int8, {int8.lowering.int8_ops} on our int8 "
+                  "kernels", warmup, rounds)
 
 
 def _speed(title: str, module, args: tuple, calibration: list, warmup: int, rounds: int) -> list[str]:
-    """Eager vs the reference target dense vs after sparsify_24, interleaved in one run."""
+    """Eager vs the reference target dense vs after sparsify_24 (compress + lower)."""
     dense = edgepasses.lower(edgepasses.compress(module, args, "dce"), args, target="reference")
     sparse_gm = edgepasses.compress(module, args, "sparsify_24", calibration=calibration)
     sparse = edgepasses.lower(sparse_gm, args, target="reference")
-    kernels = sum(n.target == torch.ops.edge.sparse24_linear.default for n in sparse.graph.nodes)
-    layers = count_weight_layers(module)
-    candidates = {"eager fp32": module, "reference, dense": dense, "reference, sparsify_24": sparse}
+    summary = (f"sparsify_24: {_stats(sparse_gm)['layers_sparsified']} of the model's {count_weight_layers(module)} "
+               f"Linear layers masked, {sparse.edge_lowering.sparse24_ops} on edge::sparse24_linear")
+    return _timed(title, {"eager fp32": module, "reference, dense": dense, "reference, sparsify_24": sparse}, args,
+                  summary, warmup, rounds)
+
+
+def _timed(title: str, candidates: dict, args: tuple, summary: str, warmup: int, rounds: int) -> list[str]:
+    """The candidates interleaved in one run, as ratios to eager and to the reference target dense."""
     with torch.no_grad():
         timings = measure_side_by_side({k: (lambda fn=fn: fn(*args)) for k, fn in candidates.items()}, warmup,
                                        rounds)
     base, own = timings["eager fp32"].median_ms, timings["reference, dense"].median_ms
-    lines = [f"## {title}: latency", "",
-             f"sparsify_24: {_stats(sparse_gm)['layers_sparsified']} of the model's {layers} Linear layers masked "
-             f"(nn.MultiheadAttention's packed q/k/v in_proj is one), {kernels} on edge::sparse24_linear", "",
+    lines = [f"## {title}: latency", "", summary, "",
              "| graph | median ms | min–max | vs eager fp32 | vs reference dense |", "|---|---:|---|---:|---:|"]
     lines += [f"| {name} | {t.median_ms:.2f} | {t.min_ms:.2f}–{t.max_ms:.2f} | {base / t.median_ms:.2f}x | "
               f"{own / t.median_ms:.2f}x |" for name, t in timings.items()]

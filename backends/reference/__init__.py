@@ -43,7 +43,7 @@ class ReferenceTarget:
         int8_ops, left = lower_int8(lowered)
         fallbacks = fallbacks_of(left)
         report_fallbacks(self.name, fallbacks, strict=strict)
-        lower_sparse24(lowered)
+        sparse24_ops = lower_sparse24(lowered)
         dense = [n for n in sparse24_layers(lowered) if n.target != torch.ops.edge.sparse24_linear.default]
         warn_dense_sparse24(self.name, dense, "its 2:4 kernel is for float Linear layers; int8 and conv run dense")
         lower_lowrank_pairs(lowered)
@@ -51,5 +51,6 @@ class ReferenceTarget:
         remove_unused_attributes(lowered)
         lowered.recompile()
         lowered.edge_lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks,
-                                         int8_ops=int8_ops, weights_mb=tensors_mb(lowered))
+                                         int8_ops=int8_ops, sparse24_ops=sparse24_ops,
+                                         weights_mb=tensors_mb(lowered))
         return lowered
