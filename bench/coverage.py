@@ -283,10 +283,10 @@ def _git_state() -> str | None:
 
 
 def machine_header() -> dict[str, Any]:
-    from .runner import _cpu_model
+    from .runner import cpu_model
 
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _git_state(),
-            "cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "versions": {name: _version(name) for name in
                          ("torch", "openvino", "transformers", "timm", "torchvision", "torchao")}}

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 import edgepasses
+from edgepasses.analysis.sqnr import sqnr_db
 
-from .runner import _cpu_model
+from .runner import cpu_model
 
 
 class _Block(nn.Module):
@@ -50,10 +51,6 @@ class BrokenCNN(nn.Module):
     def without_break(self) -> "BrokenCNN":
         self.graph_break = False
         return self
-
-
-def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
-    return (10 * torch.log10(reference.pow(2).sum() / (reference - output).pow(2).sum())).item()
 
 
 def _efficientformer():
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="openvino")
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args(argv)
-    print(f"{_cpu_model()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, target {args.target}, {args.batches} calibration batches\n")
     print("| model | graphs compiled | graph breaks | layers quantized (all graphs) | torch.compile int8 SQNR dB | "
           "compress (no break) int8 SQNR dB | where Dynamo broke |")

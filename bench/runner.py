@@ -68,7 +68,7 @@ class Machine:
     def here(cls) -> "Machine":
         import openvino
 
-        return cls(_cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
+        return cls(cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
                    openvino.__version__, os.getloadavg()[0])
 
     @property
@@ -87,7 +87,7 @@ class Machine:
         return text
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
             if line.startswith("model name"):

@@ -4,35 +4,11 @@ import torch
 from torch import nn
 
 import edgepasses
+from edgepasses.analysis.sqnr import sqnr_db
+from edgepasses.bench.graph_breaks import BrokenCNN
 from edgepasses.errors import OptionError
 
 pytest.importorskip("torchao")
-
-
-class Block(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x))) + x
-
-
-class TwoBlocks(nn.Module):
-    """Two residual blocks; with `graph_break`, a print between them splits Dynamo's graph."""
-
-    def __init__(self, graph_break: bool = True):
-        super().__init__()
-        self.graph_break = graph_break
-        self.stem, self.block1, self.block2 = nn.Conv2d(3, 16, 3, padding=1), Block(16), Block(16)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = self.block1(torch.relu(self.stem(x)))
-        if self.graph_break:
-            print("", end="")
-        x = self.block2(x)
-        return self.head(x.mean((2, 3)))
 
 
 class CachedBias(nn.Module):
@@ -48,10 +24,6 @@ class CachedBias(nn.Module):
         if "cpu" not in self.cache:
             self.cache["cpu"] = self.bias * 2
         return self.proj(x) + self.cache["cpu"]
-
-
-def _sqnr(reference, output) -> float:
-    return (10 * torch.log10(reference.pow(2).sum() / (reference - output).pow(2).sum())).item()
 
 
 def _trained_like(model: nn.Module) -> nn.Module:
@@ -74,7 +46,7 @@ def test_each_graph_is_calibrated_on_its_own_inputs_as_compress_is_without_the_b
     if target == "openvino":
         pytest.importorskip("openvino")
     x, calibration = data
-    model = _trained_like(TwoBlocks(graph_break=True))
+    model = _trained_like(BrokenCNN(graph_break=True))
     compilations = []
     compiled = torch.compile(model, backend="edge", options={
         "pipeline": "fold_bn,quantize", "target": target, "calibration": calibration,
@@ -86,13 +58,13 @@ def test_each_graph_is_calibrated_on_its_own_inputs_as_compress_is_without_the_b
                                                      target=target), (x,), target)(x)
     assert [c.graph.index for c in compilations] == [1, 2]
     first, second = (c.graph.graph_break for c in compilations)
-    assert "print" in first and f'test_graph_breaks.py", line {TwoBlocks.forward.__code__.co_firstlineno + 3}' \
+    assert "print" in first and f'graph_breaks.py", line {BrokenCNN.forward.__code__.co_firstlineno + 3}' \
         in first and second is None
     for compilation in compilations:  # every graph got all the calibration batches, as its own inputs
         stats = compilation.report.records[-1].stats
         assert stats["layers_quantized"] == 2 and stats["calibration_batches"] == len(calibration)
-    assert abs(_sqnr(reference, output) - _sqnr(reference, whole)) < 0.1, (_sqnr(reference, output),
-                                                                          _sqnr(reference, whole))
+    assert abs(sqnr_db(reference, output) - sqnr_db(reference, whole)) < 0.1, (sqnr_db(reference, output),
+                                                                          sqnr_db(reference, whole))
 
 
 def test_a_recompile_with_a_cached_module_tensor_as_input_is_calibrated():
@@ -107,7 +79,7 @@ def test_a_recompile_with_a_cached_module_tensor_as_input_is_calibrated():
         reference = model(x)
     assert len(compilations) == 2  # the first call fills the cache; the second graph reads it as an input
     assert all(c.report.records[-1].stats["layers_quantized"] == 1 for c in compilations)
-    assert all(_sqnr(reference, out) > 25 for out in outputs)
+    assert all(sqnr_db(reference, out) > 25 for out in outputs)
 
 
 def test_calibration_batches_given_as_dicts_are_keyword_arguments():
@@ -126,13 +98,13 @@ def test_calibration_batches_given_as_dicts_are_keyword_arguments():
     compiled = torch.compile(model, backend="edge", options={
         "pipeline": "quantize", "target": "reference", "calibration": calibration, "on_compile": compilations.append})
     with torch.no_grad():
-        assert _sqnr(model(x, scale=scale), compiled(x, scale=scale)) > 15
+        assert sqnr_db(model(x, scale=scale), compiled(x, scale=scale)) > 15
     assert compilations[0].report.records[-1].stats["calibration_batches"] == len(calibration)
 
 
 def test_a_graph_no_calibration_batch_reaches_is_a_clear_error(data):
     x, calibration = data
-    model = _trained_like(TwoBlocks(graph_break=False))
+    model = _trained_like(BrokenCNN(graph_break=False))
     compiled = torch.compile(model, backend="edge", dynamic=False, options={
         "pipeline": "fold_bn,quantize", "target": "reference", "calibration": calibration})
     with torch.no_grad():
@@ -143,7 +115,7 @@ def test_a_graph_no_calibration_batch_reaches_is_a_clear_error(data):
 
 def test_graphs_are_numbered_and_breaks_quoted_without_calibration_too(data):
     x, _ = data
-    model = _trained_like(TwoBlocks(graph_break=True))
+    model = _trained_like(BrokenCNN(graph_break=True))
     compilations = []
     compiled = torch.compile(model, backend="edge", options={"target": "reference", "on_compile": compilations.append})
     with torch.no_grad():
