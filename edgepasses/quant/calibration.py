@@ -17,9 +17,7 @@ def as_batch(batch) -> tuple:
 def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
     if len(batch) != len(example_inputs):
         raise OptionError(f"calibration batch {index} has {len(batch)} input(s); the graph takes "
-                          f"{len(example_inputs)} (each batch is a tuple like the example inputs; under "
-                          "torch.compile a graph break gives later graphs other inputs: remove the break "
-                          "or quantize with edgepasses.compress)")
+                          f"{len(example_inputs)} (each batch is a tuple like the example inputs)")
     for position, (got, want) in enumerate(zip(batch, example_inputs)):
         if not isinstance(want, torch.Tensor):
             continue
