@@ -124,9 +124,10 @@ class ModelCalibration:
         self.running = True
         try:
             batches = 0
-            with torch.no_grad():
-                for batches, batch in enumerate(self.calibration, start=1):
-                    _call(model, batch)
+            # In the grad mode of the call that started it: Dynamo guards on it, and under another mode
+            # the batches would reach a recompiled graph instead of the graphs waiting here.
+            for batches, batch in enumerate(self.calibration, start=1):
+                _call(model, batch)
         finally:
             self.running = False
         if batches == 0:

@@ -121,3 +121,12 @@ def test_graphs_are_numbered_and_breaks_quoted_without_calibration_too(data):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert [(c.graph.index, bool(c.graph.graph_break)) for c in compilations] == [(1, True), (2, False)]
+
+
+def test_calibration_runs_in_the_grad_mode_of_the_first_call(data):
+    # Dynamo guards on grad mode: calibrating under another would reach a recompiled graph, not this one
+    x, calibration = data
+    model = _trained_like(BrokenCNN(graph_break=False))
+    compiled = torch.compile(model, backend="edge", options={
+        "pipeline": "fold_bn,quantize", "target": "reference", "calibration": calibration})
+    assert torch.is_grad_enabled() and compiled(x).shape == (2, 10)
