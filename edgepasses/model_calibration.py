@@ -132,11 +132,11 @@ class ModelCalibration:
             self.running = False
         if batches == 0:
             raise OptionError("the calibration iterable is empty")
-        waiting, self.waiting = self.waiting, []
         log.info("edge: %d calibration batch(es) ran through the model: %d graph(s), %d graph break(s)%s",
                  batches, self.graphs, len(self.breaks), "".join(f"\n  - {b}" for b in self.breaks))
-        for graph in waiting:
+        for graph in list(self.waiting):  # one that fails stays waiting, to fail the same way next call
             graph.finish()
+            self.waiting.remove(graph)
 
 
 def _call(model: Callable, batch: Any) -> None:
