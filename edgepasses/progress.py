@@ -9,9 +9,11 @@ T = TypeVar("T")
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Yield `items`, showing a bar on stderr while they are consumed (`total`: when `items` has no len)."""
     try:
+        from rich.console import Console
         from rich.progress import track
     except ImportError:
         yield from items
         return
     total = len(items) if hasattr(items, "__len__") else total
-    yield from track(items, description=description, total=total, transient=True)
+    # rich's default console is stdout, where a finished bar left an empty line in Markdown reports
+    yield from track(items, description=description, total=total, transient=True, console=Console(stderr=True))
