@@ -18,8 +18,8 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
-from .canonical import check_no_grad_inputs, export_canonical_graph, frozen_copy
 from . import model_calibration
+from .canonical import check_no_grad_inputs, export_canonical_graph, frozen_copy
 from .errors import GradientsNeededError, OptionError
 from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options
@@ -129,7 +129,10 @@ def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: P
     """(lowered program, EdgeCompilation): the pipeline and the lowering, through the compile cache
     when there is a cache_dir; `on_compile` hears of it."""
     start = time.perf_counter()
-    with torch.no_grad():
+    # Outside Dynamo's tracing context (still current while Dynamo calls a backend): a target's own
+    # torch.export would otherwise trace with Dynamo's fake mode, which rejects a real tensor constant
+    # such as a KV cache's plain-attribute `torch.tensor([])`.
+    with torch.no_grad(), torch._guards.tracing(None):
         if opts.cache_dir:
             lowered, report, cache, entry = _compile_cached(canonical, user_inputs, opts, pipeline, target)
         else:

@@ -48,16 +48,6 @@ def convert_exported(exported: torch.export.ExportedProgram):
         return ov.convert_model(exported)
 
 
-@contextlib.contextmanager
-def outside_dynamo():
-    """Export as if no Dynamo compile were running. Inside a backend Dynamo's tracing context is
-    still current, and `torch.export` then traces with Dynamo's fake mode, which rejects real tensors:
-    a graph constant that is a plain attribute rather than a buffer (a KV cache's lifted
-    `torch.tensor([])`) fails with "Please convert all Tensors to FakeTensors first"."""
-    with torch._guards.tracing(None):
-        yield
-
-
 def for_openvino(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` with the exact rewrites OpenVINO's PyTorch frontend needs, in a copy when there are any
     (the caller's graph, which the compile cache and `save` keep, stays as it is)."""
@@ -186,9 +176,7 @@ class OpenVINOProgram(torch.nn.Module):
     @classmethod
     def from_module(cls, module: torch.nn.Module, example_inputs: tuple, precision: str,
                     cache_dir: str | None = None) -> "OpenVINOProgram":
-        with outside_dynamo():
-            exported = torch.export.export(module, example_inputs)
-        return cls.from_exported(exported, precision, cache_dir)
+        return cls.from_exported(torch.export.export(module, example_inputs), precision, cache_dir)
 
     @classmethod
     def from_exported(cls, exported: torch.export.ExportedProgram, precision: str,
@@ -255,9 +243,8 @@ class OpenVINOTarget:
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         compile_config(precision)  # validate before the slow part
         warn_dense_sparse24(self.name, sparse24_layers(gm), "OpenVINO's CPU plugin has no 2:4 kernels")
-        with outside_dynamo():
-            return self._lower(for_openvino(gm), example_inputs, strict=strict,
-                               precision=precision, cache_dir=cache_dir)
+        return self._lower(for_openvino(gm), example_inputs, strict=strict, precision=precision,
+                           cache_dir=cache_dir)
 
     def _lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool, precision: str,
                cache_dir: str | None) -> Callable:
