@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.utils._pytree as pytree
+
+from edgepasses.analysis.sqnr import SqnrAccumulator
 
 from .architectures import ARCHITECTURE_NAMES, ARCHITECTURES, Built, count_weight_layers
 
@@ -115,15 +116,11 @@ def compare(reference: list[torch.Tensor], output: list[torch.Tensor]) -> tuple[
     shapes = [tuple(t.shape) for t in reference], [tuple(t.shape) for t in output]
     if shapes[0] != shapes[1]:
         raise ValueError(f"output shapes {shapes[1]} differ from eager's {shapes[0]}")
-    signal = noise = 0.0
-    max_abs = 0.0
+    energy, max_abs = SqnrAccumulator(), 0.0
     for ref, out in zip(reference, output):
-        ref, diff = ref.double(), ref.double() - out.double()
-        signal += float(ref.square().sum())
-        noise += float(diff.square().sum())
-        max_abs = max(max_abs, float(diff.abs().max())) if diff.numel() else max_abs
-    sqnr = None if noise == 0 or signal == 0 else 10 * math.log10(signal / noise)
-    return max_abs, sqnr
+        energy.add(ref, out)
+        max_abs = max(max_abs, float((ref.double() - out.double()).abs().max())) if ref.numel() else max_abs
+    return max_abs, None if energy.noise == 0 or energy.signal == 0 else energy.db
 
 
 # Running ----------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
         return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
     quantizer = result.quantizer
-    stats = {"layers_quantized": len(quantizer.annotated), "linear_conv_quantized": quantizer.weight_layers,
+    stats = {"layers_quantized": len(quantizer.annotated), "linear_conv_quantized": quantizer.linear_conv_annotated,
              "layers_ignored": len(quantizer.ignored),
              "weights": _weights_text(setup),
              "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),

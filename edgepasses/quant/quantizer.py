@@ -110,7 +110,7 @@ class EdgeQuantizer(Quantizer):
         super().__init__()
         self.setup = setup
         self.annotated: list[str] = []
-        self.weight_layers = 0              # of the annotated: linears and convs (not matmuls or embeddings)
+        self.linear_conv_annotated = 0      # of the annotated: linears and convs (not matmuls or embeddings)
         self.ignored: list[str] = []
         self.skipped: dict[str, str] = {}   # weight layers left in float, by name, with the reason
         self.embedding_nodes: list[str] = []
@@ -127,7 +127,7 @@ class EdgeQuantizer(Quantizer):
             (self.ignored if hits else self.annotated).append(name)
             if not hits:
                 selected.append(node)
-                self.weight_layers += node.target in LINEAR_OPS | CONV_OPS
+                self.linear_conv_annotated += node.target in LINEAR_OPS | CONV_OPS
         self.skipped = {**self._unquantizable(gm, candidates), **{name: "in the ignore list" for name in self.ignored}}
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:

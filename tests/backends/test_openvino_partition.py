@@ -1,12 +1,11 @@
 """Small transformers decoders on OpenVINO and the reference target, and the partitioning
 they exposed: quantize/dequantize pairs kept together, OpenVINO programs fed by input name."""
-import math
-
 import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 from torch import nn
 
+from edgepasses.analysis.sqnr import sqnr_db
 from edgepasses.backends.partition import lower_by_partition, quant_groups, with_quant_partners
 from edgepasses.canonical import export_canonical
 from edgepasses.testing import import_transformers
@@ -35,10 +34,6 @@ def llama() -> nn.Module:
 
 def tokens(seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, TOKENS), generator=torch.Generator().manual_seed(seed))
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-30))
 
 
 def compile_and_run(model: nn.Module, target: str, pipeline: str):
