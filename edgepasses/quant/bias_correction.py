@@ -1,0 +1,172 @@
+"""Fast bias correction (NNCF's `FastBiasCorrection`) for PT2E-converted graphs.
+
+Rounding a layer's weight shifts the mean of its output: with inputs of non-zero mean (ReLU
+outputs) the per-channel errors of the rounded weights add up instead of cancelling. The shift is
+measured on calibration data and subtracted from the layer's bias, which costs nothing at
+inference time.
+
+The weight pattern `convert_pt2e(fold_quantize=False)` leaves, found by `weight_qdq`:
+
+    W (get_attr) ─ quantize_per_channel / quantize_per_tensor ─ dequantize_* ─ linear / conv (arg 1)
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+import torch.fx
+
+from ..analysis.observe import NodeObserver
+from ..errors import OptionError
+from ..graph_utils import (
+    CONV_OPS,
+    LINEAR_OPS,
+    add_constant,
+    constant_value,
+    replace_arg,
+)
+
+qd = torch.ops.quantized_decomposed
+# Each weight quantize with the dequantize that must read its codes back.
+WEIGHT_QDQ_OPS = {qd.quantize_per_channel.default: qd.dequantize_per_channel.default,
+                  qd.quantize_per_tensor.default: qd.dequantize_per_tensor.default,
+                  qd.quantize_per_tensor.tensor: qd.dequantize_per_tensor.tensor}
+
+
+@dataclass(frozen=True)
+class WeightQDQ:
+    """A linear/conv whose constant float weight passes through a quantize-dequantize pair."""
+    layer: torch.fx.Node
+    weight: torch.fx.Node        # get_attr of the float weight
+    quantize: torch.fx.Node
+    dequantize: torch.fx.Node
+    scale: torch.Tensor          # per output channel ([out]) or per tensor (0-d)
+    zero_point: torch.Tensor
+    axis: int | None             # None: per tensor
+    qmin: int
+    qmax: int
+
+    @property
+    def per_channel_symmetric(self) -> bool:
+        """One scale per output channel, zero point 0 and a range symmetric around it: GPTQ's grid."""
+        return self.axis == 0 and not self.zero_point.any() and self.qmin == -self.qmax
+
+    def float_weight(self, gm: torch.fx.GraphModule) -> torch.Tensor:
+        return constant_value(gm, self.weight)
+
+    def dequantized_weight(self, gm: torch.fx.GraphModule) -> torch.Tensor:
+        """The weight the layer computes with: the graph's own pair applied to the float weight."""
+        codes = self.quantize.target(self.float_weight(gm), *_constants(gm, self.quantize.args[1:]))
+        return self.dequantize.target(codes, *_constants(gm, self.dequantize.args[1:]))
+
+    def replace_weight(self, gm: torch.fx.GraphModule, value: torch.Tensor, name_hint: str) -> None:
+        """Make the quantize read `value` (a new attribute: the old tensor may be the caller's parameter)."""
+        replace_arg(gm, self.quantize, 0, add_constant(gm, name_hint, value, before=self.quantize))
+
+
+def _constants(gm: torch.fx.GraphModule, args: Iterable) -> list:
+    """`args` with each get_attr node replaced by its tensor (literals pass as they are)."""
+    return [constant_value(gm, a) if isinstance(a, torch.fx.Node) else a for a in args]
+
+
+def weight_qdq(gm: torch.fx.GraphModule, layer: torch.fx.Node) -> WeightQDQ | None:
+    """The quantize-dequantize pair on `layer`'s weight; None unless `layer` is a linear/conv whose
+    weight is a constant read through one matching pair with constant scale and zero point."""
+    if layer.op != "call_function" or layer.target not in LINEAR_OPS | CONV_OPS or len(layer.args) < 2:
+        return None
+    dequantize = layer.args[1]
+    if not isinstance(dequantize, torch.fx.Node) or dequantize.op != "call_function":
+        return None
+    quantize = dequantize.args[0] if dequantize.args else None
+    if not isinstance(quantize, torch.fx.Node) or WEIGHT_QDQ_OPS.get(quantize.target) != dequantize.target \
+            or quantize.args[1:] != dequantize.args[1:] or constant_value(gm, quantize.args[0]) is None:
+        return None
+    params = _constants(gm, quantize.args[1:])
+    if any(p is None for p in params):  # a scale or zero point computed in the graph
+        return None
+    if quantize.target is qd.quantize_per_channel.default:
+        scale, zero_point, axis, qmin, qmax = params[:5]
+    else:
+        (scale, zero_point, qmin, qmax), axis = params[:4], None
+    return WeightQDQ(layer, quantize.args[0], quantize, dequantize, torch.as_tensor(scale),
+                     torch.as_tensor(zero_point), axis, int(qmin), int(qmax))
+
+
+def quantized_layers(gm: torch.fx.GraphModule, keep: Callable[[WeightQDQ], bool] = lambda m: True) -> list[WeightQDQ]:
+    """`weight_qdq` of every layer that has one and that `keep` accepts, in graph order."""
+    found = (weight_qdq(gm, node) for node in gm.graph.nodes)
+    return [m for m in found if m is not None and keep(m)]
+
+
+def observe_layer_inputs(gm: torch.fx.GraphModule, layers: list[WeightQDQ], batches: list[tuple],
+                         on_input: Callable[[WeightQDQ, torch.Tensor], None], *, needed_by: str) -> None:
+    """One run of `gm` over `batches`, handing every layer's actual input (what its arg 0 computes,
+    in the quantized graph: the dequantized activation) to `on_input`. One run for all layers, not one
+    per layer: that would cost layers x batches forward passes."""
+    if not batches:
+        raise OptionError(f"{needed_by} needs calibration batches; got none")
+    readers: dict[torch.fx.Node, list[WeightQDQ]] = defaultdict(list)
+    for layer in layers:
+        readers[layer.layer.args[0]].append(layer)
+
+    def watcher(group: list[WeightQDQ]) -> Callable[[torch.Tensor], None]:
+        return lambda x: [on_input(layer, x) for layer in group]
+
+    observer = NodeObserver(gm, {node: watcher(group) for node, group in readers.items()})
+    with torch.no_grad():
+        for batch in batches:
+            observer.run(*batch)
+
+
+def _has_constant_bias(gm: torch.fx.GraphModule, layer: WeightQDQ) -> bool:
+    args = layer.layer.args
+    return len(args) > 2 and constant_value(gm, args[2]) is not None
+
+
+def _output_error(layer: WeightQDQ, x: torch.Tensor, weight_error: torch.Tensor) -> torch.Tensor:
+    """layer(x, W_dq) - layer(x, W) per output channel, as a [channels, -1] matrix: the layer's own op
+    (stride, padding, groups...) applied to the weight error, without bias."""
+    node = layer.layer
+    error = node.target(x, weight_error, None, *node.args[3:], **node.kwargs)
+    # Linear: channels last. Conv: channels right before the spatial dims (dim 1 batched, 0 unbatched).
+    channel_dim = -1 if node.target in LINEAR_OPS else error.dim() - weight_error.dim() + 1
+    return error.movedim(channel_dim, 0).reshape(error.shape[channel_dim], -1)
+
+
+def correct_biases(gm: torch.fx.GraphModule, batches: list[tuple]) -> int:
+    """Subtract from each quantized linear/conv's bias the mean output shift its weight rounding
+    causes on `batches`. In place; returns how many layers were corrected.
+
+    Layers: every linear/conv whose weight passes through a quantize-dequantize pair (`weight_qdq`)
+    and which has a constant bias. Layers without a bias are left alone: adding one would change the
+    graph's structure, and a target's fused kernel may have no bias input to put it in.
+
+    The mean error of each layer is measured on its actual input in the quantized graph, all layers in
+    one run (not NNCF's per-layer subgraph runs): a layer's correction then ignores that the layers
+    before it were corrected too, a second-order effect. Run it after anything else that changes the
+    weights (GPTQ). The corrected biases are new attributes (the old tensors may be the caller's
+    parameters); the old ones stay until `remove_unused_attributes`.
+    """
+    layers = quantized_layers(gm, lambda m: _has_constant_bias(gm, m))
+    weight_error = {m.layer: m.dequantized_weight(gm) - m.float_weight(gm) for m in layers}
+    sums: dict[torch.fx.Node, torch.Tensor] = {}
+    counts: dict[torch.fx.Node, int] = defaultdict(int)
+
+    def accumulate(layer: WeightQDQ, x: torch.Tensor) -> None:
+        error = _output_error(layer, x, weight_error[layer.layer].to(x.dtype)).double()
+        sums[layer.layer] = sums.get(layer.layer, 0) + error.sum(dim=1)
+        counts[layer.layer] += error.shape[1]
+
+    observe_layer_inputs(gm, layers, batches, accumulate, needed_by="bias correction")
+    for layer in layers:
+        bias_node = layer.layer.args[2]
+        bias = constant_value(gm, bias_node)
+        corrected = bias - (sums[layer.layer] / counts[layer.layer]).to(bias.dtype)
+        replace_arg(gm, layer.layer, 2, add_constant(gm, f"{bias_node.name}_corrected", corrected,
+                                                     before=layer.layer))
+    if layers:
+        gm.recompile()
+    return len(layers)
