@@ -69,7 +69,7 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
         before.insert(0, "fold_bn")
     before = ",".join(before)
     float_gm = compress(model, example_inputs, before, target=target)
-    setup = resolve_setup(steps[position].options, resolved.quant_caps, resolved.name)
+    setup = resolve_setup(steps[position].options, resolved.quant_caps, resolved.name, float_gm)
     with torch.no_grad():
         layers = rank_layers(float_gm, setup, calibration, batches, example_inputs)
     return QuantReport(output_sqnr(model, gm, batches), layers)

@@ -194,3 +194,14 @@ def warn_nothing_reached(log, pass_name: str, done: str, layers: list[WeightLaye
     else:
         log.warning("%s: no layer was %s; of %d layers with weights it skipped %s", pass_name, done,
                     len(layers), skipped_forms(layers, skipped) or "none (each was left as it is)")
+
+
+def copy_sharing_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` whose graph can change apart from `gm`'s while its weight tensors stay shared:
+    a model's worth of weights per trial copy would not fit in memory. Passes never write into a
+    weight tensor, they add new ones."""
+    import copy
+    import itertools
+
+    shared = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
+    return copy.deepcopy(gm, shared)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
+from ..analysis.structure import model_type
 from ..errors import OptionError
 from ..graph_utils import warn_nothing_reached, weight_layers
 from ..pass_base import PassContext, PassResult, register_pass
@@ -29,15 +30,23 @@ class QuantizeOptions:
     bits: int = 8
     symmetric: bool | None = None       # activations; none: the target's default
     per_channel: bool = True            # weights: one scale per output channel
-    calib: Literal["minmax", "percentile", "mse", "entropy"] = "percentile"
+    calib: Literal["auto", "minmax", "percentile", "mse", "entropy"] = "auto"  # auto: per tensor, the
+                                        # range of least error in the layers reading it (quant.range_choice)
     percentile: float = 99.99           # for calib=percentile
+    model_type: Literal["auto", "transformer", "cnn"] = "auto"  # auto: from the graph (attention: transformer)
+    smooth_alpha: float | None = None   # SmoothQuant before quantising; none: 0.95 for transformers
+                                        # (NNCF's), off for CNNs; 0: off
+    bias_correction: Literal["auto", "on", "off"] = "auto"  # shift each bias by the mean error its rounded
+                                        # weights add; auto: kept where it raises the output SQNR
+    rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: Linear weights rounded to compensate error
     weight_only: bool = False           # quantise Linear weights only; activations stay float
     group_size: int | None = None       # weight-only: input features sharing a scale; none: a whole row
     awq: bool = False                   # weight-only: AWQ's activation-aware scales (needs calibration)
     ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
     embeddings: bool = True             # embedding tables as int8 codes, a scale per row
     overflow_fix: Literal["auto", "all", "off"] = "auto"  # weights in 7 bits where int8 sums saturate;
-                                        # auto: where the target's CPU saturates (x86 without VNNI)
+                                        # auto: on CPUs that saturate (x86 without VNNI), the layers whose
+                                        # sums do on the calibration data (every layer unless calib=auto)
     min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
                                         # layers in float to reach it
 
@@ -47,12 +56,21 @@ class QuantizeOptions:
         if (self.group_size is not None or self.awq) and not self.weight_only:
             raise OptionError("quantize options 'group_size' and 'awq' apply to weight-only quantization: "
                               "add weight_only=true")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise OptionError(f"quantize option 'smooth_alpha' must be in [0, 1]; got {self.smooth_alpha}")
+        if self.weight_only and (self.rounding != "nearest" or self.smooth_alpha):
+            raise OptionError("quantize options 'rounding' and 'smooth_alpha' apply to static int8 "
+                              "quantization; weight-only quantization has awq=true")
         if self.group_size is not None and self.group_size <= 0:
             raise OptionError(f"quantize option 'group_size' must be positive; got {self.group_size}")
 
 
-def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
-    """The quantizer settings for `opts` on a target with `caps`; errors where they conflict."""
+TRANSFORMER_SMOOTH_ALPHA = 0.95  # NNCF's transformer preset smooths MatMul inputs with 0.95
+
+
+def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str, gm: torch.fx.GraphModule | None = None):
+    """The quantizer settings for `opts` on a target with `caps`, for the graph `gm` (read for its
+    model type when that is "auto"; without a graph, no transformer settings); errors where they conflict."""
     from ..quant.quantizer import QuantSetup
 
     allowed = caps.weight_only_bits if opts.weight_only else caps.bits
@@ -64,9 +82,18 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str):
     if caps.symmetric_activations_only and opts.symmetric is False:
         raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
     symmetric = symmetric or caps.symmetric_activations_only
-    seven_bit = opts.overflow_fix == "all" or (opts.overflow_fix == "auto" and caps.saturating_int8)
+    saturating = opts.overflow_fix == "auto" and caps.saturating_int8
+    # auto measures the saturation per layer on the sample calib=auto keeps; without one, every layer
+    seven_bit = opts.overflow_fix == "all" or (saturating and opts.calib != "auto")
+    kind = opts.model_type if opts.model_type != "auto" else model_type(gm) if gm is not None else "cnn"
+    alpha = opts.smooth_alpha
+    if alpha is None:
+        alpha = TRANSFORMER_SMOOTH_ALPHA if kind == "transformer" and not opts.weight_only else 0.0
     return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore,
-                      opts.bits, opts.group_size, opts.awq, opts.embeddings, weight_qmax=63 if seven_bit else 127)
+                      opts.bits, opts.group_size, opts.awq, opts.embeddings, weight_qmax=63 if seven_bit else 127,
+                      overflow_check=saturating and opts.calib == "auto",
+                      smooth_alpha=alpha or None, bias_correction="off" if opts.weight_only else opts.bias_correction,
+                      rounding=opts.rounding)
 
 
 @register_pass("quantize", options=QuantizeOptions)
@@ -77,7 +104,7 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
     from ..quant.quantizer import quantize_graph
 
     target = getattr(ctx.target, "name", "reference")
-    setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target)
+    setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target, gm)
     if opts.min_sqnr is not None:
         return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
@@ -87,7 +114,7 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
              "weights": _weights_text(setup),
              "activations": "float" if setup.weight_only else ("int8 symmetric" if setup.symmetric else "uint8"),
              "calib": ("awq" if setup.awq else "-") if setup.weight_only else setup.calib,
-             "skipped": quantizer.skipped}
+             "skipped": quantizer.skipped, **result.steps}
     if not quantizer.annotated:
         layers = weight_layers(gm)
         if layers:

@@ -10,18 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 import torch.fx
 
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import ignore_matcher, layer_name, remove_unused_attributes
+from ..graph_utils import ignore_matcher, layer_name
 from ..pass_base import PassContext, PassResult, register_pass
-from ..quant.channel_scale import apply_input_scale, collect_stats, linear_groups
+from ..quant.channel_scale import linear_groups, smooth_linears
 
 log = logging.getLogger("edgepasses")
-
-EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -32,12 +29,6 @@ class SmoothOptions:
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise OptionError(f"smooth option 'alpha' must be in [0, 1]; got {self.alpha}")
-
-
-def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel scale for an activation range and the weights reading it."""
-    weight_absmax = weight.abs().amax(0).clamp(min=EPS)
-    return (act_absmax.clamp(min=EPS).pow(alpha) / weight_absmax.pow(1.0 - alpha)).clamp(min=EPS)
 
 
 def _ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
@@ -52,13 +43,7 @@ def smooth(gm: torch.fx.GraphModule, opts: SmoothOptions, ctx: PassContext) -> P
     if not groups:
         log.warning("smooth: no Linear with a constant weight outside the ignore list; nothing to smooth")
         return PassResult(gm, modified=False, stats={"groups": 0})
-    stats = collect_stats(gm, groups, ctx.calibration, ctx.example_inputs, needed_by="smooth")
-    folded = {"layer_norm": 0, "multiply": 0}
-    for group in groups:
-        scale = smoothing_scale(stats[group.source].absmax, group.weight(gm), opts.alpha)
-        folded[apply_input_scale(gm, group, scale)] += 1
-    remove_unused_attributes(gm)  # the weights before scaling
-    gm.recompile()
+    folded = smooth_linears(gm, groups, opts.alpha, ctx.calibration, ctx.example_inputs, needed_by="smooth")
     propagate_fake(gm, ctx.example_inputs)
     return PassResult(gm, modified=True, stats={"groups": len(groups),
                                                  "linears": sum(len(g.linears) for g in groups),

@@ -17,10 +17,12 @@ import torch
 import torch.fx
 
 from ..analysis.observe import NodeObserver
-from ..graph_utils import add_constant, constant_value, replace_arg
+from ..graph_utils import add_constant, constant_value, remove_unused_attributes, replace_arg
 from .calibration import calibrate
 
 aten = torch.ops.aten
+
+EPS = 1e-5
 
 
 @dataclass
@@ -108,3 +110,23 @@ def _fold_into_layer_norm(gm, group: LinearGroup, scale: torch.Tensor) -> bool:
     if bias is not None:
         replace_arg(gm, source, 3, add_constant(gm, f"{source.name}_bias_scaled", bias / scale, before=source))
     return True
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel scale for an activation range and the weights reading it:
+    s_j = max|x_j|^alpha / max|W_:j|^(1-alpha) (Xiao et al. 2023)."""
+    weight_absmax = weight.abs().amax(0).clamp(min=EPS)
+    return (act_absmax.clamp(min=EPS).pow(alpha) / weight_absmax.pow(1.0 - alpha)).clamp(min=EPS)
+
+
+def smooth_linears(gm: torch.fx.GraphModule, groups: list[LinearGroup], alpha: float, batches,
+                   example_inputs: tuple, *, needed_by: str) -> dict[str, int]:
+    """SmoothQuant on `groups` (in place, exact in float): one calibration run for the activation
+    ranges, then each group's scale. Returns where the 1/s went, counted."""
+    stats = collect_stats(gm, groups, batches, example_inputs, needed_by=needed_by)
+    folded = {"layer_norm": 0, "multiply": 0}
+    for group in groups:
+        folded[apply_input_scale(gm, group, smoothing_scale(stats[group.source].absmax, group.weight(gm), alpha))] += 1
+    remove_unused_attributes(gm)  # the weights before scaling
+    gm.recompile()
+    return folded

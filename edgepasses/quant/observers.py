@@ -20,7 +20,7 @@ from abc import abstractmethod
 import torch
 from torchao.quantization.pt2e.observer import MinMaxObserver, PartialWrapper, UniformQuantizationObserverBase
 
-__all__ = ["CALIBRATION_METHODS", "EntropyObserver", "MSEObserver", "PercentileObserver", "observer_for"]
+__all__ = ["AutoRangeObserver", "CALIBRATION_METHODS", "EntropyObserver", "MSEObserver", "PercentileObserver", "observer_for"]
 
 _PER_TENSOR_SCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 _ENTROPY_EPSILON = 1e-4  # counts; the smoothing constant of TensorRT/MXNet entropy calibration
@@ -115,6 +115,38 @@ class _HistogramObserverBase(UniformQuantizationObserverBase):
         return _interp(target, cumulative, self._edges(self._domain())).item()
 
 
+    def _percentile_range(self, percentile: float) -> tuple[float, float]:
+        """Clipped at the `percentile`-th percentile: of |x| for symmetric schemes, of x at both
+        ends (`100 - percentile` and `percentile`) for affine ones."""
+        fraction = percentile / 100.0
+        if self._histograms_magnitude:
+            threshold = self._quantile(fraction)
+            return -threshold, threshold
+        return self._quantile(1.0 - fraction), self._quantile(fraction)
+
+    def _mse_range(self, num_candidates: int) -> tuple[float, float]:
+        """Of the observed range shrunk by k/`num_candidates`, the one of least expected squared error."""
+        low, high = self._domain()
+        shrink = torch.linspace(1.0 / num_candidates, 1.0, num_candidates,
+                                dtype=torch.float64, device=self.histogram.device)
+        candidate_min = -shrink * high if self._histograms_magnitude else shrink * low
+        candidate_max = shrink * high
+        scale, zero_point = self._calculate_qparams(candidate_min.float(), candidate_max.float())
+        best = int(self._expected_squared_error(scale.double(), zero_point.double()).argmin())
+        return candidate_min[best].item(), candidate_max[best].item()
+
+    def _expected_squared_error(self, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """Total squared quantization error of the histogram for each candidate (scale, zero_point)."""
+        domain = self._domain()
+        bin_width = (domain[1] - domain[0]) / self.bins
+        scale, zero_point = scale[:, None], zero_point[:, None]
+        grid_units = self._edges(domain) / scale + zero_point
+        error_integral = _squared_error_antiderivative(grid_units, self.quant_min, self.quant_max)
+        # a value uniform in a bin of width w errs on average s**3 / w times the integral (in steps) over it
+        mean_error_per_bin = error_integral.diff(dim=1) * scale**3 / bin_width
+        return mean_error_per_bin @ self.histogram
+
+
 class PercentileObserver(_HistogramObserverBase):
     """Clips the range at the ``percentile``-th percentile: of |x| for symmetric schemes, of x
     at both ends (``100 - percentile`` and ``percentile``) for affine ones.
@@ -129,11 +161,7 @@ class PercentileObserver(_HistogramObserverBase):
         self.percentile = percentile
 
     def _clipping_range(self) -> tuple[float, float]:
-        fraction = self.percentile / 100.0
-        if self._histograms_magnitude:
-            threshold = self._quantile(fraction)
-            return -threshold, threshold
-        return self._quantile(1.0 - fraction), self._quantile(fraction)
+        return self._percentile_range(self.percentile)
 
 
 class MSEObserver(_HistogramObserverBase):
@@ -152,25 +180,7 @@ class MSEObserver(_HistogramObserverBase):
         self.num_candidates = num_candidates
 
     def _clipping_range(self) -> tuple[float, float]:
-        low, high = self._domain()
-        shrink = torch.linspace(1.0 / self.num_candidates, 1.0, self.num_candidates,
-                                dtype=torch.float64, device=self.histogram.device)
-        candidate_min = -shrink * high if self._histograms_magnitude else shrink * low
-        candidate_max = shrink * high
-        scale, zero_point = self._calculate_qparams(candidate_min.float(), candidate_max.float())
-        best = int(self._expected_squared_error(scale.double(), zero_point.double()).argmin())
-        return candidate_min[best].item(), candidate_max[best].item()
-
-    def _expected_squared_error(self, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """Total squared quantization error of the histogram for each candidate (scale, zero_point)."""
-        domain = self._domain()
-        bin_width = (domain[1] - domain[0]) / self.bins
-        scale, zero_point = scale[:, None], zero_point[:, None]
-        grid_units = self._edges(domain) / scale + zero_point
-        error_integral = _squared_error_antiderivative(grid_units, self.quant_min, self.quant_max)
-        # a value uniform in a bin of width w errs on average s**3 / w times the integral (in steps) over it
-        mean_error_per_bin = error_integral.diff(dim=1) * scale**3 / bin_width
-        return mean_error_per_bin @ self.histogram
+        return self._mse_range(self.num_candidates)
 
 
 class EntropyObserver(_HistogramObserverBase):
@@ -207,6 +217,62 @@ class EntropyObserver(_HistogramObserverBase):
         levels = self.quant_max - self.quant_min + 1
         one_signed = self.min_val.item() >= 0 or self.max_val.item() <= 0
         return levels if one_signed and self.qscheme == torch.per_tensor_affine else levels // 2
+
+
+class AutoRangeObserver(_HistogramObserverBase):
+    """Records the histogram and a sample of the tensor, so that the range can be chosen per tensor
+    by the error it causes where the tensor is used (`quant.range_choice`): among min/max, the
+    99.99th and 99.999th percentiles and the MSE-optimal range of the histogram.
+
+    Entropy is no candidate: it needs a histogram of |x|, the others one of x for affine schemes.
+    Until `choose` is called (no sample, or no consumer to score with) the MSE range is used.
+    """
+
+    SAMPLE_ELEMENTS = 1 << 20   # leading batch entries kept until this many values (whole entries)
+
+    def __init__(self, bins: int = 2048, **kwargs) -> None:
+        super().__init__(bins=bins, **kwargs)
+        self.sample: torch.Tensor | None = None
+        self.mixed_shapes = False
+        self.chosen: str | None = None
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        self._keep_sample(x_orig.detach())
+        return super().forward(x_orig)
+
+    def _keep_sample(self, x: torch.Tensor) -> None:
+        if self.mixed_shapes or x.dim() == 0 or not x.is_floating_point():
+            return
+        if self.sample is not None and x.shape[1:] != self.sample.shape[1:]:
+            # One observer shared by tensors of different shapes (a pool's input and output): no
+            # one consumer can score it, so it keeps the MSE range.
+            self.sample, self.mixed_shapes = None, True
+            return
+        kept = 0 if self.sample is None else self.sample.numel()
+        entries = (self.SAMPLE_ELEMENTS - kept) // max(1, x[:1].numel())
+        if entries > 0:
+            part = x[:entries].float().clone()
+            self.sample = part if self.sample is None else torch.cat([self.sample, part])
+
+    def candidate_ranges(self) -> dict[str, tuple[float, float]]:
+        if not self._domain()[1] > self._domain()[0]:
+            return {}
+        return {"minmax": (self.min_val.item(), self.max_val.item()),
+                "percentile": self._percentile_range(99.99),
+                "percentile-99.999": self._percentile_range(99.999),
+                "mse": self._mse_range(100)}
+
+    def fake_quantize(self, x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+        """`x` quantized and dequantized with the qparams of `value_range`."""
+        scale, zero_point = self._calculate_qparams(*(self.min_val.new_tensor(v) for v in value_range))
+        return torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zero_point.item()),
+                                                     self.quant_min, self.quant_max)
+
+    def choose(self, method: str) -> None:
+        self.chosen = method
+
+    def _clipping_range(self) -> tuple[float, float]:
+        return self.candidate_ranges()[self.chosen or "mse"]
 
 
 def _kl_divergence_per_threshold(histogram: torch.Tensor, levels: int) -> torch.Tensor:
@@ -277,6 +343,7 @@ _OBSERVERS: dict[str, type[UniformQuantizationObserverBase]] = {
     "percentile": PercentileObserver,
     "mse": MSEObserver,
     "entropy": EntropyObserver,
+    "auto": AutoRangeObserver,
 }
 CALIBRATION_METHODS: tuple[str, ...] = tuple(_OBSERVERS)
 

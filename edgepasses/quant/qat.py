@@ -129,7 +129,7 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, pipeline: "str | Pipeli
     example_inputs = tuple(example_inputs)
     batches = checked_batches(calibration, example_inputs, needed_by="prepare_qat")  # before the slow export
     resolved = get_target(target)
-    setup = resolve_setup(step.options, resolved.quant_caps, resolved.name)
+    setup = _for_training(resolve_setup(step.options, resolved.quant_caps, resolved.name))
 
     gm = compress(model, example_inputs, before, calibration=batches, target=target)
     records = list(gm.edge_report.records)
@@ -206,6 +206,17 @@ def _split_at_quantize(pipeline: Pipeline) -> tuple[Pipeline, Step, Pipeline]:
                           "measures post-training quantization); keep layers in float with "
                           "quantize(ignore=[...]) — edgepasses.quant_report ranks them")
     return Pipeline(pipeline.steps[:i]), step, Pipeline(pipeline.steps[i + 1:])
+
+
+def _for_training(setup):
+    """The quantize settings QAT trains with: training adjusts weights and ranges itself, so the
+    post-training steps that do it from calibration data (smoothing, GPTQ, bias correction, the
+    per-layer saturation check) are left out; on saturating CPUs every weight is 7-bit."""
+    if setup.rounding != "nearest":
+        raise OptionError("prepare_qat: quantize(rounding=...) is post-training rounding; training "
+                          "rounds the weights itself (leave rounding out)")
+    return dataclasses.replace(setup, smooth_alpha=None, bias_correction="off", overflow_check=False,
+                               weight_qmax=63 if setup.overflow_check else setup.weight_qmax)
 
 
 def _calibrate_ranges(gm: torch.fx.GraphModule, batches: list[tuple], example_inputs: tuple) -> int:

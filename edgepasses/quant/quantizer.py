@@ -8,21 +8,28 @@ are per-tensor, weights per-channel symmetric int8, within what the target can r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torchao.quantization.pt2e import observer as torchao_observers
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, QuantizationSpec, Quantizer,
                                                  SharedQuantizationSpec)
 
+from ..analysis.sqnr import SqnrAccumulator
 from ..errors import OptionError
-from ..graph_utils import ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, layer_name, remove_unused_attributes, weight_layers
+from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, copy_sharing_weights, layer_name,
+                           remove_unused_attributes, weight_layers)
 from .awq import SAMPLE_ROWS, search_scale
-from .calibration import calibrate
-from .channel_scale import apply_input_scale, collect_stats, linear_groups
+from .bias_correction import correct_biases
+from .calibration import calibrate, checked_batches
+from .channel_scale import apply_input_scale, collect_stats, linear_groups, smooth_linears
+from .gptq import apply_gptq
 from .observers import observer_for
+from .overflow import narrow_saturating_weights
+from .range_choice import choose_activation_ranges
 from .weight_only import group_size_for, replace_with_codes
 
 aten = torch.ops.aten
@@ -52,6 +59,11 @@ class QuantSetup:
     awq: bool = False               # weight-only: AWQ's activation-aware scales, searched on calibration
     embeddings: bool = True         # embedding tables as int8 codes per row (a lookup has no activation)
     weight_qmax: int = 127          # static int8 weights in [-qmax, qmax]; 63 against int8 saturation
+    overflow_check: bool = False    # 63 instead where the calibration data show int8 sums saturating
+    smooth_alpha: float | None = None   # SmoothQuant before quantising; None: none
+    bias_correction: str = "off"    # shift biases by the mean output error rounded weights add:
+                                    # "on", "off", "auto" (kept where it raises the output SQNR)
+    rounding: str = "nearest"       # static weights: "nearest" or "gptq"
 
 
 def activation_spec(setup: QuantSetup) -> QuantizationSpec:
@@ -252,24 +264,82 @@ class QuantizedGraph:
     graph: torch.fx.GraphModule       # the input graph itself when nothing was annotated
     quantizer: EdgeQuantizer
     calibration_batches: int
+    # What the data-aware steps did: smoothed Linear groups, ranges chosen per method, GPTQ-rounded
+    # Linears, corrected biases (only the steps that ran).
+    steps: dict = field(default_factory=dict)
 
 
 def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, example_inputs: tuple) -> QuantizedGraph:
-    """PT2E on `gm` (rewritten in place): annotate, insert observers, calibrate, convert to Q/DQ.
-    Weight-only quantization needs no observers: the weights are rounded to codes directly."""
+    """PT2E on `gm` (rewritten in place): smooth (transformers), annotate, insert observers,
+    calibrate, choose ranges, convert to Q/DQ, then round weights and correct biases on the same
+    data. Weight-only quantization needs no observers: the weights are rounded to codes directly."""
     quantizer = EdgeQuantizer(setup)
     if setup.weight_only:
         return _quantize_weights_only(gm, quantizer, calibration, example_inputs)
+    observed = [n for n in EdgeQuantizer(setup).select(gm) if n.target not in EMBEDDING_OPS]
+    # Embeddings alone need no data: a lookup has no activation to observe.
+    batches = checked_batches(calibration, example_inputs, needed_by="quantize") if observed else []
+    steps = {}
+    if observed and setup.smooth_alpha:
+        steps["smoothed_groups"] = _smooth(gm, set(observed), setup.smooth_alpha, batches, example_inputs)
+    reference = _outputs(gm, batches) if observed and setup.bias_correction == "auto" else None
     prepared = prepare_pt2e(gm, quantizer)
     if not quantizer.annotated:
         return QuantizedGraph(gm, quantizer, 0)
-    if len(quantizer.embedding_nodes) == len(quantizer.annotated):  # nothing for observers to see
-        converted, batches = prepared, 0
-    else:
-        batches = calibrate(prepared, calibration, example_inputs, needed_by="quantize")
+    converted = prepared
+    if observed:
+        calibrate(prepared, batches, example_inputs, needed_by="quantize")
+        if setup.calib == "auto":
+            steps["ranges"] = dict(choose_activation_ranges(prepared))
+        if setup.overflow_check:
+            steps["seven_bit_layers"] = len(narrow_saturating_weights(prepared))
         converted = convert_pt2e(prepared, fold_quantize=False)
+        converted, adjusted = _adjust_weights(converted, setup, batches, reference)
+        steps.update(adjusted)
     quantize_embeddings(converted, quantizer.embedding_nodes)
-    return QuantizedGraph(converted, quantizer, batches)
+    return QuantizedGraph(converted, quantizer, len(batches), steps)
+
+
+def _smooth(gm: torch.fx.GraphModule, quantized: set, alpha: float, batches: list[tuple], example_inputs) -> int:
+    """SmoothQuant on the Linears about to be quantised (each group of Linears reading one input)."""
+    groups = linear_groups(gm, ignore=lambda node: node not in quantized)
+    if groups:
+        smooth_linears(gm, groups, alpha, batches, example_inputs, needed_by="quantize")
+    return len(groups)
+
+
+def _adjust_weights(converted: torch.fx.GraphModule, setup: QuantSetup, batches: list[tuple],
+                    reference: list | None) -> tuple[torch.fx.GraphModule, dict]:
+    """GPTQ rounding, then bias correction (which measures the weights as rounded). With
+    bias_correction=auto the correction is kept only where it raises the output SQNR against the
+    float `reference` outputs on the calibration data: a bias shift averaged over every position
+    can hurt where positions differ in kind (a transformer's padding tokens against its words)."""
+    steps = {}
+    if setup.rounding == "gptq":
+        steps["gptq_linears"] = apply_gptq(converted, batches)
+    if setup.bias_correction != "off":
+        corrected = copy_sharing_weights(converted) if reference is not None else converted
+        count = correct_biases(corrected, batches)
+        if reference is None or _sqnr(reference, corrected, batches) > _sqnr(reference, converted, batches):
+            converted, steps["biases_corrected"] = corrected, count
+        else:
+            steps["biases_corrected"] = "none: lowered the output SQNR on the calibration data"
+    remove_unused_attributes(converted)  # the weights and biases they replaced
+    converted.recompile()
+    return converted, steps
+
+
+def _outputs(gm: torch.fx.GraphModule, batches: list[tuple]) -> list[list[torch.Tensor]]:
+    with torch.no_grad():
+        return [pytree.tree_leaves(gm(*batch)) for batch in batches]
+
+
+def _sqnr(reference: list[list[torch.Tensor]], gm: torch.fx.GraphModule, batches: list[tuple]) -> float:
+    total = SqnrAccumulator()
+    for expected, got in zip(reference, _outputs(gm, batches)):
+        for a, b in zip(expected, got):
+            total.add(a, b)
+    return total.db
 
 
 def quantize_embeddings(gm: torch.fx.GraphModule, names: list[str]) -> None:

@@ -6,9 +6,7 @@ measured is exactly what the quantize pass produces.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -21,17 +19,14 @@ import torch.utils._pytree as pytree
 
 from ..analysis.observe import NodeObserver
 from ..analysis.sqnr import SqnrAccumulator
-from ..graph_utils import layer_name
+from ..graph_utils import copy_sharing_weights, layer_name
 from .quantizer import QuantSetup, quantizable_nodes, quantize_graph
 
 
 def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
                   example_inputs: tuple) -> torch.fx.GraphModule:
     """Quantise a copy of `gm` (prepare_pt2e rewrites its input in place)."""
-    # The copy shares the weight tensors: prepare/convert only add nodes around them, and a model's
-    # worth of weights per sensitivity probe would not fit in memory.
-    shared = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
-    return quantize_graph(copy.deepcopy(gm, shared), setup, calibration, example_inputs).graph
+    return quantize_graph(copy_sharing_weights(gm), setup, calibration, example_inputs).graph
 
 
 def output_sqnr(reference: Callable, test: Callable, batches: Iterable[tuple]) -> float:

@@ -80,18 +80,22 @@ def _weight_ranges(gm) -> set[tuple[int, int]]:
     return {tuple(n.args[4:6]) for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)}
 
 
-@pytest.mark.parametrize("overflow_fix, saturating, expected", [
-    ("auto", False, (-127, 127)), ("auto", True, (-63, 63)), ("all", False, (-63, 63)), ("off", True, (-127, 127))])
-def test_overflow_fix_keeps_weights_to_7_bits_where_int8_sums_saturate(overflow_fix, saturating, expected):
+@pytest.mark.parametrize("overflow_fix, calib, saturating, expected", [
+    ("auto", "auto", False, (127, False)), ("auto", "auto", True, (127, True)),
+    ("auto", "minmax", True, (63, False)), ("all", "auto", False, (63, False)), ("off", "auto", True, (127, False))])
+def test_overflow_fix_keeps_weights_to_7_bits_where_int8_sums_saturate(overflow_fix, calib, saturating, expected):
     from edgepasses.passes.quantize import QuantizeOptions, resolve_setup
     from edgepasses.quant import QuantCaps
 
-    setup = resolve_setup(QuantizeOptions(overflow_fix=overflow_fix), QuantCaps(saturating_int8=saturating), "t")
-    assert setup.weight_qmax == expected[1]
+    # auto on a saturating CPU: 8-bit weights, checked layer by layer on the calibration sample
+    # (tests/quant/test_overflow.py); without calib=auto's sample, 7-bit everywhere.
+    setup = resolve_setup(QuantizeOptions(overflow_fix=overflow_fix, calib=calib),
+                          QuantCaps(saturating_int8=saturating), "t")
+    assert (setup.weight_qmax, setup.overflow_check) == expected
     if overflow_fix != "auto":  # the reference target does not saturate: only 'all' narrows there
         gm = run_pass_case(f"quantize(overflow_fix={overflow_fix})", ConvNet().eval(), X, sqnr_floor=15.0,
                            calibration=_calibration(X)).gm
-        assert _weight_ranges(gm) == {expected}
+        assert _weight_ranges(gm) == {(-expected[0], expected[0])}
 
 
 def test_symmetric_activations_use_int8():

@@ -60,7 +60,8 @@ def test_inputs_that_are_always_zero_get_code_zero():
 
 
 def _quantized(model, batches, weight_qmax):
-    setup = dataclasses.replace(resolve_setup(QuantizeOptions(), QuantCaps(), "reference"), weight_qmax=weight_qmax)
+    setup = dataclasses.replace(resolve_setup(QuantizeOptions(bias_correction="off"), QuantCaps(), "reference"),
+                                weight_qmax=weight_qmax)
     return quantize_graph(torch.export.export(model, batches[0]).module(), setup, batches, batches[0]).graph
 
 
