@@ -12,21 +12,36 @@ from .pipeline import DEFAULT_PIPELINE, Pipeline
 
 
 def compress(model: torch.nn.Module, example_inputs: tuple, pipeline: "str | Pipeline" = DEFAULT_PIPELINE, *,
-             calibration: Iterable[tuple] | None = None, target: str = "auto",
-             verify: bool = False) -> torch.fx.GraphModule:
+             calibration: Iterable[tuple] | None = None, target: str = "auto", verify: bool = False,
+             metric: Callable[[Callable], float] | None = None, max_drop: float = 0.01) -> torch.fx.GraphModule:
     """Export `model` to the canonical form and run `pipeline` over it.
 
     Returns the transformed GraphModule; `gm.edge_report` says what each pass did and how long it took.
-    `calibration` (an iterable of input tuples) is the only data data-aware passes see.
+    `calibration` (an iterable of input tuples) is the only data data-aware passes see. With
+    `metric(model) -> float` (higher is better; called with a callable like `model`), quantize keeps
+    the fewest most-sensitive layers float for it to lose at most `max_drop` of the float score.
     """
     from .backends import get_target
 
     parsed = Pipeline.parse(pipeline)  # fail on a bad pipeline before the (slow) export
+    accuracy = accuracy_control(metric, max_drop)
     example_inputs = tuple(example_inputs)
     gm = export_canonical(model, example_inputs)
-    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, target=get_target(target))
+    ctx = PassContext(example_inputs=example_inputs, calibration=calibration, target=get_target(target),
+                      accuracy=accuracy)
     with torch.no_grad():
         return parsed.run(gm, ctx, verify=verify)
+
+
+def accuracy_control(metric, max_drop: float):
+    """The AccuracyControl of a user's metric, scored on a candidate graph itself; None without a metric."""
+    from .quant.accuracy_control import AccuracyControl, check_max_drop, check_metric, score
+
+    check_max_drop(max_drop)
+    if metric is None:
+        return None
+    check_metric(metric)
+    return AccuracyControl(lambda candidate: score(metric, candidate, "model being quantised"), max_drop)
 
 
 def lower(gm: torch.fx.GraphModule, example_inputs: tuple, target: str = "auto", *,

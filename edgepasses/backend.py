@@ -41,6 +41,9 @@ class EdgeOptions:
                                         # and the targets' own caches (OpenVINO CACHE_DIR, TVM records)
     allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
     on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
+    metric: Any = None                  # metric(model) -> float, higher is better: the user's validation,
+                                        # called with the compiled model; quantize keeps layers float for it
+    max_drop: float = 0.01              # with a metric: the share of the float score it may lose
 
     def __post_init__(self):
         from .backends import parse_target_names
@@ -49,6 +52,13 @@ class EdgeOptions:
         if self.target_options is not None and not isinstance(self.target_options, dict):
             raise OptionError(f"target_options must be a dict of per-target options such as "
                               f"{{'tvm': {{'trials': 64}}}}; got {self.target_options!r}")
+        from .quant.accuracy_control import check_max_drop, check_metric
+
+        check_max_drop(self.max_drop)
+        if self.metric is not None:
+            check_metric(self.metric)
+            if self.calibration is None:
+                raise OptionError("metric needs calibration data: pass calibration=[...] too")
         if self.calibration is not None and iter(self.calibration) is self.calibration:
             # Dynamo may compile several graphs, and each would find an iterator already used up.
             raise OptionError("calibration must be re-iterable (a list of input tuples), not an iterator "
@@ -108,8 +118,9 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     def compile_with(calibration) -> Callable:
         """The compiled program of this graph, calibrated on `calibration` (batches of its own inputs)."""
         compiled_opts = dataclasses.replace(opts, calibration=calibration)
+        accuracy = _accuracy_control(opts, model, deferred, user_positions) if opts.metric else None
         lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
-                                              prepared_s)
+                                              prepared_s, accuracy)
 
         def run(*args):
             return lowered(*(args[i] for i in user_positions))
@@ -117,15 +128,33 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         run.edge_compilation = compilation
         return run
 
+    if opts.metric is not None and model is None:
+        raise OptionError("metric: the edge backend scores the whole model, so it must be called through "
+                          "torch.compile(model, backend='edge', ...); or use edgepasses.compress(metric=...)")
     if model is None or opts.calibration is None:
         return compile_with(opts.calibration)
     # Calibrated graphs wait for their first call: the calibration set then runs through the whole
     # model, so that each graph is calibrated on the inputs it really gets (model_calibration.py).
-    return model.defer(origin, user_positions, gm.forward, compile_with)
+    deferred = model.defer(origin, user_positions, gm.forward, compile_with)
+    return deferred
+
+
+def _accuracy_control(opts: EdgeOptions, model, deferred, user_positions: list[int]):
+    """The user's metric on the whole compiled model with this graph's candidate in its place (graphs
+    not compiled yet run in float)."""
+    from .quant.accuracy_control import AccuracyControl, score
+
+    def evaluate(candidate: torch.fx.GraphModule) -> float:
+        def run(*args):
+            return candidate(*(args[i] for i in user_positions))
+
+        return model.trial(deferred, run, lambda compiled: score(opts.metric, compiled, f"model ({deferred.origin})"))
+
+    return AccuracyControl(evaluate, opts.max_drop)
 
 
 def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target,
-                   origin: GraphOrigin, seconds_before: float):
+                   origin: GraphOrigin, seconds_before: float, accuracy=None):
     """(lowered program, EdgeCompilation): the pipeline and the lowering, through the compile cache
     when there is a cache_dir; `on_compile` hears of it."""
     start = time.perf_counter()
@@ -134,9 +163,11 @@ def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: P
     # such as a KV cache's plain-attribute `torch.tensor([])`.
     with torch.no_grad(), torch._guards.tracing(None):
         if opts.cache_dir:
+            if accuracy is not None:
+                raise OptionError("metric and cache_dir: a cached compile cannot know the metric; give one")
             lowered, report, cache, entry = _compile_cached(canonical, user_inputs, opts, pipeline, target)
         else:
-            lowered, report, _ = _compile(canonical, user_inputs, opts, pipeline, target)
+            lowered, report, _ = _compile(canonical, user_inputs, opts, pipeline, target, accuracy)
             cache = entry = None
     compilation = EdgeCompilation(report, lowered.edge_lowering, seconds_before + time.perf_counter() - start,
                                   cache, entry and str(entry), origin)
@@ -149,9 +180,9 @@ def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: P
     return lowered, compilation
 
 
-def _compile(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target):
+def _compile(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target, accuracy=None):
     """(lowered program, pipeline report, compressed graph): the pipeline, then the target's lowering."""
-    ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target)
+    ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target, accuracy=accuracy)
     compressed = pipeline.run(canonical, ctx, verify=opts.verify)
     lowered = target.lower(compressed, user_inputs, strict=opts.strict, precision=opts.precision,
                            cache_dir=opts.cache_dir)

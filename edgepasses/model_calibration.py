@@ -74,9 +74,14 @@ class DeferredGraph:
     compile_with: Callable[[list[tuple]], Callable]  # recorded batches -> the compiled program
     recorded: list[tuple] = field(default_factory=list)
     compiled: Callable | None = None
+    candidate: Callable | None = None           # runs in its place while a metric scores it
 
     def __call__(self, *args):
+        if self.candidate is not None:
+            return self.candidate(*args)
         if self.compiled is None:
+            if self.model.trying:  # a metric scores another graph: this one in float, recording nothing
+                return self.run_float(*args)
             if self.model.running:
                 self.recorded.append(tuple(args[i].detach().clone() if isinstance(args[i], torch.Tensor)
                                            else args[i] for i in self.user_positions))
@@ -104,6 +109,7 @@ class ModelCalibration:
         self.breaks: list[str] = []
         self.waiting: list[DeferredGraph] = []
         self.running = False
+        self.trying = False
 
     def next_origin(self, gm: torch.fx.GraphModule) -> GraphOrigin:
         self.graphs += 1
@@ -117,6 +123,14 @@ class ModelCalibration:
         graph = DeferredGraph(self, origin, user_positions, run_float, compile_with)
         self.waiting.append(graph)
         return graph
+
+    def trial(self, graph: DeferredGraph, candidate: Callable, measure: Callable[[Callable], float]) -> float:
+        """`measure` of the whole compiled model with `candidate` running in `graph`'s place."""
+        graph.candidate, self.trying = candidate, True
+        try:
+            return measure(self.entry())
+        finally:
+            graph.candidate, self.trying = None, False
 
     def calibrate(self) -> None:
         """Run the calibration set through the whole model, then compile every waiting graph."""

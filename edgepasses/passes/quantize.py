@@ -105,6 +105,10 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
 
     target = getattr(ctx.target, "name", "reference")
     setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target, gm)
+    if ctx.accuracy is not None:
+        if opts.min_sqnr is not None:
+            raise OptionError("quantize: min_sqnr and a metric both choose which layers stay float; give one")
+        return _quantize_within_drop(gm, setup, ctx)
     if opts.min_sqnr is not None:
         return _quantize_within_budget(gm, setup, opts.min_sqnr, ctx)
     result = quantize_graph(gm, setup, ctx.calibration, ctx.example_inputs)
@@ -145,3 +149,16 @@ def _quantize_within_budget(gm, setup, min_sqnr: float, ctx: PassContext) -> Pas
     stats = {"layers_quantized": len(ranking) - len(float_layers), "layers_kept_float": len(float_layers),
              "float_layers": float_layers, "output_sqnr_db": round(sqnr, 2), "calibration_batches": len(batches)}
     return PassResult(quantized, modified=len(float_layers) < len(ranking), stats=stats)
+
+
+def _quantize_within_drop(gm, setup, ctx: PassContext) -> PassResult:
+    from ..quant.accuracy_control import quantize_within_drop
+    from ..quant.calibration import checked_batches
+
+    batches = checked_batches(ctx.calibration, ctx.example_inputs, needed_by="quantize with a metric")
+    result = quantize_within_drop(gm, setup, batches, ctx.example_inputs, ctx.accuracy)
+    propagate_fake(result.graph, ctx.example_inputs)
+    stats = {"layers_kept_float": len(result.float_layers), "float_layers": result.float_layers,
+             "metric_float": result.metric_float, "metric_all_int8": result.metric_int8, "metric": result.metric,
+             "max_drop": ctx.accuracy.max_drop, "calibration_batches": len(batches)}
+    return PassResult(result.graph, modified=True, stats=stats)

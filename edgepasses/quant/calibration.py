@@ -26,6 +26,10 @@ def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
             raise OptionError(f"calibration batch {index}, input {position}: got {described}, expected "
                               f"{tuple(want.shape)} {want.dtype} like the example inputs (the graph is "
                               "compiled for static shapes)")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            bad = "NaN" if torch.isnan(got).any() else "Inf"
+            raise OptionError(f"calibration batch {index}, input {position} contains {bad}: ranges calibrated on "
+                              "it would be meaningless; clean or drop that batch")
 
 
 def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *, needed_by: str) -> int:

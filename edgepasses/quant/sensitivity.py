@@ -72,34 +72,41 @@ def rank_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[t
 def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
                             eval_batches: list[tuple], example_inputs: tuple, min_sqnr_db: float):
     """The fewest most-sensitive layers left in float so the output SQNR reaches `min_sqnr_db`.
-
-    Binary search over how many of the ranked layers stay float (SQNR grows with that count).
-    Returns (quantised graph, float layers, achieved SQNR, ranking).
-    """
+    Returns (quantised graph, float layers, achieved SQNR, ranking)."""
     ranking = rank_layers(gm, setup, calibration, eval_batches, example_inputs)
-    order = [s.layer for s in ranking]
+    quantized, kept, sqnr = fewest_float_layers(gm, setup, calibration, example_inputs, [s.layer for s in ranking],
+                                                lambda candidate: output_sqnr(gm, candidate, eval_batches),
+                                                lambda sqnr: sqnr >= min_sqnr_db)
+    return quantized, kept, sqnr, ranking
 
+
+def fewest_float_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple], example_inputs: tuple,
+                        order: list[str], score: Callable[[torch.fx.GraphModule], float],
+                        good_enough: Callable[[float], bool]):
+    """The quantised graph that keeps the fewest of `order`'s first layers in float and still scores
+    `good_enough`. Binary search over how many stay float: the score grows with that count, and all
+    of them in float always passes. Returns (quantised graph, float layers, its score)."""
     attempts: dict[int, tuple] = {}  # only the last passing graph is kept: each holds a model's graph
 
-    def meets_budget(k: int) -> bool:
+    def passes(k: int) -> bool:
         quantized = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
-        sqnr = output_sqnr(gm, quantized, eval_batches)
-        if sqnr >= min_sqnr_db:
+        value = score(quantized)
+        if good_enough(value):
             attempts.clear()
-            attempts[k] = (quantized, sqnr)
-        return sqnr >= min_sqnr_db
+            attempts[k] = (quantized, value)
+        return good_enough(value)
 
-    low, high = 0, len(order)  # the answer lies in [low, high]; all layers in float always meets it
+    low, high = 0, len(order)  # the answer lies in [low, high]
     while low < high:
         mid = (low + high) // 2
-        if meets_budget(mid):
+        if passes(mid):
             high = mid
         else:
             low = mid + 1
-    if high not in attempts:
-        meets_budget(high)
-    quantized, sqnr = attempts[high]
-    return quantized, order[:high], sqnr, ranking
+    if high not in attempts and not passes(high):
+        raise RuntimeError("unreachable: every layer in float must pass")  # callers check it first
+    quantized, value = attempts[high]
+    return quantized, order[:high], value
 
 
 def _layer_outputs(gm: torch.fx.GraphModule, wanted: dict[str, str], batch: tuple) -> dict[str, torch.Tensor]:
