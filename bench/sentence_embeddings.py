@@ -80,26 +80,27 @@ def documentation_sentences() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SentenceSplits:
-    """Batches of (token ids, attention mask), BATCH_SIZE x SEQ_LEN: calibration, a validation split
+    """Batches of (token ids, attention mask), batch size x SEQ_LEN: calibration, a validation split
     (what an accuracy-control search may look at) and a held-out test split."""
     calibration: list[tuple[Tensor, Tensor]]
     validation: list[tuple[Tensor, Tensor]]
     test: list[tuple[Tensor, Tensor]]
 
 
-def _batches(tokenizer, sentences) -> list[tuple[Tensor, Tensor]]:
+def _batches(tokenizer, sentences, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     batches = []
-    for start in range(0, len(sentences) - BATCH_SIZE + 1, BATCH_SIZE):
-        tokens = tokenizer(list(sentences[start:start + BATCH_SIZE]), padding="max_length", truncation=True,
+    for start in range(0, len(sentences) - batch_size + 1, batch_size):
+        tokens = tokenizer(list(sentences[start:start + batch_size]), padding="max_length", truncation=True,
                            max_length=SEQ_LEN, return_tensors="pt")
         batches.append((tokens["input_ids"], tokens["attention_mask"]))
     return batches
 
 
 @lru_cache(maxsize=None)
-def sentence_splits(calibration: int = 10, validation: int = 8, test: int = 16) -> SentenceSplits:
-    """`calibration`, `validation` and `test` batches of distinct sentences (every 7th sentence
-    in turn, so each split spans all topics)."""
+def sentence_splits(calibration: int = 10, validation: int = 8, test: int = 16,
+                    batch_size: int = BATCH_SIZE) -> SentenceSplits:
+    """`calibration`, `validation` and `test` batches of `batch_size` distinct sentences (every 7th
+    sentence in turn, so each split spans all topics)."""
     from edgepasses.testing import import_transformers
 
     _offline()
@@ -107,10 +108,10 @@ def sentence_splits(calibration: int = 10, validation: int = 8, test: int = 16) 
     sentences = documentation_sentences()
     spread = [sentences[i] for offset in range(7) for i in range(offset, len(sentences), 7)]
     counts = [calibration, validation, test]
-    if sum(counts) * BATCH_SIZE > len(spread):
-        raise ValueError(f"{sum(counts)} batches of {BATCH_SIZE} need {sum(counts) * BATCH_SIZE} sentences; "
+    if sum(counts) * batch_size > len(spread):
+        raise ValueError(f"{sum(counts)} batches of {batch_size} need {sum(counts) * batch_size} sentences; "
                          f"the documentation has {len(spread)}")
-    batches = _batches(tokenizer, spread[:sum(counts) * BATCH_SIZE])
+    batches = _batches(tokenizer, spread[:sum(counts) * batch_size], batch_size)
     ends = [calibration, calibration + validation, sum(counts)]
     return SentenceSplits(batches[:ends[0]], batches[ends[0]:ends[1]], batches[ends[1]:ends[2]])
 
@@ -138,3 +139,9 @@ def embedding_quality(reference: Tensor, candidate: Tensor) -> EmbeddingQuality:
 
     agreement = (nearest(reference) == nearest(candidate)).float().mean()
     return EmbeddingQuality(cosine.mean().item(), cosine.min().item(), agreement.item())
+
+
+def neighbour_agreement(fn: Callable[..., Tensor], batches, reference: Tensor) -> float:
+    """% of sentences whose nearest other sentence under `fn` is the one under the float `reference`
+    embeddings of the same batches (higher is better; 100 for the float model)."""
+    return 100.0 * embedding_quality(reference, embed(fn, batches)).neighbour_agreement

