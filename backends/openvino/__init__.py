@@ -230,7 +230,8 @@ def _openvino_decompositions():
 class OpenVINOTarget:
     name = "openvino"
     # u8 activations / i8 per-channel weights: what its FakeQuantize-to-int8 transformations expect.
-    quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False, saturating_int8=cpu_int8_saturates())
+    quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False, saturating_int8=cpu_int8_saturates(),
+                           saturation_per_layer=True)
 
     def unavailable_reason(self) -> str | None:
         try:

@@ -83,15 +83,16 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str, gm: torch
         raise OptionError(f"quantize(symmetric=false): target {target!r} runs symmetric int8 only")
     symmetric = symmetric or caps.symmetric_activations_only
     saturating = opts.overflow_fix == "auto" and caps.saturating_int8
-    # auto measures the saturation per layer on the sample calib=auto keeps; without one, every layer
-    seven_bit = opts.overflow_fix == "all" or (saturating and opts.calib != "auto")
+    # per layer, measured on the sample calib=auto keeps, where the target allows; else every layer
+    per_layer = saturating and caps.saturation_per_layer and opts.calib == "auto"
+    seven_bit = opts.overflow_fix == "all" or (saturating and not per_layer)
     kind = opts.model_type if opts.model_type != "auto" else model_type(gm) if gm is not None else "cnn"
     alpha = opts.smooth_alpha
     if alpha is None:
         alpha = TRANSFORMER_SMOOTH_ALPHA if kind == "transformer" and not opts.weight_only else 0.0
     return QuantSetup(symmetric, opts.per_channel, opts.calib, opts.percentile, opts.weight_only, opts.ignore,
                       opts.bits, opts.group_size, opts.awq, opts.embeddings, weight_qmax=63 if seven_bit else 127,
-                      overflow_check=saturating and opts.calib == "auto",
+                      overflow_check=per_layer,
                       smooth_alpha=alpha or None, bias_correction="off" if opts.weight_only else opts.bias_correction,
                       rounding=opts.rounding)
 

@@ -18,6 +18,10 @@ class QuantCaps:
     # Its int8 kernels add u8×s8 products in pairs into 16 bits, saturating (x86 without VNNI:
     # vpmaddubsw). quantize(overflow_fix=auto) then keeps weights to 7 bits, as NNCF's overflow_fix.
     saturating_int8: bool = False
+    # Where saturation is the runtime's (OpenVINO), 8-bit weights are a trade it may make: auto keeps
+    # 7 bits only on layers whose sums saturate more than 7-bit rounding costs. Our own kernels
+    # (reference, TVM) are written for 7-bit weights: every layer then.
+    saturation_per_layer: bool = False
 
 
 @functools.cache

@@ -83,14 +83,19 @@ def _weight_ranges(gm) -> set[tuple[int, int]]:
 @pytest.mark.parametrize("overflow_fix, calib, saturating, expected", [
     ("auto", "auto", False, (127, False)), ("auto", "auto", True, (127, True)),
     ("auto", "minmax", True, (63, False)), ("all", "auto", False, (63, False)), ("off", "auto", True, (127, False))])
-def test_overflow_fix_keeps_weights_to_7_bits_where_int8_sums_saturate(overflow_fix, calib, saturating, expected):
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_overflow_fix_keeps_weights_to_7_bits_where_int8_sums_saturate(overflow_fix, calib, saturating, expected,
+                                                                      per_layer):
     from edgepasses.passes.quantize import QuantizeOptions, resolve_setup
     from edgepasses.quant import QuantCaps
 
-    # auto on a saturating CPU: 8-bit weights, checked layer by layer on the calibration sample
-    # (tests/quant/test_overflow.py); without calib=auto's sample, 7-bit everywhere.
+    # auto on a saturating CPU, where the runtime saturates (OpenVINO): 8-bit weights, checked layer by
+    # layer on the calibration sample (tests/quant/test_overflow.py); without calib=auto's sample, or for
+    # our own 7-bit kernels (no saturation_per_layer), 7-bit everywhere.
     setup = resolve_setup(QuantizeOptions(overflow_fix=overflow_fix, calib=calib),
-                          QuantCaps(saturating_int8=saturating), "t")
+                          QuantCaps(saturating_int8=saturating, saturation_per_layer=per_layer), "t")
+    if expected[1] and not per_layer:
+        expected = (63, False)
     assert (setup.weight_qmax, setup.overflow_check) == expected
     if overflow_fix != "auto":  # the reference target does not saturate: only 'all' narrows there
         gm = run_pass_case(f"quantize(overflow_fix={overflow_fix})", ConvNet().eval(), X, sqnr_floor=15.0,
