@@ -97,7 +97,8 @@ def resolve_setup(opts: QuantizeOptions, caps: QuantCaps, target: str, gm: torch
                       rounding=opts.rounding)
 
 
-@register_pass("quantize", options=QuantizeOptions)
+# version 2: the defaults for trained models (calib=auto, smoothing, bias correction, overflow per layer)
+@register_pass("quantize", options=QuantizeOptions, version=2)
 def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) -> PassResult:
     """Insert int8 quantize/dequantize pairs calibrated on the `calibration` data, or (weight_only)
     replace Linear weights by int8/int4 codes and their scales."""
