@@ -3,6 +3,7 @@
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
     edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
+    edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm ...] [--md docs/accuracy.md]
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -119,7 +120,27 @@ def _bench_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    from edgepasses.bench.accuracy import DEFAULT_PIPELINES, DEFAULT_ROUNDS, SECTIONS, run_accuracy
+    from edgepasses.bench.coverage import stderr_progress
+
+    args.pipeline = args.pipeline or list(DEFAULT_PIPELINES)
+    _check_bench_args(args)
+    report = run_accuracy(args.pipeline, args.section or SECTIONS, warmup=args.warmup,
+                          rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds, progress=stderr_progress)
+    text = report.to_markdown()
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "accuracy":
+        return _bench_accuracy(args)
+    args.rounds = 50 if args.rounds is None else args.rounds  # accuracy's default is smaller
     if args.suite == "kernels":
         return _bench_kernels(args)
     if args.suite == "coverage":
@@ -277,14 +298,17 @@ def _add_bench_parser(subparsers: Any) -> None:
                                                 "OpenVINO direct (and NNCF int8) vs edge pipelines; kernels: "
                                                 "each edge:: op vs OpenVINO and torch per shape; coverage: "
                                                 "which architectures each pipeline compiles, reaches, and "
-                                                "at what error")
-    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage"), default="models")
+                                                "at what error; accuracy: what int8 costs on real weights, "
+                                                "edge pipelines vs NNCF, on OpenVINO")
+    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy"), default="models")
     bench.add_argument("--model", action="append", default=[],
                        help="zoo model name (models) or catalogue architecture (coverage; default: all); "
                             "repeatable")
     bench.add_argument("--column", action="append", default=[],
                        help="coverage: pipeline column; repeatable (default: int8-openvino, int8-reference, "
                             "sparse24, prune, lowrank)")
+    bench.add_argument("--section", action="append", default=[], choices=("sentence", "digits", "charlm"),
+                       help="accuracy: section to measure; repeatable (default: all)")
     bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
                        help="kernels: M,K,N; repeatable (default: 1,4096,4096 16,4096,4096 128,4096,4096)")
@@ -302,7 +326,8 @@ def _add_bench_parser(subparsers: Any) -> None:
                        help=f"{', '.join(TARGET_NAMES)}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
     bench.add_argument("--warmup", type=int, default=10)
-    bench.add_argument("--rounds", type=int, default=50, help="interleaved timing rounds")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="interleaved timing rounds (default: 50; accuracy: 20)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--md", metavar="PATH", help="also write the Markdown tables")
     bench.set_defaults(handler=_bench, parser=bench)

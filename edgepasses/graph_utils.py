@@ -18,6 +18,7 @@ FUNCTIONAL_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.def
 CONV_OPS = FUNCTIONAL_CONV_OPS | {aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 ACTIVATION_MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten.flatten.using_ints}
 # Weight layers in forms no pass rewrites; `weight_layers` lists them with the reason.
 TRANSPOSED_CONV_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 RECURRENT_OPS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input}
@@ -205,3 +206,21 @@ def copy_sharing_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     shared = {id(t): t for t in itertools.chain(gm.parameters(), gm.buffers())}
     return copy.deepcopy(gm, shared)
+
+
+def readers_through_reshapes(node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(reader, the value it reads) for every user reached from `node` through reshapes alone."""
+    found = []
+    for user in node.users:
+        if user.op == "call_function" and user.target in RESHAPE_OPS:
+            found += readers_through_reshapes(user)
+        else:
+            found.append((user, node))
+    return found
+
+
+def through_reshapes(node):
+    """The value `node` reshapes, through any chain of reshapes (a classifier's flatten)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in RESHAPE_OPS:
+        node = node.args[0]
+    return node

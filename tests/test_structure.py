@@ -99,10 +99,6 @@ def test_hand_written_softmax_matmul_attention_is_a_transformer(module):
     assert model_type(gm) == "transformer"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/structure.py _is_attention: MATMUL_OPS is {matmul, bmm}; softmax(scores) multiplied "
-    "into the values by torch.einsum (aten.einsum.default, in graph_utils.MATMUL_FAMILY_OPS) is not "
-    "seen as attention, so the model is a 'cnn' and gets no SmoothQuant"))
 def test_einsum_attention_is_a_transformer():
     assert model_type(export_canonical(EinsumAttention().eval(), (torch.randn(2, 5, 16),))) == "transformer"
 

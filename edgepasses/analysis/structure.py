@@ -7,11 +7,12 @@ from typing import Literal
 import torch
 import torch.fx
 
+from ..graph_utils import MATMUL_FAMILY_OPS
+
 aten = torch.ops.aten
 
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default}
-MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 
 ModelType = Literal["transformer", "cnn"]
 
@@ -23,7 +24,7 @@ def _is_attention(node: torch.fx.Node) -> bool:
     if node.target in ATTENTION_OPS:
         return True
     return node.target in SOFTMAX_OPS and any(
-        user.op == "call_function" and user.target in MATMUL_OPS for user in node.users)
+        user.op == "call_function" and user.target in MATMUL_FAMILY_OPS for user in node.users)
 
 
 def model_type(gm: torch.fx.GraphModule) -> ModelType:

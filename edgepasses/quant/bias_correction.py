@@ -166,7 +166,7 @@ def correct_biases(gm: torch.fx.GraphModule, batches: list[tuple]) -> int:
         bias = constant_value(gm, bias_node)
         corrected = bias - (sums[layer.layer] / counts[layer.layer]).to(bias.dtype)
         replace_arg(gm, layer.layer, 2, add_constant(gm, f"{bias_node.name}_corrected", corrected,
-                                                     before=layer.layer))
+                                                     before=bias_node))
     if layers:
         gm.recompile()
     return len(layers)

@@ -235,9 +235,11 @@ class AutoRangeObserver(_HistogramObserverBase):
         self.sample: torch.Tensor | None = None
         self.mixed_shapes = False
         self.chosen: str | None = None
+        self._candidates: dict[str, tuple[float, float]] | None = None
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         self._keep_sample(x_orig.detach())
+        self._candidates = None
         return super().forward(x_orig)
 
     def _keep_sample(self, x: torch.Tensor) -> None:
@@ -255,12 +257,14 @@ class AutoRangeObserver(_HistogramObserverBase):
             self.sample = part if self.sample is None else torch.cat([self.sample, part])
 
     def candidate_ranges(self) -> dict[str, tuple[float, float]]:
-        if not self._domain()[1] > self._domain()[0]:
-            return {}
-        return {"minmax": (self.min_val.item(), self.max_val.item()),
+        """The candidates, computed once per histogram (the MSE search is the costly one)."""
+        if self._candidates is None:
+            self._candidates = {} if not self._domain()[1] > self._domain()[0] else {
+                "minmax": (self.min_val.item(), self.max_val.item()),
                 "percentile": self._percentile_range(99.99),
                 "percentile-99.999": self._percentile_range(99.999),
                 "mse": self._mse_range(100)}
+        return self._candidates
 
     def fake_quantize(self, x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
         """`x` quantized and dequantized with the qparams of `value_range`."""

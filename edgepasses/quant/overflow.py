@@ -14,7 +14,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value
+from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value, through_reshapes
 from .observers import AutoRangeObserver
 
 INT16_MAX = 32767
@@ -29,8 +29,8 @@ def _pair(value) -> tuple[int, int]:
 def _rows(layer: torch.fx.Node, codes: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions x channels x taps) activations and (out x channels x taps) weights: the kernel pairs
     neighbouring channels at the same tap."""
-    if layer.target in LINEAR_OPS:
-        return codes.reshape(-1, codes.shape[-1], 1), weight.unsqueeze(-1)
+    if layer.target in LINEAR_OPS:  # (its input may be read through a reshape: a classifier's flatten)
+        return codes.reshape(-1, weight.shape[1], 1), weight.unsqueeze(-1)
     kernel = weight.shape[2:]
     stride, padding, dilation = (_pair(layer.args[i]) if len(layer.args) > i else default
                                  for i, default in ((3, (1, 1)), (4, (0, 0)), (5, (1, 1))))
@@ -68,13 +68,15 @@ def _seven_bit_is_better(layer: torch.fx.Node, act: AutoRangeObserver, weight_ob
     """Whether 7-bit weights cost the layer's outputs less than the saturation of 8-bit ones does."""
     act_scale, zero_point = act.calculate_qparams()
     codes = torch.clamp(torch.round(act.sample / act_scale) + zero_point, act.quant_min, act.quant_max)
-    rows, weight = _rows(layer, codes, weight)
-    rows = rows[::max(1, rows.shape[0] // POSITIONS)]
+    # The kernel multiplies u8 codes (s8 ones shifted by 128); the zero point is compensated after.
+    rows, flat_weight = _rows(layer, codes - act.quant_min, weight)
+    # The inputs as the layer sees them (a conv's padding is a real zero, not code 0).
+    inputs, _ = _rows(layer, (codes - zero_point) * act_scale, weight)
+    step = max(1, rows.shape[0] // POSITIONS)
+    rows, inputs, weight = rows[::step], inputs[::step], flat_weight
     scale = weight_observer.calculate_qparams()[0].reshape(-1, 1, 1)  # of 8-bit codes
     eight_bit = torch.clamp(torch.round(weight / scale), -127, 127)
-    # The kernel multiplies u8 codes (s8 ones shifted by 128); the zero point is compensated after.
-    saturated = saturation_error(rows - act.quant_min, eight_bit) * (act_scale * scale.flatten()).double().square()
-    inputs = (rows - zero_point) * act_scale
+    saturated = saturation_error(rows, eight_bit) * (act_scale * scale.flatten()).double().square()
     extra = _rounding_error(inputs, weight, scale * 127 / SEVEN_BIT, SEVEN_BIT) - _rounding_error(inputs, weight, scale, 127)
     return bool(saturated.sum() > extra.sum())
 
@@ -101,7 +103,7 @@ def narrow_saturating_weights(prepared: torch.fx.GraphModule) -> list[str]:
         if node.op != "call_function" or node.target not in LINEAR_OPS | CONV_OPS:
             continue
         act, weight = (getattr(prepared, a.target, None) if isinstance(a, torch.fx.Node) and a.op == "call_module"
-                       else None for a in node.args[:2])
+                       else None for a in (through_reshapes(node.args[0]), node.args[1]))
         if weight is None:
             continue
         float_weight = constant_value(prepared, node.args[1].args[0])

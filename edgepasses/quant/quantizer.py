@@ -20,8 +20,8 @@ from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, Quantiz
 
 from ..analysis.sqnr import SqnrAccumulator
 from ..errors import OptionError
-from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, copy_sharing_weights, layer_name,
-                           remove_unused_attributes, weight_layers)
+from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, RESHAPE_OPS, copy_sharing_weights, layer_name,
+                           readers_through_reshapes, remove_unused_attributes, weight_layers)
 from .awq import SAMPLE_ROWS, search_scale
 from .bias_correction import correct_biases
 from .calibration import calibrate, checked_batches
@@ -39,7 +39,6 @@ EMBEDDING_OPS = {aten.embedding.default}
 RESIDUAL_ADD_OPS = {aten.add.Tensor}
 AVERAGE_POOL_OPS = {aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
 POOL_OPS = {aten.max_pool2d.default} | AVERAGE_POOL_OPS
-RESHAPE_OPS = {aten.view.default, aten.reshape.default, aten.flatten.using_ints}
 # Ops a quantised tensor passes through as it is (activations fold into the FakeQuantize's range).
 TRANSPARENT_OPS = {aten.relu.default, aten.hardtanh.default, aten.relu6.default, aten.clamp.default,
                    *RESHAPE_OPS}
@@ -228,7 +227,7 @@ def annotate_int8_regions(gm: torch.fx.GraphModule, act: QuantizationSpec) -> No
 
 def _annotate_pool(pool: torch.fx.Node, act: QuantizationSpec) -> None:
     source = pool.args[0]
-    readers = _readers_through_reshapes(pool)
+    readers = readers_through_reshapes(pool)
     output_spec = SharedQuantizationSpec((source, pool))
     if pool.target in AVERAGE_POOL_OPS and readers and all(map(_quantized_compute_input, readers)):
         # A classifier head (mean -> flatten -> linear): quantise the average itself, with its own
@@ -239,17 +238,6 @@ def _annotate_pool(pool: torch.fx.Node, act: QuantizationSpec) -> None:
         output_spec = act
     pool.meta["quantization_annotation"] = QuantizationAnnotation(
         input_qspec_map={source: act}, output_qspec=output_spec, _annotated=True)
-
-
-def _readers_through_reshapes(node: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """(reader, the value it reads) for every user reached from `node` through reshapes alone."""
-    found = []
-    for user in node.users:
-        if user.op == "call_function" and user.target in RESHAPE_OPS:
-            found += _readers_through_reshapes(user)
-        else:
-            found.append((user, node))
-    return found
 
 
 def _quantized_compute_input(reader_and_value) -> bool:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value
+from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value, readers_through_reshapes
 from .observers import AutoRangeObserver
 
 ErrorOf = Callable[[torch.Tensor], torch.Tensor]  # an input error -> the error it causes downstream
@@ -30,16 +30,18 @@ def _float_weight(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor
     return constant_value(gm, node)
 
 
-def _layer_error(gm: torch.fx.GraphModule, observed: torch.fx.Node, user: torch.fx.Node) -> ErrorOf | None:
-    """How `user` turns an error in its input `observed` into an output error; None where it has
+def _layer_error(gm: torch.fx.GraphModule, reader: torch.fx.Node, value: torch.fx.Node) -> ErrorOf | None:
+    """How `reader` turns an error in its input `value` into an output error; None where it has
     no constant weight to weigh the error with."""
-    if user.op != "call_function" or user.target not in LINEAR_OPS | CONV_OPS or user.args[0] is not observed:
+    if reader.op != "call_function" or reader.target not in LINEAR_OPS | CONV_OPS or reader.args[0] is not value:
         return None
-    weight = _float_weight(gm, user.args[1])
+    weight = _float_weight(gm, reader.args[1])
     if weight is None:
         return None
-    rest = tuple(user.args[3:])  # stride, padding, ...: the layer is linear in its input, bias aside
-    return lambda delta: user.target(delta, weight, None, *rest)
+    rest = tuple(reader.args[3:])  # stride, padding, ...: the layer is linear in its input, bias aside
+    if reader.target in LINEAR_OPS:  # read through a reshape, maybe: rows of its input features
+        return lambda delta: reader.target(delta.reshape(-1, weight.shape[1]), weight)
+    return lambda delta: reader.target(delta, weight, None, *rest)
 
 
 def _score(observer: AutoRangeObserver, errors_of: list[ErrorOf]) -> str:
@@ -60,7 +62,7 @@ def choose_activation_ranges(prepared: torch.fx.GraphModule) -> Counter:
         if not isinstance(observer, AutoRangeObserver) or observer.sample is None \
                 or not observer.candidate_ranges():
             continue
-        errors_of = [e for e in (_layer_error(prepared, node, user) for user in node.users) if e is not None]
+        errors_of = [e for e in (_layer_error(prepared, *read) for read in readers_through_reshapes(node)) if e is not None]
         observer.choose(_score(observer, errors_of or [lambda delta: delta]))
         chosen[observer.chosen] += 1
     return chosen

@@ -265,12 +265,6 @@ def test_explicitly_padded_conv_with_a_saturating_pixel_is_narrowed():
     assert result.steps == {"ranges": {"minmax": 1}, "seven_bit_layers": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "overflow.py _seven_bit_is_better, `inputs = (rows - zero_point) * act_scale`: the rows come from "
-    "_rows(), whose F.unfold pads the u8 codes with 0, not with the zero point, so each padded tap "
-    "counts as a real input of -zero_point*scale (here -1.0) in the 7-bit rounding-error term. Here "
-    "that term is 0.283 instead of 0.0010 (F.pad version), past the saturation error 0.0553, and the "
-    "conv keeps 8-bit weights that saturate (0 codes are right for the saturation term only)"))
 def test_conv_padding_counts_as_real_zeros_like_explicit_padding():
     result = _quantize(PaddedConv(explicit=False).eval(), _padded_conv_batches())
     assert result.steps == {"ranges": {"minmax": 1}, "seven_bit_layers": 1}
@@ -299,12 +293,6 @@ def test_classifier_head_linear_reading_the_average_directly_is_checked():
     assert _head_ranges(flatten=False) == {"conv2d": (-127, 127), "linear": (-127, 127)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "overflow.py narrow_saturating_weights reads the input observer only from node.args[0]; a Linear "
-    "reading its quantized input through a reshape (avgpool -> observer -> flatten -> fc, every "
-    "torchvision classifier head) finds no observer, counts as 'no sample' and always gets 7-bit "
-    "weights, although the pool's observer kept a sample (range_choice._layer_error has the same "
-    "blind spot: the pool's range is scored by its own error, not the fc's)"))
 def test_classifier_head_linear_reading_the_average_through_flatten_is_checked():
     assert _head_ranges(flatten=True) == {"conv2d": (-127, 127), "linear": (-127, 127)}
 
