@@ -19,7 +19,8 @@ from ..analysis.shape_prop import propagate_fake
 from ..analysis.structure import model_type
 from ..errors import OptionError
 from ..graph_utils import warn_nothing_reached, weight_layers
-from ..pass_base import PassContext, PassResult, register_pass
+from ..pass_base import NoOptions, PassContext, PassResult, register_pass
+from .fold_bn import fold_bn
 from ..quant import QuantCaps, require_torchao
 
 log = logging.getLogger("edgepasses")
@@ -107,6 +108,10 @@ def quantize(gm: torch.fx.GraphModule, opts: QuantizeOptions, ctx: PassContext) 
 
     target = getattr(ctx.target, "name", "reference")
     setup = resolve_setup(opts, getattr(ctx.target, "quant_caps", QuantCaps()), target, gm)
+    if not setup.weight_only:
+        # Exact, and what prepare_pt2e would do itself, but for weights frozen into buffers (the
+        # backend's), where torchao's own folding fails registering the folded weight as a parameter.
+        fold_bn(gm, NoOptions(), ctx)
     if ctx.accuracy is not None:
         if opts.min_sqnr is not None:
             raise OptionError("quantize: min_sqnr and a metric both choose which layers stay float; give one")
