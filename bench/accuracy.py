@@ -35,9 +35,10 @@ import torch
 from .coverage import _version, error_text, machine_header
 from .timing import Timing, measure_side_by_side
 
-SECTIONS = ("sentence", "digits", "charlm")
+SECTIONS = ("sentence", "digits", "charlm", "control")
 SECTION_TITLES = {"sentence": "Pretrained sentence encoder", "digits": "Digits models (trained here)",
-                  "charlm": "Char-level LM (trained here)"}
+                  "charlm": "Char-level LM (trained here)",
+                  "control": "Accuracy control with a metric (validation split), judged on held-out data"}
 DEFAULT_PIPELINES = ("quantize", "smooth,quantize")
 DEFAULT_ROUNDS = 20
 DEFAULT_WARMUP = 10
@@ -149,10 +150,12 @@ def _nncf(module: torch.nn.Module, example: tuple, calibration: list[tuple], mod
     return Candidate(nncf_label(model_type), program, program.integer_compute_ops())
 
 
-def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pipeline: str) -> Candidate:
-    """`torch.compile(backend="edge")` on target openvino, with the options the models bench uses."""
+def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pipeline: str,
+          label: str | None = None, **extra) -> Candidate:
+    """`torch.compile(backend="edge")` on target openvino, with the options the models bench uses
+    (and `extra` options: a metric)."""
     compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
-    options = {"pipeline": pipeline, "target": "openvino", "calibration": calibration,
+    options = {"pipeline": pipeline, "target": "openvino", "calibration": calibration, **extra,
                "on_compile": compilations.append,
                # The weights are frozen into the OpenVINO program: guards on the module tree protect
                # nothing it uses and cost ~1 ms a call.
@@ -163,9 +166,16 @@ def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pip
         raise RuntimeError("torch.compile(backend='edge') compiled no graph; the row would time eager PyTorch")
     fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
     notes = ([f"{len(compilations)} graphs"] if len(compilations) > 1 else []) + \
-            ([f"{fallbacks} ops left to PyTorch"] if fallbacks else [])
-    return Candidate(edge_label(pipeline), compiled, sum(c.lowering.int8_ops for c in compilations),
+            ([f"{fallbacks} ops left to PyTorch"] if fallbacks else []) + \
+            [_float_layers_note(c.report.records[-1].stats) for c in compilations if "metric" in extra]
+    return Candidate(label or edge_label(pipeline), compiled, sum(c.lowering.int8_ops for c in compilations),
                      ", ".join(notes) or None)
+
+
+def _float_layers_note(stats: dict) -> str:
+    layers = stats.get("float_layers", [])
+    return (f"metric on the validation split: {stats['metric_float']:.4g} float, {stats['metric_all_int8']:.4g} "
+            f"all int8, {stats['metric']:.4g} with {len(layers)} layer(s) float: {', '.join(layers) or 'none'}")
 
 
 Builders = list[tuple[str, Callable[[], Candidate]]]
@@ -320,7 +330,71 @@ def charlm_section(pipelines: list[str], warmup: int, rounds: int,
     return [Table("charlm", "char_lm", description, data, CHARLM_METRICS, rows)]
 
 
-_SECTION_FUNCTIONS = {"sentence": sentence_section, "digits": digits_section, "charlm": charlm_section}
+CONTROL_MAX_DROP = {"minilm": 0.002, "digits": 0.0}
+
+
+def _controlled_builders(module, example, calibration, metric, max_drop: float) -> Builders:
+    label = f"edge: quantize, metric, max_drop={max_drop}"
+    return [(EAGER_LABEL, partial(_eager, module)),
+            (OPENVINO_FP32_LABEL, partial(_openvino_fp32, module, example)),
+            (edge_label("quantize"), partial(_edge, module, example, calibration, "quantize")),
+            (label, partial(_edge, module, example, calibration, "quantize", label, metric=metric,
+                            max_drop=max_drop))]
+
+
+def control_section(pipelines: list[str], warmup: int, rounds: int, progress: Callable[[str], None]) -> list[Table]:
+    """Accuracy control with a user metric on a validation split, judged on a held-out test split:
+    the pretrained sentence encoder (metric: mean cosine to the float embeddings) and the digits
+    ResNet-18 (metric: top-1 on half the test split; the other half is held out)."""
+    from .digits import load_digits_split
+    from .sentence_embeddings import embed, embedding_quality, load_encoder, sentence_splits
+    from .zoo import get_model
+
+    model = load_encoder()
+    splits = sentence_splits(calibration=CALIBRATION_BATCHES)
+    with torch.no_grad():
+        validation, test = embed(model, splits.validation), embed(model, splits.test)
+
+    def cosine_on_validation(run) -> float:
+        return embedding_quality(validation, embed(run, splits.validation)).mean_cosine
+
+    def sentence_score(run) -> dict[str, float]:
+        quality = embedding_quality(test, embed(run, splits.test))
+        return {"mean_cosine": quality.mean_cosine, "min_cosine": quality.min_cosine,
+                "neighbours": 100.0 * quality.neighbour_agreement}
+
+    progress(" all-MiniLM-L6-v2")
+    rows = measure(_controlled_builders(model, splits.test[0], splits.calibration, cosine_on_validation,
+                                        CONTROL_MAX_DROP["minilm"]), splits.test[0], sentence_score,
+                   warmup=warmup, rounds=rounds, progress=progress)
+    tables = [Table("control", "all-MiniLM-L6-v2", "metric: mean cosine to the float embeddings on the validation "
+                    f"split ({len(splits.validation)} batches), max_drop {CONTROL_MAX_DROP['minilm']}",
+                    "scored on the held-out test split", SENTENCE_METRICS, rows)]
+
+    zoo = get_model("digits_resnet18", DIGITS_BATCH)
+    data = load_digits_split(zoo.example_inputs[0].shape[-1])
+    half = len(data.test_y) // 2 // DIGITS_BATCH * DIGITS_BATCH
+    val = [(data.test_x[i:i + DIGITS_BATCH], data.test_y[i:i + DIGITS_BATCH]) for i in range(0, half, DIGITS_BATCH)]
+    held = [(data.test_x[i:i + DIGITS_BATCH], data.test_y[i:i + DIGITS_BATCH])
+            for i in range(half, len(data.test_y) - DIGITS_BATCH + 1, DIGITS_BATCH)]
+
+    def top1(run, batches) -> float:
+        with torch.no_grad():
+            return 100.0 * sum((run(x).argmax(-1) == y).sum().item() for x, y in batches) / sum(len(y) for _, y in batches)
+
+    progress(" digits_resnet18")
+    rows = measure(_controlled_builders(zoo.module, zoo.example_inputs, zoo.calibration(CALIBRATION_BATCHES),
+                                        partial(top1, batches=val), CONTROL_MAX_DROP["digits"]),
+                   zoo.example_inputs, lambda run: {"top1": top1(run, held)}, warmup=warmup, rounds=rounds,
+                   derive=drops(("top1", "drop")), progress=progress)
+    tables.append(Table("control", "digits_resnet18", f"metric: top-1 % on the first {half} test images, "
+                        f"max_drop {CONTROL_MAX_DROP['digits']}", f"scored on the other {len(held) * DIGITS_BATCH} "
+                        "test images (held out)", DIGITS_METRICS, rows))
+    return tables
+
+
+_SECTION_FUNCTIONS = {"sentence": sentence_section, "digits": digits_section, "charlm": charlm_section,
+                      "control": control_section}
 
 
 def _unavailable(section: str) -> str | None:

@@ -3,7 +3,7 @@
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
     edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
-    edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm ...] [--md docs/accuracy.md]
+    edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm|control ...] [--md docs/accuracy.md]
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -307,7 +307,7 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--column", action="append", default=[],
                        help="coverage: pipeline column; repeatable (default: int8-openvino, int8-reference, "
                             "sparse24, prune, lowrank)")
-    bench.add_argument("--section", action="append", default=[], choices=("sentence", "digits", "charlm"),
+    bench.add_argument("--section", action="append", default=[], choices=("sentence", "digits", "charlm", "control"),
                        help="accuracy: section to measure; repeatable (default: all)")
     bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
