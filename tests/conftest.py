@@ -19,6 +19,16 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread: repeatable float sums, and on two shared cores the small tensor ops of
+    calibration run 10-20x faster than with the thread pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_bert():
     """(model, example inputs, calibration batches, evaluation batches): a 2-layer BERT-style
     encoder with LayerNorm outlier channels, the case SmoothQuant and AWQ are for."""

@@ -16,13 +16,7 @@ from edgepasses.quant import QuantCaps
 from edgepasses.testing import import_transformers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On two shared cores torch's thread pool makes the small tensor ops of calibration 10-20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Attention(nn.Module):

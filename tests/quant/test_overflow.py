@@ -23,13 +23,7 @@ from edgepasses.quant.quantizer import EdgeQuantizer, quantize_graph
 from edgepasses.quant.range_choice import choose_activation_ranges
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On two shared cores torch's thread pool makes the small tensor ops of calibration 10-20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------
 # saturation_error on hand-built codes: rows are (positions, channels, taps) u8 codes, weights

@@ -19,14 +19,7 @@ METHODS = ("minmax", "percentile", "percentile-99.999", "mse")
 U8 = {"dtype": torch.uint8, "quant_min": 0, "quant_max": 255, "qscheme": torch.per_tensor_affine}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Repeatable float sums for the SQNR comparisons, and on two shared cores torch's thread pool
-    # makes the small tensor ops of calibration 10-20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantize(model, batches, **options):
