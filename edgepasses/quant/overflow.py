@@ -19,7 +19,8 @@ from .observers import AutoRangeObserver
 
 INT16_MAX = 32767
 SEVEN_BIT = 63
-POSITIONS = 2048        # input rows (linear) or patches (conv) checked per layer
+POSITIONS = 256         # input rows (linear) or patches (conv) checked per layer: the pair sums cost
+                        # positions x channels x taps x outputs
 
 
 def _pair(value) -> tuple[int, int]:
@@ -40,20 +41,24 @@ def _rows(layer: torch.fx.Node, codes: torch.Tensor, weight: torch.Tensor) -> tu
 
 
 def _pair_sums(rows: torch.Tensor, weights: torch.Tensor):
-    """Each chunk of neighbouring-channel pair sums, positions x pairs x taps x outputs."""
+    """Each chunk of neighbouring-channel pair sums, positions x pairs x taps x outputs, skipping the
+    chunks whose largest codes times the weights cannot leave int16 (most of them)."""
     if rows.shape[1] % 2:  # an odd channel count: the last channel pairs with zero padding
         rows, weights = F.pad(rows, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
     pairs_x, pairs_w = rows.unflatten(1, (-1, 2)), weights.unflatten(1, (-1, 2))
+    largest = pairs_x.abs().amax(0)                 # pairs x 2 x taps
     for start in range(0, pairs_x.shape[1], 16):    # a few channel pairs at a time bounds the memory
-        yield torch.einsum("pcjt,ocjt->pcto", pairs_x[:, start:start + 16], pairs_w[:, start:start + 16])
+        chunk = slice(start, start + 16)
+        if torch.einsum("cjt,ocjt->cto", largest[chunk], pairs_w[:, chunk].abs()).max() > INT16_MAX:
+            yield torch.einsum("pcjt,ocjt->pcto", pairs_x[:, chunk], pairs_w[:, chunk])
 
 
 def saturation_error(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per output channel, the squared error (in code units) int16 saturation of the pair sums of
     u8 `rows` and s8 `weights` adds to the layer's outputs, summed over the positions."""
     lost = torch.zeros(rows.shape[0], weights.shape[0], dtype=torch.float64)
-    for sums in _pair_sums(rows.double(), weights.double()):
-        lost += (sums - sums.clamp(-INT16_MAX - 1, INT16_MAX)).sum(dim=(1, 2))
+    for sums in _pair_sums(rows.float(), weights.float()):  # integers below 2**24: exact in float32
+        lost += (sums - sums.clamp(-INT16_MAX - 1, INT16_MAX)).sum(dim=(1, 2)).double()
     return lost.square().sum(0)
 
 
