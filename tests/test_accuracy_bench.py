@@ -128,17 +128,16 @@ def test_digits_cnn_end_to_end():
     pytest.importorskip("nncf")
     pytest.importorskip("openvino")
     pytest.importorskip("torchao")
-    report = accuracy.run_accuracy(["fold_bn,quantize"], ["digits"], warmup=1, rounds=2,
-                                   digits_models=("digits_cnn",))
+    # Plain quantize: the default pipeline, batch norms folded by quantize itself under torch.compile.
+    report = accuracy.run_accuracy(["quantize"], ["digits"], warmup=1, rounds=2, digits_models=("digits_cnn",))
     (table,) = report.tables
     rows = {r.label: r for r in table.rows}
-    assert list(rows) == [EAGER_LABEL, "OpenVINO fp32", "edge: fold_bn,quantize", "NNCF int8, default"]
+    assert list(rows) == [EAGER_LABEL, "OpenVINO fp32", "edge: quantize", "NNCF int8, default"]
     eager, fp32, nncf = rows[EAGER_LABEL], rows["OpenVINO fp32"], rows["NNCF int8, default"]
     assert eager.scores["top1"] > 90 and eager.scores["drop"] == 0
     assert fp32.scores["top1"] == eager.scores["top1"] and fp32.int8_ops == 0
     assert nncf.error is None and nncf.int8_ops > 0 and abs(nncf.scores["drop"]) < 5
     assert all(len(r.timing.samples) == 2 for r in table.rows if r.error is None)
-    # The pipeline's own row: its error, if any, is recorded, never raised (the core is what it measures).
-    edge = rows["edge: fold_bn,quantize"]
-    assert edge.error or (edge.int8_ops > 0 and abs(edge.scores["drop"]) < 5)
+    edge = rows["edge: quantize"]
+    assert edge.error is None and edge.int8_ops > 0 and abs(edge.scores["drop"]) <= 0.5
     assert "### digits_cnn" in report.to_markdown()
