@@ -110,13 +110,17 @@ def _bench_coverage(args: argparse.Namespace) -> int:
         unknown = [name for name in given if name not in valid]
         if unknown:
             args.parser.error(f"unknown {kind}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    matrix = run_matrix(args.model, args.column, progress=stderr_progress)
-    text = matrix.to_markdown()
+    return _emit(args, run_matrix(args.model, args.column, progress=stderr_progress))
+
+
+def _emit(args: argparse.Namespace, result: Any) -> int:
+    """A bench result (with to_markdown/to_json) on stdout, and in the --md/--json files asked for."""
+    text = result.to_markdown()
     print(text)
     if args.md:
         Path(args.md).write_text(text)
     if args.json:
-        Path(args.json).write_text(matrix.to_json())
+        Path(args.json).write_text(result.to_json())
     return 0
 
 
@@ -126,15 +130,9 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
 
     args.pipeline = args.pipeline or list(DEFAULT_PIPELINES)
     _check_bench_args(args)
-    report = run_accuracy(args.pipeline, args.section or SECTIONS, warmup=args.warmup,
-                          rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds, progress=stderr_progress)
-    text = report.to_markdown()
-    print(text)
-    if args.md:
-        Path(args.md).write_text(text)
-    if args.json:
-        Path(args.json).write_text(report.to_json())
-    return 0
+    return _emit(args, run_accuracy(args.pipeline, args.section or SECTIONS, warmup=args.warmup,
+                                    rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
+                                    progress=stderr_progress))
 
 
 def _bench(args: argparse.Namespace) -> int:
