@@ -264,19 +264,23 @@ def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, exa
     quantizer = EdgeQuantizer(setup)
     if setup.weight_only:
         return _quantize_weights_only(gm, quantizer, calibration, example_inputs)
+    # A probe of what will be quantised (annotation selects again after smoothing rewrote the graph).
     observed = [n for n in EdgeQuantizer(setup).select(gm) if n.target not in EMBEDDING_OPS]
     # Embeddings alone need no data: a lookup has no activation to observe.
     batches = checked_batches(calibration, example_inputs, needed_by="quantize") if observed else []
     steps = {}
     if observed and setup.smooth_alpha:
         steps["smoothed_groups"] = _smooth(gm, set(observed), setup.smooth_alpha, batches, example_inputs)
-    reference = _outputs(gm, batches) if observed and setup.bias_correction == "auto" else None
     prepared = prepare_pt2e(gm, quantizer)
     if not quantizer.annotated:
         return QuantizedGraph(gm, quantizer, 0)
     converted = prepared
     if observed:
-        calibrate(prepared, batches, example_inputs, needed_by="quantize")
+        # Observers pass values through: the calibration run's outputs are the float reference that
+        # bias_correction=auto compares against.
+        reference = _outputs(prepared, batches) if setup.bias_correction == "auto" else None
+        if reference is None:
+            calibrate(prepared, batches, example_inputs, needed_by="quantize")
         if setup.calib == "auto":
             steps["ranges"] = dict(choose_activation_ranges(prepared))
         if setup.overflow_check:
