@@ -9,23 +9,41 @@
                                the pipeline (text and uuid), the target, the inputs, a SHA-256 per file,
                                and `extra` (what the caller keeps there: the compile cache's key)
 
-At most one target artifact is there (none for a graph-only artifact). `load` refuses an
-unknown format version, a missing file, and a file whose hash differs (corrupt or modified),
-each with an `ArtifactError` naming it; a torch of another major.minor than the one that
-saved the graph gets a WARNING. It returns the graph as a module and, when the target
-artifact's runtime imports, a program that runs it: OpenVINO's model compiled again, or
-TVM's library loaded into a Relax VM (only on a CPU of the same `mcpu`: loading a library
-runs its code, so load artifacts you trust, as with any pickle).
+At most one target artifact is there (none for a graph-only artifact).
+
+Artifacts are data, not code (docs/artifacts.md). The SHA-256s catch corruption, not tampering:
+whoever can write the files can write the manifest. So `load` trusts no byte of them:
+- the manifest is checked completely before anything is read: it names exactly the files of its
+  target, only inside its folder; the folder holds exactly those files (no extra file, no
+  symbolic link); each file has its SHA-256;
+- `graph.pt2` is deserialized only after its archive is checked to hold nothing that loads by
+  unpickling (torch.export.load unpickles with weights_only=False) or by evaluating text
+  (symbolic shapes go through sympy.sympify): raw tensor bytes, JSON, example inputs that load
+  with torch.load(weights_only=True), and calls of torch operators only;
+- OpenVINO's model.xml/.bin are data for OpenVINO's reader;
+- a TVM library is native code: loading it runs it, so `load` loads one only with
+  `trust_native_code=True`.
+Every failure is an `ArtifactError` naming the file and what to do. `save` writes a sibling
+temporary directory, fsyncs it and renames it into place: an artifact already at `path` stays
+loadable whatever fails.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import operator
 import os
+import re
+import secrets
+import shutil
+import stat
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 import torch.fx
@@ -43,6 +61,7 @@ OPENVINO_XML = "openvino/model.xml"
 OPENVINO_BIN = "openvino/model.bin"
 TVM_LIB = "tvm/model.so"
 TARGET_FILES = (OPENVINO_XML, OPENVINO_BIN, TVM_LIB)
+FILES_OF_TARGET = {None: {GRAPH}, "openvino": {GRAPH, OPENVINO_XML, OPENVINO_BIN}, "tvm": {GRAPH, TVM_LIB}}
 
 
 @dataclass
@@ -62,10 +81,13 @@ class Artifact:
         return (self.program or self.graph)(*args, **kwargs)
 
 
+# --- save ------------------------------------------------------------------------------------
+
 def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | None = None, *,
          target_artifact: bool | str = True, compress_to_fp16: bool = False, program: Any = None,
          extra: dict | None = None) -> Path:
-    """Save `gm_or_lowered` under the directory `path` (created; an existing artifact there is replaced).
+    """Save `gm_or_lowered` under the directory `path` (created; an existing artifact there is replaced
+    atomically: it stays as it was if anything fails).
 
     `gm_or_lowered`: what `compress` returned, or what `lower(gm, args, target="openvino")` returned
     when that program keeps its source (`exported` and `ov_model` attributes). `example_inputs`
@@ -78,26 +100,60 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
     """
     if target_artifact not in (True, False, "openvino", "tvm"):
         raise ArtifactError(f"save: target_artifact must be True, False, 'openvino' or 'tvm'; got {target_artifact!r}")
-    tvm_executable = getattr(program, "executable", None)
-    if target_artifact == "tvm" and tvm_executable is None:
+    if target_artifact == "tvm" and getattr(program, "executable", None) is None:
         raise ArtifactError("save: target_artifact='tvm' needs program=<the TVMProgram lower() returned for the "
                             "graph>: the library is written from its executable")
     path = Path(path)
+    _check_replaceable(path)
+    exported, ov_model, gm = _sources(gm_or_lowered, example_inputs)
+    _check_data_only(exported)
+    ov_model = ov_model if ov_model is not None else getattr(program, "ov_model", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    os.mkdir(tmp)  # the umask's mode, as a directory the user made
+    try:
+        _write(tmp, exported, ov_model, gm, program, target_artifact, compress_to_fp16, extra)
+        _fsync_tree(tmp)
+        _move_into_place(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, ArtifactError):  # disk full, permissions, ...
+            raise ArtifactError(f"save: could not write {path} ({_first_line(exc)}); an artifact that was there "
+                                f"is unchanged") from exc
+        raise
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink():
+        raise ArtifactError(f"save: {path} is a symbolic link; save to the directory it points to")
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / MANIFEST).exists())):
         raise ArtifactError(f"save: {path} exists and is not an edgepasses artifact directory; refusing to "
                             f"write into it")
-    exported, ov_model, gm = _sources(gm_or_lowered, example_inputs)
-    ov_model = ov_model if ov_model is not None else getattr(program, "ov_model", None)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MANIFEST).unlink(missing_ok=True)  # a half-written directory is never taken for an artifact
-    for name in TARGET_FILES:  # no stale target files next to a manifest that does not list them
-        (path / name).unlink(missing_ok=True)
-    files = [GRAPH]
-    torch.export.save(exported, path / GRAPH)
 
+
+def _check_data_only(exported: torch.export.ExportedProgram) -> None:
+    """What torch.export.save would pickle (tensor subclasses, script or opaque objects), load refuses;
+    refuse it here, where the graph was made, and static shapes alike (load refuses symbolic ones)."""
+    for kind, values in (("weight", exported.state_dict), ("constant", exported.constants)):
+        for name, value in values.items():
+            if type(value) not in (torch.Tensor, torch.nn.Parameter):
+                raise ArtifactError(f"save: {kind} {name!r} is a {type(value).__name__}, which torch.export "
+                                    f"stores pickled; artifacts hold plain tensors only, so that loading runs "
+                                    f"no code")
+    if exported.range_constraints:
+        raise ArtifactError("save: the graph has symbolic shapes; artifacts hold static shapes only (export it "
+                            "with example inputs and no dynamic_shapes)")
+
+
+def _write(folder: Path, exported, ov_model, gm, program, target_artifact, compress_to_fp16: bool,
+           extra: dict | None) -> None:
+    """The graph, the target artifact and the manifest, into `folder`."""
+    files = [GRAPH]
+    torch.export.save(exported, folder / GRAPH)
     target, openvino_version, tvm_info = None, _openvino_version(), {}
-    if target_artifact in (True, "tvm") and tvm_executable is not None:
-        tvm_info = _save_tvm(program, path / TVM_LIB)
+    if target_artifact in (True, "tvm") and getattr(program, "executable", None) is not None:
+        tvm_info = _save_tvm(program, folder / TVM_LIB)
         files.append(TVM_LIB)
         target = "tvm"
     elif target_artifact in (True, "openvino"):
@@ -106,8 +162,8 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
         if ov_model is not None:
             import openvino as ov
 
-            (path / OPENVINO_XML).parent.mkdir(exist_ok=True)
-            ov.save_model(ov_model, str(path / OPENVINO_XML), compress_to_fp16=compress_to_fp16)
+            (folder / OPENVINO_XML).parent.mkdir(exist_ok=True)
+            ov.save_model(ov_model, str(folder / OPENVINO_XML), compress_to_fp16=compress_to_fp16)
             files += [OPENVINO_XML, OPENVINO_BIN]
             target = "openvino"
 
@@ -128,55 +184,85 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
         "tvm_mcpu": tvm_info.get("mcpu"),
         "inputs": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                    for v in _user_input_vals(exported)],
-        "files": {name: _sha256(path / name) for name in files},
+        "files": {name: _sha256(folder / name) for name in files},
         "extra": _jsonable(extra),
     }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return path
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """A fresh hidden name next to `path` (the compile cache sweeps stale `.*.tmp` ones)."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.{suffix}"
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`. An artifact at `path` is renamed aside first and removed only once `tmp`
+    took its place (renamed back if that fails): POSIX cannot swap directories in one rename."""
+    if not path.exists():
+        os.rename(tmp, path)
+    else:
+        old = _sibling(path, "old.tmp")
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and directory under `root` on disk before the rename makes it the artifact."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            _fsync(Path(folder, name))
+        _fsync_dir(Path(folder))
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "posix":  # a directory cannot be opened for fsync elsewhere
+        _fsync(folder)
+
+
+# --- load ------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, *, precision: str = "f32", program: bool = True,
-         cache_dir: str | None = None) -> Artifact:
+         cache_dir: str | None = None, trust_native_code: bool = False) -> Artifact:
     """Check and load the artifact at `path` (see the module docstring); `precision` is the OpenVINO
     inference precision of `.program` (TVM runs f32); `program=False` skips compiling or loading it;
-    `cache_dir` is OpenVINO's compiled-model cache (CACHE_DIR)."""
+    `cache_dir` is OpenVINO's compiled-model cache (CACHE_DIR). `trust_native_code=True` loads a TVM
+    library, which runs its code: only for artifacts whose writer you trust (else `.program` is None)."""
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
-    saved_torch, ours = manifest.get("torch_version", "?"), torch.__version__
-    if _major_minor(saved_torch) != _major_minor(ours):
-        log.warning("load: %s was saved with torch %s and is loaded with torch %s; torch.export's format "
-                    "may differ between versions", path, saved_torch, ours)
-    _register_quantized_ops()
-    try:
-        exported = torch.export.load(path / GRAPH)
-    except Exception as exc:
-        raise ArtifactError(f"load: {path / GRAPH} could not be deserialized (an op it uses may need its "
-                            f"library imported first): {exc}") from exc
+    _warn_on_another_torch(path, manifest)
+    exported = load_graph(path / GRAPH, manifest["files"][GRAPH])
     artifact = Artifact(path, manifest, exported.module(), exported)
-    if manifest.get("target") == "openvino" and program:
-        try:
-            import openvino as ov
-        except ImportError:
-            artifact.notes.append("openvino is not installed: .program is None (pip install 'edgepasses[openvino]')")
-        else:
-            from .backends.openvino import OpenVINOProgram
-
-            ov_model = ov.Core().read_model(str(path / OPENVINO_XML))
-            artifact.program = OpenVINOProgram(ov_model, exported, precision, cache_dir)
-    elif manifest.get("target") == "tvm" and program:
-        artifact.program = _load_tvm(path, manifest, exported, artifact.notes)
+    if program and manifest["target"] == "openvino":
+        artifact.program = _load_openvino(path, exported, precision, cache_dir, artifact.notes)
+    elif program and manifest["target"] == "tvm":
+        artifact.program = _load_tvm(path, manifest, exported, artifact.notes, trust_native_code)
     return artifact
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked in itself: format, version, a target we know, a SHA-256 per file name."""
     manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"load: {manifest_path} does not exist: {path} is not an edgepasses artifact "
-                            f"(or its save did not finish)")
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise ArtifactError(f"load: {manifest_path} does not exist (or is not a regular file): {path} is not an "
+                            f"edgepasses artifact (or its save did not finish)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ArtifactError(f"load: {manifest_path} is not valid JSON (corrupt or modified): {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"load: {manifest_path} is not an edgepasses artifact manifest")
@@ -184,20 +270,238 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise ArtifactError(f"load: {path} has artifact format version {version!r}; this edgepasses "
                             f"({_edgepasses_version()}) reads format version {FORMAT_VERSION} only")
-    if not isinstance(manifest.get("files"), dict) or GRAPH not in manifest["files"]:
-        raise ArtifactError(f"load: {manifest_path} lists no {GRAPH} (corrupt or modified)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
+                                              for d in files.values()):
+        raise ArtifactError(f"load: {manifest_path} has no SHA-256 per file (corrupt or modified)")
+    if manifest.get("target") not in FILES_OF_TARGET:
+        raise ArtifactError(f"load: {manifest_path} names target {manifest.get('target')!r}; this edgepasses "
+                            f"knows {', '.join(str(t) for t in FILES_OF_TARGET)}")
     return manifest
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists exists and has its SHA-256."""
-    missing = [name for name in manifest["files"] if not (path / name).is_file()]
+    """The manifest names exactly its target's files, inside `path`; `path` holds exactly those (regular
+    files, no links); each has its SHA-256. Names are checked before any file is touched."""
+    listed = set(manifest["files"])
+    for name in sorted(listed):
+        _check_name(path, name)
+    expected = FILES_OF_TARGET[manifest["target"]]
+    if listed != expected:
+        raise ArtifactError(f"load: {path / MANIFEST} lists {sorted(listed)}, but an artifact of target "
+                            f"{manifest['target']!r} holds {sorted(expected)} (corrupt or modified)")
+    present = _files_in(path)
+    missing = sorted(listed - present)
     if missing:
         raise ArtifactError(f"load: {path} is missing {', '.join(missing)} (listed in its {MANIFEST})")
+    unlisted = sorted(present - listed - {MANIFEST})
+    if unlisted:
+        raise ArtifactError(f"load: {path} holds {', '.join(unlisted)}, which its {MANIFEST} does not list "
+                            f"(modified: remove it, or save the artifact again)")
     for name, digest in manifest["files"].items():
         if _sha256(path / name) != digest:
             raise ArtifactError(f"load: {path / name} is corrupt or modified: its SHA-256 differs from the one "
                                 f"in {MANIFEST}")
+
+
+def _check_name(path: Path, name: str) -> None:
+    """A manifest names files inside its folder only: never read or hash anything else."""
+    parts = PurePosixPath(name).parts
+    if (not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute()
+            or PureWindowsPath(name).drive or ".." in parts or "\\" in name):
+        raise ArtifactError(f"load: {path / MANIFEST} names {name!r}, a path outside the artifact's folder; "
+                            f"do not load this artifact (crafted or corrupt)")
+
+
+def _files_in(root: Path) -> set[str]:
+    """Every file under `root`, as a relative POSIX name; a link or special file is an error (lstat only)."""
+    found = set()
+    for folder, dirs, files in os.walk(root):  # links to directories are listed in `dirs`, never followed
+        for name in dirs + files:
+            entry = Path(folder, name)
+            mode = os.lstat(entry).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ArtifactError(f"load: {entry} is a link or a special file; an artifact holds regular files "
+                                    f"only (do not load it, or save it again)")
+            if stat.S_ISREG(mode):
+                found.add(entry.relative_to(root).as_posix())
+    return found
+
+
+def _warn_on_another_torch(path: Path, manifest: dict[str, Any]) -> None:
+    saved, ours = manifest.get("torch_version", "?"), torch.__version__
+    if _major_minor(saved) != _major_minor(ours):
+        log.warning("load: %s was saved with torch %s and is loaded with torch %s; torch.export's format "
+                    "may differ between versions", path, saved, ours)
+
+
+# --- graph.pt2: checked to be data, then deserialized ---------------------------------------------
+
+# What torch.export.save writes for plain tensors (archive root "<name>/"); anything else (pickled
+# weights, script/opaque objects, AOTInductor libraries, extra files) is refused by name.
+_PT2_ENTRY = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                        r"|models/model\.json|data/sample_inputs/model\.pt"
+                        r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                        r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
+_PT2_PAYLOADS = (("weight", "data/weights/", "model_weights_config.json", "weight_"),
+                 ("constant", "data/constants/", "model_constants_config.json", "tensor_"))
+_OP_TARGET = re.compile(r"torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.getitem")
+
+
+def load_graph(file: Path, digest: str) -> torch.export.ExportedProgram:
+    """Deserialize `file` from the bytes whose SHA-256 is checked here (never re-read from disk), after
+    `check_pt2` found only data in them, and check every call is a torch operator."""
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactError(f"load: {file} is corrupt or modified: its SHA-256 differs from the one in {MANIFEST}")
+    _import_op_libraries(check_pt2(data, file))
+    try:
+        exported = torch.export.load(io.BytesIO(data))
+    except Exception as exc:
+        raise ArtifactError(f"load: {file} could not be deserialized (an op it uses may need its library "
+                            f"imported first): {_first_line(exc)}") from exc
+    _check_calls(exported, file)
+    return exported
+
+
+def check_pt2(data: bytes, file: Path) -> set[str]:
+    """Raise unless the .pt2 archive `data` loads without unpickling or evaluating anything; return the
+    operator names its graph calls."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"load: {file} is not a torch.export archive (corrupt or modified): {exc}") from exc
+    with archive:
+        entries = _pt2_entries(archive, file)
+        for kind, folder, config, prefix in _PT2_PAYLOADS:
+            _check_payloads(_read_json(archive, entries, folder + config, file), kind, prefix, file)
+        _check_example_inputs(archive.read(entries["data/sample_inputs/model.pt"]), file)
+        return _check_model(_read_json(archive, entries, "models/model.json", file), file)
+
+
+def _pt2_entries(archive: zipfile.ZipFile, file: Path) -> dict[str, zipfile.ZipInfo]:
+    """The archive's entries by name below its root folder: one root, no duplicate, only known names."""
+    infos = archive.infolist()
+    root = infos[0].filename.split("/")[0] + "/" if infos else ""
+    entries: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.filename.removeprefix(root)
+        if not info.filename.startswith(root) or name in entries or not _PT2_ENTRY.fullmatch(name):
+            raise ArtifactError(f"load: {file} holds {info.filename!r}, which a graph saved by edgepasses never "
+                                f"holds (pickled data, native code or a crafted archive): not loaded")
+        if info.compress_type != zipfile.ZIP_STORED:  # torch stores records uncompressed: no zip bombs
+            raise ArtifactError(f"load: {file} holds {info.filename!r} compressed, which torch.export.save never "
+                                f"writes (a crafted archive): not loaded")
+        entries[name] = info
+    required = ["models/model.json", "data/sample_inputs/model.pt"] + [f + c for _, f, c, _ in _PT2_PAYLOADS]
+    for name in required:
+        if name not in entries:
+            raise ArtifactError(f"load: {file} has no {name} (corrupt, or not saved by edgepasses)")
+    return entries
+
+
+def _read_json(archive: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], name: str, file: Path) -> Any:
+    try:
+        return json.loads(archive.read(entries[name]))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ArtifactError(f"load: {file}'s {name} is not valid JSON (corrupt or modified)") from exc
+
+
+def _check_payloads(config: Any, kind: str, prefix: str, file: Path) -> None:
+    """Every weight / constant is raw tensor bytes (use_pickle false), never a pickled object."""
+    items = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(items, dict):
+        raise ArtifactError(f"load: {file}'s {kind} list is malformed (corrupt or modified)")
+    for name, meta in items.items():
+        raw = isinstance(meta, dict) and meta.get("use_pickle") is False
+        if not raw or not re.fullmatch(re.escape(prefix) + r"\d+", str(meta.get("path_name"))):
+            raise ArtifactError(f"load: {file} stores {kind} {name!r} as a pickled object, which loading would "
+                                f"run as code: not loaded (artifacts hold raw tensors only)")
+
+
+def _check_example_inputs(data: bytes, file: Path) -> None:
+    """torch.export.load retries its example inputs with weights_only=False when weights_only=True fails:
+    they must load with weights_only=True here, so that the retry never happens."""
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"load: {file}'s example inputs are not plain tensors (torch.load with "
+                            f"weights_only=True refuses them; the retry would unpickle them): not loaded") from exc
+
+
+def _check_model(model: Any, file: Path) -> set[str]:
+    """No symbolic shape (torch parses those with sympy.sympify, which evaluates Python) and only
+    torch operators as calls; returns the operators' names."""
+    targets: set[str] = set()
+    for item in _dicts(model):
+        if "expr_str" in item:
+            raise ArtifactError(f"load: {file} holds a symbolic shape expression, which loading would evaluate "
+                                f"as Python: not loaded (artifacts hold static shapes only)")
+        if {"target", "inputs", "outputs"} <= item.keys():
+            targets.add(str(item["target"]))
+    for target in sorted(targets):
+        if not _OP_TARGET.fullmatch(target):
+            raise ArtifactError(f"load: {file} calls {target!r}, which is not a torch operator: not loaded")
+    return targets
+
+
+def _dicts(value: Any):
+    """Every dict nested in a JSON value."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _import_op_libraries(targets: set[str]) -> None:
+    """Register the operator libraries the graph calls that torch does not load by itself: Q/DQ ops
+    (`quantized_decomposed`) and our own kernels (`edge::*`)."""
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+    except ImportError:
+        pass
+    if any(t.startswith("torch.ops.edge.") for t in targets):
+        from .kernels import ops  # noqa: F401
+
+
+def _check_calls(exported: torch.export.ExportedProgram, file: Path) -> None:
+    """After deserializing: every call is an operator object (a name like torch.ops.load_library resolves
+    to a function that would run when the graph runs)."""
+    for module in exported.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                continue
+            if node.op != "call_function" or not _is_operator(node.target):
+                raise ArtifactError(f"load: {file} calls {node.target!r} ({node.op}), which is not a torch "
+                                    f"operator: not loaded")
+
+
+def _is_operator(target: Any) -> bool:
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
+
+
+# --- target programs -------------------------------------------------------------------------
+
+def _load_openvino(path: Path, exported, precision: str, cache_dir: str | None, notes: list[str]):
+    try:
+        import openvino as ov
+    except ImportError:
+        notes.append("openvino is not installed: .program is None (pip install 'edgepasses[openvino]')")
+        return None
+    from .backends.openvino import OpenVINOProgram
+
+    try:
+        ov_model = ov.Core().read_model(str(path / OPENVINO_XML))
+        return OpenVINOProgram(ov_model, exported, precision, cache_dir)
+    except Exception as exc:  # OpenVINO raises its own error types for a bad model
+        raise ArtifactError(f"load: OpenVINO could not read or compile {path / OPENVINO_XML}: "
+                            f"{_first_line(exc)}") from exc
 
 
 def _save_tvm(program: Any, file: Path) -> dict[str, str]:
@@ -219,8 +523,13 @@ def _tvm_mcpu(target: str | None) -> str:
         return host_cpu()
 
 
-def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str]):
-    """A TVMProgram running the saved library, or None (with a note) where it cannot run here."""
+def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str], trust_native_code: bool):
+    """A TVMProgram running the saved library, or None (with a note) where it cannot or may not run here."""
+    if not trust_native_code:  # loading a shared library runs its initialisers: it is code, not data
+        notes.append(f"{TVM_LIB} is native code and loading it runs it: .program is None (load(..., "
+                     "trust_native_code=True) if you trust who wrote this artifact, or lower() the graph again)")
+        log.warning("load: %s", notes[-1])
+        return None
     try:
         import tvm
     except ImportError:
@@ -236,9 +545,9 @@ def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str]):
         return None
     try:
         library = tvm.runtime.load_module(str(path / TVM_LIB))
-    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for a bad library
+    except Exception as exc:  # TVM raises its own error types for a bad library
         raise ArtifactError(f"load: {path / TVM_LIB} could not be loaded by TVM {tvm.__version__} (saved with "
-                            f"{manifest.get('tvm_version')}): {exc}") from exc
+                            f"{manifest.get('tvm_version')}): {_first_line(exc)}") from exc
     return TVMProgram(exported, trials=0, time_limit_s=None, cache_dir=None, executable=library)
 
 
@@ -300,20 +609,17 @@ def _convert(exported, *, required: bool, openvino_version: str | None):
         return None
 
 
-def _register_quantized_ops() -> None:
-    """Q/DQ graphs use `quantized_decomposed` ops, registered by importing their library."""
-    try:
-        import torch.ao.quantization.fx._decomposed  # noqa: F401
-    except ImportError:
-        pass
-
-
 def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _major_minor(version: str) -> tuple[str, ...]:
@@ -346,7 +652,7 @@ def _pipeline_uuid(text: str | None) -> str | None:
 
     try:
         return Pipeline.parse(text).uuid()
-    except Exception:  # a pass registered by a plugin that is not imported now: keep the text alone
+    except Exception:  # noqa: BLE001 - a pass registered by a plugin that is not imported now: keep the text alone
         return None
 
 

@@ -12,10 +12,15 @@ the target (`quant_caps`, which reads this CPU), the library versions, and for T
 
 An entry is an `edgepasses.artifacts` directory (graph.pt2, the target artifact, a manifest
 with a SHA-256 per file), written into a temporary sibling and renamed into place, so a killed
-compile never leaves half an entry. A whole-graph OpenVINO or TVM program is stored as its
-target artifact: a hit skips the pipeline and the OpenVINO conversion / TVM build. Other
-lowerings (the reference target, partitioned graphs) store the compressed graph: a hit skips
-the pipeline and lowers that graph again.
+compile never leaves half an entry. Entries are read as untrusted data (`artifacts.load`
+deserializes nothing that runs code); the one exception is a TVM library, native code, loaded
+only from an entry this user wrote and no one else can write to (docs/artifacts.md). An entry
+that does not load, for whatever reason, is one WARNING, removed, and compiled again.
+
+A whole-graph OpenVINO or TVM program is stored as its target artifact: a hit skips the
+pipeline and the OpenVINO conversion / TVM build. Other lowerings (the reference target,
+partitioned graphs) store the compressed graph: a hit skips the pipeline and lowers that graph
+again.
 """
 from __future__ import annotations
 
@@ -25,12 +30,14 @@ import logging
 import operator
 import os
 import platform
+import secrets
 import shutil
-import tempfile
+import stat
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -138,31 +145,53 @@ def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: 
            precision: str) -> tuple[Callable, PipelineReport] | None:
     """(program, pipeline report of the compile that stored it) for `key`, or None on a miss.
 
-    An entry that does not load (corrupt, modified, another format) is one WARNING, removed,
-    and a miss, so the caller compiles and stores it again."""
+    An entry that fails in any way (corrupt, modified, crafted, another format, a TVM library
+    someone else could have written, a program that does not build) is one WARNING, removed, and
+    a miss, so the caller compiles and stores it again: never loaded, never failing forever."""
     path = entry_path(cache_dir, key)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        artifact = artifacts.load(path, precision=precision, cache_dir=str(cache_dir))
-        extra = artifact.manifest.get("extra") or {}
-        if extra.get("cache_key") != key:
-            raise ArtifactError(f"load: {path} is not the compile cache entry of key {key}")
-        report = _report(artifact.manifest.get("report"))
-        lowering = _lowering(extra.get("lowering"), artifact.program) if artifact.program is not None else None
-    except ArtifactError as exc:
+        return _use_entry(path, cache_dir, key, target, example_inputs, strict=strict, precision=precision)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, compiling again is the remedy
         log.warning("edge: compile cache entry %s is unusable, so it is removed and the model compiled again: %s",
-                    path, exc)
-        shutil.rmtree(path, ignore_errors=True)
+                    path, artifacts._first_line(exc))
+        _remove_entry(path)
         return None
+
+
+def _use_entry(path: Path, cache_dir, key: str, target: Any, example_inputs: tuple, *, strict: bool,
+               precision: str) -> tuple[Callable, PipelineReport]:
+    own = written_by_this_user(path)
+    if not own and artifacts.read_manifest(path).get("target") == "tvm":
+        raise ArtifactError(f"load: {path} holds a TVM library (native code) in a directory that another user "
+                            f"owns or can write to; it is not loaded")
+    artifact = artifacts.load(path, precision=precision, cache_dir=str(cache_dir), trust_native_code=own)
+    extra = artifact.manifest.get("extra") or {}
+    if extra.get("cache_key") != key:
+        raise ArtifactError(f"load: {path} is not the compile cache entry of key {key}")
+    report = _report(artifact.manifest.get("report"))
     if artifact.program is not None:
-        artifact.program.edge_lowering = lowering
+        artifact.program.edge_lowering = _lowering(extra.get("lowering"), artifact.program)
         return artifact.program, report
     log.info("edge: compile cache entry %s holds the compressed graph; lowering it to %s again (%s)", path,
              target.name, "; ".join(artifact.notes) or "the lowering is not stored as one program")
     lowered = target.lower(artifact.graph, example_inputs, strict=strict, precision=precision,
                            cache_dir=str(cache_dir))
     return lowered, report
+
+
+def written_by_this_user(path: Path) -> bool:
+    """True when `path` and everything under it are this user's and writable by no one else (lstat:
+    links are not followed). Only then is native code in it as trusted as code this user built."""
+    if not hasattr(os, "getuid"):
+        return False
+    for folder, dirs, files in os.walk(path):
+        for entry in [folder, *(os.path.join(folder, name) for name in dirs + files)]:
+            info = os.lstat(entry)
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+                return False
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compressed: torch.fx.GraphModule,
@@ -177,18 +206,34 @@ def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compres
     kind = _program_kind(lowered)
     extra = {"cache_key": key, "key_parts": parts, "program": kind,
              "lowering": _lowering_dict(getattr(lowered, "edge_lowering", None))}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", suffix=".tmp", dir=root))
+    tmp = root / f".{key[:12]}-{secrets.token_hex(6)}.tmp"
     try:
         artifacts.save(compressed, tmp, example_inputs, target_artifact=kind or False,
                        program=lowered if kind else None, extra=extra)
+        _forbid_writes_by_others(tmp)
         os.rename(tmp, root / key)  # atomic; fails when another compile stored the key first
     except Exception as exc:  # noqa: BLE001 - a cache that cannot be written must not fail the compile
         shutil.rmtree(tmp, ignore_errors=True)
         if (root / key).exists():
             return root / key
-        log.warning("edge: could not store the compile cache entry %s: %s", root / key, exc)
+        log.warning("edge: could not store the compile cache entry %s: %s", root / key, artifacts._first_line(exc))
         return None
     return root / key
+
+
+def _forbid_writes_by_others(path: Path) -> None:
+    """Group and others lose write permission on the entry (whatever the umask), so that
+    `written_by_this_user` holds for it."""
+    for folder, _, files in os.walk(path):
+        for entry in [folder, *(os.path.join(folder, name) for name in files)]:
+            os.chmod(entry, stat.S_IMODE(os.lstat(entry).st_mode) & ~0o022)
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _program_kind(lowered: Any) -> str | None:

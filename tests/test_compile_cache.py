@@ -2,15 +2,15 @@
 import copy
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from edgepasses import compile_cache
+from edgepasses import backends, compile_cache
 from edgepasses.artifacts import load, save
 from edgepasses.backend import EdgeOptions
-from edgepasses.backends import get_target
 from edgepasses.canonical import export_canonical_graph
 from edgepasses.pipeline import Pipeline
 
@@ -82,7 +82,7 @@ def test_second_openvino_compile_is_a_hit_that_skips_the_pipeline_and_conversion
 def _key(canonical, **options) -> str:
     opts = EdgeOptions(**{"target": "reference", "pipeline": "fold_bn,quantize", "calibration": CALIBRATION,
                           **options})
-    target = get_target(opts.target, opts.target_options)
+    target = backends.get_target(opts.target, opts.target_options)
     return compile_cache.cache_key(compile_cache.key_parts(canonical, opts, target))
 
 
@@ -128,6 +128,27 @@ def test_a_corrupt_entry_is_one_warning_removed_and_compiled_again(tmp_path, pip
     assert load(again.cache_entry, program=False).manifest["extra"]["cache_key"] in again.cache_entry  # whole again
 
 
+def test_an_entry_failing_in_any_way_is_one_warning_removed_and_compiled_again(tmp_path, pipeline_runs, caplog,
+                                                                              monkeypatch):
+    options = {"cache_dir": str(tmp_path), "target": "reference", "pipeline": "fold_bn"}
+    model = _model()
+    first, _ = _compile(model, options)
+    load = compile_cache.artifacts.load
+
+    def failing_once(*args, **kwargs):
+        monkeypatch.setattr(compile_cache.artifacts, "load", load)
+        raise RuntimeError("runtime error\nwith a second line")
+
+    monkeypatch.setattr(compile_cache.artifacts, "load", failing_once)
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        second, again = _compile(model, options)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("edgepasses")]
+    assert len(warnings) == 1 and warnings[0].getMessage().endswith("compiled again: runtime error")
+    assert again.cache == "miss" and pipeline_runs == ["fold_bn", "fold_bn"] and torch.equal(first, second)
+    _, hit = _compile(model, options)
+    assert hit.cache == "hit", "the rebuilt entry is used: not failing forever"
+
+
 def test_without_cache_dir_nothing_is_written(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -149,7 +170,7 @@ def test_reference_target_hit_lowers_the_cached_graph_again(tmp_path, pipeline_r
     model = _model()
     first, miss = _compile(model, options)
     entry = miss.cache_entry
-    assert sorted(json.loads(open(f"{entry}/manifest.json").read())["files"]) == ["graph.pt2"]
+    assert sorted(json.loads(Path(entry, "manifest.json").read_text())["files"]) == ["graph.pt2"]
     with caplog.at_level(logging.INFO, logger="edgepasses"):
         second, hit = _compile(model, options)
     assert hit.cache == "hit" and pipeline_runs == ["fold_bn,quantize"]
@@ -170,7 +191,9 @@ def test_tvm_program_saves_loads_and_hits(tmp_path, pipeline_runs, monkeypatch):
     gm = compress(model, (x,), "dce")
     program = TVMTarget(trials=0, records=False).lower(gm, (x,))
     path = save(gm, tmp_path / "artifact", (x,), program=program)
-    artifact = load(path)
+    untrusted = load(path)  # a library is native code: loaded only when asked to
+    assert untrusted.program is None and "trust_native_code=True" in untrusted.notes[0]
+    artifact = load(path, trust_native_code=True)
     assert artifact.manifest["target"] == "tvm" and "tvm/model.so" in artifact.manifest["files"]
     assert artifact.manifest["tvm_mcpu"] == tvm_build.host_cpu()
     assert isinstance(artifact.program, TVMProgram)
@@ -178,7 +201,7 @@ def test_tvm_program_saves_loads_and_hits(tmp_path, pipeline_runs, monkeypatch):
         assert torch.equal(artifact.program(x), program(x))
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**manifest, "tvm_mcpu": "another-cpu"}))
-    elsewhere = load(path)
+    elsewhere = load(path, trust_native_code=True)
     assert elsewhere.program is None and "built for CPU 'another-cpu'" in elsewhere.notes[0]
 
     options = {"cache_dir": str(tmp_path / "cache"), "target": "tvm", "pipeline": "dce",
