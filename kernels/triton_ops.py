@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import checks
+
 # ---- activation quantization -----------------------------------------------------------------
 
 
@@ -299,11 +301,10 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
     None: dynamic per-token symmetric quantization (zero point 128). weight_bits is accepted
     for the op's signature and unused (the int32 tensor-core dot is exact for 8-bit codes).
     Returns float32 [..., N]."""
+    checks.int8_linear("int8_linear", x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_bits)
     n, k = weight.shape
     rows = _rows(x, k, "int8_linear")
     _check_device(rows, weight)
-    if weight.dtype != torch.int8:
-        raise ValueError(f"int8_linear: weight codes must be int8, got {weight.dtype}")
     m = rows.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=rows.device)
     if m and n:
@@ -340,13 +341,9 @@ def sparse24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[T
     "tf32x3"; default from torch.get_float32_matmul_precision(): "highest" -> "ieee").
     int8 values (with weight_scale, x quantized as in int8_linear): decompressed to dense codes
     and run by `int8_linear`, as the op defines. Returns float32 [..., N]."""
-    n, k = values.shape[0], values.shape[1] * 2
-    if k % 4 or indices.shape != (n, (k + 7) // 8):
-        raise ValueError(f"sparse24_linear: values {tuple(values.shape)} and indices {tuple(indices.shape)} "
-                         "are not a pack_sparse24 pair")
+    checks.sparse24_linear("sparse24_linear", x, values, indices, bias, weight_scale, x_scale, x_zero_point)
+    n, k = values.shape[0], checks.sparse24_k(values)
     if values.dtype == torch.int8:
-        if weight_scale is None:
-            raise ValueError("sparse24_linear: int8 values need weight_scale")
         from .ops import int8_weight_sum, unpack_sparse24  # lazily: ops registers these kernels
         dense = unpack_sparse24(values, indices, k)
         return int8_linear(x, dense, weight_scale, int8_weight_sum(dense), bias, x_scale, x_zero_point)

@@ -30,6 +30,8 @@
 
 #include <omp.h>
 
+#include "check.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define EDGE_X86 1
@@ -53,7 +55,11 @@
 
 namespace {
 
-enum Code : int32_t { kOk = 0, kBadPointer = 1, kBadShape = 2, kBadQuant = 3, kNoMemory = 4 };
+using edge::kBadQuant;
+using edge::kBadShape;
+using edge::kNoMemory;
+using edge::kOk;
+using edge::refuse;
 
 enum Path { kPortable = 0, kAvx2U8 = 1, kAvx2S16 = 2 };
 
@@ -734,20 +740,50 @@ EDGE_NO_CONTRACT void depthwise_channel(const Conv& cv, const uint8_t* plane, co
     }
 }
 
+// Checks that need no shape: weight_bits and the activation quantization (x_scale <= 0: dynamic).
+int32_t check_quant(const char* op, int32_t weight_bits, double x_scale, int32_t x_zero_point, bool dynamic_ok) {
+    if (weight_bits != 7 && weight_bits != 8) return refuse(kBadQuant, "%s: weight_bits must be 7 or 8, got %d", op, weight_bits);
+    if (std::isnan(x_scale) || std::isinf(x_scale) || (!dynamic_ok && !(x_scale > 0.0)))
+        return refuse(kBadQuant, "%s: x_scale must be finite%s, got %g", op, dynamic_ok ? "" : " and > 0", x_scale);
+    if (x_scale > 0.0 && (x_zero_point < 0 || x_zero_point > 255))
+        return refuse(kBadQuant, "%s: x_zero_point must be in [0, 255], got %d", op, x_zero_point);
+    return kOk;
+}
+
+// Every per-output-channel buffer (w_scale, w_sum, optional bias) holds `channels` values.
+int32_t check_channels(const char* op, int64_t channels, const float* w_scale, int64_t w_scale_bytes,
+                       const int32_t* w_sum, int64_t w_sum_bytes, const float* bias, int64_t bias_bytes) {
+    if (int32_t c = edge::need(op, "w_scale", w_scale, w_scale_bytes, channels, sizeof(float))) return c;
+    if (int32_t c = edge::need(op, "w_sum", w_sum, w_sum_bytes, channels, sizeof(int32_t))) return c;
+    if (bias) return edge::need(op, "bias", bias, bias_bytes, channels, sizeof(float));
+    return kOk;
+}
+
 }  // namespace
 
 // ---- C ABI ------------------------------------------------------------------------------------
 
-extern "C" int32_t edge_int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,
-                                    const float* w_scale, const int32_t* w_sum, const float* bias, double x_scale,
-                                    int32_t x_zero_point, int32_t weight_bits, float* out, int32_t num_threads) {
-    if (M < 0 || K <= 0 || K > kMaxK || N <= 0) return kBadShape;
-    if (weight_bits != 7 && weight_bits != 8) return kBadQuant;
-    if (std::isnan(x_scale) || std::isinf(x_scale)) return kBadQuant;
+extern "C" int32_t edge_int8_linear(const float* x, int64_t x_bytes, int64_t M, int64_t K, const int8_t* w,
+                                    int64_t w_bytes, int64_t N, const float* w_scale, int64_t w_scale_bytes,
+                                    const int32_t* w_sum, int64_t w_sum_bytes, const float* bias, int64_t bias_bytes,
+                                    double x_scale, int32_t x_zero_point, int32_t weight_bits, float* out,
+                                    int64_t out_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_linear";
+    if (M < 0 || K <= 0 || K > kMaxK || N <= 0)
+        return refuse(kBadShape, "%s: needs M >= 0, 0 < K <= %lld, N > 0; got M=%lld K=%lld N=%lld", op,
+                      static_cast<long long>(kMaxK), static_cast<long long>(M), static_cast<long long>(K),
+                      static_cast<long long>(N));
+    if (int32_t c = check_quant(op, weight_bits, x_scale, x_zero_point, true)) return c;
     const bool dynamic = !(x_scale > 0.0);
-    if (!dynamic && (x_zero_point < 0 || x_zero_point > 255)) return kBadQuant;
+    int64_t x_elems, w_elems, out_elems;
+    if (!edge::count(&x_elems, M, K) || !edge::count(&w_elems, N, K) || !edge::count(&out_elems, M, N))
+        return refuse(kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, static_cast<long long>(M),
+                      static_cast<long long>(K), static_cast<long long>(N));
+    if (int32_t c = edge::need(op, "w", w, w_bytes, w_elems, 1)) return c;
+    if (int32_t c = check_channels(op, N, w_scale, w_scale_bytes, w_sum, w_sum_bytes, bias, bias_bytes)) return c;
     if (M == 0) return kOk;
-    if (!x || !w || !w_scale || !w_sum || !out) return kBadPointer;
+    if (int32_t c = edge::need(op, "x", x, x_bytes, x_elems, sizeof(float))) return c;
+    if (int32_t c = edge::need(op, "out", out, out_bytes, out_elems, sizeof(float))) return c;
 
     const Path path = choose_path(weight_bits);
     const bool avx2 = path != kPortable;
@@ -758,7 +794,7 @@ extern "C" int32_t edge_int8_linear(const float* x, int64_t M, int64_t K, const 
     Buffer qbuf, sbuf;
     void* q = qbuf.get(static_cast<size_t>(M * ldq) * elem);
     float* row_scale = dynamic ? static_cast<float*>(sbuf.get(static_cast<size_t>(M) * sizeof(float))) : nullptr;
-    if (!q || (dynamic && !row_scale)) return kNoMemory;
+    if (!q || (dynamic && !row_scale)) return refuse(kNoMemory, "int8 kernels: out of memory");
 
     const float inv = static_cast<float>(1.0 / x_scale), zpf = static_cast<float>(x_zero_point);
     const int qt = M * K >= 65536 ? nthreads : 1;
@@ -878,11 +914,11 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xt, const int8_t* wt, const Gem
                 gemm_serial(g);
             }
         }
-        return failed ? kNoMemory : kOk;
+        return failed ? refuse(kNoMemory, "int8 kernels: out of memory") : kOk;
     }
     Buffer buf;
     T* A = direct ? nullptr : static_cast<T*>(buf.get(bytes));
-    if (!direct && !A) return kNoMemory;
+    if (!direct && !A) return refuse(kNoMemory, "int8 kernels: out of memory");
     for (int64_t job = 0; job < jobs; ++job) {
         if (!direct) {
             const uint8_t* img = image(job);
@@ -899,27 +935,46 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xt, const int8_t* wt, const Gem
 
 }  // namespace
 
-extern "C" int32_t edge_int8_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const int8_t* w,
-                                    int64_t O, int64_t KH, int64_t KW, const float* w_scale, const int32_t* w_sum,
-                                    const float* bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-                                    int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, double x_scale,
-                                    int32_t x_zero_point, int32_t weight_bits, float* out, int32_t num_threads) {
-    if (B < 0 || C <= 0 || H <= 0 || W <= 0 || O <= 0 || KH <= 0 || KW <= 0) return kBadShape;
-    if (stride_h <= 0 || stride_w <= 0 || pad_h < 0 || pad_w < 0 || dil_h <= 0 || dil_w <= 0) return kBadShape;
-    if (groups <= 0 || C % groups != 0 || O % groups != 0) return kBadShape;
+extern "C" int32_t edge_int8_conv2d(const float* x, int64_t x_bytes, int64_t B, int64_t C, int64_t H, int64_t W,
+                                    const int8_t* w, int64_t w_bytes, int64_t O, int64_t KH, int64_t KW,
+                                    const float* w_scale, int64_t w_scale_bytes, const int32_t* w_sum,
+                                    int64_t w_sum_bytes, const float* bias, int64_t bias_bytes, int64_t stride_h,
+                                    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                                    int64_t groups, double x_scale, int32_t x_zero_point, int32_t weight_bits,
+                                    float* out, int64_t out_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_conv2d";
+    auto ll = [](int64_t v) { return static_cast<long long>(v); };
+    if (B < 0 || C <= 0 || H <= 0 || W <= 0 || O <= 0 || KH <= 0 || KW <= 0)
+        return refuse(kBadShape, "%s: needs B >= 0 and C, H, W, O, KH, KW > 0; got B=%lld C=%lld H=%lld W=%lld "
+                      "O=%lld KH=%lld KW=%lld", op, ll(B), ll(C), ll(H), ll(W), ll(O), ll(KH), ll(KW));
+    if (stride_h <= 0 || stride_w <= 0 || pad_h < 0 || pad_w < 0 || dil_h <= 0 || dil_w <= 0)
+        return refuse(kBadShape, "%s: needs stride > 0, padding >= 0, dilation > 0; got stride (%lld, %lld) "
+                      "padding (%lld, %lld) dilation (%lld, %lld)", op, ll(stride_h), ll(stride_w), ll(pad_h),
+                      ll(pad_w), ll(dil_h), ll(dil_w));
+    if (groups <= 0 || C % groups != 0 || O % groups != 0)
+        return refuse(kBadShape, "%s: groups=%lld must divide C=%lld and O=%lld", op, ll(groups), ll(C), ll(O));
+    if (H > (int64_t{1} << 40) || W > (int64_t{1} << 40) || pad_h > (int64_t{1} << 40) || pad_w > (int64_t{1} << 40) ||
+        KH > (int64_t{1} << 20) || KW > (int64_t{1} << 20) || dil_h > (int64_t{1} << 20) || dil_w > (int64_t{1} << 20))
+        return refuse(kBadShape, "%s: sizes too large", op);  // keeps the output-size arithmetic below in int64
     Conv cv{B, C, H, W, O, KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, 0, 0, C / groups,
             O / groups, 0};
     const int64_t eh = H + 2 * pad_h - dil_h * (KH - 1) - 1, ew = W + 2 * pad_w - dil_w * (KW - 1) - 1;
-    if (eh < 0 || ew < 0) return kBadShape;
+    if (eh < 0 || ew < 0) return refuse(kBadShape, "%s: the %lldx%lld kernel (dilation %lld, %lld) is larger than the "
+                                        "padded %lldx%lld input", op, ll(KH), ll(KW), ll(dil_h), ll(dil_w),
+                                        ll(H + 2 * pad_h), ll(W + 2 * pad_w));
     cv.OH = eh / stride_h + 1;
     cv.OW = ew / stride_w + 1;
     cv.K = cv.Cg * KH * KW;
-    if (cv.K > kMaxK) return kBadShape;
-    if (weight_bits != 7 && weight_bits != 8) return kBadQuant;
-    if (!(x_scale > 0.0) || std::isinf(x_scale)) return kBadQuant;
-    if (x_zero_point < 0 || x_zero_point > 255) return kBadQuant;
+    if (cv.K > kMaxK) return refuse(kBadShape, "%s: C/groups*KH*KW = %lld exceeds %lld", op, ll(cv.K), ll(kMaxK));
+    if (int32_t c = check_quant(op, weight_bits, x_scale, x_zero_point, false)) return c;
+    int64_t x_elems, w_elems, out_elems;
+    if (!edge::count(&x_elems, B, C, H, W) || !edge::count(&w_elems, O, cv.K) || !edge::count(&out_elems, B, O, cv.OH, cv.OW))
+        return refuse(kBadShape, "%s: sizes overflow", op);
+    if (int32_t c = edge::need(op, "w", w, w_bytes, w_elems, 1)) return c;
+    if (int32_t c = check_channels(op, O, w_scale, w_scale_bytes, w_sum, w_sum_bytes, bias, bias_bytes)) return c;
     if (B == 0) return kOk;
-    if (!x || !w || !w_scale || !w_sum || !out) return kBadPointer;
+    if (int32_t c = edge::need(op, "x", x, x_bytes, x_elems, sizeof(float))) return c;
+    if (int32_t c = edge::need(op, "out", out, out_bytes, out_elems, sizeof(float))) return c;
 
     const Path path = choose_path(weight_bits);
     const bool avx2 = path != kPortable;
@@ -929,7 +984,7 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t B, int64_t C, int64_
     const int64_t total = B * C * H * W;
     Buffer qbuf;
     uint8_t* xq = static_cast<uint8_t*>(qbuf.get(static_cast<size_t>(total)));
-    if (!xq) return kNoMemory;
+    if (!xq) return refuse(kNoMemory, "int8 kernels: out of memory");
     const float inv = static_cast<float>(1.0 / x_scale), zpf = static_cast<float>(x_zero_point);
     {
         const int64_t piece = 1 << 16;
@@ -972,13 +1027,13 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t B, int64_t C, int64_
                                   bias ? bias + o : nullptr, out + p * plane_out, avx2);
             }
         }
-        return failed ? kNoMemory : kOk;
+        return failed ? refuse(kNoMemory, "int8 kernels: out of memory") : kOk;
     }
     // Channels-last codes (im2col then copies runs of Cg contiguous codes) and weights permuted to match.
     Buffer tbuf, wbuf;
     uint8_t* xt = static_cast<uint8_t*>(tbuf.get(static_cast<size_t>(total)));
     int8_t* wt = static_cast<int8_t*>(wbuf.get(static_cast<size_t>(O * cv.K)));
-    if (!xt || !wt) return kNoMemory;
+    if (!xt || !wt) return refuse(kNoMemory, "int8 kernels: out of memory");
     const int64_t HW = H * W;
     const int64_t tiles = B * ceil_div(HW, kTransposeBlock);
     const int tt = total >= 65536 ? nthreads : 1;

@@ -27,6 +27,8 @@
 
 #include <omp.h>
 
+#include "check.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define EDGE_SPARSE24_X86 1
@@ -381,13 +383,29 @@ bool have_avx2() {
 
 }  // namespace
 
-extern "C" int32_t edge_sparse24_linear_f32(const float* x, int64_t M, int64_t K, const float* values,
-                                            const uint8_t* indices, int64_t N, const float* bias, float* out,
-                                            int32_t num_threads) {
-  if (M < 0 || K < 0 || N < 0) return 1;
-  if (K % 4 != 0) return 2;
+extern "C" int32_t edge_sparse24_linear_f32(const float* x, int64_t x_bytes, int64_t M, int64_t K,
+                                            const float* values, int64_t values_bytes, const uint8_t* indices,
+                                            int64_t indices_bytes, int64_t N, const float* bias, int64_t bias_bytes,
+                                            float* out, int64_t out_bytes, int32_t num_threads) {
+  using edge::refuse;
+  constexpr const char* op = "edge_sparse24_linear_f32";
+  auto ll = [](int64_t v) { return static_cast<long long>(v); };
+  if (M < 0 || K < 0 || N < 0)
+    return refuse(edge::kBadShape, "%s: negative size M=%lld K=%lld N=%lld", op, ll(M), ll(K), ll(N));
+  if (K % 4 != 0) return refuse(edge::kBadShape, "%s: K=%lld is not a multiple of 4", op, ll(K));
+  // values [N, K/2] f32, indices [N, ceil(K/8)] u8 (one nibble per group of 4), x [M, K], out [M, N].
+  int64_t x_elems, v_elems, i_elems, out_elems;
+  if (!edge::count(&x_elems, M, K) || !edge::count(&v_elems, N, K / 2) || !edge::count(&i_elems, N, (K / 4 + 1) / 2) ||
+      !edge::count(&out_elems, M, N))
+    return refuse(edge::kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, ll(M), ll(K), ll(N));
+  if (int32_t c = edge::need(op, "values", values, values_bytes, v_elems, sizeof(float))) return c;
+  if (int32_t c = edge::need(op, "indices", indices, indices_bytes, i_elems, 1)) return c;
+  if (bias != nullptr) {
+    if (int32_t c = edge::need(op, "bias", bias, bias_bytes, N, sizeof(float))) return c;
+  }
+  if (int32_t c = edge::need(op, "x", x, x_bytes, x_elems, sizeof(float))) return c;
+  if (int32_t c = edge::need(op, "out", out, out_bytes, out_elems, sizeof(float))) return c;
   if (M == 0 || N == 0) return 0;
-  if (out == nullptr || (K > 0 && (x == nullptr || values == nullptr || indices == nullptr))) return 3;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.0f;
@@ -397,7 +415,8 @@ extern "C" int32_t edge_sparse24_linear_f32(const float* x, int64_t M, int64_t K
 #ifdef EDGE_SPARSE24_X86
   if (!portable_forced() && have_avx2()) {
     if (M >= kWideMinRows) {
-      if (!linear_wide(x, M, K, values, indices, N, bias, out, threads)) return 4;
+      if (!linear_wide(x, M, K, values, indices, N, bias, out, threads))
+        return refuse(edge::kNoMemory, "%s: out of memory", op);
     } else {
       linear_dot(x, M, K, values, indices, N, bias, out, threads);
     }

@@ -95,9 +95,9 @@ def test_batched_input_and_no_bias(path, monkeypatch):
 
 def call_kernel(x, values, indices, bias, threads: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], values.shape[0])
-    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    code = library().edge_sparse24_linear_f32(ptr(x), x.shape[0], x.shape[1], ptr(values), ptr(indices),
-                                              values.shape[0], ptr(bias), ptr(out), threads)
+    buf = lambda t: (None, 0) if t is None else (ctypes.c_void_p(t.data_ptr()), t.numel() * t.element_size())  # noqa: E731
+    code = library().edge_sparse24_linear_f32(*buf(x), x.shape[0], x.shape[1], *buf(values), *buf(indices),
+                                              values.shape[0], *buf(bias), *buf(out), threads)
     assert code == 0
     return out
 
