@@ -439,6 +439,8 @@ def _check_model(model: Any, file: Path) -> set[str]:
                                 f"as Python: not loaded (artifacts hold static shapes only)")
         if {"target", "inputs", "outputs"} <= item.keys():
             targets.add(str(item["target"]))
+        if "as_operator" in item:  # an operator passed as an argument (to a higher-order op)
+            targets.add(str(item["as_operator"]))
     for target in sorted(targets):
         if not _OP_TARGET.fullmatch(target):
             raise ArtifactError(f"load: {file} calls {target!r}, which is not a torch operator: not loaded")
@@ -477,9 +479,15 @@ def _check_calls(exported: torch.export.ExportedProgram, file: Path) -> None:
         for node in module.graph.nodes:
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
-            if node.op != "call_function" or not _is_operator(node.target):
-                raise ArtifactError(f"load: {file} calls {node.target!r} ({node.op}), which is not a torch "
-                                    f"operator: not loaded")
+            for called in [node.target, *_callable_args(node)]:
+                if node.op != "call_function" or not _is_operator(called):
+                    raise ArtifactError(f"load: {file} calls {called!r} ({node.op}), which is not a torch "
+                                        f"operator: not loaded")
+
+
+def _callable_args(node: torch.fx.Node) -> list:
+    """Functions passed as arguments (a higher-order op calls them)."""
+    return [leaf for leaf in pytree.tree_leaves((node.args, node.kwargs)) if callable(leaf)]
 
 
 def _is_operator(target: Any) -> bool:

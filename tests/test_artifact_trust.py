@@ -95,6 +95,13 @@ def _function_call(entries: dict, marker: Path) -> None:
     entries["models/model.json"] = json.dumps(model).encode()
 
 
+def _function_argument(entries: dict, marker: Path) -> None:
+    """An operator argument (what a higher-order op calls) naming a Python function."""
+    model = json.loads(entries["models/model.json"])
+    model["graph_module"]["graph"]["nodes"][0]["inputs"][0]["arg"] = {"as_operator": "torch.os.system"}
+    entries["models/model.json"] = json.dumps(model).encode()
+
+
 def _native_library(entries: dict, marker: Path) -> None:
     """torch.export.load loads AOTInductor libraries it finds in the archive."""
     entries["data/aotinductor/model/model.so"] = b"\x7fELF"
@@ -107,6 +114,7 @@ ATTACKS = {
     "pickled example inputs": (_example_inputs, True, "example inputs are not plain tensors"),
     "symbolic shape evaluated by sympify": (_symbolic_shape, True, "symbolic shape expression"),
     "call of a Python function": (_function_call, False, "calls 'torch.os.system', which is not a torch operator"),
+    "Python function as an argument": (_function_argument, False, "calls 'torch.os.system', which is not a torch"),
     "AOTInductor library": (_native_library, False, "holds '.*aotinductor/model/model.so'"),
 }
 
@@ -147,6 +155,16 @@ def test_a_crafted_graph_runs_no_code_and_is_a_clear_error(copy, tmp_path, attac
         load(copy)
     assert not marker.exists(), "edgepasses.load ran the payload"
     assert "\n" not in str(error.value) and "not loaded" in str(error.value)
+
+
+def test_a_deserialized_graph_calling_a_python_function_is_refused(copy, monkeypatch):
+    """The second line of defence, after the archive's names: the deserialized graph calls operators only."""
+    exported = torch.export.load(copy / "graph.pt2")
+    node = next(n for n in exported.graph.nodes if n.op == "call_function")
+    node.target = print
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: exported)
+    with pytest.raises(ArtifactError, match="calls <built-in function print> .call_function., which is not a torch"):
+        load(copy)
 
 
 def test_a_compressed_archive_is_refused_before_it_is_inflated(copy, tmp_path):
