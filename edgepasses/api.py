@@ -57,14 +57,15 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
                  calibration: Iterable[tuple] | None = None, target: str = "auto"):
     """Per-layer SQNR and one-at-a-time sensitivity of `gm`, a `compress()` result with a quantize step.
 
-    Re-quantises `model` exactly as `gm`'s pipeline did (with `calibration`, default the
-    evaluation batches), one layer at a time, and measures on `eval_batches`.
+    Re-quantises `model` as `gm`'s pipeline did (with `calibration`, default the evaluation
+    batches), then puts all layers but one back in float, one layer at a time, and measures on
+    `eval_batches`.
     """
     from .backends import get_target
     from .errors import OptionError
     from .passes.quantize import resolve_setup
     from .quant.calibration import as_batch, checked_batches
-    from .quant.sensitivity import QuantReport, output_sqnr, rank_layers
+    from .quant.sensitivity import QuantReport, RevertibleQuantization, output_sqnr, rank_layers
 
     steps = list(Pipeline.parse(gm.edge_report.pipeline))
     position = next((i for i, s in enumerate(steps) if s.name == "quantize"), None)
@@ -86,7 +87,7 @@ def quant_report(model: torch.nn.Module, gm: torch.fx.GraphModule, eval_batches:
     float_gm = compress(model, example_inputs, before, target=target)
     setup = resolve_setup(steps[position].options, resolved.quant_caps, resolved.name, float_gm)
     with torch.no_grad():
-        layers = rank_layers(float_gm, setup, calibration, batches, example_inputs)
+        layers = rank_layers(RevertibleQuantization(float_gm, setup, calibration, example_inputs), float_gm, batches)
     return QuantReport(output_sqnr(model, gm, batches), layers)
 
 

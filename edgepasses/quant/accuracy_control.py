@@ -3,9 +3,9 @@
 `metric(model) -> float` (higher is better) is the user's validation, called with a callable like
 their model. Float first: that is the reference. If the fully quantised model is within `max_drop`
 of it, done. Otherwise the layers are ranked by the sensitivity report (output SQNR with each
-layer alone in int8) and a binary search finds how few of the most sensitive ones must stay
-float for the metric to come back within `max_drop` — NNCF's accuracy control, which NNCF offers
-for OpenVINO and ONNX models only, here on the PyTorch graph itself.
+layer alone in int8, all from one quantization) and a binary search finds how few of the most
+sensitive ones must stay float for the metric to come back within `max_drop` — NNCF's accuracy
+control, which NNCF offers for OpenVINO and ONNX models only, here on the PyTorch graph itself.
 """
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ import torch.fx
 
 from ..errors import OptionError
 from .quantizer import QuantSetup
-from .sensitivity import _only, fewest_float_layers, layer_names, quantize_copy, rank_layers
+from .sensitivity import RevertibleQuantization, fewest_float_layers, rank_layers
 
 log = logging.getLogger("edgepasses")
+
+# The ranking needs an order, not precise SQNRs: a few batches give it at a fraction of the runs.
+RANKING_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -77,19 +80,19 @@ def quantize_within_drop(gm: torch.fx.GraphModule, setup: QuantSetup, batches: l
     `control.max_drop` of float."""
     reference = control.evaluate(gm)
     floor = reference - control.max_drop * abs(reference)
-    full = quantize_copy(gm, setup, batches, example_inputs)
+    quantization = RevertibleQuantization(gm, setup, batches, example_inputs)
+    full = quantization.graph()
     all_int8 = control.evaluate(full)
     if all_int8 >= floor:
         return ControlledQuantization(full, [], reference, all_int8, all_int8)
-    names = layer_names(gm, setup)
-    all_float = control.evaluate(quantize_copy(gm, _only(setup, names), batches, example_inputs))
+    all_float = control.evaluate(quantization.graph(quantization.layers))
     if all_float < floor:
         raise OptionError(f"the float model itself does not reach the metric's target: it scored {reference:.6g}, "
                           f"then {all_float:.6g} on the same graph; make the metric deterministic (fixed data, "
                           "no sampling) or raise max_drop")
-    ranking = rank_layers(gm, setup, batches, batches, example_inputs)
-    graph, kept, value = fewest_float_layers(gm, setup, batches, example_inputs, [s.layer for s in ranking],
-                                             control.evaluate, lambda metric: metric >= floor)
+    ranking = rank_layers(quantization, gm, batches[:RANKING_BATCHES])
+    graph, kept, value = fewest_float_layers(quantization, [s.layer for s in ranking], control.evaluate,
+                                             lambda metric: metric >= floor)
     log.info("quantize: metric %.6g float, %.6g all int8, %.6g with %d layer(s) float: %s", reference, all_int8,
              value, len(kept), ", ".join(kept))
     return ControlledQuantization(graph, kept, reference, all_int8, value)

@@ -7,6 +7,7 @@ are per-tensor, weights per-channel symmetric int8, within what the target can r
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ class EdgeQuantizer(Quantizer):
         self.ignored: list[str] = []
         self.skipped: dict[str, str] = {}   # weight layers left in float, by name, with the reason
         self.embedding_nodes: list[str] = []
+        self.layer_of_node: dict[str, str] = {}  # annotated node name -> its layer name
 
     def select(self, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
         """The quantizable nodes outside the ignore list; records names in `annotated`/`ignored`."""
@@ -139,6 +141,9 @@ class EdgeQuantizer(Quantizer):
             if not hits:
                 selected.append(node)
                 self.linear_conv_annotated += node.target in LINEAR_OPS | CONV_OPS
+        self.layer_of_node = {node.name: layer_name(node) for node in selected}
+        # Tables become codes after convert_pt2e (`StagedQuantization.finish`), outside PT2E.
+        self.embedding_nodes = [n.name for n in selected if n.target in EMBEDDING_OPS]
         self.skipped = {**self._unquantizable(gm, candidates), **{name: "in the ignore list" for name in self.ignored}}
         unmatched = [p.pattern for p in patterns if p.pattern not in matched]
         if unmatched:
@@ -157,8 +162,6 @@ class EdgeQuantizer(Quantizer):
     def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         act, weight = activation_spec(self.setup), weight_spec(self.setup)
         selected = self.select(gm)
-        # Tables are rewritten to codes after convert_pt2e (`quantize_embeddings`), outside PT2E.
-        self.embedding_nodes = [n.name for n in selected if n.target in EMBEDDING_OPS]
         for node in selected:
             if node.target in EMBEDDING_OPS:
                 continue
@@ -257,13 +260,74 @@ class QuantizedGraph:
     steps: dict = field(default_factory=dict)
 
 
+@dataclass
+class StagedQuantization:
+    """Quantization up to the steps that only round: static Q/DQ pairs in place with their ranges
+    chosen (weight-only: AWQ's scales applied), before weights are fitted to their rounding (GPTQ,
+    bias correction) and before weight-only Linears and embedding tables become codes. Accuracy
+    control puts layers back in float from here without quantising again."""
+    graph: torch.fx.GraphModule
+    quantizer: EdgeQuantizer
+    batches: list[tuple]
+    reference: list | None            # the float outputs on `batches`, for bias_correction=auto
+    steps: dict
+    setup: QuantSetup | None = None   # how to finish: the quantizer's own setup unless decided otherwise
+
+    def __post_init__(self):
+        self.setup = self.setup or self.quantizer.setup
+
+    def with_bias_correction_as_decided(self, result: QuantizedGraph) -> StagedQuantization:
+        """This stage, finishing with the bias correction `result` (its own finish) kept or not:
+        `auto` decided once, not again for every variant of the graph."""
+        if self.quantizer.setup.bias_correction != "auto" or not self.batches:
+            return self
+        kept = isinstance(result.steps.get("biases_corrected"), int)
+        setup = dataclasses.replace(self.quantizer.setup, bias_correction="on" if kept else "off")
+        return dataclasses.replace(self, reference=None, setup=setup)
+
+    def finish(self, graph: torch.fx.GraphModule, float_nodes: frozenset[str] = frozenset(),
+               adjust_weights: bool = True) -> QuantizedGraph:
+        """`graph` (this stage's or an edited copy of it) made final but for the nodes named in
+        `float_nodes`: static weights fitted to their rounding, the other weights as codes."""
+        steps = dict(self.steps)
+        if self.batches and adjust_weights:
+            graph, adjusted = _adjust_weights(graph, self.setup, self.batches, self.reference)
+            steps.update(adjusted)
+        self._replace_with_codes(graph, float_nodes)
+        remove_unused_attributes(graph)  # the float weights codes or adjusted weights replaced
+        graph.recompile()
+        return QuantizedGraph(graph, self.quantizer, len(self.batches), steps)
+
+    def _replace_with_codes(self, graph: torch.fx.GraphModule, float_nodes: frozenset[str]) -> None:
+        """Embedding tables → int8 codes with a scale per row (the rows are what a lookup reads);
+        weight-only Linears → codes with their scales."""
+        setup = self.setup
+        by_name = {n.name: n for n in graph.graph.nodes}
+        for name in self.quantizer.layer_of_node:
+            if name in float_nodes:
+                continue
+            if name in self.quantizer.embedding_nodes:
+                replace_with_codes(graph, by_name[name], 8, None, weight_arg=0)
+            elif setup.weight_only:
+                replace_with_codes(graph, by_name[name], setup.bits, setup.group_size)
+
+
 def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, example_inputs: tuple) -> QuantizedGraph:
     """PT2E on `gm` (rewritten in place): smooth (transformers), annotate, insert observers,
     calibrate, choose ranges, convert to Q/DQ, then round weights and correct biases on the same
     data. Weight-only quantization needs no observers: the weights are rounded to codes directly."""
+    staged = stage_quantization(gm, setup, calibration, example_inputs)
+    if not staged.quantizer.annotated:
+        return QuantizedGraph(staged.graph, staged.quantizer, 0)
+    return staged.finish(staged.graph)
+
+
+def stage_quantization(gm: torch.fx.GraphModule, setup: QuantSetup, calibration,
+                       example_inputs: tuple) -> StagedQuantization:
+    """Everything `quantize_graph` does before weights are rounded (`gm` is rewritten in place)."""
     quantizer = EdgeQuantizer(setup)
     if setup.weight_only:
-        return _quantize_weights_only(gm, quantizer, calibration, example_inputs)
+        return _stage_weights_only(gm, quantizer, calibration, example_inputs)
     # A probe of what will be quantised (annotation selects again after smoothing rewrote the graph).
     observed = [n for n in EdgeQuantizer(setup).select(gm) if n.target not in EMBEDDING_OPS]
     # Embeddings alone need no data: a lookup has no activation to observe.
@@ -273,23 +337,29 @@ def quantize_graph(gm: torch.fx.GraphModule, setup: QuantSetup, calibration, exa
         steps["smoothed_groups"] = _smooth(gm, set(observed), setup.smooth_alpha, batches, example_inputs)
     prepared = prepare_pt2e(gm, quantizer)
     if not quantizer.annotated:
-        return QuantizedGraph(gm, quantizer, 0)
-    converted = prepared
-    if observed:
-        # Observers pass values through: the calibration run's outputs are the float reference that
-        # bias_correction=auto compares against.
-        reference = _outputs(prepared, batches) if setup.bias_correction == "auto" else None
-        if reference is None:
-            calibrate(prepared, batches, example_inputs, needed_by="quantize")
-        if setup.calib == "auto":
-            steps["ranges"] = dict(choose_activation_ranges(prepared))
-        if setup.overflow_check:
-            steps["seven_bit_layers"] = len(narrow_saturating_weights(prepared))
-        converted = convert_pt2e(prepared, fold_quantize=False)
-        converted, adjusted = _adjust_weights(converted, setup, batches, reference)
-        steps.update(adjusted)
-    quantize_embeddings(converted, quantizer.embedding_nodes)
-    return QuantizedGraph(converted, quantizer, len(batches), steps)
+        return StagedQuantization(gm, quantizer, [], None, steps)
+    if not observed:
+        return StagedQuantization(prepared, quantizer, [], None, steps)
+    # Observers pass values through: the calibration run's outputs are the float reference that
+    # bias_correction=auto compares against.
+    reference = _outputs(prepared, batches) if setup.bias_correction == "auto" else None
+    if reference is None:
+        calibrate(prepared, batches, example_inputs, needed_by="quantize")
+    if setup.calib == "auto":
+        steps["ranges"] = dict(choose_activation_ranges(prepared))
+    if setup.overflow_check:
+        steps["seven_bit_layers"] = len(narrow_saturating_weights(prepared))
+    return StagedQuantization(convert_pt2e(prepared, fold_quantize=False), quantizer, batches, reference, steps)
+
+
+def _stage_weights_only(gm, quantizer: EdgeQuantizer, calibration, example_inputs) -> StagedQuantization:
+    setup = quantizer.setup
+    linears = [n for n in quantizer.select(gm) if n.target not in EMBEDDING_OPS]
+    batches = []
+    if setup.awq and linears:
+        batches = checked_batches(calibration, example_inputs, needed_by="quantize(awq=true)")
+        _apply_awq(gm, linears, setup, batches, example_inputs)
+    return StagedQuantization(gm, quantizer, batches, None, {})
 
 
 def _smooth(gm: torch.fx.GraphModule, quantized: set, alpha: float, batches: list[tuple], example_inputs) -> int:
@@ -316,8 +386,6 @@ def _adjust_weights(converted: torch.fx.GraphModule, setup: QuantSetup, batches:
             converted, steps["biases_corrected"] = corrected, count
         else:
             steps["biases_corrected"] = "none: lowered the output SQNR on the calibration data"
-    remove_unused_attributes(converted)  # the weights and biases they replaced
-    converted.recompile()
     return converted, steps
 
 
@@ -334,38 +402,14 @@ def _sqnr(reference: list[list[torch.Tensor]], gm: torch.fx.GraphModule, batches
     return total.db
 
 
-def quantize_embeddings(gm: torch.fx.GraphModule, names: list[str]) -> None:
-    """Embedding tables → int8 codes with a scale per row (the rows are what a lookup reads)."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    for name in names:
-        replace_with_codes(gm, by_name[name], 8, None, weight_arg=0)
-    if names:
-        remove_unused_attributes(gm)
-        gm.recompile()
-
-
-def _quantize_weights_only(gm, quantizer: EdgeQuantizer, calibration, example_inputs) -> QuantizedGraph:
-    setup = quantizer.setup
-    selected = quantizer.select(gm)
-    linears = [n for n in selected if n.target not in EMBEDDING_OPS]
-    batches = _apply_awq(gm, linears, setup, calibration, example_inputs) if setup.awq and linears else 0
-    for linear in linears:
-        replace_with_codes(gm, linear, setup.bits, setup.group_size)
-    quantize_embeddings(gm, [n.name for n in selected if n.target in EMBEDDING_OPS])
-    remove_unused_attributes(gm)  # the float weights: only the codes stay
-    gm.recompile()
-    return QuantizedGraph(gm, quantizer, batches)
-
-
-def _apply_awq(gm, linears, setup: QuantSetup, calibration, example_inputs) -> int:
+def _apply_awq(gm, linears, setup: QuantSetup, batches: list[tuple], example_inputs) -> None:
     """Search and apply AWQ's input scales for each group of the selected Linears."""
     chosen = set(linears)
     groups = linear_groups(gm, ignore=lambda node: node not in chosen)
-    stats = collect_stats(gm, groups, calibration, example_inputs, needed_by="quantize(awq=true)",
+    stats = collect_stats(gm, groups, batches, example_inputs, needed_by="quantize(awq=true)",
                           keep_rows=SAMPLE_ROWS)
     for group in groups:
         weight = group.weight(gm)
         choice = search_scale(torch.cat(stats[group.source].sample), stats[group.source].abs_mean, weight,
                               setup.bits, group_size_for(weight, setup.group_size))
         apply_input_scale(gm, group, choice.scale)
-    return sum(1 for _ in calibration)

@@ -1,14 +1,14 @@
 """Which layers int8 hurts: per-layer output SQNR, one-at-a-time sensitivity, and keeping
-the fewest most-sensitive layers in float to meet an SQNR budget.
+the fewest most-sensitive layers in float to meet an SQNR budget or the user's metric.
 
-All of it re-runs the same PT2E quantization with different ignore lists, so what is
-measured is exactly what the quantize pass produces.
+All of it starts from one quantization (`RevertibleQuantization`): a candidate with some layers
+back in float is that graph with those layers reading float inputs, not a new calibration run —
+ranking a transformer's 39 layers costs 39 forward passes instead of 39 quantizations.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable
@@ -20,13 +20,52 @@ import torch.utils._pytree as pytree
 from ..analysis.observe import NodeObserver
 from ..analysis.sqnr import SqnrAccumulator
 from ..graph_utils import copy_sharing_weights, layer_name
-from .quantizer import QuantSetup, quantizable_nodes, quantize_graph
+from .bias_correction import WEIGHT_QDQ_OPS
+from .quantizer import QuantSetup, quantizable_nodes, stage_quantization
 
 
-def quantize_copy(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
-                  example_inputs: tuple) -> torch.fx.GraphModule:
-    """Quantise a copy of `gm` (prepare_pt2e rewrites its input in place)."""
-    return quantize_graph(copy_sharing_weights(gm), setup, calibration, example_inputs).graph
+class RevertibleQuantization:
+    """`gm` quantised once (on a copy), from which any set of layers can go back to float.
+
+    A layer goes back by reading the float values its inputs' quantize-dequantize pairs were fed.
+    The activation ranges were observed on float values, so no other layer's range depends on
+    which layers stay float: a candidate is what quantising with those layers ignored gives, but
+    that SmoothQuant's scales (exact in float) stay and the layers' shared input pairs remain for
+    the other readers. Weights are fitted to their rounding (bias correction, GPTQ) per candidate,
+    for the layers it quantises; whether bias_correction=auto corrects is decided once, with
+    every layer int8."""
+
+    def __init__(self, gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple], example_inputs: tuple):
+        stage = stage_quantization(copy_sharing_weights(gm), setup, calibration, example_inputs)
+        self.nodes: dict[str, list[str]] = defaultdict(list)  # layer name -> its annotated nodes, graph order
+        for node, layer in stage.quantizer.layer_of_node.items():
+            self.nodes[layer].append(node)
+        self.layers = list(self.nodes)
+        every_layer = stage.finish(copy_sharing_weights(stage.graph))
+        self.all_int8 = every_layer.graph
+        self.stage = stage.with_bias_correction_as_decided(every_layer)
+
+    def graph(self, float_layers: Iterable[str] = (), adjust_weights: bool = True) -> torch.fx.GraphModule:
+        """The quantised graph with `float_layers` in float (`adjust_weights=False`: without bias
+        correction and GPTQ, a cheaper stand-in for ranking)."""
+        float_layers = list(float_layers)
+        if not float_layers and adjust_weights:
+            return self.all_int8
+        gm = copy_sharing_weights(self.stage.graph)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        float_nodes = frozenset(name for layer in float_layers for name in self.nodes[layer])
+        for name in float_nodes:
+            _read_float_inputs(by_name[name])
+        gm.graph.eliminate_dead_code()
+        return self.stage.finish(gm, float_nodes, adjust_weights).graph
+
+
+def _read_float_inputs(node: torch.fx.Node) -> None:
+    """Make `node` read, for each input that passes a quantize-dequantize pair, the pair's float input."""
+    for index, arg in enumerate(node.args):
+        source = arg.args[0] if isinstance(arg, torch.fx.Node) and arg.args else None
+        if isinstance(source, torch.fx.Node) and WEIGHT_QDQ_OPS.get(source.target) is arg.target:
+            node.update_arg(index, source.args[0])
 
 
 def output_sqnr(reference: Callable, test: Callable, batches: Iterable[tuple]) -> float:
@@ -39,10 +78,6 @@ def output_sqnr(reference: Callable, test: Callable, batches: Iterable[tuple]) -
     return total.db
 
 
-def _only(setup: QuantSetup, float_layers: Iterable[str]) -> QuantSetup:
-    return dataclasses.replace(setup, ignore=setup.ignore + tuple(re.escape(n) for n in float_layers))
-
-
 @dataclass(frozen=True)
 class LayerSensitivity:
     layer: str
@@ -50,22 +85,15 @@ class LayerSensitivity:
     sqnr_in_place_db: float   # this layer's output SQNR inside the fully quantised model
 
 
-def layer_names(gm: torch.fx.GraphModule, setup: QuantSetup) -> list[str]:
-    patterns = [re.compile(p) for p in setup.ignore]
-    names = [layer_name(n) for n in quantizable_nodes(gm, setup.weight_only, setup.embeddings)]
-    return [n for n in names if not any(p.fullmatch(n) for p in patterns)]
-
-
-def rank_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple],
-                eval_batches: list[tuple], example_inputs: tuple) -> list[LayerSensitivity]:
-    """Every quantisable layer, most sensitive first (lowest output SQNR when quantised alone)."""
-    names = layer_names(gm, setup)
-    quantized = quantize_copy(gm, setup, calibration, example_inputs)
-    in_place = _per_layer_sqnr(gm, quantized, eval_batches)
+def rank_layers(quantization: RevertibleQuantization, float_gm: torch.fx.GraphModule,
+                eval_batches: list[tuple]) -> list[LayerSensitivity]:
+    """Every quantised layer, most sensitive first (lowest output SQNR when quantised alone)."""
+    names = quantization.layers
+    in_place = _per_layer_sqnr(float_gm, quantization.graph(), eval_batches)
     ranking = []
     for name in names:
-        alone = quantize_copy(gm, _only(setup, [n for n in names if n != name]), calibration, example_inputs)
-        ranking.append(LayerSensitivity(name, output_sqnr(gm, alone, eval_batches), in_place.get(name, math.nan)))
+        alone = quantization.graph([n for n in names if n != name], adjust_weights=False)
+        ranking.append(LayerSensitivity(name, output_sqnr(float_gm, alone, eval_batches), in_place.get(name, math.nan)))
     return sorted(ranking, key=lambda s: s.sqnr_alone_db)
 
 
@@ -73,23 +101,23 @@ def keep_sensitive_in_float(gm: torch.fx.GraphModule, setup: QuantSetup, calibra
                             eval_batches: list[tuple], example_inputs: tuple, min_sqnr_db: float):
     """The fewest most-sensitive layers left in float so the output SQNR reaches `min_sqnr_db`.
     Returns (quantised graph, float layers, achieved SQNR, ranking)."""
-    ranking = rank_layers(gm, setup, calibration, eval_batches, example_inputs)
-    quantized, kept, sqnr = fewest_float_layers(gm, setup, calibration, example_inputs, [s.layer for s in ranking],
+    quantization = RevertibleQuantization(gm, setup, calibration, example_inputs)
+    ranking = rank_layers(quantization, gm, eval_batches)
+    quantized, kept, sqnr = fewest_float_layers(quantization, [s.layer for s in ranking],
                                                 lambda candidate: output_sqnr(gm, candidate, eval_batches),
                                                 lambda sqnr: sqnr >= min_sqnr_db)
     return quantized, kept, sqnr, ranking
 
 
-def fewest_float_layers(gm: torch.fx.GraphModule, setup: QuantSetup, calibration: list[tuple], example_inputs: tuple,
-                        order: list[str], score: Callable[[torch.fx.GraphModule], float],
-                        good_enough: Callable[[float], bool]):
+def fewest_float_layers(quantization: RevertibleQuantization, order: list[str],
+                        score: Callable[[torch.fx.GraphModule], float], good_enough: Callable[[float], bool]):
     """The quantised graph that keeps the fewest of `order`'s first layers in float and still scores
     `good_enough`. Binary search over how many stay float: the score grows with that count, and all
     of them in float always passes. Returns (quantised graph, float layers, its score)."""
     attempts: dict[int, tuple] = {}  # only the last passing graph is kept: each holds a model's graph
 
     def passes(k: int) -> bool:
-        quantized = quantize_copy(gm, _only(setup, order[:k]), calibration, example_inputs)
+        quantized = quantization.graph(order[:k])
         value = score(quantized)
         if good_enough(value):
             attempts.clear()
