@@ -30,9 +30,16 @@ SIGNATURES = {
     # kept positions i0 < i1 as the nibble i0 | i1 << 2, group 2j in the low nibble of byte j; N;
     # bias f32 [N] or NULL; out f32 [M,N]; threads.
     "edge_sparse24_linear_f32": (_i32, [*_buf, _i64, _i64, *_buf, *_buf, _i64, *_buf, *_buf, _i32]),
+    # w i8 [N,K]; N; K; sums i32 [N] (out: row sums); range i32 [2] (out: min and max code); threads.
+    "edge_int8_row_stats": (_i32, [*_buf, _i64, _i64, *_buf, *_buf, _i32]),
     # The last refusal's message on this thread.
     "edge_last_error": (ctypes.c_char_p, []),
 }
+
+
+def buffer(t) -> tuple[ctypes.c_void_p | None, int]:
+    """(pointer, size in bytes) of a contiguous tensor, (None, 0) for None: how the ABI takes a buffer."""
+    return (None, 0) if t is None else (ctypes.c_void_p(t.data_ptr()), t.numel() * t.element_size())
 
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:

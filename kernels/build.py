@@ -1,8 +1,8 @@
 """Builds `csrc/*.cpp` into one shared library on first use and loads it with ctypes.
 
-The library is plain C++ with a C ABI (raw pointers, no torch headers), so the build needs
-only a C++ compiler with OpenMP: no pip build isolation, no torch version to match, a few
-seconds to compile. The result is cached under `~/.cache/edgepasses/kernels/` (or
+The library is plain C++ with a C ABI (raw pointers, each with its size in bytes, which the
+C++ checks: abi.py; no torch headers), so the build needs only a C++ compiler with OpenMP: no
+pip build isolation, no torch version to match, a few seconds to compile. The result is cached under `~/.cache/edgepasses/kernels/` (or
 `$EDGEPASSES_CACHE/kernels/`), keyed on the sources, the flags and the compiler's version, so
 it is built once per machine. Instruction sets are chosen at run time from CPUID inside the
 library (`__builtin_cpu_supports`), not at build time, so one build serves every x86-64 CPU.

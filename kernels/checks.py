@@ -25,9 +25,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from edgepasses.errors import EdgeError
+
+from . import abi
 
 MAX_INT8_K = 65793        # csrc/int8.cpp kMaxK: the longest reduction whose int32 sums cannot overflow
 SEVEN_BIT = (-64, 64)     # weight_bits=7: u8·s8 pairs then sum in int16 exactly (2·255·64 < 2**15)
@@ -80,13 +81,12 @@ def per_channel(op: str, name: str, t: Tensor | None, channels: int, device: tor
             _refuse(op, f"{name} is required", KernelTypeError)
         return
     tensor(op, name, t, dtypes=dtypes, device=device)
-    if _shape(t) != (channels,):
+    if t.shape != (channels,):
         _refuse(op, f"{name} must have shape ({channels},) (one per output channel), got {_shape(t)}")
 
 
-def input_rows(op: str, x, k: int) -> None:
-    """x: floating [..., K] with at least one dim."""
-    tensor(op, "x", x, dtypes=FLOATING, min_dim=1)
+def input_rows(op: str, x: Tensor, k: int) -> None:
+    """x (checked: floating, at least one dim) is [..., K]."""
     if x.shape[-1] != k:
         _refuse(op, f"x's last dim must be {k} (the weight's K), got {x.shape[-1]} (x {_shape(x)})")
 
@@ -251,8 +251,42 @@ def lowrank_linear(op: str, x, first, second, bias) -> None:
 
 # ---- values a weight promises: scanned once per tensor ---------------------------------------
 
-# tensor → {fact: (its version, weakref to the tensor the fact relates it to or None, that one's version)}
-_FACTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+def row_stats(codes: Tensor) -> tuple[Tensor, int, int]:
+    """(row sums int32 [N], min code, max code) of weight codes [N, ...] (int8 on CPU: one C++ pass)."""
+    flat = codes.reshape(codes.shape[0], math.prod(codes.shape[1:]))
+    if flat.device.type != "cpu" or flat.dtype != torch.int8:
+        low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (127, -128)
+        return flat.sum(1, dtype=torch.int32), low, high
+    from .build import last_error, library  # the C++ library, built on first use
+
+    flat = flat.contiguous()
+    sums, bounds = torch.empty(flat.shape[0], dtype=torch.int32), torch.empty(2, dtype=torch.int32)
+    code = library().edge_int8_row_stats(*abi.buffer(flat), *flat.shape, *abi.buffer(sums), *abi.buffer(bounds),
+                                         torch.get_num_threads())
+    if code != 0:
+        raise KernelError(f"edge::int8 weight: {last_error()}")
+    return sums, int(bounds[0]), int(bounds[1])
+
+
+# id(tensor) → (weakref to it, {fact: (its version, weakref to the tensor the fact relates it to or
+# None, that one's version)}). Keyed by id, not by a WeakKeyDictionary: this is on every call.
+_FACTS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _facts(t: Tensor, create: bool = False) -> dict | None:
+    entry = _FACTS.get(id(t))
+    if entry is not None and entry[0]() is t:
+        return entry[1]
+    if not create:
+        return None
+    key, facts = id(t), {}
+
+    def forget(ref, key=key):  # when t dies; a newer entry under a reused id stays
+        if _FACTS.get(key, (None,))[0] is ref:
+            del _FACTS[key]
+
+    _FACTS[key] = (weakref.ref(t, forget), facts)
+    return facts
 
 
 def _version(t: Tensor) -> int:
@@ -260,7 +294,7 @@ def _version(t: Tensor) -> int:
 
 
 def _known(t: Tensor, fact: str, other: Tensor | None = None) -> bool:
-    entry = _FACTS.get(t, {}).get(fact)
+    entry = (_facts(t) or {}).get(fact)
     if entry is None or entry[0] != _version(t):
         return False
     if other is None:
@@ -270,19 +304,23 @@ def _known(t: Tensor, fact: str, other: Tensor | None = None) -> bool:
 
 def _remember(t: Tensor, fact: str, other: Tensor | None = None) -> None:
     related = (None, None) if other is None else (weakref.ref(other), _version(other))
-    _FACTS.setdefault(t, {})[fact] = (_version(t), *related)
+    _facts(t, create=True)[fact] = (_version(t), *related)
 
 
 def int8_weight_values(op: str, weight: Tensor, weight_sum: Tensor, bits: int) -> None:
     """weight_bits=7 codes lie within [-64, 64]; weight_sum holds the codes' row sums."""
-    if bits == 7 and not _known(weight, "7-bit"):
-        low, high = (int(v) for v in torch.aminmax(weight))
+    check_range = bits == 7 and not _known(weight, "7-bit")
+    check_sums = not _known(weight_sum, "row sums", weight)
+    if not (check_range or check_sums):
+        return
+    sums, low, high = row_stats(weight)
+    if check_range:
         if low < SEVEN_BIT[0] or high > SEVEN_BIT[1]:
             _refuse(op, f"weight_bits=7 needs every weight code in [{SEVEN_BIT[0]}, {SEVEN_BIT[1]}], got codes in "
                         f"[{low}, {high}]: pass weight_bits=8")
         _remember(weight, "7-bit")
-    if not _known(weight_sum, "row sums", weight):
-        if not torch.equal(weight.reshape(weight.shape[0], -1).sum(1, dtype=torch.int32), weight_sum):
+    if check_sums:
+        if not torch.equal(sums, weight_sum):
             _refuse(op, "weight_sum must hold the row sums of weight (ops.int8_weight_sum(weight)); it does not")
         _remember(weight_sum, "row sums", weight)
 

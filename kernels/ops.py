@@ -7,23 +7,20 @@ trace through `torch.export` and `torch.compile`. On CPU tensors it runs our C++
 (`triton_ops.py`: int8_linear and sparse24_linear; int8_conv2d has no CUDA kernel, and the
 dispatcher says so). Weights arrive in the form the lowering prepared once: int8 codes with
 their per-row sums (the zero-point correction), 2:4 weights as kept values plus 2-bit indices.
+
+Every op checks its arguments (checks.py) before any kernel runs, in its CPU, CUDA and fake
+implementations and in the `*_into` entry points, and refuses bad ones with a one-line
+`KernelError` (a ValueError; `KernelTypeError`, also a TypeError, for wrong types and dtypes).
 """
 from __future__ import annotations
-
-import ctypes
 
 import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import checks
+from . import abi, checks
 from .build import last_error, library
 from .checks import KernelError, KernelTypeError  # noqa: F401  (the ops' errors, raised by checks)
-
-
-def _buffer(t: Tensor | None) -> tuple[ctypes.c_void_p | None, int]:
-    """(pointer, size in bytes) of a contiguous tensor: how the C ABI takes a buffer (abi.py)."""
-    return (None, 0) if t is None else (ctypes.c_void_p(t.data_ptr()), t.numel() * t.element_size())
 
 
 def _check(code: int, op: str) -> None:
@@ -43,7 +40,7 @@ def _float(t: Tensor | None) -> Tensor | None:
 
 def int8_weight_sum(codes: Tensor) -> Tensor:
     """Row sums of int8 weight codes over everything but the output channel (int32)."""
-    return codes.reshape(codes.shape[0], -1).sum(1, dtype=torch.int32)
+    return checks.row_stats(codes)[0]
 
 
 def pack_sparse24(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,8 +121,8 @@ def _run_int8_linear(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tenso
     rows, w, scale, sums, b = (_float_rows(x, k), weight.contiguous(), _float(weight_scale),
                                weight_sum.contiguous(), _float(bias))
     code = library().edge_int8_linear(
-        *_buffer(rows), rows.shape[0], k, *_buffer(w), n, *_buffer(scale), *_buffer(sums), *_buffer(b),
-        0.0 if x_scale is None else x_scale, x_zero_point, weight_bits, *_buffer(out),
+        *abi.buffer(rows), rows.shape[0], k, *abi.buffer(w), n, *abi.buffer(scale), *abi.buffer(sums), *abi.buffer(b),
+        0.0 if x_scale is None else x_scale, x_zero_point, weight_bits, *abi.buffer(out),
         threads or torch.get_num_threads())
     _check(code, "int8_linear")
 
@@ -193,9 +190,9 @@ def _run_int8_conv2d(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tenso
     xc, wc, scale, sums, bc = (x.contiguous().float(), weight.contiguous(), _float(weight_scale),
                                weight_sum.contiguous(), _float(bias))
     code = library().edge_int8_conv2d(
-        *_buffer(xc), b, c, h, w, *_buffer(wc), o, kh, kw, *_buffer(scale), *_buffer(sums), *_buffer(bc),
+        *abi.buffer(xc), b, c, h, w, *abi.buffer(wc), o, kh, kw, *abi.buffer(scale), *abi.buffer(sums), *abi.buffer(bc),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, x_scale, x_zero_point,
-        weight_bits, *_buffer(out), threads or torch.get_num_threads())
+        weight_bits, *abi.buffer(out), threads or torch.get_num_threads())
     _check(code, "int8_conv2d")
 
 
@@ -228,7 +225,7 @@ def sparse24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | N
     else:
         vals, idx, b = values.contiguous().float(), indices.contiguous(), _float(bias)
         code = library().edge_sparse24_linear_f32(
-            *_buffer(rows), rows.shape[0], k, *_buffer(vals), *_buffer(idx), n, *_buffer(b), *_buffer(out),
+            *abi.buffer(rows), rows.shape[0], k, *abi.buffer(vals), *abi.buffer(idx), n, *abi.buffer(b), *abi.buffer(out),
             torch.get_num_threads())
         _check(code, "sparse24_linear")
     return out.reshape(*x.shape[:-1], n)

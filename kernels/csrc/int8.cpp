@@ -1048,3 +1048,77 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t x_bytes, int64_t B, 
     if (path == kAvx2S16) return conv_gemm<int16_t>(cv, xt, wt, base, out, nthreads);
     return conv_gemm<uint8_t>(cv, xt, wt, base, out, nthreads);
 }
+
+namespace {
+
+// Σ row[k] and the row's min and max code, portable (the compiler vectorizes it with the baseline SSE2).
+void row_stats_portable(const int8_t* row, int64_t K, int32_t* sum, int32_t* lo, int32_t* hi) {
+    int32_t s = 0, rlo = 127, rhi = -128;
+    for (int64_t k = 0; k < K; ++k) {
+        const int32_t v = row[k];
+        s += v;
+        rlo = std::min(rlo, v);
+        rhi = std::max(rhi, v);
+    }
+    *sum = s, *lo = rlo, *hi = rhi;
+}
+
+#if EDGE_X86
+// The same, 32 codes at a time: vpsadbw sums the codes shifted to u8 (v ^ 0x80 = v + 128), vpminsb/vpmaxsb.
+EDGE_AVX2 void row_stats_avx2(const int8_t* row, int64_t K, int32_t* sum, int32_t* lo, int32_t* hi) {
+    const __m256i zero = _mm256_setzero_si256(), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i vmin = _mm256_set1_epi8(127), vmax = _mm256_set1_epi8(-128), acc = zero;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+        vmin = _mm256_min_epi8(vmin, v);
+        vmax = _mm256_max_epi8(vmax, v);
+        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(v, flip), zero));
+    }
+    alignas(32) int64_t sums[4];
+    alignas(32) int8_t mins[32], maxs[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(mins), vmin);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(maxs), vmax);
+    int32_t s, rlo, rhi;
+    row_stats_portable(row + k, K - k, &s, &rlo, &rhi);
+    s += static_cast<int32_t>(sums[0] + sums[1] + sums[2] + sums[3] - 128 * k);
+    for (int i = 0; i < 32; ++i) rlo = std::min<int32_t>(rlo, mins[i]), rhi = std::max<int32_t>(rhi, maxs[i]);
+    *sum = s, *lo = rlo, *hi = rhi;
+}
+#endif
+
+}  // namespace
+
+// Row sums of int8 weight codes w [N, K] into sums [N] and their range into range [2] (min, max): one
+// pass over the weight for what the Python side checks once per weight (weight_sum matches the codes,
+// weight_bits=7 codes lie within [-64, 64]) and for ops.int8_weight_sum.
+extern "C" int32_t edge_int8_row_stats(const int8_t* w, int64_t w_bytes, int64_t N, int64_t K, int32_t* sums,
+                                       int64_t sums_bytes, int32_t* range, int64_t range_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_row_stats";
+    int64_t w_elems;
+    if (N < 0 || K < 0 || K > (int64_t{1} << 23) || !edge::count(&w_elems, N, K))  // 128·2^23 = 2^30: sums fit int32
+        return refuse(kBadShape, "%s: needs N >= 0, 0 <= K <= 2^23; got N=%lld K=%lld", op, static_cast<long long>(N),
+                      static_cast<long long>(K));
+    if (int32_t c = edge::need(op, "w", w, w_bytes, w_elems, 1)) return c;
+    if (int32_t c = edge::need(op, "sums", sums, sums_bytes, N, sizeof(int32_t))) return c;
+    if (int32_t c = edge::need(op, "range", range, range_bytes, 2, sizeof(int32_t))) return c;
+    const bool avx2 = !force_portable() && cpu_has_avx2();
+    int32_t lo = 127, hi = -128;
+    const int nt = w_elems >= (1 << 22) ? std::max<int32_t>(1, num_threads) : 1;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : lo) reduction(max : hi) if (nt > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        int32_t rlo, rhi;
+#if EDGE_X86
+        if (avx2) row_stats_avx2(w + n * K, K, sums + n, &rlo, &rhi);
+        else row_stats_portable(w + n * K, K, sums + n, &rlo, &rhi);
+#else
+        row_stats_portable(w + n * K, K, sums + n, &rlo, &rhi);
+#endif
+        lo = std::min(lo, rlo);
+        hi = std::max(hi, rhi);
+    }
+    range[0] = lo;
+    range[1] = hi;
+    return kOk;
+}

@@ -203,7 +203,29 @@ def refuse_int8_conv2d(lib, expect: Expect) -> None:
     expect.refused("int8_conv2d x_scale 0", conv_call(lib, full, geometry, x_scale=0.0), "x_scale")
 
 
+def refuse_row_stats(lib, expect: Expect) -> None:
+    n, k = 3, 40
+    w, sums, bounds = Buffer(I8, [1] * (n * k)), Buffer(I32, [0] * n), Buffer(I32, [0, 0])
+    for name, args in (("w", (Buffer(I8, [1] * (n * k - 1)), sums, bounds)), ("sums", (w, Buffer(I32, [0] * (n - 1)),
+                                                                                        bounds)),
+                       ("range", (w, sums, Buffer(I32, [0])))):
+        code = lib.edge_int8_row_stats(*args[0].abi(), n, k, *args[1].abi(), *args[2].abi(), 1)
+        expect.refused(f"int8_row_stats short {name}", code, name, "expected")
+
+
 # ---- valid ---------------------------------------------------------------------------------------
+
+def valid_row_stats(lib, expect: Expect) -> None:
+    rng = random.Random(8)
+    for n, k in ((1, 1), (3, 31), (2, 32), (5, 33), (4, 100), (2, 0)):
+        codes = rand_codes(rng, n * k, 8)
+        sums, bounds = Buffer(I32, [0] * n), Buffer(I32, [0, 0])
+        expect.ok(f"int8_row_stats {n}x{k}", lib.edge_int8_row_stats(*Buffer(I8, codes).abi(), n, k, *sums.abi(),
+                                                                      *bounds.abi(), 2))
+        want = [sum(codes[r * k:(r + 1) * k]) for r in range(n)]
+        if sums.values() != want or (k and bounds.values() != [min(codes), max(codes)]):
+            expect.failures.append(f"int8_row_stats {n}x{k}: {sums.values()} {bounds.values()}")
+
 
 def valid_sparse24(lib, expect: Expect) -> None:
     rng = random.Random(3)
@@ -323,12 +345,12 @@ def main(library: str, mode: str) -> int:
         return 1
     expect = Expect(lib)
     if mode == "refuse":
-        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d):
+        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_row_stats):
             run(lib, expect)
     else:
         for path in ("avx2", "portable"):
             os.environ["EDGE_KERNELS_PORTABLE"] = "1" if path == "portable" else "0"
-            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d):
+            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_row_stats):
                 run(lib, expect)
     return report(expect)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.ao.quantization.fx._decomposed
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from edgepasses.kernels import ops
 from edgepasses.kernels.ops import KernelError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PATHS = ["avx2", "portable"]
 

@@ -12,11 +12,11 @@ import ctypes
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from edgepasses.kernels import ops
 from edgepasses.kernels.build import library
 from edgepasses.kernels.ops import KernelError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PATHS = ["avx2", "portable"]
 
@@ -95,7 +95,7 @@ def test_batched_input_and_no_bias(path, monkeypatch):
 
 def call_kernel(x, values, indices, bias, threads: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], values.shape[0])
-    buf = lambda t: (None, 0) if t is None else (ctypes.c_void_p(t.data_ptr()), t.numel() * t.element_size())  # noqa: E731
+    buf = lambda t: (None, 0) if t is None else (ctypes.c_void_p(t.data_ptr()), t.numel() * t.element_size())
     code = library().edge_sparse24_linear_f32(*buf(x), x.shape[0], x.shape[1], *buf(values), *buf(indices),
                                               values.shape[0], *buf(bias), *buf(out), threads)
     assert code == 0
