@@ -22,6 +22,8 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from edgepasses.canonical import user_source
 from edgepasses.errors import UnsupportedOpError
+from edgepasses.state import state_writes as written_state
+from edgepasses.state import user_path
 
 log = logging.getLogger("edgepasses")
 
@@ -85,6 +87,36 @@ def sparse24_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 def compute_ops(gm: torch.fx.GraphModule) -> int:
     """The op count a placement report gives for a graph or partition."""
     return sum(n.op == "call_function" for n in gm.graph.nodes)
+
+
+def state_writes(gm: torch.fx.GraphModule, target: str) -> dict[torch.fx.Node, str]:
+    """Each op writing a buffer or an input in place -> why `target` leaves it to PyTorch.
+
+    A compiled program of a stateless runtime (OpenVINO, TVM) reads a buffer as a constant and
+    drops writes to it, so a counter would read 0 on every call: the writes run in PyTorch instead,
+    on the model's own tensors, and the buffer becomes an input of the programs reading it.
+    """
+    writes = {}
+    for node, written in written_state(gm).items():
+        kind = "buffer" if written.op == "get_attr" else "input"
+        why = "state kept across calls" if kind == "buffer" else "the caller sees the change"
+        _trace_to_written_value(node)
+        writes[node] = (f"writes {kind} {readable_name(gm, written)!r} in place ({why}), which the {target} "
+                        "program cannot do")
+    return writes
+
+
+def _trace_to_written_value(node: torch.fx.Node) -> None:
+    """Give an unlifted `copy_` (which has no source line) the user's line that computed the value
+    it writes (`self.cnt += 1`), so reports point there."""
+    value = node.args[1] if len(node.args) > 1 else None
+    if not node.meta.get("stack_trace") and isinstance(value, torch.fx.Node) and value.meta.get("stack_trace"):
+        node.meta["stack_trace"] = value.meta["stack_trace"]
+
+
+def readable_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """A buffer's path in the user's model (`sub.steps`), or an input's placeholder name."""
+    return user_path(node.target) if node.op == "get_attr" else node.name
 
 
 def _absorb_constants(partition) -> None:

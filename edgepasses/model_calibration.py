@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import OptionError
-from .quant.calibration import as_batch
+from .quant.calibration import as_batch, check_finite
+from .state import state_kept
 
 log = logging.getLogger("edgepasses")
 
@@ -110,6 +112,7 @@ class ModelCalibration:
         self.waiting: list[DeferredGraph] = []
         self.running = False
         self.trying = False
+        self.state: list[torch.Tensor] = []  # buffers the graphs write: calibration leaves them as they were
 
     def next_origin(self, gm: torch.fx.GraphModule) -> GraphOrigin:
         self.graphs += 1
@@ -119,8 +122,10 @@ class ModelCalibration:
         return origin
 
     def defer(self, origin: GraphOrigin, user_positions: list[int], run_float: Callable,
-              compile_with: Callable[[list[tuple]], Callable]) -> DeferredGraph:
+              compile_with: Callable[[list[tuple]], Callable], state: list[torch.Tensor] = ()) -> DeferredGraph:
+        """`state`: the buffers the graph writes (the model's own tensors)."""
         graph = DeferredGraph(self, origin, user_positions, run_float, compile_with)
+        self.state += [t for t in state if not any(t is kept for kept in self.state)]
         self.waiting.append(graph)
         return graph
 
@@ -133,7 +138,13 @@ class ModelCalibration:
             graph.candidate, self.trying = None, False
 
     def calibrate(self) -> None:
-        """Run the calibration set through the whole model, then compile every waiting graph."""
+        """Run the calibration set through the whole model, then compile every waiting graph. Buffers
+        the graphs write hold the same values after as before (tensor state only: Python attributes the
+        model changes between graphs are the model's own business)."""
+        with state_kept(self.state):
+            self._calibrate()
+
+    def _calibrate(self) -> None:
         model = self.entry()
         self.running = True
         try:
@@ -141,6 +152,7 @@ class ModelCalibration:
             # In the grad mode of the call that started it: Dynamo guards on it, and under another mode
             # the batches would reach a recompiled graph instead of the graphs waiting here.
             for batches, batch in enumerate(self.calibration, start=1):
+                _check_finite(batches - 1, batch)
                 _call(model, batch)
         finally:
             self.running = False
@@ -151,6 +163,16 @@ class ModelCalibration:
         for graph in list(self.waiting):  # one that fails stays waiting, to fail the same way next call
             graph.finish()
             self.waiting.remove(graph)
+
+
+def _check_finite(index: int, batch: Any) -> None:
+    """A model's calibration batch with NaN/Inf is refused before it runs, named as the user wrote it
+    (after a graph break, a graph's own inputs would be numbered differently)."""
+    named = batch.items() if isinstance(batch, dict) else enumerate(as_batch(batch))
+    for name, value in named:
+        for leaf in pytree.tree_leaves(value):
+            check_finite(leaf, f"calibration batch {index}, input {name!r}" if isinstance(name, str)
+                         else f"calibration batch {index}, input {name}")
 
 
 def _call(model: Callable, batch: Any) -> None:

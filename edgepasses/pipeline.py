@@ -25,6 +25,7 @@ import torch.fx
 
 from .errors import OptionError, PassVerificationError
 from .pass_base import PassContext, PassInfo, get_pass, registered_passes
+from .state import state_kept, written_buffers
 
 PRESETS: dict[str, str] = {
     "edge-fp32": "fold_bn,dce",
@@ -214,7 +215,13 @@ class Pipeline:
         return hashlib.sha256(json.dumps([str(self), payload], sort_keys=True).encode()).hexdigest()[:16]
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext, *, verify: bool = False) -> torch.fx.GraphModule:
-        """Run every step in order; attach the `PipelineReport` as `gm.edge_report`."""
+        """Run every step in order; attach the `PipelineReport` as `gm.edge_report`. Buffers the graph
+        writes (a step counter) hold the same values after as before."""
+        with state_kept(written_buffers(gm)):  # passes run calibration data through the graph
+            gm = self._run_steps(gm, ctx, verify)
+        return gm
+
+    def _run_steps(self, gm: torch.fx.GraphModule, ctx: PassContext, verify: bool) -> torch.fx.GraphModule:
         from .analysis.shape_prop import verify_graph
 
         report = PipelineReport(str(self))

@@ -23,8 +23,8 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
-from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24,
-                         with_quant_partners)
+from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
+                         warn_dense_sparse24, with_quant_partners)
 
 PRECISIONS = ("f32", "bf16")
 aten = torch.ops.aten
@@ -252,6 +252,8 @@ class OpenVINOTarget:
         from openvino.frontend import OpConversionFailure
 
         exported = torch.export.export(gm, example_inputs)
+        if state_writes(gm, self.name):  # a whole-graph program would read the state as a constant
+            return self._lower_partitioned(exported, {}, "", strict=strict, precision=precision, cache_dir=cache_dir)
         try:
             program = OpenVINOProgram.from_exported(exported, precision, cache_dir)
             program.edge_lowering = Lowering(self.name, program.precision, partitions=1,
@@ -270,6 +272,7 @@ class OpenVINOTarget:
         decomposed = exported.run_decompositions(_openvino_decompositions()).module()
         unsupported = {n: failed[str(n.target)] for n in decomposed.graph.nodes
                        if n.op == "call_function" and str(n.target) in failed}
+        unsupported.update(state_writes(decomposed, self.name))
         if not unsupported:
             raise RuntimeError(f"OpenVINO could not convert the graph and the failing ops are not in it "
                                f"after decomposition, so it cannot be partitioned:\n{failure}")

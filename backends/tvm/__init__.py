@@ -32,7 +32,8 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
-from ..partition import fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, warn_dense_sparse24
+from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
+                         warn_dense_sparse24)
 
 _UNSUPPORTED = re.compile(r"Unsupported function types (\[.*?\])", re.DOTALL)
 
@@ -125,6 +126,10 @@ class TVMTarget:
         int8 = rewrite_int8(gm)
         report_float_ops(self.name, int8.float_ops, strict=strict)
         exported = torch.export.export(int8.gm, example_inputs)
+        if state_writes(int8.gm, self.name):  # a whole-graph program would read the state as a constant
+            lowered = self._lower_partitioned(exported, set(), strict=strict, options=options)
+            lowered.edge_lowering.int8_ops = int8.int8_ops
+            return lowered
         try:
             program = TVMProgram(exported, **options)
         except AssertionError as exc:  # the importer asserts on unknown ops
@@ -144,6 +149,7 @@ class TVMTarget:
         unsupported = {n: "TVM's Relax importer (from_exported_program) has no converter for it"
                        for n in decomposed.graph.nodes
                        if n.op == "call_function" and getattr(n.target, "__name__", None) in missing}
+        unsupported.update(state_writes(decomposed, self.name))
         if not unsupported:
             raise RuntimeError(f"TVM could not import the graph and the ops it names ({sorted(missing)}) are "
                                "not in it after decomposition, so it cannot be partitioned")
