@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -19,11 +20,13 @@ import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
 from . import model_calibration
-from .canonical import check_no_grad_inputs, export_canonical_graph, frozen_copy
+from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy, is_dynamo_weight,
+                        source_path)
 from .errors import GradientsNeededError, OptionError
 from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options
 from .pipeline import DEFAULT_PIPELINE, Pipeline
+from .state import remember_user_paths, written_buffers
 
 log = logging.getLogger("edgepasses")
 
@@ -35,7 +38,8 @@ class EdgeOptions:
     target_options: Any = None          # per target: {"tvm": {"trials": 64, "time_limit_s": 600}}
     calibration: Any = None             # an iterable of example input tuples
     strict: bool = False                # raise instead of running unsupported ops in PyTorch
-    verify: bool = False                # lint + re-propagate fake tensors after every pass
+    verify: bool = False                # lint + re-propagate fake tensors after every pass; at call time,
+                                        # refuse NaN/Inf inputs (programs need not propagate them as eager does)
     precision: Literal["f32", "bf16"] = "f32"
     cache_dir: str | None = None        # opt-in compile cache (compile_cache.py: <cache_dir>/compiled/<key>/)
                                         # and the targets' own caches (OpenVINO CACHE_DIR, TVM records)
@@ -111,6 +115,9 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
+    state = written_buffers(canonical)
+    remember_user_paths(frozen, frozen.meta[WEIGHT_PATHS], state)
+    check_weights = _weights_check(placeholders, user_positions)
     prepared_s = time.perf_counter() - start  # Dynamo's graph to the canonical form
     model = model_calibration.for_current_compile(opts.calibration)
     origin = model.next_origin(gm) if model else GraphOrigin(1, model_calibration.graph_break_of(gm))
@@ -122,8 +129,14 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
                                               prepared_s, accuracy)
 
+        check_finite = _finite_inputs_check(origin) if opts.verify else None
+
         def run(*args):
-            return lowered(*(args[i] for i in user_positions))
+            check_weights(args)
+            inputs = [args[i] for i in user_positions]
+            if check_finite is not None:
+                check_finite(inputs)
+            return lowered(*inputs)
 
         run.edge_compilation = compilation
         return run
@@ -135,8 +148,66 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         return compile_with(opts.calibration)
     # Calibrated graphs wait for their first call: the calibration set then runs through the whole
     # model, so that each graph is calibrated on the inputs it really gets (model_calibration.py).
-    deferred = model.defer(origin, user_positions, gm.forward, compile_with)
+    deferred = model.defer(origin, user_positions, gm.forward, compile_with, state=state)
     return deferred
+
+
+class StaleWeightsError(RuntimeError):
+    """A parameter or buffer was replaced by another tensor after its graph compiled."""
+
+
+def _weights_check(placeholders: list[torch.fx.Node], user_positions: list[int]) -> Callable[[tuple], None]:
+    """A check, for each call, that Dynamo hands the graph the weight tensors it froze.
+
+    Dynamo passes parameters as graph inputs and does not guard their identity, so a parameter
+    reassigned after compiling (`model.fc.weight = nn.Parameter(w)`) reaches the graph without a
+    recompile, and the frozen program would silently keep using the old one. (In-place changes keep
+    the tensor and stay frozen, as documented.)"""
+    frozen = [(i, n) for i, n in enumerate(placeholders) if i not in set(user_positions) and is_dynamo_weight(n)]
+    if not frozen:
+        return lambda args: None
+    positions = [i for i, _ in frozen]
+    originals = tuple(n.meta["grapharg"].example for _, n in frozen)  # strong refs: Dynamo keeps weak ones
+    paths = [source_path(n.meta["grapharg"].source.name) for _, n in frozen]  # Dynamo clears meta later
+    take = operator.itemgetter(*positions) if len(positions) > 1 else (lambda args: (args[positions[0]],))
+
+    def check(args: tuple) -> None:
+        if all(map(operator.is_, take(args), originals)):
+            return
+        replaced = [path for i, old, path in zip(positions, originals, paths) if not _same_tensor(args[i], old)]
+        if not replaced:
+            return
+        raise StaleWeightsError(
+            f"{', '.join(replaced)} replaced by another tensor after torch.compile(backend='edge') froze the "
+            "model's weights and buffers: compile again (torch._dynamo.reset(), then torch.compile) to run the "
+            "new ones")
+    return check
+
+
+class NonFiniteInputError(ValueError):
+    """verify=True: a compiled program was called with NaN/Inf, whose outputs need not match eager's."""
+
+
+def _finite_inputs_check(origin: GraphOrigin) -> Callable[[list], None]:
+    """verify=True's check at call time. Compiled programs do not propagate NaN/Inf as eager does:
+    quantize ops clamp (NaN and -Inf become the bottom of the calibrated range, +Inf the top), and
+    OpenVINO's and TVM's ReLU and max-pool turn NaN into a number; the outputs look plausible."""
+    def check(inputs: list) -> None:
+        for position, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+                bad = "NaN" if torch.isnan(x).any() else "Inf"
+                raise NonFiniteInputError(
+                    f"verify: input {position} of {origin} contains {bad}, for which the compiled program may return "
+                    "finite values where eager PyTorch returns NaN/Inf (int8 clamps NaN and -Inf to the bottom of "
+                    "each calibrated range, +Inf to the top; OpenVINO and TVM turn NaN into a number at ReLU and "
+                    "max-pool): clean the input, or pass verify=False to run it anyway")
+    return check
+
+
+def _same_tensor(given: torch.Tensor, frozen: torch.Tensor) -> bool:
+    """The frozen tensor, or a new object on its memory: Dynamo replays `self.cnt += 1` as setting the
+    attribute to the graph's result, an alias of the buffer, so a written buffer changes identity."""
+    return given is frozen or (given.data_ptr() == frozen.data_ptr() and given.shape == frozen.shape)
 
 
 def _accuracy_control(opts: EdgeOptions, model, deferred, user_positions: list[int]):

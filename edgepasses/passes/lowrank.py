@@ -99,8 +99,13 @@ def _layer_stats(plan: Plan, sqnr: float | None) -> dict:
 
 
 def _real(inputs: tuple) -> bool:
-    """Example inputs hold values (under torch.compile Dynamo may hand fake tensors, which have none)."""
-    return all(not isinstance(x, FakeTensor) for x in inputs)
+    """Example inputs hold values (under torch.compile Dynamo may hand fake tensors, which have none)
+    that can score SQNR (NaN/Inf there is no calibration data to refuse: the stats are just skipped)."""
+    return all(not isinstance(x, FakeTensor) and _finite(x) for x in inputs)
+
+
+def _finite(x) -> bool:
+    return not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all())
 
 
 @register_pass("lowrank", options=LowRankOptions)

@@ -81,7 +81,10 @@ def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
 
 
 def _has_values(inputs: tuple) -> bool:
-    return all(not isinstance(x, FakeTensor) for x in inputs)
+    """Example inputs with values (not Dynamo's fakes) that can score SQNR: NaN/Inf there is no
+    calibration data to refuse, so the stats are just skipped."""
+    return all(not isinstance(x, FakeTensor) and not (isinstance(x, torch.Tensor) and x.is_floating_point()
+                                                      and not torch.isfinite(x).all()) for x in inputs)
 
 
 def _input_stats(gm, layers: list[Layer], ctx: PassContext, activation: bool) -> dict:

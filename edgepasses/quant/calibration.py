@@ -26,10 +26,16 @@ def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
             raise OptionError(f"calibration batch {index}, input {position}: got {described}, expected "
                               f"{tuple(want.shape)} {want.dtype} like the example inputs (the graph is "
                               "compiled for static shapes)")
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            bad = "NaN" if torch.isnan(got).any() else "Inf"
-            raise OptionError(f"calibration batch {index}, input {position} contains {bad}: ranges calibrated on "
-                              "it would be meaningless; clean or drop that batch")
+        check_finite(got, f"calibration batch {index}, input {position}")
+
+
+def check_finite(value, where: str) -> None:
+    """Refuse a float tensor holding NaN or Inf, naming `where` ("calibration batch 3, input 0"): one NaN
+    would turn every statistic a data-aware pass gathers (ranges, activation norms, Grams) into NaN."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        bad = "NaN" if torch.isnan(value).any() else "Inf"
+        raise OptionError(f"{where} contains {bad}: statistics calibrated on it (ranges, activation norms) "
+                          "would be NaN or meaningless; clean or drop that batch")
 
 
 def calibrate(run: Callable, batches: Iterable | None, example_inputs: tuple, *, needed_by: str) -> int:
