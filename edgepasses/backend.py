@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.fx
@@ -41,7 +43,7 @@ class EdgeOptions:
     verify: bool = False                # lint + re-propagate fake tensors after every pass; at call time,
                                         # refuse NaN/Inf inputs (programs need not propagate them as eager does)
     precision: Literal["f32", "bf16"] = "f32"
-    cache_dir: str | None = None        # opt-in compile cache (compile_cache.py: <cache_dir>/compiled/<key>/)
+    cache_dir: str | os.PathLike | None = None  # opt-in compile cache (compile_cache.py: <cache_dir>/compiled/<key>/)
                                         # and the targets' own caches (OpenVINO CACHE_DIR, TVM records)
     allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
     on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
@@ -63,10 +65,35 @@ class EdgeOptions:
             check_metric(self.metric)
             if self.calibration is None:
                 raise OptionError("metric needs calibration data: pass calibration=[...] too")
-        if self.calibration is not None and iter(self.calibration) is self.calibration:
-            # Dynamo may compile several graphs, and each would find an iterator already used up.
-            raise OptionError("calibration must be re-iterable (a list of input tuples), not an iterator "
-                              "or generator")
+        _check_calibration(self.calibration)
+        if self.on_compile is not None and not callable(self.on_compile):
+            raise OptionError(f"on_compile must be a callable taking an EdgeCompilation (e.g. a list's append); "
+                              f"got {self.on_compile!r} ({type(self.on_compile).__name__})")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", _checked_cache_dir(self.cache_dir))
+
+
+def _check_calibration(calibration) -> None:
+    if calibration is None:
+        return
+    expected = ("calibration must be a list of the model's input tuples (or dicts of keyword arguments), "
+                "e.g. [(x1,), (x2,)]")
+    if isinstance(calibration, (str, bytes, dict)) or not isinstance(calibration, Iterable):
+        raise OptionError(f"{expected}; got {calibration!r:.80} ({type(calibration).__name__})")
+    if iter(calibration) is calibration:
+        # Dynamo may compile several graphs, and each would find an iterator already used up.
+        raise OptionError(f"{expected}, re-iterable: not an iterator or generator (wrap it in list(...))")
+
+
+def _checked_cache_dir(cache_dir: str | os.PathLike) -> str:
+    """`cache_dir` as a str; refused when it exists and is not a directory (compiling would fail there)."""
+    path = os.fspath(cache_dir)
+    if not path:
+        raise OptionError("cache_dir must name a directory; got an empty path (pass None for no cache)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OptionError(f"cache_dir {path!r} is a file, not a directory: name a directory (it is created "
+                          "if missing) or pass None for no cache")
+    return path
 
 
 @dataclass(frozen=True)
@@ -81,16 +108,36 @@ class EdgeCompilation:
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
+    if options is not None and not isinstance(options, Mapping):
+        hint = f" (options={{'pipeline': {options!r}}}?)" if isinstance(options, str) else ""
+        raise OptionError(f"torch.compile(backend='edge') options must be a dict such as "
+                          f"{{'pipeline': 'fold_bn,quantize', 'target': 'openvino'}}; got {options!r:.80} "
+                          f"({type(options).__name__}){hint}")
     return build_options(EdgeOptions, options or {}, where="torch.compile(backend='edge')")
 
 
-def _static_example(node: torch.fx.Node, value: Any) -> torch.Tensor:
-    """A concrete tensor of the input's static shape; refuses symbolic shapes with what to do."""
-    shape = getattr(node.meta.get("example_value", value), "shape", None)
-    if not isinstance(value, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in shape):
-        raise OptionError(f"input {node.name} has a dynamic shape ({value!r}); the edge backend compiles "
-                         "static shapes: pass dynamic=False to torch.compile (one compile per input shape)")
-    return torch.zeros(value.shape, dtype=value.dtype) if is_fake(value) else value
+def _static_examples(placeholders: list[torch.fx.Node], example_inputs: list, user_positions: list[int]) -> tuple:
+    """Concrete tensors of the user inputs' static shapes; symbolic shapes are refused with what to do."""
+    dynamic = [d for d in (_dynamic_shape(placeholders[i], example_inputs[i]) for i in user_positions) if d]
+    if dynamic:
+        shapes = [d for d in dynamic if not d.endswith(": a size")] or dynamic  # sizes show in the shapes
+        raise OptionError(f"torch.compile gave this graph dynamic input shapes ({'; '.join(shapes)}), "
+                          "as dynamic=True does, and the default dynamic=None does once a second input shape "
+                          "arrives; the edge backend compiles static shapes only: pass dynamic=False to "
+                          "torch.compile (one compile per input shape)")
+    return tuple(torch.zeros(v.shape, dtype=v.dtype) if is_fake(v) else v
+                 for v in (example_inputs[i] for i in user_positions))
+
+
+def _dynamic_shape(node: torch.fx.Node, value: Any) -> str | None:
+    """`x: (s33, 4)` for an input with a symbolic shape, `s33: a size` for a symbolic size, else None."""
+    name = re.sub(r"^l_(.+)_$", r"\1", node.name)  # Dynamo names input `x` l_x_
+    if not isinstance(value, torch.Tensor):
+        return f"{name}: a size"
+    shape = getattr(node.meta.get("example_value", value), "shape", value.shape)
+    if any(isinstance(s, torch.SymInt) for s in shape):
+        return f"{name}: ({', '.join(map(str, shape))})"
+    return None
 
 
 def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **unknown):
@@ -105,7 +152,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     target = get_target(opts.target, opts.target_options)
     frozen, user_positions = frozen_copy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    user_inputs = tuple(_static_example(placeholders[i], example_inputs[i]) for i in user_positions)
+    user_inputs = _static_examples(placeholders, example_inputs, user_positions)
     try:
         check_no_grad_inputs(example_inputs, user_positions)
         canonical = export_canonical_graph(frozen, user_inputs)

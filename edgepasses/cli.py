@@ -20,12 +20,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError
+from .errors import EdgeError, OptionError
 from .pass_base import PassInfo, registered_passes
 from .pipeline import DEFAULT_PIPELINE, PRESETS, Pipeline, format_value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the subcommand, what is wrong), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (a count of rounds, batches, trials)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}; got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _option_text(field: dataclasses.Field) -> str:
@@ -200,7 +223,7 @@ def _add_compare_parser(subparsers: Any) -> None:
     compare = subparsers.add_parser("compare", help="output SQNR vs float of several pipelines on zoo models")
     compare.add_argument("--model", action="append", required=True, help="zoo model name; repeatable")
     compare.add_argument("--pipeline", action="append", required=True, help="pipeline text; repeatable")
-    compare.add_argument("--batches", type=int, default=8, help="calibration batches (as many held out)")
+    compare.add_argument("--batches", type=_at_least(1), default=8, help="calibration batches (as many held out)")
     compare.set_defaults(handler=_compare, parser=compare)
 
 
@@ -218,7 +241,7 @@ def _add_onnx_parser(subparsers: Any) -> None:
                                               "check it in onnxruntime")
     onnx.add_argument("--model", required=True, help="zoo model name")
     onnx.add_argument("--pipeline", default="fold_bn,quantize", help="pipeline text")
-    onnx.add_argument("--batches", type=int, default=8, help="calibration batches")
+    onnx.add_argument("--batches", type=_at_least(1), default=8, help="calibration batches")
     onnx.add_argument("--out", metavar="PATH", help="keep the ONNX file here")
     onnx.set_defaults(handler=_onnx, parser=onnx)
 
@@ -275,7 +298,7 @@ def _add_report_parser(subparsers: Any) -> None:
     report.add_argument("run_dir", nargs="?", help="a search run directory (edgepasses search --out)")
     report.add_argument("--model", help="zoo model name (sensitivity report)")
     report.add_argument("--pipeline", default="fold_bn,quantize", help="a pipeline with a quantize step")
-    report.add_argument("--batches", type=int, default=8, help="calibration = evaluation batches")
+    report.add_argument("--batches", type=_at_least(1), default=8, help="calibration = evaluation batches")
     report.add_argument("--min-sqnr", type=float, default=None,
                         help="also show which layers quantize(min_sqnr=...) keeps in float")
     report.set_defaults(handler=_report, parser=report)
@@ -319,12 +342,12 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--direct", action="store_true",
                        help="also time each pipeline's compress() + lower() program called without "
                             "torch.compile (no Dynamo per-call work)")
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=_at_least(1), default=1)
     bench.add_argument("--target", type=target_spec, default="openvino",
                        help=f"{', '.join(TARGET_NAMES)}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
-    bench.add_argument("--warmup", type=int, default=10)
-    bench.add_argument("--rounds", type=int, default=None,
+    bench.add_argument("--warmup", type=_at_least(0), default=10)
+    bench.add_argument("--rounds", type=_at_least(1), default=None,
                        help="interleaved timing rounds (default: 50; accuracy: 20)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--md", metavar="PATH", help="also write the Markdown tables")
@@ -345,20 +368,20 @@ def _add_search_parser(subparsers: Any) -> None:
     search.add_argument("--budget", action="append", default=[],
                         help="upper bound NAME=VALUE: latency_ms, size_mb, accuracy_drop; repeatable")
     search.add_argument("--objectives", default="latency,accuracy,size", help="comma-separated objectives")
-    search.add_argument("--trials", type=int, default=60, help="finished trials to reach (resumes)")
+    search.add_argument("--trials", type=_at_least(1), default=60, help="finished trials to reach (resumes)")
     search.add_argument("--out", required=True, help="run directory (study storage; resumable)")
     search.add_argument("--sampler", default="nsga2", choices=("nsga2", "tpe", "random"))
     search.add_argument("--workers", default=None, help="'ray' (local instance) or ray://host:port")
-    search.add_argument("--num-workers", type=int, default=None, help="Ray tasks (default: the cluster's CPUs)")
-    search.add_argument("--batch", type=int, default=32, help="batch size of the timed and evaluated program")
-    search.add_argument("--calibration-batches", type=int, default=4)
-    search.add_argument("--distill-steps", type=int, default=0,
+    search.add_argument("--num-workers", type=_at_least(1), default=None, help="Ray tasks (default: the cluster's CPUs)")
+    search.add_argument("--batch", type=_at_least(1), default=32, help="batch size of the timed and evaluated program")
+    search.add_argument("--calibration-batches", type=_at_least(1), default=4)
+    search.add_argument("--distill-steps", type=_at_least(0), default=0,
                         help="flash distillation steps before quantize for pruned/low-rank/2:4 candidates")
     search.add_argument("--distill-lr", type=float, default=1e-4,
                         help="flash distillation's Adam learning rate (default %(default)s: distill's own 1e-3 "
                              "wrecks a BN-folded ResNet-18 in 20 steps; 1e-4 recovers it)")
-    search.add_argument("--warmup", type=int, default=2)
-    search.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per trial")
+    search.add_argument("--warmup", type=_at_least(0), default=2)
+    search.add_argument("--rounds", type=_at_least(1), default=5, help="interleaved timing rounds per trial")
     search.add_argument("--reference", default="nncf", choices=("nncf", "none"),
                         help="int8 reference measured at the start and timed with every trial (openvino)")
     search.add_argument("--seed", type=int, default=0)
@@ -379,7 +402,7 @@ def _add_search_parser(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgepasses", description="FX-graph compression passes and the "
+    parser = _Parser(prog="edgepasses", description="FX-graph compression passes and the "
                                                                     "torch.compile backend 'edge'")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench_parser(subparsers)
@@ -394,6 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause and fix (a missing file, a bad option or value): one line, no traceback.
+# Anything else is a bug, and its traceback is worth seeing.
+_USER_ERRORS = (EdgeError, OSError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except _USER_ERRORS as exc:
+        if os.environ.get("EDGEPASSES_TRACEBACK"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"edgepasses {args.command}: error: {first}", file=sys.stderr)  # EDGEPASSES_TRACEBACK=1: the traceback
+        return 1

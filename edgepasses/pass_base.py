@@ -8,6 +8,7 @@ the same way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ class PassInfo:
     doc: str
 
     def make_options(self, values: Mapping[str, Any]):
-        return build_options(self.options, values, where=f"pass {self.name!r}")
+        options = build_options(self.options, values, where=f"pass {self.name!r}")
+        check_patterns(getattr(options, "ignore", ()), where=f"pass {self.name!r} option 'ignore'")
+        return options
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -97,6 +100,17 @@ def build_options(cls: type, values: Mapping[str, Any], *, where: str):
     hints = typing.get_type_hints(cls)
     checked = {k: check_value(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
     return cls(**checked)
+
+
+def check_patterns(patterns, *, where: str) -> None:
+    """Layer-name regexes (every pass's `ignore` option) must compile: checked when the options are
+    parsed, not when the pass reaches them after calibration."""
+    for pattern in patterns if isinstance(patterns, tuple) else ():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise OptionError(f"{where}: {pattern!r} is not a valid regular expression ({exc}); escape "
+                              f"special characters (re.escape) to match a name literally") from None
 
 
 def check_value(value: Any, tp: Any, where: str) -> Any:

@@ -23,6 +23,7 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
+from ..input_check import input_signature, mismatch
 from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
                          warn_dense_sparse24, with_quant_partners)
 
@@ -169,6 +170,7 @@ class OpenVINOProgram(torch.nn.Module):
         self.compiled = compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
         self.request = compiled.create_infer_request()
         self.in_spec, self.out_spec = exported.call_spec.in_spec, exported.call_spec.out_spec
+        self.signature = input_signature(exported)
         # Kept so `edgepasses.save` (and the compile cache) write this model without converting again.
         self.ov_model, self.exported = ov_model, exported
         self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # e.g. "f32"
@@ -195,7 +197,13 @@ class OpenVINOProgram(torch.nn.Module):
     def forward(self, *args, **kwargs):
         leaves = pytree.tree_leaves((args, kwargs))  # in the order of the exported user inputs
         inputs = [leaves[i].detach().contiguous().numpy() for i in self.input_positions]
-        results = self.request.infer(inputs, share_inputs=True)
+        try:
+            results = self.request.infer(inputs, share_inputs=True)
+        except RuntimeError:  # its first line is a C++ source location: name the shapes when they are why
+            error = mismatch("OpenVINO", self.signature, leaves)
+            if error is None:
+                raise
+            raise error from None
         outputs = [torch.from_numpy(results[i]) for i in range(len(results))]
         return pytree.tree_unflatten(outputs, self.out_spec)
 

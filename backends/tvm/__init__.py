@@ -32,6 +32,7 @@ from edgepasses.errors import OptionError
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
+from ..input_check import input_signature, mismatch
 from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
                          warn_dense_sparse24)
 
@@ -73,6 +74,7 @@ class TVMProgram(torch.nn.Module):
         self.main = self.vm["main"]
         self._from_dlpack = tvm.runtime.from_dlpack
         self.out_spec = exported.call_spec.out_spec
+        self.signature = input_signature(exported)
         self.weights_mb = sum(t.numel() * t.element_size() for t in exported.state_dict.values()) / 1e6
         self.weights_mb += sum(t.numel() * t.element_size() for t in exported.constants.values()
                                if isinstance(t, torch.Tensor)) / 1e6
@@ -83,7 +85,13 @@ class TVMProgram(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        result = self.main(*(self._from_dlpack(x.detach().contiguous()) for x in leaves))
+        try:
+            result = self.main(*(self._from_dlpack(x.detach().contiguous()) for x in leaves))
+        except (RuntimeError, ValueError):  # the VM's check names its C++ condition: name the shapes instead
+            error = mismatch("TVM", self.signature, leaves)
+            if error is None:
+                raise
+            raise error from None
         results = list(result) if not hasattr(result, "__dlpack__") else [result]
         # Copy out of the VM's buffers: its memory planner reuses them on the next call.
         outputs = [torch.from_dlpack(r).clone() for r in results]
