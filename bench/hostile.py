@@ -25,6 +25,7 @@ ran past its timeout). A case passes when its verdict is the expected one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -32,6 +33,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -110,6 +112,30 @@ class Case:
 
 class Crash(Exception):
     """Raised by a case that ran something in a subprocess which died or hung."""
+
+
+class _Hung(BaseException):
+    """A case ran past its timeout (a BaseException, so that no `except Exception` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float):
+    """Interrupt the case after `seconds` (SIGALRM; only in the main thread of a POSIX process). A hang in
+    C code outlives it until control returns to Python: the runner's worker process is killed then."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hung(signum, frame):
+        raise _Hung(f"no result after {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class SilentlyWrong(Exception):
@@ -211,7 +237,10 @@ def classify(case: Case) -> CaseResult:
     start = time.perf_counter()
     result = CaseResult(case.name, case.area, case.expect.kind, "", xfail=case.xfail)
     try:
-        value = case.run()
+        with _alarm(case.timeout):
+            value = case.run()
+    except _Hung as exc:
+        result.verdict, result.detail = "crash/hang", str(exc)
     except Crash as exc:
         result.verdict, result.detail = "crash/hang", str(exc)[:400]
     except SilentlyWrong as exc:
