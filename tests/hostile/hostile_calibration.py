@@ -20,7 +20,6 @@ DATA_AWARE = {
     "prune": "prune(ratio=0.25,criterion=activation)",
     "lowrank": "lowrank(rank=4,round_to=1,min_saving=0,data_aware=true)",
 }
-ITEM4 = "issue 20 item 4 (helper-10): NaN/Inf in calibration is a clear error naming the batch"
 
 
 def _batches(n: int = 4) -> list[tuple]:
