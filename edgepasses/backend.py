@@ -116,6 +116,26 @@ def parse_options(options: dict | None) -> EdgeOptions:
     return build_options(EdgeOptions, options or {}, where="torch.compile(backend='edge')")
 
 
+def _refuse_python_numbers(placeholders: list[torch.fx.Node], user_positions: list[int]) -> None:
+    """Dynamo passes a Python number the model reads (`self.scale`, a float argument) as a graph input
+    once it changes between calls; the graph then reads it with `.item()`, which torch.export cannot
+    capture into the canonical form."""
+    numbers = [placeholders[i].meta["grapharg"] for i in user_positions
+               if getattr(placeholders[i].meta.get("grapharg"), "pass_arg_as_tensor", False)]
+    if numbers:
+        names = ", ".join(_python_name(g.source.name) for g in numbers)
+        raise OptionError(f"the Python number(s) {names} changed between calls, so Dynamo made them inputs of this "
+                          "graph, and the edge backend compiles Python numbers as constants: compile again after "
+                          "changing them (torch._dynamo.reset(), then torch.compile), or pass them to forward as "
+                          "tensors")
+
+
+def _python_name(source_name: str) -> str:
+    """A Dynamo source as the user wrote it: `L['self']._modules['sub'].scale` -> `self.sub.scale`."""
+    name = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", source_name)
+    return re.sub(r"^L\[['\"]([^'\"]+)['\"]\]", r"\1", name)
+
+
 def _static_examples(placeholders: list[torch.fx.Node], example_inputs: list, user_positions: list[int]) -> tuple:
     """Concrete tensors of the user inputs' static shapes; symbolic shapes are refused with what to do."""
     dynamic = [d for d in (_dynamic_shape(placeholders[i], example_inputs[i]) for i in user_positions) if d]
@@ -152,6 +172,7 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     target = get_target(opts.target, opts.target_options)
     frozen, user_positions = frozen_copy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    _refuse_python_numbers(placeholders, user_positions)
     user_inputs = _static_examples(placeholders, example_inputs, user_positions)
     try:
         check_no_grad_inputs(example_inputs, user_positions)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import OptionError
+from .errors import EdgeError, OptionError
 from .quant.calibration import as_batch, check_finite
 from .state import state_kept
 
@@ -142,9 +142,9 @@ class ModelCalibration:
         the graphs write hold the same values after as before (tensor state only: Python attributes the
         model changes between graphs are the model's own business)."""
         with state_kept(self.state):
-            self._calibrate()
+            self._calibrate(_current_call())
 
-    def _calibrate(self) -> None:
+    def _calibrate(self, call: tuple[tuple, dict] | None) -> None:
         model = self.entry()
         self.running = True
         try:
@@ -153,7 +153,7 @@ class ModelCalibration:
             # the batches would reach a recompiled graph instead of the graphs waiting here.
             for batches, batch in enumerate(self.calibration, start=1):
                 _check_finite(batches - 1, batch)
-                _call(model, batch)
+                _call_naming_batch(model, batch, batches - 1, call)
         finally:
             self.running = False
         if batches == 0:
@@ -173,6 +173,55 @@ def _check_finite(index: int, batch: Any) -> None:
         for leaf in pytree.tree_leaves(value):
             check_finite(leaf, f"calibration batch {index}, input {name!r}" if isinstance(name, str)
                          else f"calibration batch {index}, input {name}")
+
+
+def _current_call() -> tuple[tuple, dict] | None:
+    """(args, kwargs) of the user's call into the compiled model that is running, or None."""
+    frame = _dynamo_entry_frame()
+    return None if frame is None else (frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
+
+
+def _describe(value: Any) -> str:
+    return f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _unlike_call(batch: Any, call: tuple[tuple, dict] | None) -> str:
+    """How a batch differs from the call that started calibration ("" when it does not, or when they
+    cannot be compared): the likely reason it failed. Batches may legitimately take other shapes or
+    branches (with dynamic=False each compiles its own graph), so this is said only on a failure."""
+    if call is None:
+        return ""
+    args, kwargs = call
+    if isinstance(batch, dict):
+        pairs = [(repr(k), v, kwargs[k]) for k, v in batch.items() if k in kwargs]
+    else:
+        batch = as_batch(batch)
+        if kwargs:  # called with keywords, calibrated positionally: nothing to compare one to one
+            return ""
+        if len(batch) != len(args):
+            return f"it has {len(batch)} input(s) where the call has {len(args)}"
+        pairs = [(str(i), got, want) for i, (got, want) in enumerate(zip(batch, args))]
+    for name, got, want in pairs:
+        if isinstance(want, torch.Tensor) and not (isinstance(got, torch.Tensor) and got.shape == want.shape
+                                                   and got.dtype == want.dtype):
+            return f"its input {name} is {_describe(got)} where the call has {_describe(want)}"
+    return ""
+
+
+def _call_naming_batch(model: Callable, batch: Any, index: int, call: tuple[tuple, dict] | None) -> None:
+    """One calibration batch into the model; a failure names the batch and how it differs from the call
+    (a batch of another shape makes torch.compile's default dynamic=None compile a dynamic graph)."""
+    try:
+        _call(model, batch)
+    except Exception as exc:  # the model's own code, or a graph compiled for it: any type
+        unlike = _unlike_call(batch, call)
+        if isinstance(exc, EdgeError) and not unlike:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        form = "" if isinstance(exc, EdgeError) else (" (each batch is a tuple of the model's inputs, or a dict of "
+                                                      "keyword arguments, like the calls)")
+        raise OptionError(f"calibration batch {index} failed in the model{f' ({unlike})' if unlike else ''}: "
+                          f"{type(exc).__name__}: {first}{form}") from exc
 
 
 def _call(model: Callable, batch: Any) -> None:

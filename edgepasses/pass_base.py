@@ -93,7 +93,7 @@ def get_pass(name: str) -> PassInfo:
 def build_options(cls: type, values: Mapping[str, Any], *, where: str):
     """Build the frozen dataclass `cls` from `values`, checking keys and types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(k) for k in values if k not in fields)  # str(): a key may be anything hashable
     if unknown:
         valid = ", ".join(f"{n}: {_type_name(f.type, cls)}" for n, f in fields.items()) or "none"
         raise OptionError(f"unknown option(s) {', '.join(unknown)} for {where}; valid options: {valid}")

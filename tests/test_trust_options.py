@@ -137,3 +137,86 @@ def test_cli_usage_errors_are_one_line_before_any_work(argv, message, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"edgepasses {argv[0]}: error: {message} (--help for usage)\n"
+
+
+FORM = " (each batch is a tuple of the model's inputs, or a dict of keyword arguments, like the calls)"
+
+
+@pytest.mark.parametrize("batch, message", [
+    ((torch.randn(3, 4),), re.escape("calibration batch 1 failed in the model (its input 0 is (3, 4) torch.float32 "
+                                     "where the call has (2, 4) torch.float32): OptionError: torch.compile gave this "
+                                     "graph dynamic input shapes (") + r".*pass dynamic=False to torch.compile.*"),
+    ((torch.randn(2, 4, dtype=torch.float64),), re.escape(
+        "calibration batch 1 failed in the model (its input 0 is (2, 4) torch.float64 where the call has (2, 4) "
+        "torch.float32): RuntimeError: ") + ".*" + re.escape(FORM)),
+    ((torch.randn(2, 4), torch.randn(2, 4)), re.escape(
+        "calibration batch 1 failed in the model (it has 2 input(s) where the call has 1): TypeError: ") + ".*"),
+    ("abc", re.escape("calibration batch 1 failed in the model (its input 0 is str where the call has (2, 4) "
+                      "torch.float32): TypeError: ") + ".*"),
+])
+def test_a_calibration_batch_unlike_the_call_is_named_under_torch_compile(batch, message):
+    """Such a batch used to fail inside the model, or make Dynamo compile a dynamic graph, naming no batch."""
+    with pytest.raises(OptionError) as exc:
+        _compile_and_call({"target": "reference", "pipeline": "quantize",
+                           "calibration": [(torch.randn(2, 4),), batch]})
+    assert re.fullmatch(message, _first_line(exc))
+
+
+def test_calibration_batches_of_another_shape_are_fine_with_dynamic_false():
+    """They calibrate the graph of their own shape (compiled when a call of that shape comes); smooth
+    needs calibration and is exact in float."""
+    model = _model()
+    calibration = [(torch.randn(2, 4),), (torch.randn(3, 4),)]
+    compiled = torch.compile(model, backend="edge", dynamic=False, options={
+        "target": "reference", "pipeline": "smooth", "calibration": calibration})
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_a_calibration_batch_the_model_fails_on_is_named():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x, scale):
+            if scale <= 0:
+                raise ValueError("scale must be positive")
+            return self.l(x) * scale
+
+    compiled = torch.compile(Picky().eval(), backend="edge", options={
+        "target": "reference", "pipeline": "quantize", "calibration": [(torch.randn(2, 4), 1.0),
+                                                                       (torch.randn(2, 4), -1.0)]})
+    with torch.no_grad(), pytest.raises(OptionError) as exc:
+        compiled(torch.randn(2, 4), 1.0)
+    assert _first_line(exc) == f"calibration batch 1 failed in the model: ValueError: scale must be positive{FORM}"
+
+
+def test_a_non_string_option_key_is_named():
+    with pytest.raises(OptionError, match=r"^unknown option\(s\) 5 for torch.compile\(backend='edge'\); valid options"):
+        _compile_and_call({5: 1, "target": "reference"})
+
+
+def test_a_python_number_changed_after_compiling_is_one_clear_line():
+    """Dynamo then passes it as a graph input read with .item(), which torch.export cannot capture."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.scale = nn.Linear(4, 4), 1.0
+
+        def forward(self, x):
+            return self.l(x) * self.scale
+
+    model, x = Scaled().eval(), torch.randn(2, 4)
+    compiled = torch.compile(model, backend="edge", options={"target": "reference"})
+    with torch.no_grad():
+        compiled(x)
+        model.scale = 3.0
+        with pytest.raises(OptionError) as exc:
+            compiled(x)
+    assert _first_line(exc) == (
+        "the Python number(s) self.scale changed between calls, so Dynamo made them inputs of this graph, and the "
+        "edge backend compiles Python numbers as constants: compile again after changing them "
+        "(torch._dynamo.reset(), then torch.compile), or pass them to forward as tensors")
