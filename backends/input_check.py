@@ -36,3 +36,33 @@ def mismatch(runtime: str, expected: Signature, given: list) -> InputMismatchErr
 
 def _listed(signature: Signature) -> str:
     return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in signature) or "none"
+
+
+class NamedShapeGuards(torch.nn.Module):
+    """torch.export's input guards of an unlifted module (`_guards_fn`, which fails with `Guard failed:
+    input.size()[0] == 2`), raising InputMismatchError naming every expected and given shape instead."""
+
+    _is_impure = True  # as the guards it wraps: dead-code elimination must keep the call (it returns nothing)
+
+    def __init__(self, guards: torch.nn.Module, runtime: str, signature: Signature):
+        super().__init__()
+        self.guards, self.runtime, self.signature = guards, runtime, signature
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.guards(*args, **kwargs)
+        except AssertionError:
+            error = mismatch(self.runtime, self.signature, list(args))
+            if error is None:
+                raise
+            raise error from None
+
+
+def name_shape_mismatches(gm: torch.fx.GraphModule, runtime: str) -> None:
+    """Make `gm`'s input guards (when it has them) name the shapes on a mismatch."""
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None or isinstance(guards, NamedShapeGuards):
+        return
+    values = (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
+    signature = [(tuple(v.shape), v.dtype) for v in values if isinstance(v, torch.Tensor)]
+    gm._guards_fn = NamedShapeGuards(guards, runtime, signature)

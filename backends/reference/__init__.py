@@ -19,6 +19,7 @@ from edgepasses.graph_utils import remove_unused_attributes
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, tensors_mb
+from ..input_check import name_shape_mismatches
 from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_dense_sparse24
 
 
@@ -40,6 +41,7 @@ class ReferenceTarget:
         from .sparse24 import lower_sparse24
 
         lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # new attribute owners, same tensors
+        name_shape_mismatches(lowered, "reference")
         int8_ops, left = lower_int8(lowered)
         fallbacks = fallbacks_of(left)
         report_fallbacks(self.name, fallbacks, strict=strict)
