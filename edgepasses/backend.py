@@ -8,6 +8,7 @@ reach each of Dynamo's graphs by running through the model (`model_calibration.p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
@@ -193,7 +194,8 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     def compile_with(calibration) -> Callable:
         """The compiled program of this graph, calibrated on `calibration` (batches of its own inputs)."""
         compiled_opts = dataclasses.replace(opts, calibration=calibration)
-        accuracy = _accuracy_control(opts, model, deferred, user_positions) if opts.metric else None
+        accuracy = _accuracy_control(opts, model, deferred, user_positions, target, user_inputs) \
+            if opts.metric else None
         lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
                                               prepared_s, accuracy)
 
@@ -278,18 +280,36 @@ def _same_tensor(given: torch.Tensor, frozen: torch.Tensor) -> bool:
     return given is frozen or (given.data_ptr() == frozen.data_ptr() and given.shape == frozen.shape)
 
 
-def _accuracy_control(opts: EdgeOptions, model, deferred, user_positions: list[int]):
-    """The user's metric on the whole compiled model with this graph's candidate in its place (graphs
-    not compiled yet run in float)."""
+def _accuracy_control(opts: EdgeOptions, model, deferred, user_positions: list[int], target, user_inputs: tuple):
+    """The user's metric on the whole compiled model with this graph's candidate, lowered to the
+    target, in its place (graphs not compiled yet run in float): the metric sees the runtime's own
+    int8 arithmetic (OpenVINO's differs a little from PyTorch's fake-quant), as what ships will."""
+    from .analysis.shape_prop import propagate_fake
+    from .graph_utils import copy_sharing_weights
     from .quant.accuracy_control import AccuracyControl, score
 
     def evaluate(candidate: torch.fx.GraphModule) -> float:
+        candidate = copy_sharing_weights(candidate)  # lowering may rewrite it; the search may return it
+        propagate_fake(candidate, user_inputs)
+        with _warnings_held_back():  # the chosen graph's own lowering says them, once
+            program = target.lower(candidate, user_inputs, strict=opts.strict, precision=opts.precision)
+
         def run(*args):
-            return candidate(*(args[i] for i in user_positions))
+            return program(*(args[i] for i in user_positions))
 
         return model.trial(deferred, run, lambda compiled: score(opts.metric, compiled, f"model ({deferred.origin})"))
 
     return AccuracyControl(evaluate, opts.max_drop)
+
+
+@contextlib.contextmanager
+def _warnings_held_back():
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target,
