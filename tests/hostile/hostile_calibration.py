@@ -81,6 +81,13 @@ def _same_as_compress(pipeline: str):
     return run, check
 
 
+def _as_compress_with_tuples(got):
+    """What compress() gives with the same batches written as tuples."""
+    with torch.no_grad():
+        graph = edgepasses.compress(ln_mlp(), (x_ln(),), "quantize", calibration=_batches())(x_ln())
+    close(graph, got, atol=2e-2, rtol=1e-2)
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -106,7 +113,9 @@ def _two_inputs_poisoned(pipeline: str, position: int):
 def cases() -> list[Case]:
     cases = []
     for name, pipeline in DATA_AWARE.items():
-        for label, make, pattern in NONFINITE:
+        # under torch.compile one check covers every graph before any pass runs: each kind once (quantize),
+        # and NaN once per pass; under compress() each pass checks its own batches: NaN for each
+        for label, make, pattern in NONFINITE if name == "quantize" else NONFINITE[:1]:
             cases.append(Case(f"calibration {name}: {label}", "calibration", _compile(pipeline, make),
                               clear_error(OptionError, pattern)))
         cases.append(Case(f"calibration {name} via compress: NaN in a later batch", "calibration",
@@ -130,8 +139,7 @@ def cases() -> list[Case]:
         Case("calibration quantize: lone tensors instead of tuples", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
                                             "calibration": [x_ln(10 + i) for i in range(4)]}, x_ln()),
-             correct(lambda got: close(compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
-                                                              "calibration": _batches()}, x_ln()), got))),
+             correct(_as_compress_with_tuples)),
         Case("calibration quantize: calibration missing", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize"}, x_ln()),
              clear_error(OptionError, r"needs calibration data")),
@@ -139,8 +147,7 @@ def cases() -> list[Case]:
         Case("calibration quantize: a tensor of stacked batches as the calibration set", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
                                             "calibration": torch.stack([b[0] for b in _batches()])}, x_ln()),
-             correct(lambda got: close(compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
-                                                              "calibration": _batches()}, x_ln()), got))),
+             correct(_as_compress_with_tuples)),
         Case("calibration quantize: a dict as the calibration set", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
                                             "calibration": {"x": x_ln()}}, x_ln()),
