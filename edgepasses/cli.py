@@ -195,6 +195,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.run_dir:
         from .search.report import write_report
 
+        _check_run_dir(args.run_dir)
         paths = write_report(args.run_dir)
         print(Path(paths["md"]).read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -208,6 +209,25 @@ def _report(args: argparse.Namespace) -> int:
         args.parser.error(f"unknown model {args.model}; valid models: {', '.join(ZOO_NAMES)}")
     print(quant_report_for(args.model, args.pipeline, args.batches, args.min_sqnr))
     return 0
+
+
+# What a search run's search.json must hold for its report (search/run.py, search/report.py index them).
+_RUN_KEYS = ("objectives", "target")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """A search run directory whose search.json the report can read, else an OptionError saying what is wrong."""
+    from .search.study import META, read_meta
+
+    where = f"{Path(run_dir) / META}"
+    try:
+        meta = read_meta(run_dir)
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"{where} is not valid JSON ({exc}); `edgepasses search --out {run_dir}` writes it") from None
+    missing = [key for key in _RUN_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise OptionError(f"{where} lacks {', '.join(missing)}: it is no complete search run; `edgepasses search "
+                          f"--out {run_dir}` writes it")
 
 
 def _compare(args: argparse.Namespace) -> int:

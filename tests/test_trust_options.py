@@ -221,3 +221,14 @@ def test_a_python_number_changed_after_compiling_is_one_clear_line():
         "the Python number(s) self.scale changed between calls, so Dynamo made them inputs of this graph, and the "
         "edge backend compiles Python numbers as constants: compile again after changing them "
         "(torch._dynamo.reset(), then torch.compile), or pass them to forward as tensors")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "search.json is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ('{"model": "digits_cnn"}', "search.json lacks objectives, target: it is no complete search run"),
+])
+def test_cli_report_of_a_broken_run_directory_is_one_line(content, message, tmp_path, capsys):
+    (tmp_path / "search.json").write_text(content)
+    assert cli.main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgepasses report: error: {tmp_path}/{message}") and err.count("\n") == 1
