@@ -13,7 +13,6 @@ from hostile_common import artifact_trust, close, convnet, eager_of, mlp, scratc
 from edgepasses.bench.hostile import Case, SilentlyWrong, clear_error, correct, warning
 from edgepasses.errors import OptionError
 
-ITEM6 = "issue 20 item 6 (helper-10): cache_dir accepts os.PathLike and refuses a file at parse time"
 STORE = ("bug found by the hostile suite (reported; in no one's list): compile_cache.store creates <cache_dir>/compiled "
          "outside its try, so a store that cannot write fails the compile with a raw FileExistsError")
 
@@ -185,10 +184,10 @@ def cases() -> list[Case]:
         Case("cache other calibration data", "cache", _changed(_other_calibration), correct(_not_shared)),
         Case("cache stale temporary entry left by an interrupted store", "cache", _stale_tmp, correct(_hit_check)),
         Case("cache cache_dir as a pathlib.Path", "cache", _path_object,
-             correct(lambda r: (close(eager_of(convnet(), x_conv()), r[0]), r[1] == "miss")), xfail=ITEM6),
+             correct(lambda r: (close(eager_of(convnet(), x_conv()), r[0]), r[1] == "miss"))),
         Case("cache cache_dir is a file", "cache",
              lambda: _compile(convnet(), _options(_a_file()), x_conv()),
-             clear_error(OptionError, r"cache_dir"), xfail=ITEM6),
+             clear_error(OptionError, r"cache_dir")),
         Case("cache cache_dir/compiled is a file", "cache", _compiled_is_a_file,
              warning(r"could not store the compile cache entry", lambda out: close(eager_of(convnet(), x_conv()), out)),
              xfail=STORE),

@@ -48,13 +48,7 @@ FORM = [
     ("empty", lambda: [], r"empty"),
 ]
 # Under torch.compile the calibration set runs through the whole model first (each graph is calibrated
-# on the inputs it really gets): a batch the model cannot take fails there, in the user's own code.
-FORM_ITEM6 = ("issue 20 item 6: under torch.compile a calibration batch of the wrong form fails inside the model "
-              "with a raw error that names no batch (reported; not in helper-10's list)")
-DYNAMIC = ("bug found by the hostile suite (reported): under torch.compile a calibration batch of another shape makes "
-           "Dynamo hand the backend a dynamic-shape graph; the error names neither the calibration nor the batch")
-
-
+# on the inputs it really gets): a batch the model cannot take fails there, and must still be named.
 def _compile(pipeline: str, calibration):
     return lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": pipeline,
                                           "calibration": calibration()}, x_ln())
@@ -128,9 +122,8 @@ def cases() -> list[Case]:
         cases.append(Case(f"calibration {name}: valid batches give compress()'s result", "calibration", run,
                           correct(check)))
     for label, make, pattern in FORM:
-        xfail = None if label == "empty" else DYNAMIC if "shape" in label else FORM_ITEM6
         cases.append(Case(f"calibration quantize: {label}", "calibration", _compile("quantize", make),
-                          clear_error(OptionError, pattern), xfail=xfail))
+                          clear_error(OptionError, pattern)))
     for position in (0, 1):
         cases.append(Case(f"calibration quantize: NaN in input {position} of a two-input model", "calibration",
                           _two_inputs_poisoned("quantize", position),
@@ -151,14 +144,13 @@ def cases() -> list[Case]:
         Case("calibration quantize: a dict as the calibration set", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
                                             "calibration": {"x": x_ln()}}, x_ln()),
-             clear_error(OptionError, r"calibration"),
-             xfail="issue 20 item 6 (helper-10): the calibration option's type checked at parse time"),
+             clear_error(OptionError, r"calibration")),
         Case("calibration quantize: minmax with Inf", "calibration",
              _compile("quantize(calib=minmax)", lambda: _poisoned(float("inf"), 1)),
              clear_error(OptionError, r"batch 1.*Inf")),
         Case("calibration quantize: calibrated on a batch size other than the call's", "calibration",
              lambda: compile_run(ln_mlp(), {"target": "reference", "pipeline": "quantize",
                                             "calibration": [(randn(4, 16, seed=s),) for s in range(3)]}, x_ln()),
-             clear_error(OptionError, r"calibration.*\(4, 16\)|\(4, 16\).*calibration"), xfail=DYNAMIC),
+             clear_error(OptionError, r"calibration.*\(4, 16\)|\(4, 16\).*calibration")),
     ]
     return cases

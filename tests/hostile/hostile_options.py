@@ -12,9 +12,6 @@ from hostile_common import compile_run, matches_eager, mlp, scratch, x_mlp
 from edgepasses.bench.hostile import Case, clear_error, correct
 from edgepasses.errors import OptionError
 
-ITEM6 = "issue 20 item 6 (helper-10): option types checked at parse time"
-
-
 def _compile(options):
     return lambda: compile_run(mlp(), options, x_mlp())
 
@@ -33,42 +30,42 @@ def _metric(model) -> float:
     return 1.0
 
 
-# (key, label, value or a zero-argument maker of it, regex the error must match, xfail reason)
+# (key, label, value or a zero-argument maker of it, regex the error must match)
 BACKEND_BAD = [
-    ("pipeline", "int", 5, r"pipeline", None),
-    ("pipeline", "unknown pass", "nope", r"unknown pass 'nope'", None),
-    ("pipeline", "unclosed parenthesis", "prune(ratio=0.3", r"syntax error", None),
-    ("pipeline", "list of names", ["fold_bn", "dce"], r"pipeline", None),
-    ("pipeline", "preset with options", "edge-fp32(x=1)", r"takes no options", None),
-    ("pipeline", "trailing comma", "fold_bn,", r"pipeline", None),
-    ("target", "unknown", "nope", r"unknown target 'nope'", None),
-    ("target", "int", 5, r"target", None),
-    ("target", "unknown in a list", "openvino,nope", r"unknown target", None),
-    ("target", "named twice", "reference,reference", r"twice", None),
-    ("target", "auto in a list", "auto,reference", r"auto", None),
-    ("target_options", "a string", "tvm", r"target_options must be a dict", None),
-    ("target_options", "unknown target", {"nope": {}}, r"unknown target", None),
-    ("target_options", "a list for the target", {"reference": [1, 2]}, r"target_options", None),
-    ("calibration", "int", 5, r"calibration", ITEM6),
-    ("calibration", "a string", "abc", r"calibration", ITEM6),
-    ("calibration", "a generator", _generator, r"calibration.*(re-iterable|iterator|generator)", None),
-    ("calibration", "an iterator", lambda: iter([(x_mlp(),)]), r"calibration.*(re-iterable|iterator)", None),
-    ("strict", "a string", "yes", r"strict", None),
-    ("strict", "an int", 1, r"strict", None),
-    ("verify", "a string", "no", r"verify", None),
-    ("precision", "unknown", "f16", r"precision", None),
-    ("precision", "int", 16, r"precision", None),
-    ("cache_dir", "int", 5, r"cache_dir", ITEM6),
-    ("cache_dir", "a file", _file, r"cache_dir", ITEM6),
-    ("allow_training", "a string", "yes", r"allow_training", None),
-    ("on_compile", "int", 5, r"on_compile", ITEM6),
-    ("on_compile", "a string", "print", r"on_compile", ITEM6),
-    ("metric", "int", 5, r"metric", None),
-    ("metric", "without calibration", lambda: _metric, r"calibration", None),
-    ("max_drop", "negative", -0.1, r"max_drop", None),
-    ("max_drop", "above 1", 1.5, r"max_drop", None),
-    ("max_drop", "a string", "x", r"max_drop", None),
-    ("max_drop", "NaN", math.nan, r"max_drop", None),
+    ("pipeline", "int", 5, r"pipeline"),
+    ("pipeline", "unknown pass", "nope", r"unknown pass 'nope'"),
+    ("pipeline", "unclosed parenthesis", "prune(ratio=0.3", r"syntax error"),
+    ("pipeline", "list of names", ["fold_bn", "dce"], r"pipeline"),
+    ("pipeline", "preset with options", "edge-fp32(x=1)", r"takes no options"),
+    ("pipeline", "trailing comma", "fold_bn,", r"pipeline"),
+    ("target", "unknown", "nope", r"unknown target 'nope'"),
+    ("target", "int", 5, r"target"),
+    ("target", "unknown in a list", "openvino,nope", r"unknown target"),
+    ("target", "named twice", "reference,reference", r"twice"),
+    ("target", "auto in a list", "auto,reference", r"auto"),
+    ("target_options", "a string", "tvm", r"target_options must be a dict"),
+    ("target_options", "unknown target", {"nope": {}}, r"unknown target"),
+    ("target_options", "a list for the target", {"reference": [1, 2]}, r"target_options"),
+    ("calibration", "int", 5, r"calibration"),
+    ("calibration", "a string", "abc", r"calibration"),
+    ("calibration", "a generator", _generator, r"calibration.*(re-iterable|iterator|generator)"),
+    ("calibration", "an iterator", lambda: iter([(x_mlp(),)]), r"calibration.*(re-iterable|iterator)"),
+    ("strict", "a string", "yes", r"strict"),
+    ("strict", "an int", 1, r"strict"),
+    ("verify", "a string", "no", r"verify"),
+    ("precision", "unknown", "f16", r"precision"),
+    ("precision", "int", 16, r"precision"),
+    ("cache_dir", "int", 5, r"cache_dir"),
+    ("cache_dir", "a file", _file, r"cache_dir"),
+    ("allow_training", "a string", "yes", r"allow_training"),
+    ("on_compile", "int", 5, r"on_compile"),
+    ("on_compile", "a string", "print", r"on_compile"),
+    ("metric", "int", 5, r"metric"),
+    ("metric", "without calibration", lambda: _metric, r"calibration"),
+    ("max_drop", "negative", -0.1, r"max_drop"),
+    ("max_drop", "above 1", 1.5, r"max_drop"),
+    ("max_drop", "a string", "x", r"max_drop"),
+    ("max_drop", "NaN", math.nan, r"max_drop"),
 ]
 
 
@@ -78,20 +75,20 @@ def _value(value):
 
 def backend_cases() -> list[Case]:
     cases = []
-    for key, label, value, pattern, xfail in BACKEND_BAD:
+    for key, label, value, pattern in BACKEND_BAD:
         options = (lambda k, v: lambda: {"target": "reference", "pipeline": "fold_bn", k: _value(v)})(key, value)
         cases.append(Case(f"option {key}: {label}", "options",
                           (lambda o: lambda: compile_run(mlp(), o(), x_mlp()))(options),
-                          clear_error(OptionError, pattern), xfail=xfail))
+                          clear_error(OptionError, pattern)))
     cases += [
         Case("options: a string instead of a dict", "options", _compile("fold_bn"),
-             clear_error(OptionError, r"options must be a dict"), xfail=ITEM6),
+             clear_error(OptionError, r"options must be a dict")),
         Case("options: a list of pairs", "options", _compile([("pipeline", "fold_bn")]),
-             clear_error(OptionError, r"options must be a dict"), xfail=ITEM6),
+             clear_error(OptionError, r"options must be a dict")),
         Case("options: misspelt key", "options", _compile({"pipline": "fold_bn", "target": "reference"}),
              clear_error(OptionError, r"unknown option\(s\) pipline")),
         Case("options: non-string key", "options", _compile({5: 1, "target": "reference"}),
-             clear_error(OptionError, r"unknown option\(s\) 5"), xfail=ITEM6),
+             clear_error(OptionError, r"unknown option\(s\) 5")),
         Case("options: None", "options", lambda: compile_run(mlp(), None, x_mlp()), correct(matches_eager(mlp, x_mlp()))),
         Case("options: every key valid at once", "options",
              lambda: compile_run(mlp(), {"pipeline": "fold_bn,dce", "target": "reference", "strict": True,
@@ -147,9 +144,6 @@ OUT_OF_RANGE = [
     ("smooth", "alpha=-0.5", r"alpha"),
 ]
 
-REGEX_ITEM6 = "issue 20 item 6 (helper-10): an invalid ignore regex is a clear error at parse time"
-
-
 def _compress(pipeline: str):
     import edgepasses
 
@@ -173,7 +167,7 @@ def pass_cases() -> list[Case]:
                           clear_error(OptionError, r"unknown option\(s\) bogus_key")))
         if "ignore" in hints:
             cases.append(Case(f"pass {name}: invalid ignore regex", "options", _compress(f"{name}(ignore='(')"),
-                              clear_error(OptionError, r"ignore"), xfail=REGEX_ITEM6))
+                              clear_error(OptionError, r"ignore")))
     for name, text, pattern in OUT_OF_RANGE:
         cases.append(Case(f"pass {name}: {text}", "options", _compress(f"{name}({text})"),
                           clear_error(OptionError, pattern)))
