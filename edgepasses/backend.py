@@ -26,7 +26,7 @@ from . import model_calibration
 from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy, is_dynamo_weight,
                         source_path)
 from .errors import GradientsNeededError, OptionError
-from .model_calibration import GraphOrigin
+from .model_calibration import DynamicShapesError, GraphOrigin
 from .pass_base import PassContext, build_options
 from .pipeline import DEFAULT_PIPELINE, Pipeline
 from .state import remember_user_paths, written_buffers
@@ -142,10 +142,10 @@ def _static_examples(placeholders: list[torch.fx.Node], example_inputs: list, us
     dynamic = [d for d in (_dynamic_shape(placeholders[i], example_inputs[i]) for i in user_positions) if d]
     if dynamic:
         shapes = [d for d in dynamic if not d.endswith(": a size")] or dynamic  # sizes show in the shapes
-        raise OptionError(f"torch.compile gave this graph dynamic input shapes ({'; '.join(shapes)}), "
-                          "as dynamic=True does, and the default dynamic=None does once a second input shape "
-                          "arrives; the edge backend compiles static shapes only: pass dynamic=False to "
-                          "torch.compile (one compile per input shape)")
+        raise DynamicShapesError(f"torch.compile gave this graph dynamic input shapes ({'; '.join(shapes)}), "
+                                 "as dynamic=True does, and the default dynamic=None does once a second input "
+                                 "shape arrives; the edge backend compiles static shapes only: pass dynamic=False "
+                                 "to torch.compile (one compile per input shape)")
     return tuple(torch.zeros(v.shape, dtype=v.dtype) if is_fake(v) else v
                  for v in (example_inputs[i] for i in user_positions))
 
@@ -247,8 +247,9 @@ def _weights_check(placeholders: list[torch.fx.Node], user_positions: list[int])
         replaced = [path for i, old, path in zip(positions, originals, paths) if not _same_tensor(args[i], old)]
         if not replaced:
             return
+        named = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if len(replaced) > 4 else "")
         raise StaleWeightsError(
-            f"{', '.join(replaced)} replaced by another tensor after torch.compile(backend='edge') froze the "
+            f"{named} replaced by another tensor after torch.compile(backend='edge') froze the "
             "model's weights and buffers: compile again (torch._dynamo.reset(), then torch.compile) to run the "
             "new ones")
     return check
@@ -267,10 +268,9 @@ def _finite_inputs_check(origin: GraphOrigin) -> Callable[[list], None]:
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
                 bad = "NaN" if torch.isnan(x).any() else "Inf"
                 raise NonFiniteInputError(
-                    f"verify: input {position} of {origin} contains {bad}, for which the compiled program may return "
-                    "finite values where eager PyTorch returns NaN/Inf (int8 clamps NaN and -Inf to the bottom of "
-                    "each calibrated range, +Inf to the top; OpenVINO and TVM turn NaN into a number at ReLU and "
-                    "max-pool): clean the input, or pass verify=False to run it anyway")
+                    f"verify: input {position} of {origin} contains {bad}, which compiled programs need not "
+                    "propagate as eager PyTorch does (int8 clamps it into range; OpenVINO and TVM turn NaN into a "
+                    "number at ReLU and max-pool): clean the input, or pass verify=False to run it anyway")
     return check
 
 

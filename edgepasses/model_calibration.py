@@ -32,6 +32,10 @@ from .state import state_kept
 log = logging.getLogger("edgepasses")
 
 
+class DynamicShapesError(OptionError):
+    """Dynamo handed the backend a graph with symbolic shapes, which it does not compile."""
+
+
 @dataclass(frozen=True)
 class GraphOrigin:
     """Where a graph sits in the model: its number (from 1) and why Dynamo ended it, if it broke."""
@@ -215,13 +219,18 @@ def _call_naming_batch(model: Callable, batch: Any, index: int, call: tuple[tupl
         _call(model, batch)
     except Exception as exc:  # the model's own code, or a graph compiled for it: any type
         unlike = _unlike_call(batch, call)
-        if isinstance(exc, EdgeError) and not unlike:
+        if isinstance(exc, DynamicShapesError) and unlike:
+            raise OptionError(f"calibration batch {index} has other shapes than the call ({unlike}), so "
+                              "torch.compile's default dynamic=None made the graph dynamic: give every batch the "
+                              "call's shapes, or pass dynamic=False (each shape then compiles and calibrates its own "
+                              "graph)") from exc
+        if isinstance(exc, EdgeError):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        form = "" if isinstance(exc, EdgeError) else (" (each batch is a tuple of the model's inputs, or a dict of "
-                                                      "keyword arguments, like the calls)")
+        first = first if len(first) <= 120 else first[:117] + "..."
         raise OptionError(f"calibration batch {index} failed in the model{f' ({unlike})' if unlike else ''}: "
-                          f"{type(exc).__name__}: {first}{form}") from exc
+                          f"{type(exc).__name__}: {first} (each batch is a tuple of the model's inputs, or a dict of "
+                          "keyword arguments, like the calls)") from exc
 
 
 def _call(model: Callable, batch: Any) -> None:

@@ -144,9 +144,11 @@ FORM = " (each batch is a tuple of the model's inputs, or a dict of keyword argu
 
 
 @pytest.mark.parametrize("batch, message", [
-    ((torch.randn(3, 4),), re.escape("calibration batch 1 failed in the model (its input 0 is (3, 4) torch.float32 "
-                                     "where the call has (2, 4) torch.float32): OptionError: torch.compile gave this "
-                                     "graph dynamic input shapes (") + r".*pass dynamic=False to torch.compile.*"),
+    ((torch.randn(3, 4),), re.escape("calibration batch 1 has other shapes than the call (its input 0 is (3, 4) "
+                                     "torch.float32 where the call has (2, 4) torch.float32), so torch.compile's "
+                                     "default dynamic=None made the graph dynamic: give every batch the call's "
+                                     "shapes, or pass dynamic=False (each shape then compiles and calibrates its own "
+                                     "graph)")),
     ((torch.randn(2, 4, dtype=torch.float64),), re.escape(
         "calibration batch 1 failed in the model (its input 0 is (2, 4) torch.float64 where the call has (2, 4) "
         "torch.float32): RuntimeError: ") + ".*" + re.escape(FORM)),
