@@ -7,6 +7,7 @@ calibration, which runs the model many times before it is compiled, must leave t
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Iterator
 
 import torch
@@ -39,7 +40,7 @@ def state_writes(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]
 def written_buffers(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     """The tensors of the buffers `gm` writes (the model's own: frozen constants share their storage)."""
     targets = dict.fromkeys(n.target for n in state_writes(gm).values() if n.op == "get_attr")
-    return [gm.get_buffer(t) if t in dict(gm.named_buffers()) else getattr(gm, t) for t in targets]
+    return [operator.attrgetter(t)(gm) for t in targets]  # a target may be nested: "sub.steps"
 
 
 @contextlib.contextmanager

@@ -117,6 +117,9 @@ def test_calibration_leaves_written_buffers_as_they_were():
         model = Counter().eval()
         edgepasses.compress(model, (x,), pipeline="sparsify_24", calibration=calibration)
         assert model.cnt.item() == 0
+        nested = Nested().eval()  # a buffer of a submodule: the graph's constant is `sub.steps`
+        edgepasses.compress(nested, (x,), pipeline="sparsify_24", calibration=calibration)
+        assert nested.sub.steps.item() == 0
 
 
 @pytest.mark.parametrize("replace", ["parameter", "module"])
