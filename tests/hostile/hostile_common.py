@@ -26,7 +26,11 @@ def import_test_module(relative: str, name: str):
     spec = importlib.util.spec_from_file_location(name, TESTS / relative)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
