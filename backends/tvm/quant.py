@@ -22,6 +22,7 @@ says so once, and strict mode raises.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -277,11 +278,35 @@ def _tensors(*values) -> list[Tensor | None]:
     return [torch.from_dlpack(v) if v.numel() else None for v in values]
 
 
+# The kernels check weight values once per torch tensor object (a scan of the whole weight): a
+# program's constants must reach them as the same view on every call, not a new one.
+_CONSTANT_VIEWS: collections.OrderedDict = collections.OrderedDict()
+CONSTANT_VIEWS_KEPT = 4096
+
+
+def _constants(*values) -> list[Tensor | None]:
+    """`_tensors` for a program's constants (weights, scales, sums, biases): one torch view per TVM
+    constant, kept while it is among the last CONSTANT_VIEWS_KEPT used. A kept view holds its
+    memory, so no other tensor can take that address while the view is keyed by it."""
+    views = []
+    for value in values:
+        if not value.numel():
+            views.append(None)
+            continue
+        key = (value.data_ptr(), tuple(value.shape), str(value.dtype))
+        view = _CONSTANT_VIEWS.pop(key, None)
+        _CONSTANT_VIEWS[key] = view = torch.from_dlpack(value) if view is None else view
+        if len(_CONSTANT_VIEWS) > CONSTANT_VIEWS_KEPT:
+            _CONSTANT_VIEWS.popitem(last=False)
+        views.append(view)
+    return views
+
+
 def _conv2d_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> None:
     from edgepasses.kernels import ops
 
     sh, sw, ph, pw, dh, dw, groups, x_zero_point, bits = (int(p) for p in params)
-    x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
+    (x, out), (codes, scale, weight_sum, bias) = _tensors(x, out), _constants(codes, scale, weight_sum, bias)
     ops.int8_conv2d_into(out, x, codes, scale, weight_sum, bias, [sh, sw], [ph, pw], [dh, dw], groups, x_scale,
                          x_zero_point, bits, KERNEL_THREADS)
 
@@ -290,7 +315,7 @@ def _linear_kernel(x, codes, scale, weight_sum, bias, params, x_scale, out) -> N
     from edgepasses.kernels import ops
 
     x_zero_point, bits = (int(p) for p in params)
-    x, codes, scale, weight_sum, bias, out = _tensors(x, codes, scale, weight_sum, bias, out)
+    (x, out), (codes, scale, weight_sum, bias) = _tensors(x, out), _constants(codes, scale, weight_sum, bias)
     ops.int8_linear_into(out, x, codes, scale, weight_sum, bias, x_scale if x_scale > 0 else None, x_zero_point,
                          bits, KERNEL_THREADS)
 
