@@ -25,12 +25,24 @@ def compress(model: torch.nn.Module, example_inputs: tuple, pipeline: "str | Pip
 
     parsed = Pipeline.parse(pipeline)  # fail on a bad pipeline before the (slow) export
     accuracy = accuracy_control(metric, max_drop)
+    _check_model_and_inputs(model, example_inputs)
     example_inputs = tuple(example_inputs)
     gm = export_canonical(model, example_inputs)
     ctx = PassContext(example_inputs=example_inputs, calibration=calibration, target=get_target(target),
                       accuracy=accuracy)
     with torch.no_grad():
         return parsed.run(gm, ctx, verify=verify)
+
+
+def _check_model_and_inputs(model, example_inputs) -> None:
+    from .errors import OptionError
+
+    if not isinstance(model, torch.nn.Module):
+        raise OptionError(f"compress needs a torch.nn.Module; got {type(model).__name__} (wrap a function in a "
+                          "Module whose forward calls it)")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise OptionError(f"example_inputs must be a tuple of the model's inputs, e.g. (x,); got "
+                          f"{type(example_inputs).__name__}")
 
 
 def accuracy_control(metric, max_drop: float):

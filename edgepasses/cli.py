@@ -4,6 +4,7 @@
     edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
     edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm|control ...] [--md docs/accuracy.md]
+    edgepasses bench hostile [--area options ...]   # the hostile-input suite: counts by outcome (source tree)
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -158,9 +159,20 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
                                     progress=stderr_progress))
 
 
+def _bench_hostile(args: argparse.Namespace) -> int:
+    from edgepasses.bench.coverage import stderr_progress
+    from edgepasses.bench.hostile import run_hostile
+
+    summary = run_hostile(stderr_progress, areas=args.area or None)
+    _emit(args, summary)
+    return 0 if summary.ok else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.suite == "accuracy":
         return _bench_accuracy(args)
+    if args.suite == "hostile":
+        return _bench_hostile(args)
     args.rounds = 50 if args.rounds is None else args.rounds  # accuracy's default is smaller
     if args.suite == "kernels":
         return _bench_kernels(args)
@@ -340,8 +352,10 @@ def _add_bench_parser(subparsers: Any) -> None:
                                                 "each edge:: op vs OpenVINO and torch per shape; coverage: "
                                                 "which architectures each pipeline compiles, reaches, and "
                                                 "at what error; accuracy: what int8 costs on real weights, "
-                                                "edge pipelines vs NNCF, on OpenVINO")
-    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy"), default="models")
+                                                "edge pipelines vs NNCF, on OpenVINO; hostile: the hostile-"
+                                                "input suite, counted by outcome")
+    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy", "hostile"),
+                       default="models")
     bench.add_argument("--model", action="append", default=[],
                        help="zoo model name (models) or catalogue architecture (coverage; default: all); "
                             "repeatable")
@@ -350,6 +364,10 @@ def _add_bench_parser(subparsers: Any) -> None:
                             "sparse24, prune, lowrank)")
     bench.add_argument("--section", action="append", default=[], choices=("sentence", "digits", "charlm", "control"),
                        help="accuracy: section to measure; repeatable (default: all)")
+    # Spelled out here (bench.hostile.AREAS), so that building the parser stays light.
+    bench.add_argument("--area", action="append", default=[],
+                       choices=("options", "calibration", "model", "artifact", "cache", "numerics", "kernel", "cli"),
+                       help="hostile: area of cases; repeatable (default: all)")
     bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
                        help="kernels: M,K,N; repeatable (default: 1,4096,4096 16,4096,4096 128,4096,4096)")

@@ -201,13 +201,13 @@ def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compres
     A whole-graph OpenVINO or TVM program is stored with its target artifact, anything else as
     the compressed graph alone. A failed store never fails the compile: the program runs uncached."""
     root = Path(cache_dir) / ENTRIES
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root)
     kind = _program_kind(lowered)
     extra = {"cache_key": key, "key_parts": parts, "program": kind,
              "lowering": _lowering_dict(getattr(lowered, "edge_lowering", None))}
     tmp = root / f".{key[:12]}-{secrets.token_hex(6)}.tmp"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(root)
         artifacts.save(compressed, tmp, example_inputs, target_artifact=kind or False,
                        program=lowered if kind else None, extra=extra)
         _forbid_writes_by_others(tmp)

@@ -177,6 +177,20 @@ def nonfinite_as_eager(model_fn, inputs: tuple, floor_db: float = 15.0, referenc
     return check
 
 
+def nonfinite_as_documented(model_fn, inputs: tuple, floor_db: float = 15.0):
+    """A check for NaN/Inf inputs where docs/trust.md says the program turns them into numbers (int8
+    activations clamp to the calibrated range; OpenVINO's and TVM's ReLU maps NaN to 0): outputs eager
+    makes NaN/Inf come out finite, and the others finite and close (SQNR floor) to eager's."""
+    def check(got):
+        expected = eager_of(model_fn(), *inputs)
+        bad = ~torch.isfinite(expected)
+        assert bad.any(), "the case is broken: eager gave no NaN/Inf"
+        assert torch.isfinite(got).all(), "the documented behaviour is finite outputs; got NaN/Inf"
+        db = sqnr_db(expected[~bad], got[~bad])
+        assert db >= floor_db, f"finite outputs: SQNR {db:.1f} dB < {floor_db} dB"
+    return check
+
+
 @functools.cache
 def has(module: str) -> bool:
     try:

@@ -16,9 +16,6 @@ from edgepasses.backend import StaleWeightsError
 from edgepasses.bench.hostile import Case, clear_error, correct, warning
 from edgepasses.errors import ExportFailedError, GradientsNeededError, OptionError, UnsupportedOpError
 
-NO_OWNER = "bug found by the hostile suite (reported; in no one's current item): compress() does not check its arguments"
-
-
 
 class Counter(nn.Module):
     """`self.cnt += 1` then a Linear: eager gives 1, 2, 3 (on top of the Linear)."""
@@ -370,9 +367,9 @@ def cases() -> list[Case]:
              clear_error(ExportFailedError, r"(?i)shape|size")),
         Case("model compress: a bare tensor as example inputs", "model",
              lambda: edgepasses.compress(mlp(), x_mlp(), "fold_bn"),
-             clear_error((OptionError, ExportFailedError), r"(?i)example.inputs|tuple"), xfail=NO_OWNER),
+             clear_error((OptionError, ExportFailedError), r"(?i)example.inputs|tuple")),
         Case("model compress: not a module", "model", lambda: edgepasses.compress(lambda x: x * 2, (x_mlp(),), "fold_bn"),
-             clear_error((OptionError, ExportFailedError), r"(?i)module"), xfail=NO_OWNER),
+             clear_error((OptionError, ExportFailedError), r"(?i)module")),
         Case("model lower: unknown target", "model",
              lambda: edgepasses.lower(edgepasses.compress(mlp(), (x_mlp(),), "fold_bn"), (x_mlp(),), target="nope"),
              clear_error(OptionError, r"unknown target 'nope'")),
