@@ -5,6 +5,8 @@
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
     edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm|control ...] [--md docs/accuracy.md]
     edgepasses bench hostile [--area options ...]   # the hostile-input suite: counts by outcome (source tree)
+    edgepasses compress mypkg.models:build --input-shape 1,3,224,224 --pipeline fold_bn,quantize \\
+        --calibration calib.pt --target openvino --out out/   # your own model (or a .pt2) -> an artifact
     edgepasses passes      # registered passes with their options, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
@@ -259,6 +261,46 @@ def _add_compare_parser(subparsers: Any) -> None:
     compare.set_defaults(handler=_compare, parser=compare)
 
 
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    import edgepasses
+
+    from .user_model import example_inputs, load_calibration, load_model
+
+    model, carried = load_model(args.model)
+    inputs = example_inputs(args.input_shape, carried, args.model)
+    calibration = load_calibration(args.calibration, inputs)
+    gm = edgepasses.compress(model, inputs, args.pipeline, calibration=calibration, target=args.target)
+    print(gm.edge_report)
+    with torch.no_grad():
+        program = edgepasses.lower(gm, inputs, target=args.target)
+    lowering = program.edge_lowering
+    print(f"target {lowering.target} ({lowering.precision}): {lowering.partitions} partition(s), "
+          f"{lowering.int8_ops} int8 op(s), {len(lowering.fallbacks)} op(s) left to PyTorch\n"
+          f"{lowering.placement_text()}")
+    # The target's own program is saved with the graph where there is one to save (OpenVINO, TVM).
+    kept = lowering.target if lowering.target in ("openvino", "tvm") else False
+    print(f"saved {edgepasses.save(gm, args.out, inputs, target_artifact=kept, program=program)}")
+    return 0
+
+
+def _add_compress_parser(subparsers: Any) -> None:
+    compress = subparsers.add_parser("compress", help="compress your own model and save it as an artifact "
+                                                      "(edgepasses.load runs it)")
+    compress.add_argument("model", help="package.module:factory (a callable returning an nn.Module, imported "
+                                        "from the current directory or PYTHONPATH) or a .pt2 file from "
+                                        "torch.export.save")
+    compress.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,...",
+                          help="shape of one float32 input; repeat per input (a .pt2's own inputs otherwise)")
+    compress.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pipeline text (default: {DEFAULT_PIPELINE})")
+    compress.add_argument("--target", type=_target_spec, default="auto", help="target to lower to (default: auto)")
+    compress.add_argument("--calibration", metavar="FILE",
+                          help="torch.save'd list of input tuples, loaded with weights_only=True")
+    compress.add_argument("--out", required=True, metavar="DIR", help="artifact directory (edgepasses.save)")
+    compress.set_defaults(handler=_compress, parser=compress)
+
+
 def _onnx(args: argparse.Namespace) -> int:
     args.model, args.pipeline = [args.model], [args.pipeline]
     _check_bench_args(args)
@@ -336,16 +378,19 @@ def _add_report_parser(subparsers: Any) -> None:
     report.set_defaults(handler=_report, parser=report)
 
 
-def _add_bench_parser(subparsers: Any) -> None:
-    from .backends import TARGET_NAMES, parse_target_names
-    from .backends.openvino import PRECISIONS
+def _target_spec(text: str) -> str:
+    from .backends import parse_target_names
 
-    def target_spec(text: str) -> str:
-        try:
-            parse_target_names(text)
-        except OptionError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
-        return text
+    try:
+        parse_target_names(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _add_bench_parser(subparsers: Any) -> None:
+    from .backends import TARGET_NAMES
+    from .backends.openvino import PRECISIONS
 
     bench = subparsers.add_parser("bench", help="models: latency, size and accuracy of zoo models, eager vs "
                                                 "OpenVINO direct (and NNCF int8) vs edge pipelines; kernels: "
@@ -381,7 +426,7 @@ def _add_bench_parser(subparsers: Any) -> None:
                        help="also time each pipeline's compress() + lower() program called without "
                             "torch.compile (no Dynamo per-call work)")
     bench.add_argument("--batch", type=_at_least(1), default=1)
-    bench.add_argument("--target", type=target_spec, default="openvino",
+    bench.add_argument("--target", type=_target_spec, default="openvino",
                        help=f"{', '.join(TARGET_NAMES)}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
     bench.add_argument("--warmup", type=_at_least(0), default=10)
@@ -443,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgepasses", description="FX-graph compression passes and the "
                                                                     "torch.compile backend 'edge'")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_compress_parser(subparsers)
     _add_bench_parser(subparsers)
     _add_report_parser(subparsers)
     _add_search_parser(subparsers)
