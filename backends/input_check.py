@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from edgepasses.errors import InputMismatchError
 
-class InputMismatchError(ValueError):
-    """A compiled program was called with input shapes or dtypes it was not compiled for."""
-
+__all__ = ["InputMismatchError"]
 
 Signature = list[tuple[tuple[int, ...], torch.dtype]]
 

@@ -25,8 +25,8 @@ from torch._subclasses.fake_tensor import is_fake
 from . import model_calibration
 from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy, is_dynamo_weight,
                         source_path)
-from .errors import GradientsNeededError, OptionError
-from .model_calibration import DynamicShapesError, GraphOrigin
+from .errors import DynamicShapesError, GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
+from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options
 from .pipeline import DEFAULT_PIPELINE, Pipeline
 from .state import remember_user_paths, written_buffers
@@ -222,9 +222,6 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     return deferred
 
 
-class StaleWeightsError(RuntimeError):
-    """A parameter or buffer was replaced by another tensor after its graph compiled."""
-
 
 def _weights_check(placeholders: list[torch.fx.Node], user_positions: list[int]) -> Callable[[tuple], None]:
     """A check, for each call, that Dynamo hands the graph the weight tensors it froze.
@@ -254,9 +251,6 @@ def _weights_check(placeholders: list[torch.fx.Node], user_positions: list[int])
             "new ones")
     return check
 
-
-class NonFiniteInputError(ValueError):
-    """verify=True: a compiled program was called with NaN/Inf, whose outputs need not match eager's."""
 
 
 def _finite_inputs_check(origin: GraphOrigin) -> Callable[[list], None]:

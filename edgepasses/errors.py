@@ -33,3 +33,20 @@ class PassVerificationError(EdgeError):
 
 class ArtifactError(EdgeError):
     """A saved artifact is missing files, corrupt or modified, or of an unknown format version."""
+
+
+class DynamicShapesError(OptionError):
+    """Dynamo handed the backend a graph with symbolic shapes, which it does not compile."""
+
+
+class StaleWeightsError(EdgeError, RuntimeError):
+    """A parameter or buffer was replaced by another tensor after its graph compiled."""
+
+
+class NonFiniteInputError(EdgeError, ValueError):
+    """verify=True: a compiled program was called with NaN/Inf, whose outputs need not match eager's."""
+
+
+class InputMismatchError(EdgeError, ValueError):
+    """A compiled program was called with input shapes or dtypes it was not compiled for."""
+

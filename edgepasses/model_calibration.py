@@ -25,15 +25,12 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import EdgeError, OptionError
+from .errors import DynamicShapesError, EdgeError, OptionError
 from .quant.calibration import as_batch, check_finite
 from .state import state_kept
 
 log = logging.getLogger("edgepasses")
 
-
-class DynamicShapesError(OptionError):
-    """Dynamo handed the backend a graph with symbolic shapes, which it does not compile."""
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 import edgepasses
-from edgepasses.backend import NonFiniteInputError
-from edgepasses.errors import OptionError
+from edgepasses.errors import NonFiniteInputError, OptionError
 
 DATA_AWARE = ["sparsify_24", "smooth", "prune(ratio=0.25,criterion=activation)", "lowrank(data_aware=true)",
               "quantize"]

@@ -10,8 +10,7 @@ from torch import nn
 import edgepasses
 from edgepasses import cli
 from edgepasses.backend import parse_options
-from edgepasses.backends.input_check import InputMismatchError
-from edgepasses.errors import OptionError
+from edgepasses.errors import InputMismatchError, OptionError
 
 
 def _model() -> nn.Module:

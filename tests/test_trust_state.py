@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import edgepasses
-from edgepasses.backend import StaleWeightsError
-from edgepasses.errors import UnsupportedOpError
+from edgepasses.errors import StaleWeightsError, UnsupportedOpError
 
 TARGETS = ["reference", "openvino", "tvm", "openvino,reference"]
 

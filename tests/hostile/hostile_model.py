@@ -12,9 +12,9 @@ from hostile_common import (close, compile_run, convnet, eager_of, matches_eager
                             x_conv, x_mlp)
 
 import edgepasses
-from edgepasses.backend import StaleWeightsError
 from edgepasses.bench.hostile import Case, clear_error, correct, warning
-from edgepasses.errors import ExportFailedError, GradientsNeededError, OptionError, UnsupportedOpError
+from edgepasses.errors import (ExportFailedError, GradientsNeededError, OptionError, StaleWeightsError,
+                               UnsupportedOpError)
 
 
 class Counter(nn.Module):

@@ -11,8 +11,8 @@ import torch
 from hostile_common import (close, compile_run, convnet, eager_of, mlp, nonfinite_as_documented, nonfinite_as_eager,
                             sqnr_at_least, x_conv, x_mlp)
 
-from edgepasses.backend import NonFiniteInputError
 from edgepasses.bench.hostile import Case, clear_error, correct
+from edgepasses.errors import NonFiniteInputError
 
 # label: (pipeline, calibrated, lossy: finite outputs compared with the compressed graph's, not eager's)
 PIPELINES = {
