@@ -120,7 +120,9 @@ def train(model: nn.Module, data: DigitsData, epochs: int, lr: float, batch_size
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEPASSES_CACHE", Path.home() / ".cache" / "edgepasses"))
+    from edgepasses.paths import cache_root
+
+    return cache_root()
 
 
 def load_or_train(name: str, factory: Callable[[], nn.Module], epochs: int, lr: float,

@@ -2,9 +2,9 @@
 
 The library is plain C++ with a C ABI (raw pointers, each with its size in bytes, which the
 C++ checks: abi.py; no torch headers), so the build needs only a C++ compiler with OpenMP: no
-pip build isolation, no torch version to match, a few seconds to compile. The result is cached under `~/.cache/edgepasses/kernels/` (or
-`$EDGEPASSES_CACHE/kernels/`), keyed on the sources, the flags and the compiler's version, so
-it is built once per machine. Instruction sets are chosen at run time from CPUID inside the
+pip build isolation, no torch version to match, a few seconds to compile. The result is cached
+under `edgepasses.paths.cache_root()/kernels/`, keyed on the sources, the flags and the
+compiler's version, so it is built once per machine. Instruction sets are chosen at run time from CPUID inside the
 library (`__builtin_cpu_supports`), not at build time, so one build serves every x86-64 CPU.
 OpenMP resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
 """
@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from edgepasses.errors import EdgeError
+from edgepasses.paths import cache_root
 
 from . import abi
 
@@ -32,8 +33,7 @@ class KernelBuildError(EdgeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EDGEPASSES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepasses"
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def find_compiler() -> str:

@@ -54,9 +54,10 @@ DEFAULT_TRIALS_PER_TASK = 0  # no tuning unless asked: a ResNet-18 costs ~minute
 
 
 def cache_root() -> Path:
-    """The same root as the kernels' build cache: $EDGEPASSES_CACHE, else ~/.cache/edgepasses."""
-    root = os.environ.get("EDGEPASSES_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgepasses"
-    return Path(root) / "tvm"
+    """Tuning records and builds, beside the kernels' build cache (`edgepasses.paths`)."""
+    from edgepasses.paths import cache_root as edgepasses_cache
+
+    return edgepasses_cache() / "tvm"
 
 
 def host_cpu() -> str:
