@@ -39,7 +39,6 @@ class PassContext:
     calibration: Iterable[tuple] | None = None
     target: Any = None  # a backends.Target: capabilities of the runtime the graph goes to
     accuracy: Any = None  # quant.accuracy_control.AccuracyControl: the user's metric and allowed drop
-    instruments: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ from .state import state_kept, written_buffers
 
 PRESETS: dict[str, str] = {
     "edge-fp32": "fold_bn,dce",
+    "edge-int8": "fold_bn,quantize,dce",          # needs calibration
+    "edge-sparse24": "fold_bn,sparsify_24,dce",   # 2:4 Linear weights (reference kernels run them sparse)
+    "edge-lowrank": "fold_bn,lowrank,dce",        # Linears split into two low-rank factors where it saves
 }
 DEFAULT_PIPELINE = "edge-fp32"
 

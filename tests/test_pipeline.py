@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 
 from edgepasses import PRESETS, Pipeline, PassResult, register_pass
 from edgepasses.errors import OptionError
@@ -89,6 +90,21 @@ def test_uuid_depends_on_options_and_pass_versions(toy_passes):
 def test_presets_expand_to_registered_passes():
     for name, text in PRESETS.items():
         assert str(Pipeline.parse(name)) == str(Pipeline.parse(text))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_compresses_a_small_model(preset):
+    import edgepasses
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).eval()
+    calibration = [(torch.randn(8, 64),) for _ in range(4)]
+    gm = edgepasses.compress(model, calibration[0], preset, calibration=calibration)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        expected, got = model(x), gm(x)
+    assert [r.step for r in gm.edge_report.records] == [s.name for s in Pipeline.parse(preset).steps]
+    assert got.shape == expected.shape and torch.isfinite(got).all()
 
 
 def test_options_must_be_frozen_dataclasses():
