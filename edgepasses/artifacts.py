@@ -30,7 +30,6 @@ loadable whatever fails.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -47,8 +46,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .errors import ArtifactError
-from .pt2_check import check_calls, check_pt2, import_op_libraries
+from .errors import ArtifactError, first_line
+from .pt2_check import load_checked
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and not isinstance(exc, ArtifactError):  # disk full, permissions, ...
-            raise ArtifactError(f"save: could not write {path} ({_first_line(exc)}); an artifact that was there "
+            raise ArtifactError(f"save: could not write {path} ({first_line(exc)}); an artifact that was there "
                                 f"is unchanged") from exc
         raise
     return path
@@ -342,14 +341,7 @@ def load_graph(file: Path, digest: str) -> torch.export.ExportedProgram:
     data = file.read_bytes()
     if hashlib.sha256(data).hexdigest() != digest:
         raise ArtifactError(f"load: {file} is corrupt or modified: its SHA-256 differs from the one in {MANIFEST}")
-    import_op_libraries(check_pt2(data, file))
-    try:
-        exported = torch.export.load(io.BytesIO(data))
-    except Exception as exc:
-        raise ArtifactError(f"load: {file} could not be deserialized (an op it uses may need its library "
-                            f"imported first): {_first_line(exc)}") from exc
-    check_calls(exported, file)
-    return exported
+    return load_checked(data, file)
 
 
 # --- target programs -------------------------------------------------------------------------
@@ -367,7 +359,7 @@ def _load_openvino(path: Path, exported, precision: str, cache_dir: str | None, 
         return OpenVINOProgram(ov_model, exported, precision, cache_dir)
     except Exception as exc:  # OpenVINO raises its own error types for a bad model
         raise ArtifactError(f"load: OpenVINO could not read or compile {path / OPENVINO_XML}: "
-                            f"{_first_line(exc)}") from exc
+                            f"{first_line(exc)}") from exc
 
 
 def _save_tvm(program: Any, file: Path) -> dict[str, str]:
@@ -413,7 +405,7 @@ def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str], 
         library = tvm.runtime.load_module(str(path / TVM_LIB))
     except Exception as exc:  # TVM raises its own error types for a bad library
         raise ArtifactError(f"load: {path / TVM_LIB} could not be loaded by TVM {tvm.__version__} (saved with "
-                            f"{manifest.get('tvm_version')}): {_first_line(exc)}") from exc
+                            f"{manifest.get('tvm_version')}): {first_line(exc)}") from exc
     return TVMProgram(exported, trials=0, time_limit_s=None, cache_dir=None, executable=library)
 
 
@@ -481,11 +473,6 @@ def _sha256(file: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

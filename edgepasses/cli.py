@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeError, OptionError
+from .errors import EdgeError, OptionError, first_line
 from .pass_base import PassInfo, registered_passes
 from .pipeline import DEFAULT_PIPELINE, PRESETS, Pipeline, format_value
 
@@ -513,6 +513,5 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as exc:
         if os.environ.get("EDGEPASSES_TRACEBACK"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"edgepasses {args.command}: error: {first}", file=sys.stderr)  # EDGEPASSES_TRACEBACK=1: the traceback
+        print(f"edgepasses {args.command}: error: {first_line(exc)}", file=sys.stderr)  # EDGEPASSES_TRACEBACK=1: the traceback
         return 1

@@ -44,7 +44,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import artifacts
-from .errors import ArtifactError
+from .errors import ArtifactError, first_line
 from .pipeline import PassRecord, Pipeline, PipelineReport
 
 log = logging.getLogger("edgepasses")
@@ -155,7 +155,7 @@ def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: 
         return _use_entry(path, cache_dir, key, target, example_inputs, strict=strict, precision=precision)
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with an entry, compiling again is the remedy
         log.warning("edge: compile cache entry %s is unusable, so it is removed and the model compiled again: %s",
-                    path, artifacts._first_line(exc))
+                    path, first_line(exc))
         _remove_entry(path)
         return None
 
@@ -216,7 +216,7 @@ def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compres
         shutil.rmtree(tmp, ignore_errors=True)
         if (root / key).exists():
             return root / key
-        log.warning("edge: could not store the compile cache entry %s: %s", root / key, artifacts._first_line(exc))
+        log.warning("edge: could not store the compile cache entry %s: %s", root / key, first_line(exc))
         return None
     return root / key
 

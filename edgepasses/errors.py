@@ -6,6 +6,12 @@ from __future__ import annotations
 from torch._dynamo.exc import ShortenTraceback
 
 
+def first_line(exc: BaseException) -> str:
+    """What an exception says in one line (its first), or its type's name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class EdgeError(ShortenTraceback):
     def __init__(self, message: str):
         super().__init__(message, first_useful_frame=None)

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .errors import ArtifactError
+from .errors import ArtifactError, first_line
 
 # What torch.export.save writes for plain tensors (archive root "<name>/"); anything else (pickled
 # weights, script/opaque objects, AOTInductor libraries, extra files) is refused by name.
@@ -29,6 +29,19 @@ _PT2_ENTRY = re.compile(r"archive_format|archive_version|byteorder|\.data/versio
 _PT2_PAYLOADS = (("weight", "data/weights/", "model_weights_config.json", "weight_"),
                  ("constant", "data/constants/", "model_constants_config.json", "tensor_"))
 _OP_TARGET = re.compile(r"torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.getitem")
+
+
+def load_checked(data: bytes, file: Path) -> torch.export.ExportedProgram:
+    """The exported program in `data` (the bytes of `file`), deserialized only after `check_pt2` found
+    nothing but data in them, with every call checked to be a torch operator."""
+    import_op_libraries(check_pt2(data, file))
+    try:
+        exported = torch.export.load(io.BytesIO(data))
+    except Exception as exc:
+        raise ArtifactError(f"load: {file} could not be deserialized (an op it uses may need its library "
+                            f"imported first): {first_line(exc)}") from exc
+    check_calls(exported, file)
+    return exported
 
 
 def check_pt2(data: bytes, file: Path) -> set[str]:

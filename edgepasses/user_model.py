@@ -8,14 +8,13 @@ when none are given. Calibration is a file of input tuples loaded with `weights_
 from __future__ import annotations
 
 import importlib
-import io
 import sys
 from pathlib import Path
 
 import torch
 
 from .errors import OptionError
-from .pt2_check import check_calls, check_pt2, import_op_libraries
+from .pt2_check import load_checked
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -58,9 +57,7 @@ def _load_pt2(file: Path) -> tuple[torch.nn.Module, tuple]:
         data = file.read_bytes()
     except OSError as exc:
         raise OptionError(f"model {file}: {exc.strerror or exc}") from exc
-    import_op_libraries(check_pt2(data, file))
-    exported = torch.export.load(io.BytesIO(data))
-    check_calls(exported, file)
+    exported = load_checked(data, file)
     args, kwargs = exported.example_inputs or ((), {})
     if kwargs:
         raise OptionError(f"model {file}: keyword example inputs are not supported; export with positional ones")
