@@ -16,6 +16,8 @@
     edgepasses onnx --model resnet18 --pipeline "fold_bn,quantize" [--out r18.onnx]   # Q/DQ ONNX, checked
     edgepasses prune-check [--model resnet18 ...] [--ratio 0.3 ...] [--md PATH]  # pruned shapes, OpenVINO
 
+Without --md, the bench commands and prune-check replace their own section of docs/benchmarks.md
+when run in a checkout that has it (bench/report.py: machine, load average, date and commit on top).
 The benchmark modules (torchvision, OpenVINO) are imported only by the subcommands that need them.
 """
 from __future__ import annotations
@@ -54,38 +56,10 @@ def _at_least(minimum: int):
     return parse
 
 
-def _option_text(field: dataclasses.Field) -> str:
-    type_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
-    if not has_default:
-        return f"{field.name}: {type_name}"
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    return f"{field.name}: {type_name} = {format_value(default)}"
-
-
-def _pass_lines(info: PassInfo, width: int) -> list[str]:
-    options = ", ".join(_option_text(f) for f in dataclasses.fields(info.options)) or "none"
-    indent = " " * (width + 4)
-    lines = [f"  {info.name:<{width}}  {info.doc or '(undocumented)'}", f"{indent}options: {options}"]
-    if info.requires:
-        lines.append(f"{indent}requires earlier: {', '.join(info.requires)}")
-    return lines
-
-
-def passes_text() -> str:
-    passes = registered_passes()
-    width = max(map(len, [*passes, *PRESETS]))
-    lines = ["passes:"]
-    for info in passes.values():
-        lines += _pass_lines(info, width)
-    lines.append("presets:")
-    lines += [f"  {name:<{width}}  {text}{'  (default)' if name == DEFAULT_PIPELINE else ''}"
-              for name, text in PRESETS.items()]
-    return "\n".join(lines)
-
-
 def _passes(args: argparse.Namespace) -> int:
-    print(passes_text())
+    from .pass_docs import passes_markdown, passes_text
+
+    print(passes_markdown() if args.markdown else passes_text(), end="\n" * (not args.markdown))
     return 0
 
 
@@ -123,8 +97,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
                          json_path=args.json)
     text = to_markdown(rows)
     print(text)
-    if args.md:
-        Path(args.md).write_text(text + "\n")
+    _write_md(args, "kernels", text + "\n")
     return 0
 
 
@@ -143,8 +116,7 @@ def _emit(args: argparse.Namespace, result: Any) -> int:
     """A bench result (with to_markdown/to_json) on stdout, and in the --md/--json files asked for."""
     text = result.to_markdown()
     print(text)
-    if args.md:
-        Path(args.md).write_text(text)
+    _write_md(args, args.suite, text)
     if args.json:
         Path(args.json).write_text(result.to_json())
     return 0
@@ -170,7 +142,21 @@ def _bench_hostile(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _write_md(args: argparse.Namespace, section: str, text: str) -> None:
+    """--md PATH: the Markdown in PATH; without it, this command's section of docs/benchmarks.md when run
+    in a checkout that has it (bench/report.py), headed by the machine and load taken at the start."""
+    from edgepasses.bench.report import write_markdown
+
+    written = write_markdown(args.md, section, text, machine=getattr(args, "machine", None),
+                             command=" ".join(["edgepasses", *sys.argv[1:]]))
+    if written is not None and not args.md:
+        print(f"wrote section {section!r} of {written}", file=sys.stderr)
+
+
 def _bench(args: argparse.Namespace) -> int:
+    from edgepasses.bench.report import Machine
+
+    args.machine = Machine.here()  # before the run adds its own load
     if args.suite == "accuracy":
         return _bench_accuracy(args)
     if args.suite == "hostile":
@@ -192,8 +178,7 @@ def _bench(args: argparse.Namespace) -> int:
                                    precision=args.precision, warmup=args.warmup, rounds=args.rounds,
                                    progress=True, peers=tuple(args.peer), direct=args.direct))
         print(results[-1].to_markdown() + "\n", flush=True)  # each table as soon as it is measured
-    if args.md:
-        Path(args.md).write_text("\n\n".join(r.to_markdown() for r in results) + "\n")
+    _write_md(args, "models", "\n\n".join(r.to_markdown() for r in results) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return 0
@@ -339,15 +324,16 @@ def _check_prune_check_args(args: argparse.Namespace) -> tuple[list[float], str]
 
 def _prune_check(args: argparse.Namespace) -> int:
     from edgepasses.bench.prune_check import prune_check, to_markdown
+    from edgepasses.bench.report import Machine
 
     ratios, template = _check_prune_check_args(args)
+    args.machine = Machine.here()  # before the run adds its own load
     checks, errors = prune_check(args.model, ratios, template, progress=lambda line: print(line, flush=True))
     text = to_markdown(checks) if checks else "no model passed"
     if errors:
         text += "\n\nFailed:\n" + "\n".join(f"- {e}" for e in errors)
     print("\n" + text)
-    if args.md:
-        Path(args.md).write_text(text + "\n")
+    _write_md(args, "prune-check", text + "\n")
     return 1 if errors else 0
 
 
@@ -362,7 +348,8 @@ def _add_prune_check_parser(subparsers: Any) -> None:
     # Spelled out (as prune_check.DEFAULT_PIPELINE) so that building the parser stays light.
     check.add_argument("--pipeline", default="fold_bn,prune(ratio={ratio},round_to=8)",
                        help="pipeline text with {ratio} where each ratio goes (default: %(default)s)")
-    check.add_argument("--md", metavar="PATH", help="also write the Markdown table")
+    check.add_argument("--md", metavar="PATH", help="write the Markdown table to PATH (default: replace the "
+                       "prune-check section of docs/benchmarks.md, when run in a checkout that has it)")
     check.set_defaults(handler=_prune_check, parser=check)
 
 
@@ -433,7 +420,8 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--rounds", type=_at_least(1), default=None,
                        help="interleaved timing rounds (default: 50; accuracy: 20)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    bench.add_argument("--md", metavar="PATH", help="also write the Markdown tables")
+    bench.add_argument("--md", metavar="PATH", help="write the Markdown tables to PATH (default: replace this "
+                       "suite's section of docs/benchmarks.md, when run in a checkout that has it)")
     bench.set_defaults(handler=_bench, parser=bench)
 
 
