@@ -5,6 +5,9 @@ For each op and shape, every implementation that exists here is timed in one int
 (the same layer lowered through `edgepasses.lower`), torch fp32 and, for int8, torch's own
 int8 CPU kernel (FBGEMM dynamic quantized linear). Ratios are against torch fp32 of the same
 shape. TVM is not timed per op yet (its target lowers whole graphs, fp32 only).
+
+The linear ops take M×K×N shapes; int8_conv2d runs its own layers (`CONV_LAYERS`: ResNet-style
+3×3 and 1×1 convs, batch 1), with weights prepared as the lowering prepares them.
 """
 from __future__ import annotations
 
@@ -18,19 +21,36 @@ from torch import nn
 
 import edgepasses
 from edgepasses.kernels import ops
-from edgepasses.passes.sparsify_24 import keep_2_of_4
+from edgepasses.measure.timing import measure_side_by_side
 
-from .timing import measure_side_by_side
-
-OPS = ("int8_linear", "sparse24_linear", "lowrank_linear")
+OPS = ("int8_linear", "sparse24_linear", "lowrank_linear", "int8_conv2d")
 DEFAULT_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096))
 BASELINE = "torch fp32"
 
 
 @dataclass(frozen=True)
+class ConvLayer:
+    channels: int
+    size: int           # height = width
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    groups: int = 1
+
+    def __str__(self) -> str:
+        groups = f" g{self.groups}" if self.groups > 1 else ""
+        return (f"{self.channels}x{self.size}x{self.size}→{self.out_channels} "
+                f"k{self.kernel} s{self.stride}{groups}")
+
+
+CONV_LAYERS = (ConvLayer(64, 56, 64, 3), ConvLayer(256, 14, 256, 3), ConvLayer(512, 7, 512, 3),
+               ConvLayer(256, 14, 1024, 1))
+
+
+@dataclass(frozen=True)
 class KernelRow:
     op: str
-    shape: str              # M×K×N
+    shape: str              # M×K×N, or the conv layer
     candidate: str
     median_ms: float
     min_ms: float
@@ -72,6 +92,8 @@ def int8_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, Call
 
 def magnitude_24(weight: torch.Tensor) -> torch.Tensor:
     """`weight` with the 2 smallest-magnitude entries of every group of 4 along K set to zero."""
+    from edgepasses.passes.sparsify_24 import keep_2_of_4  # the passes load only for the ops that use them
+
     return weight * keep_2_of_4(weight.abs())
 
 
@@ -107,6 +129,36 @@ def lowrank_linear_candidates(x: torch.Tensor, linear: nn.Linear) -> dict[str, C
     }
 
 
+def int8_conv2d_candidates(x: torch.Tensor, conv: nn.Conv2d) -> dict[str, Callable]:
+    w, b = conv.weight.detach(), conv.bias.detach()
+    x_scale, x_zp = float((x.max() - x.min()) / 255), int(torch.round(-x.min() / ((x.max() - x.min()) / 255)))
+    geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    candidates = {BASELINE: lambda: F.conv2d(x, w, b, *geometry)}
+    for bits, qmax in ((7, 63), (8, 127)):
+        codes, scale = _int8_codes(w.flatten(1), qmax)
+        codes = codes.reshape(w.shape)
+        sums = ops.int8_weight_sum(codes)
+        candidates[f"edge C++ int8, {bits}-bit weights"] = (
+            lambda c=codes, s=scale, sm=sums, bits=bits: ops.int8_conv2d(x, c, s, sm, b, *geometry, x_scale, x_zp, bits))
+    return candidates
+
+
+def bench_conv(layer: ConvLayer, warmup: int, rounds: int) -> list[KernelRow]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(layer.channels, layer.out_channels, layer.kernel, layer.stride, layer.kernel // 2,
+                     groups=layer.groups).eval()
+    x = torch.randn(1, layer.channels, layer.size, layer.size)
+    with torch.no_grad():
+        timings = measure_side_by_side(int8_conv2d_candidates(x, conv), warmup, rounds)
+    return _rows("int8_conv2d", str(layer), timings)
+
+
+def _rows(op: str, shape: str, timings) -> list[KernelRow]:
+    base = timings[BASELINE].median_ms
+    return [KernelRow(op, shape, name, t.median_ms, t.min_ms, t.max_ms, base / t.median_ms)
+            for name, t in timings.items()]
+
+
 CANDIDATES = {"int8_linear": int8_linear_candidates, "sparse24_linear": sparse24_linear_candidates,
               "lowrank_linear": lowrank_linear_candidates}
 
@@ -118,13 +170,11 @@ def bench_op(op: str, shape: tuple[int, int, int], warmup: int, rounds: int) -> 
     x = torch.randn(m, k)
     with torch.no_grad():
         timings = measure_side_by_side(CANDIDATES[op](x, linear), warmup, rounds)
-    base = timings[BASELINE].median_ms
-    return [KernelRow(op, f"{m}x{k}x{n}", name, t.median_ms, t.min_ms, t.max_ms, base / t.median_ms)
-            for name, t in timings.items()]
+    return _rows(op, f"{m}x{k}x{n}", timings)
 
 
 def to_markdown(rows: list[KernelRow]) -> str:
-    lines = ["| op | M×K×N | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
+    lines = ["| op | shape (M×K×N or conv layer) | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
     lines += [f"| {r.op} | {r.shape} | {r.candidate} | {r.median_ms:.3g} | {r.min_ms:.3g}–{r.max_ms:.3g} | "
               f"{r.speedup:.2f}x |" for r in rows]
     notes = ["TVM: not timed per op (the tvm target lowers whole graphs and converts no int8 op yet)."]
@@ -136,8 +186,13 @@ def to_markdown(rows: list[KernelRow]) -> str:
 
 def bench_kernels(op_names: list[str], shapes: list[tuple[int, int, int]], warmup: int, rounds: int,
                   json_path: str | None = None) -> list[KernelRow]:
+    """Times each op in `op_names`: the linear ops at `shapes` (M, K, N), int8_conv2d at CONV_LAYERS."""
     rows = []
     for op in op_names:
+        if op == "int8_conv2d":
+            for layer in CONV_LAYERS:
+                rows += bench_conv(layer, warmup, rounds)
+            continue
         for shape in shapes:
             rows += bench_op(op, shape, warmup, rounds)
     if json_path:
