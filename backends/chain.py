@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch.fx
 
-from . import Lowering, Target
+from . import Lowering, Target, TargetBase
 from .partition import compute_ops, handing_on_fallbacks, lower_by_partition, report_fallbacks
 
 log = logging.getLogger("edgepasses")
@@ -32,8 +32,9 @@ class Placement:
         return f"{self.partition} -> {self.target}{ops}"
 
 
-class TargetChain:
-    """Targets in order of preference, all usable here (see `of_available`)."""
+class TargetChain(TargetBase):
+    """Targets in order of preference, all usable here (see `of_available`). Its result mixes
+    runtimes, so it stores no program of its own in an artifact."""
 
     def __init__(self, targets: list[Target]):
         self.targets = targets
@@ -56,8 +57,8 @@ class TargetChain:
         """Passes prepare the graph for the target that runs most of it: the first."""
         return self.targets[0].quant_caps
 
-    def unavailable_reason(self) -> str | None:
-        return None
+    def cache_key(self) -> str:
+        return "; ".join(f"{t.name}: {t.cache_key()}" for t in self.targets)
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:

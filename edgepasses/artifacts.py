@@ -1,15 +1,17 @@
-"""`save` / `load`: a compressed graph and its target's artifact in one checked directory.
+"""`save` / `load`: a compressed graph and its target's program in one checked directory.
 
     path/graph.pt2             torch.export.save of torch.export.export(gm, example_inputs)
-    path/openvino/model.xml    openvino.save_model of the converted graph (weights full precision
-    path/openvino/model.bin      unless compress_to_fp16=True)
-    path/tvm/model.so          or: the Relax VM executable of a TVM program (`export_library`),
-                                 machine code for the CPU it was built on (`tvm_mcpu`)
-    path/manifest.json         format version, the edgepasses/torch/openvino/tvm versions that wrote it,
-                               the pipeline (text and uuid), the target, the inputs, a SHA-256 per file,
-                               and `extra` (what the caller keeps there: the compile cache's key)
+    path/<target>/...          the target's program, the files its `artifact_files` declare
+                               (openvino: model.xml/.bin, OpenVINO IR; tvm: model.so, a Relax VM
+                               library, machine code for the CPU it was built on)
+    path/manifest.json         format version, the edgepasses/torch versions that wrote it, the
+                               pipeline (text and uuid), the target and what it needs to load its
+                               program (`target_info`: its runtime's version, ...), the inputs, a
+                               SHA-256 per file, and `extra` (what the caller keeps there: the
+                               compile cache's key)
 
-At most one target artifact is there (none for a graph-only artifact).
+At most one target's program is there (none for a graph-only artifact). Targets write and read
+their own files (`Target.save_program` / `load_program`); this module checks them.
 
 Artifacts are data, not code (docs/artifacts.md). The SHA-256s catch corruption, not tampering:
 whoever can write the files can write the manifest. So `load` trusts no byte of them:
@@ -20,9 +22,8 @@ whoever can write the files can write the manifest. So `load` trusts no byte of 
   unpickling (torch.export.load unpickles with weights_only=False) or by evaluating text
   (symbolic shapes go through sympy.sympify): raw tensor bytes, JSON, example inputs that load
   with torch.load(weights_only=True), and calls of torch operators only;
-- OpenVINO's model.xml/.bin are data for OpenVINO's reader;
-- a TVM library is native code: loading it runs it, so `load` loads one only with
-  `trust_native_code=True`.
+- a target's files are data for its runtime's reader, unless it declares them native code (TVM's
+  library): loading those runs them, so `load` loads them only with `trust_native_code=True`.
 Every failure is an `ArtifactError` naming the file and what to do. `save` writes a sibling
 temporary directory, fsyncs it and renames it into place: an artifact already at `path` stays
 loadable whatever fails.
@@ -52,21 +53,15 @@ from .pt2_check import load_checked
 log = logging.getLogger(__name__)
 
 FORMAT = "edgepasses-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: the target's files under <target>/ and its data in `target_info`
 MANIFEST = "manifest.json"
 GRAPH = "graph.pt2"
-OPENVINO_XML = "openvino/model.xml"
-OPENVINO_BIN = "openvino/model.bin"
-TVM_LIB = "tvm/model.so"
-TARGET_FILES = (OPENVINO_XML, OPENVINO_BIN, TVM_LIB)
-FILES_OF_TARGET = {None: {GRAPH}, "openvino": {GRAPH, OPENVINO_XML, OPENVINO_BIN}, "tvm": {GRAPH, TVM_LIB}}
 
 
 @dataclass
 class Artifact:
-    """What `load` returns. `program` runs the target artifact (an OpenVINOProgram or a TVMProgram;
-    None when there is none, or its runtime is not installed); `graph` is the saved graph as a
-    module (`exported.module()`)."""
+    """What `load` returns. `program` runs the target's stored program (None when there is none, or
+    it cannot run here: `notes` says why); `graph` is the saved graph as a module (`exported.module()`)."""
     path: Path
     manifest: dict[str, Any]
     graph: torch.nn.Module
@@ -82,35 +77,32 @@ class Artifact:
 # --- save ------------------------------------------------------------------------------------
 
 def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | None = None, *,
-         target_artifact: bool | str = True, compress_to_fp16: bool = False, program: Any = None,
+         target_artifact: bool | str = True, program: Any = None, artifact_options: dict | None = None,
          extra: dict | None = None) -> Path:
     """Save `gm_or_lowered` under the directory `path` (created; an existing artifact there is replaced
     atomically: it stays as it was if anything fails).
 
-    `gm_or_lowered`: what `compress` returned, or what `lower(gm, args, target="openvino")` returned
-    when that program keeps its source (`exported` and `ov_model` attributes). `example_inputs`
-    default to zeros shaped like the graph's placeholders (`meta["val"]`). `target_artifact`: True
-    saves the OpenVINO model too when openvino is installed and converts the whole graph (else the
-    graph alone, with a WARNING), or the TVM library when `program` is a TVMProgram; "openvino" or
-    "tvm" requires that one; False saves the graph alone. `program`: what `lower` returned for this
-    graph, so a TVM build is written rather than rebuilt (an OpenVINO model is converted again
-    unless it keeps `ov_model`). `extra`: JSON-able data kept in the manifest.
+    `gm_or_lowered`: what `compress` returned, or a whole-graph program `lower` returned that keeps
+    its source (`exported`: OpenVINO's). `example_inputs` default to zeros shaped like the graph's
+    placeholders (`meta["val"]`). `program`: what `lower` returned for this graph, so the target's
+    build is written rather than made again. `target_artifact`: True stores `program` where its
+    target can (OpenVINO, TVM), else the first `auto` target that converts the graph alone
+    (OpenVINO, when installed; a WARNING and the graph alone where it does not convert); a target
+    name requires that target's program; False saves the graph alone. `artifact_options`: keywords
+    of the target's `save_program` (openvino: `compress_to_fp16`). `extra`: JSON-able data kept in
+    the manifest.
     """
-    if target_artifact not in (True, False, "openvino", "tvm"):
-        raise ArtifactError(f"save: target_artifact must be True, False, 'openvino' or 'tvm'; got {target_artifact!r}")
-    if target_artifact == "tvm" and getattr(program, "executable", None) is None:
-        raise ArtifactError("save: target_artifact='tvm' needs program=<the TVMProgram lower() returned for the "
-                            "graph>: the library is written from its executable")
     path = Path(path)
     _check_replaceable(path)
-    exported, ov_model, gm = _sources(gm_or_lowered, example_inputs)
+    exported, given, gm = _sources(gm_or_lowered, example_inputs)
+    program = program if program is not None else given
+    target = _artifact_target(target_artifact, program)
     _check_data_only(exported)
-    ov_model = ov_model if ov_model is not None else getattr(program, "ov_model", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     os.mkdir(tmp)  # the umask's mode, as a directory the user made
     try:
-        _write(tmp, exported, ov_model, gm, program, target_artifact, compress_to_fp16, extra)
+        _write(tmp, exported, gm, target, program, isinstance(target_artifact, str), artifact_options or {}, extra)
         _fsync_tree(tmp)
         _move_into_place(tmp, path)
     except BaseException as exc:
@@ -120,6 +112,32 @@ def save(gm_or_lowered: Any, path: str | os.PathLike, example_inputs: tuple | No
                                 f"is unchanged") from exc
         raise
     return path
+
+
+def _artifact_target(choice: bool | str, program: Any):
+    """The target whose program `save` stores (None: the graph alone); see `save`'s `target_artifact`."""
+    from .backends import auto_order, make_target, saving_target, target_names
+
+    if choice is False:
+        return None
+    if choice is True:
+        if program is not None and saving_target(program) is not None:
+            return saving_target(program)
+        converters = [make_target(name) for name in auto_order()]
+        return next((t for t in converters if t.artifact_files and t.can_save(None) and not t.unavailable_reason()),
+                    None)
+    storing = [n for n in target_names() if n != "auto" and make_target(n).artifact_files]
+    if choice not in storing:
+        raise ArtifactError(f"save: target_artifact must be True, False or a target that stores its program "
+                            f"({', '.join(storing)}); got {choice!r}")
+    target = make_target(choice)
+    reason = target.unavailable_reason()
+    if reason:
+        raise ArtifactError(f"save: target_artifact={choice!r} cannot be written here: {reason}")
+    if not target.can_save(program):
+        raise ArtifactError(f"save: target_artifact={choice!r} needs program=<what lower(gm, ..., "
+                            f"target={choice!r}) returned for the whole graph>; got {type(program).__name__}")
+    return target
 
 
 def _check_replaceable(path: Path) -> None:
@@ -144,27 +162,12 @@ def _check_data_only(exported: torch.export.ExportedProgram) -> None:
                             "with example inputs and no dynamic_shapes)")
 
 
-def _write(folder: Path, exported, ov_model, gm, program, target_artifact, compress_to_fp16: bool,
+def _write(folder: Path, exported, gm, target, program, required: bool, artifact_options: dict,
            extra: dict | None) -> None:
-    """The graph, the target artifact and the manifest, into `folder`."""
-    files = [GRAPH]
+    """The graph, the target's program and the manifest, into `folder`."""
     torch.export.save(exported, folder / GRAPH)
-    target, openvino_version, tvm_info = None, _openvino_version(), {}
-    if target_artifact in (True, "tvm") and getattr(program, "executable", None) is not None:
-        tvm_info = _save_tvm(program, folder / TVM_LIB)
-        files.append(TVM_LIB)
-        target = "tvm"
-    elif target_artifact in (True, "openvino"):
-        if ov_model is None:
-            ov_model = _convert(exported, required=target_artifact == "openvino", openvino_version=openvino_version)
-        if ov_model is not None:
-            import openvino as ov
-
-            (folder / OPENVINO_XML).parent.mkdir(exist_ok=True)
-            ov.save_model(ov_model, str(folder / OPENVINO_XML), compress_to_fp16=compress_to_fp16)
-            files += [OPENVINO_XML, OPENVINO_BIN]
-            target = "openvino"
-
+    info = _write_program(folder, target, exported, program, required, artifact_options) if target else None
+    target_files = [f"{target.name}/{name}" for name in target.artifact_files] if info is not None else []
     report = getattr(gm, "edge_report", None) if gm is not None else None
     pipeline = getattr(report, "pipeline", None)
     manifest = {
@@ -172,20 +175,37 @@ def _write(folder: Path, exported, ov_model, gm, program, target_artifact, compr
         "format_version": FORMAT_VERSION,
         "edgepasses_version": _edgepasses_version(),
         "torch_version": torch.__version__,
-        "openvino_version": openvino_version if target == "openvino" else None,
         "pipeline": pipeline,
         "pipeline_uuid": _pipeline_uuid(pipeline),
         "report": _jsonable(report.to_dict()) if hasattr(report, "to_dict") else None,
-        "target": target,
-        "openvino_weights": ("f16" if compress_to_fp16 else "f32") if target == "openvino" else None,
-        "tvm_version": tvm_info.get("version"),
-        "tvm_mcpu": tvm_info.get("mcpu"),
+        "target": target.name if info is not None else None,
+        "target_info": _jsonable(info),
         "inputs": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                    for v in _user_input_vals(exported)],
-        "files": {name: _sha256(folder / name) for name in files},
+        "files": {name: _sha256(folder / name) for name in [GRAPH, *target_files]},
         "extra": _jsonable(extra),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _write_program(folder: Path, target, exported, program, required: bool, options: dict) -> dict | None:
+    """The target writes its files into `<folder>/<name>/`: exactly those it declares, or an error."""
+    own = folder / target.name
+    own.mkdir()
+    try:
+        info = target.save_program(own, exported, program, required=required, **options)
+    except TypeError as exc:
+        if not options:
+            raise
+        raise ArtifactError(f"save: artifact_options {sorted(options)} for target {target.name!r}: {exc}") from exc
+    if info is None:  # it could not, and was not required to: the graph alone
+        shutil.rmtree(own)
+        return None
+    written = _files_in(own)
+    if written != set(target.artifact_files):
+        raise ArtifactError(f"save: target {target.name!r} wrote {sorted(written)}, but declares "
+                            f"{sorted(target.artifact_files)} (a bug in the target)")
+    return info
 
 
 def _sibling(path: Path, suffix: str) -> Path:
@@ -235,20 +255,20 @@ def _fsync_dir(folder: Path) -> None:
 
 def load(path: str | os.PathLike, *, precision: str = "f32", program: bool = True,
          cache_dir: str | None = None, trust_native_code: bool = False) -> Artifact:
-    """Check and load the artifact at `path` (see the module docstring); `precision` is the OpenVINO
-    inference precision of `.program` (TVM runs f32); `program=False` skips compiling or loading it;
-    `cache_dir` is OpenVINO's compiled-model cache (CACHE_DIR). `trust_native_code=True` loads a TVM
-    library, which runs its code: only for artifacts whose writer you trust (else `.program` is None)."""
+    """Check and load the artifact at `path` (see the module docstring); `precision` is the inference
+    precision of `.program` (OpenVINO: f32 or bf16); `program=False` skips compiling or loading it;
+    `cache_dir` is the target's own compiled-model cache (OpenVINO's CACHE_DIR). `trust_native_code=True`
+    loads a program that is native code (TVM's library), which runs it: only for artifacts whose writer
+    you trust (else `.program` is None)."""
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
     _warn_on_another_torch(path, manifest)
     exported = load_graph(path / GRAPH, manifest["files"][GRAPH])
     artifact = Artifact(path, manifest, exported.module(), exported)
-    if program and manifest["target"] == "openvino":
-        artifact.program = _load_openvino(path, exported, precision, cache_dir, artifact.notes)
-    elif program and manifest["target"] == "tvm":
-        artifact.program = _load_tvm(path, manifest, exported, artifact.notes, trust_native_code)
+    if program and manifest["target"] is not None:
+        artifact.program = _load_program(path, manifest, exported, precision, cache_dir, trust_native_code,
+                                         artifact.notes)
     return artifact
 
 
@@ -272,10 +292,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(files, dict) or not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
                                               for d in files.values()):
         raise ArtifactError(f"load: {manifest_path} has no SHA-256 per file (corrupt or modified)")
-    if manifest.get("target") not in FILES_OF_TARGET:
-        raise ArtifactError(f"load: {manifest_path} names target {manifest.get('target')!r}; this edgepasses "
-                            f"knows {', '.join(str(t) for t in FILES_OF_TARGET)}")
+    target = manifest.get("target")
+    if target is not None and not (isinstance(target, str) and _stored_files(target)):
+        raise ArtifactError(f"load: {manifest_path} names target {target!r}, which is not a target registered "
+                            f"here that stores programs (a plugin target needs its package installed)")
+    if not isinstance(manifest.get("target_info"), dict if target is not None else type(None)):
+        raise ArtifactError(f"load: {manifest_path} has no target_info for target {target!r} (corrupt or modified)")
     return manifest
+
+
+def _stored_files(target: str) -> set[str]:
+    """The files an artifact of `target` holds besides the graph (empty: not a target that stores any)."""
+    from .backends import make_target, target_names
+
+    if target not in target_names() or target == "auto":
+        return set()
+    return {f"{target}/{name}" for name in make_target(target).artifact_files}
+
+
+def native_code(manifest: dict[str, Any]) -> bool:
+    """Whether the artifact's program is native code (loading it runs it)."""
+    from .backends import make_target
+
+    return manifest["target"] is not None and make_target(manifest["target"]).native_code
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
@@ -284,7 +323,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
     listed = set(manifest["files"])
     for name in sorted(listed):
         _check_name(path, name)
-    expected = FILES_OF_TARGET[manifest["target"]]
+    expected = {GRAPH} | (_stored_files(manifest["target"]) if manifest["target"] is not None else set())
     if listed != expected:
         raise ArtifactError(f"load: {path / MANIFEST} lists {sorted(listed)}, but an artifact of target "
                             f"{manifest['target']!r} holds {sorted(expected)} (corrupt or modified)")
@@ -344,73 +383,29 @@ def load_graph(file: Path, digest: str) -> torch.export.ExportedProgram:
     return load_checked(data, file)
 
 
-# --- target programs -------------------------------------------------------------------------
+# --- the target's program ---------------------------------------------------------------------
 
-def _load_openvino(path: Path, exported, precision: str, cache_dir: str | None, notes: list[str]):
-    try:
-        import openvino as ov
-    except ImportError:
-        notes.append("openvino is not installed: .program is None (pip install 'edgepasses[openvino]')")
-        return None
-    from .backends.openvino import OpenVINOProgram
+def _load_program(path: Path, manifest: dict[str, Any], exported, precision: str, cache_dir: str | None,
+                  trust_native_code: bool, notes: list[str]) -> Callable | None:
+    """The target's stored program, or None (with a note) where it cannot or may not run here."""
+    from .backends import make_target
 
-    try:
-        ov_model = ov.Core().read_model(str(path / OPENVINO_XML))
-        return OpenVINOProgram(ov_model, exported, precision, cache_dir)
-    except Exception as exc:  # OpenVINO raises its own error types for a bad model
-        raise ArtifactError(f"load: OpenVINO could not read or compile {path / OPENVINO_XML}: "
-                            f"{first_line(exc)}") from exc
-
-
-def _save_tvm(program: Any, file: Path) -> dict[str, str]:
-    """Write a TVMProgram's executable as a shared library (needs a C compiler, as TVM's builds do)."""
-    import tvm
-
-    file.parent.mkdir(exist_ok=True)
-    program.executable.export_library(str(file))
-    return {"version": tvm.__version__, "mcpu": _tvm_mcpu(getattr(program, "info", {}).get("target"))}
-
-
-def _tvm_mcpu(target: str | None) -> str:
-    """The CPU a TVM build was compiled for: from its target (a JSON dict in TVM 0.27), else this host's."""
-    try:
-        return json.loads(target)["mcpu"]
-    except (TypeError, ValueError, KeyError):
-        from .backends.tvm.build import host_cpu
-
-        return host_cpu()
-
-
-def _load_tvm(path: Path, manifest: dict[str, Any], exported, notes: list[str], trust_native_code: bool):
-    """A TVMProgram running the saved library, or None (with a note) where it cannot or may not run here."""
-    if not trust_native_code:  # loading a shared library runs its initialisers: it is code, not data
-        notes.append(f"{TVM_LIB} is native code and loading it runs it: .program is None (load(..., "
+    target = make_target(manifest["target"])
+    if target.native_code and not trust_native_code:  # loading a shared library runs its initialisers
+        notes.append(f"{target.name}/ is native code and loading it runs it: .program is None (load(..., "
                      "trust_native_code=True) if you trust who wrote this artifact, or lower() the graph again)")
         log.warning("load: %s", notes[-1])
         return None
-    try:
-        import tvm
-    except ImportError:
-        notes.append("tvm is not installed: .program is None (pip install apache-tvm)")
+    reason = target.unavailable_reason()
+    if reason:
+        notes.append(f"target {target.name!r} cannot run here, so .program is None: {reason}")
         return None
-    from .backends.tvm import TVMProgram
-    from .backends.tvm.build import host_cpu
-
-    saved, here = manifest.get("tvm_mcpu"), host_cpu()
-    if saved != here:  # its machine code may use instructions this CPU lacks
-        notes.append(f"the TVM library was built for CPU {saved!r} and this CPU is {here!r}: .program is None "
-                     "(lower() the graph again)")
-        return None
-    try:
-        library = tvm.runtime.load_module(str(path / TVM_LIB))
-    except Exception as exc:  # TVM raises its own error types for a bad library
-        raise ArtifactError(f"load: {path / TVM_LIB} could not be loaded by TVM {tvm.__version__} (saved with "
-                            f"{manifest.get('tvm_version')}): {first_line(exc)}") from exc
-    return TVMProgram(exported, trials=0, time_limit_s=None, cache_dir=None, executable=library)
+    return target.load_program(path / target.name, manifest["target_info"], exported, precision=precision,
+                               cache_dir=cache_dir, notes=notes)
 
 
 def _sources(obj: Any, example_inputs: tuple | None):
-    """(exported program, OpenVINO model or None, the compressed graph or None) of what save was given."""
+    """(exported program, the lowered program or None, the compressed graph or None) of what save was given."""
     if isinstance(obj, torch.fx.GraphModule) and not hasattr(obj, "edge_lowering"):
         args, kwargs = _example_args(obj, example_inputs)
         for module in obj.modules():  # the graph is fixed already; torchao's convert_pt2e forbids .eval()
@@ -420,12 +415,14 @@ def _sources(obj: Any, example_inputs: tuple | None):
         except Exception as exc:
             raise ArtifactError(f"save: torch.export could not capture the graph: {exc}") from exc
         return exported, None, obj
-    exported, ov_model = getattr(obj, "exported", None), getattr(obj, "ov_model", None)
-    if isinstance(exported, torch.export.ExportedProgram) and ov_model is not None:
-        return exported, ov_model, getattr(obj, "source_graph", None)
+    from .backends import saving_target
+
+    exported = getattr(obj, "exported", None)
+    if isinstance(exported, torch.export.ExportedProgram) and saving_target(obj) is not None:
+        return exported, obj, getattr(obj, "source_graph", None)
     raise ArtifactError(f"save: {type(obj).__name__} is not a graph from edgepasses.compress, nor a lowered "
-                        f"program that keeps its source (`exported` and `ov_model`); save the GraphModule that "
-                        f"was lowered: save(gm, path) writes the OpenVINO model too")
+                        f"program that keeps its source (`exported`); save the GraphModule that was lowered, "
+                        f"with program=<what lower returned>")
 
 
 def _example_args(gm: torch.fx.GraphModule, example_inputs: tuple | None) -> tuple[tuple, dict]:
@@ -449,24 +446,6 @@ def _user_input_vals(exported: torch.export.ExportedProgram) -> list:
     return [v for v in vals if isinstance(v, torch.Tensor)]
 
 
-def _convert(exported, *, required: bool, openvino_version: str | None):
-    if openvino_version is None:
-        if required:
-            raise ArtifactError("save: target_artifact='openvino' needs openvino: pip install 'edgepasses[openvino]'")
-        log.info("save: openvino is not installed; saving the graph alone")
-        return None
-    from .backends.openvino import convert_exported
-
-    try:
-        return convert_exported(exported)
-    except Exception as exc:
-        if required:
-            raise ArtifactError(f"save: OpenVINO could not convert the whole graph: {exc}") from exc
-        log.warning("save: OpenVINO could not convert the whole graph, so only the graph is saved "
-                    "(lower() it after load to run it split): %s", str(exc).splitlines()[0] if str(exc) else exc)
-        return None
-
-
 def _sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
@@ -488,14 +467,6 @@ def _edgepasses_version() -> str:
         from . import __version__
 
         return __version__
-
-
-def _openvino_version() -> str | None:
-    try:
-        import openvino as ov
-    except ImportError:
-        return None
-    return ov.get_version()
 
 
 def _pipeline_uuid(text: str | None) -> str | None:

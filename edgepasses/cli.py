@@ -251,6 +251,7 @@ def _compress(args: argparse.Namespace) -> int:
 
     import edgepasses
 
+    from .backends import saving_target
     from .user_model import example_inputs, load_calibration, load_model
 
     model, carried = load_model(args.model)
@@ -264,9 +265,10 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"target {lowering.target} ({lowering.precision}): {lowering.partitions} partition(s), "
           f"{lowering.int8_ops} int8 op(s), {len(lowering.fallbacks)} op(s) left to PyTorch\n"
           f"{lowering.placement_text()}")
-    # The target's own program is saved with the graph where there is one to save (OpenVINO, TVM).
-    kept = lowering.target if lowering.target in ("openvino", "tvm") else False
-    print(f"saved {edgepasses.save(gm, args.out, inputs, target_artifact=kept, program=program)}")
+    # The target's own program is saved with the graph where its target stores one (OpenVINO, TVM).
+    kept = saving_target(program)
+    saved = edgepasses.save(gm, args.out, inputs, target_artifact=kept.name if kept else False, program=program)
+    print(f"saved {saved}")
     return 0
 
 
@@ -376,7 +378,7 @@ def _target_spec(text: str) -> str:
 
 
 def _add_bench_parser(subparsers: Any) -> None:
-    from .backends import TARGET_NAMES
+    from .backends import target_names
     from .backends.openvino import PRECISIONS
 
     bench = subparsers.add_parser("bench", help="models: latency, size and accuracy of zoo models, eager vs "
@@ -414,7 +416,7 @@ def _add_bench_parser(subparsers: Any) -> None:
                             "torch.compile (no Dynamo per-call work)")
     bench.add_argument("--batch", type=_at_least(1), default=1)
     bench.add_argument("--target", type=_target_spec, default="openvino",
-                       help=f"{', '.join(TARGET_NAMES)}, or an ordered list such as 'openvino,reference'")
+                       help=f"{', '.join(target_names())}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
     bench.add_argument("--warmup", type=_at_least(0), default=10)
     bench.add_argument("--rounds", type=_at_least(1), default=None,

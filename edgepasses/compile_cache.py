@@ -8,17 +8,19 @@ never hand back another model's program: the canonical graph's structure (ops, w
 shapes, dtypes), the values of its weights and constants, the pipeline (canonical text and
 `Pipeline.uuid()`, which covers every pass's version and options), the calibration tensors'
 values, the target list, its `target_options`, precision and strict, the quantizer's view of
-the target (`quant_caps`, which reads this CPU), the library versions, and for TVM this CPU.
+the target (`quant_caps`, which reads this CPU), the library versions, and the target's own
+`cache_key()` (its runtime's version; for TVM, this CPU).
 
 An entry is an `edgepasses.artifacts` directory (graph.pt2, the target artifact, a manifest
 with a SHA-256 per file), written into a temporary sibling and renamed into place, so a killed
 compile never leaves half an entry. Entries are read as untrusted data (`artifacts.load`
-deserializes nothing that runs code); the one exception is a TVM library, native code, loaded
-only from an entry this user wrote and no one else can write to (docs/artifacts.md). An entry
-that does not load, for whatever reason, is one WARNING, removed, and compiled again.
+deserializes nothing that runs code); the one exception is a program that is native code (TVM's
+library), loaded only from an entry this user wrote and no one else can write to
+(docs/artifacts.md). An entry that does not load, for whatever reason, is one WARNING, removed,
+and compiled again.
 
-A whole-graph OpenVINO or TVM program is stored as its target artifact: a hit skips the
-pipeline and the OpenVINO conversion / TVM build. Other lowerings (the reference target,
+A whole-graph program its target can store (`Target.can_save`: OpenVINO, TVM) is stored with the
+graph: a hit skips the pipeline and the target's build. Other lowerings (the reference target,
 partitioned graphs) store the compressed graph: a hit skips the pipeline and lowers that graph
 again.
 """
@@ -35,7 +37,6 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,8 @@ from .pipeline import PassRecord, Pipeline, PipelineReport
 log = logging.getLogger("edgepasses")
 
 ENTRIES = "compiled"      # <cache_dir>/compiled/<key>/: next to the targets' own caches in cache_dir
-KEY_VERSION = 1           # bump when what goes into the key, or what an entry holds, changes
+KEY_VERSION = 2           # bump when what goes into the key, or what an entry holds, changes
 STALE_TMP_S = 3600        # temporary directories older than this belong to a killed compile
-_DISTRIBUTIONS = ("openvino", "apache-tvm", "apache-tvm-ffi", "torch-tensorrt", "tensorrt")
 
 
 def key_parts(canonical: torch.fx.GraphModule, opts: Any, target: Any) -> dict[str, str]:
@@ -73,7 +73,8 @@ def key_parts(canonical: torch.fx.GraphModule, opts: Any, target: Any) -> dict[s
         "precision": opts.precision,
         "strict": str(opts.strict),
         "quant_caps": repr(getattr(target, "quant_caps", None)),
-        "host": host_text(target.name),
+        "host": platform.machine(),
+        "target_key": target.cache_key(),
         "versions": json.dumps(library_versions(), sort_keys=True),
     }
 
@@ -115,26 +116,9 @@ def calibration_hash(calibration: Any) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of what writes or runs an entry (read from package metadata: importing TVM takes seconds)."""
-    versions = {"edgepasses": artifacts._edgepasses_version(), "torch": torch.__version__,
-                "python": platform.python_version()}
-    for name in _DISTRIBUTIONS:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
-
-
-def host_text(target_name: str) -> str:
-    """The machine: a TVM library is code for this CPU and this thread count (`num-cores`), made by
-    this version of our lowering."""
-    text = platform.machine()
-    if "tvm" in target_name.split(","):
-        from .backends.tvm.build import LOWERING_VERSION, host_target
-
-        text += f" {host_target()} lowering {LOWERING_VERSION}"
-    return text
+    """Versions of what writes an entry (the target's runtime is in its `cache_key`)."""
+    return {"edgepasses": artifacts._edgepasses_version(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def entry_path(cache_dir: str | os.PathLike, key: str) -> Path:
@@ -145,7 +129,7 @@ def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: 
            precision: str) -> tuple[Callable, PipelineReport] | None:
     """(program, pipeline report of the compile that stored it) for `key`, or None on a miss.
 
-    An entry that fails in any way (corrupt, modified, crafted, another format, a TVM library
+    An entry that fails in any way (corrupt, modified, crafted, another format, native code
     someone else could have written, a program that does not build) is one WARNING, removed, and
     a miss, so the caller compiles and stores it again: never loaded, never failing forever."""
     path = entry_path(cache_dir, key)
@@ -163,9 +147,9 @@ def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: 
 def _use_entry(path: Path, cache_dir, key: str, target: Any, example_inputs: tuple, *, strict: bool,
                precision: str) -> tuple[Callable, PipelineReport]:
     own = written_by_this_user(path)
-    if not own and artifacts.read_manifest(path).get("target") == "tvm":
-        raise ArtifactError(f"load: {path} holds a TVM library (native code) in a directory that another user "
-                            f"owns or can write to; it is not loaded")
+    if not own and artifacts.native_code(artifacts.read_manifest(path)):
+        raise ArtifactError(f"load: {path} holds native code in a directory that another user owns or can write "
+                            f"to; it is not loaded")
     artifact = artifacts.load(path, precision=precision, cache_dir=str(cache_dir), trust_native_code=own)
     extra = artifact.manifest.get("extra") or {}
     if extra.get("cache_key") != key:
@@ -198,10 +182,13 @@ def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compres
           lowered: Any, example_inputs: tuple) -> Path | None:
     """Write the entry for `key` atomically; None (with a WARNING) where it cannot be written.
 
-    A whole-graph OpenVINO or TVM program is stored with its target artifact, anything else as
-    the compressed graph alone. A failed store never fails the compile: the program runs uncached."""
+    A whole-graph program its target can store is stored with the graph, anything else as the
+    compressed graph alone. A failed store never fails the compile: the program runs uncached."""
+    from .backends import saving_target
+
     root = Path(cache_dir) / ENTRIES
-    kind = _program_kind(lowered)
+    target = saving_target(lowered)
+    kind = target.name if target is not None else None
     extra = {"cache_key": key, "key_parts": parts, "program": kind,
              "lowering": _lowering_dict(getattr(lowered, "edge_lowering", None))}
     tmp = root / f".{key[:12]}-{secrets.token_hex(6)}.tmp"
@@ -234,21 +221,6 @@ def _remove_entry(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _program_kind(lowered: Any) -> str | None:
-    """"openvino" / "tvm" for a whole-graph program of that runtime with nothing left to PyTorch."""
-    from .backends.openvino import OpenVINOProgram
-    from .backends.tvm import TVMProgram
-
-    lowering = getattr(lowered, "edge_lowering", None)
-    if lowering is None or lowering.fallbacks:
-        return None
-    if isinstance(lowered, OpenVINOProgram):
-        return "openvino"
-    if isinstance(lowered, TVMProgram) and getattr(lowered, "executable", None) is not None:
-        return "tvm"
-    return None
 
 
 def _lowering_dict(lowering: Any) -> dict | None:

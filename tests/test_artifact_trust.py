@@ -185,7 +185,11 @@ def test_save_refuses_weights_torch_export_would_pickle(tmp_path):
             return x @ self.weight.t()
 
     exported = torch.export.export(Subclassed(), (torch.randn(2, 4),))
-    lowered = type("Lowered", (), {"exported": exported, "ov_model": object()})()
+    from edgepasses.backends import Lowering
+    from edgepasses.backends.openvino import OpenVINOProgram
+
+    lowered = object.__new__(OpenVINOProgram)  # as lower() returns it: keeps its exported source
+    lowered.__dict__.update(exported=exported, ov_model=object(), edge_lowering=Lowering("openvino", "f32", 1))
     with pytest.raises(ArtifactError, match="weight 'weight' is a TwoTensor, which torch.export stores pickled"):
         save(lowered, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -218,19 +222,19 @@ def test_a_tvm_entry_others_can_write_is_not_loaded_but_rebuilt(tmp_path, caplog
     _, miss = _compile(_model(), options)
     entry = Path(miss.cache_entry)
     assert compile_cache.written_by_this_user(entry)
-    _set_manifest(entry, lambda m: m.update(target="tvm"))  # as if it held tvm/model.so
+    _set_manifest(entry, lambda m: m.update(target="tvm", target_info={}))  # as if it held tvm/model.so
     entry.chmod(0o775)
     assert not compile_cache.written_by_this_user(entry)
     monkeypatch.setattr(artifacts, "load", lambda *a, **k: pytest.fail("an entry others can write was loaded"))
     with caplog.at_level(logging.WARNING, logger="edgepasses"):
         _, again = _compile(_model(), options)
-    assert "TVM library (native code) in a directory that another user owns or can write to" in caplog.text
+    assert "holds native code in a directory that another user owns or can write to" in caplog.text
     assert again.cache == "miss"
 
 
 def test_a_tvm_artifact_loads_its_library_only_when_trusted(copy, monkeypatch):
     pytest.importorskip("tvm")
-    _set_manifest(copy, lambda m: m.update(target="tvm", tvm_mcpu="any"))
+    _set_manifest(copy, lambda m: m.update(target="tvm", target_info={"mcpu": "any"}))
     (copy / "tvm").mkdir()
     (copy / "tvm" / "model.so").write_bytes(b"\x7fELF not a library")
     _set_manifest(copy, lambda m: m["files"].update({"tvm/model.so": artifacts._sha256(copy / "tvm/model.so")}))

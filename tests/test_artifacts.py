@@ -51,8 +51,8 @@ def test_round_trip_gives_the_same_graph_and_a_close_openvino_program(saved):
     assert manifest["format_version"] == FORMAT_VERSION and manifest["target"] == "openvino"
     assert manifest["pipeline"] == pipeline
     assert manifest["pipeline_uuid"] == edgepasses.Pipeline.parse(pipeline).uuid()
-    assert manifest["torch_version"] == torch.__version__ and manifest["openvino_version"]
-    assert manifest["openvino_weights"] == "f32"
+    assert manifest["torch_version"] == torch.__version__ and manifest["target_info"]["openvino_version"]
+    assert manifest["target_info"]["weights"] == "f32"
     assert manifest["inputs"] == [{"shape": [2, 3, 8, 8], "dtype": "float32"}]
     assert sorted(manifest["files"]) == ["graph.pt2", "openvino/model.bin", "openvino/model.xml"]
 
@@ -113,5 +113,5 @@ def test_extra_is_kept_and_a_tvm_artifact_needs_its_program(tmp_path):
     assert load(path, program=False).manifest["extra"] == {"cache_key": "abc", "n": [1, 2]}
     with pytest.raises(ArtifactError, match="target_artifact='tvm' needs program="):
         save(gm, tmp_path / "tvm", (X,), target_artifact="tvm")
-    with pytest.raises(ArtifactError, match="True, False, 'openvino' or 'tvm'"):
+    with pytest.raises(ArtifactError, match="True, False or a target that stores its program .openvino, tvm"):
         save(gm, tmp_path / "bad", (X,), target_artifact="onnx")

@@ -195,12 +195,12 @@ def test_tvm_program_saves_loads_and_hits(tmp_path, pipeline_runs, monkeypatch):
     assert untrusted.program is None and "trust_native_code=True" in untrusted.notes[0]
     artifact = load(path, trust_native_code=True)
     assert artifact.manifest["target"] == "tvm" and "tvm/model.so" in artifact.manifest["files"]
-    assert artifact.manifest["tvm_mcpu"] == tvm_build.host_cpu()
+    assert artifact.manifest["target_info"]["mcpu"] == tvm_build.host_cpu()
     assert isinstance(artifact.program, TVMProgram)
     with torch.no_grad():
         assert torch.equal(artifact.program(x), program(x))
     manifest = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**manifest, "tvm_mcpu": "another-cpu"}))
+    (path / "manifest.json").write_text(json.dumps({**manifest, "target_info": {**manifest["target_info"], "mcpu": "another-cpu"}}))
     elsewhere = load(path, trust_native_code=True)
     assert elsewhere.program is None and "built for CPU 'another-cpu'" in elsewhere.notes[0]
 

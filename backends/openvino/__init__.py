@@ -13,22 +13,24 @@ import contextlib
 import copy
 import logging
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from edgepasses.errors import OptionError
+from edgepasses.errors import ArtifactError, OptionError, first_line
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
-from .. import Lowering, tensors_mb
+from .. import Lowering, TargetBase, distribution_versions, tensors_mb
 from ..input_check import input_signature, mismatch
 from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
                          warn_dense_sparse24, with_quant_partners)
 
 PRECISIONS = ("f32", "bf16")
 aten = torch.ops.aten
+log = logging.getLogger("edgepasses")
 
 
 def compile_config(precision: str, cache_dir: str | None = None) -> dict[str, str]:
@@ -47,6 +49,19 @@ def convert_exported(exported: torch.export.ExportedProgram):
 
     with _root_logger_kept():
         return ov.convert_model(exported)
+
+
+def _convert(exported: torch.export.ExportedProgram, required: bool):
+    """The OpenVINO model of the whole graph; None (with a WARNING) where it does not convert and
+    the caller can do without it."""
+    try:
+        return convert_exported(exported)
+    except Exception as exc:
+        if required:
+            raise ArtifactError(f"save: OpenVINO could not convert the whole graph: {first_line(exc)}") from exc
+        log.warning("save: OpenVINO could not convert the whole graph, so only the graph is saved "
+                    "(lower() it after load to run it split): %s", first_line(exc))
+        return None
 
 
 def for_openvino(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -235,11 +250,12 @@ def _openvino_decompositions():
     return table
 
 
-class OpenVINOTarget:
+class OpenVINOTarget(TargetBase):
     name = "openvino"
     # u8 activations / i8 per-channel weights: what its FakeQuantize-to-int8 transformations expect.
     quant_caps = QuantCaps(bits=(8,), symmetric_by_default=False, saturating_int8=cpu_int8_saturates(),
                            saturation_per_layer=True)
+    artifact_files = ("model.xml", "model.bin")  # OpenVINO IR: data for OpenVINO's reader
 
     def unavailable_reason(self) -> str | None:
         try:
@@ -247,6 +263,33 @@ class OpenVINOTarget:
         except ImportError:
             return "openvino is not installed: pip install 'edgepasses[openvino]'"
         return None
+
+    def cache_key(self) -> str:
+        return distribution_versions("openvino")
+
+    def can_save(self, program) -> bool:
+        return program is None or isinstance(program, OpenVINOProgram)  # None: converted from the graph
+
+    def save_program(self, folder: Path, exported, program, *, required: bool,
+                     compress_to_fp16: bool = False) -> dict | None:
+        """The IR of `program`'s model, or converted from `exported`; weights f32 unless compress_to_fp16."""
+        import openvino as ov
+
+        ov_model = program.ov_model if isinstance(program, OpenVINOProgram) else _convert(exported, required)
+        if ov_model is None:
+            return None
+        ov.save_model(ov_model, str(folder / "model.xml"), compress_to_fp16=compress_to_fp16)
+        return {"openvino_version": ov.get_version(), "weights": "f16" if compress_to_fp16 else "f32"}
+
+    def load_program(self, folder: Path, info: dict, exported, *, precision: str, cache_dir: str | None,
+                     notes: list[str]) -> "OpenVINOProgram":
+        import openvino as ov
+
+        try:
+            return OpenVINOProgram(ov.Core().read_model(str(folder / "model.xml")), exported, precision, cache_dir)
+        except Exception as exc:  # OpenVINO raises its own error types for a bad model
+            raise ArtifactError(f"load: OpenVINO could not read or compile {folder / 'model.xml'}: "
+                                f"{first_line(exc)}") from exc
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:

@@ -18,19 +18,18 @@ from edgepasses.errors import OptionError
 from edgepasses.graph_utils import remove_unused_attributes
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
-from .. import Lowering, tensors_mb
+from .. import Lowering, TargetBase, tensors_mb
 from ..input_check import name_shape_mismatches
 from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_dense_sparse24
 
 
-class ReferenceTarget:
+class ReferenceTarget(TargetBase):
+    """Its program is the rewritten graph: a compile cache hit lowers the stored graph again, cheaply."""
+
     name = "reference"
     # The int8 kernels are exact for any int8 weight, but their fast AVX2 path adds u8·s8 pairs in
     # 16 bits (vpmaddubsw), which is exact only for 7-bit weights: ask for those where it is the path.
     quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
-
-    def unavailable_reason(self) -> str | None:
-        return None
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:

@@ -21,7 +21,7 @@ from edgepasses.errors import OptionError, UnsupportedOpError
 from edgepasses.graph_utils import constant_value
 from edgepasses.quant import QuantCaps
 
-from .. import Lowering, tensors_mb
+from .. import Lowering, TargetBase, distribution_versions, tensors_mb
 from ..partition import Fallback, report_fallbacks, sparse24_layers
 
 PRECISIONS = ("f32", "f16")
@@ -85,9 +85,14 @@ def _fallbacks(compiled: torch.fx.GraphModule) -> list[Fallback]:
             for n in sub.graph.nodes if n.op == "call_function"]
 
 
-class TensorRTTarget:
+class TensorRTTarget(TargetBase):
     name = "tensorrt"
     quant_caps = QuantCaps(bits=(8,), symmetric_activations_only=True, symmetric_by_default=True)
+
+    def cache_key(self) -> str:
+        """Engines are built for this GPU by these versions."""
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        return f"{distribution_versions('torch-tensorrt', 'tensorrt')}; {gpu}"
 
     def unavailable_reason(self) -> str | None:
         if not torch.cuda.is_available():

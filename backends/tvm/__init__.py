@@ -20,18 +20,20 @@ budget when none of these does.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from edgepasses.errors import OptionError
+from edgepasses.errors import ArtifactError, OptionError, first_line
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
-from .. import Lowering, tensors_mb
+from .. import Lowering, TargetBase, distribution_versions, tensors_mb
 from ..input_check import input_signature, mismatch
 from ..partition import (fallbacks_of, lower_by_partition, report_fallbacks, sparse24_layers, state_writes,
                          warn_dense_sparse24)
@@ -43,6 +45,16 @@ def unsupported_ops(message: str) -> set[str] | None:
     """The op names (`OpOverload.__name__`, e.g. "mystery.default") in the importer's error."""
     match = _UNSUPPORTED.search(message)
     return set(ast.literal_eval(match.group(1))) if match else None
+
+
+def _built_for(target: str | None) -> str:
+    """The CPU a build was compiled for: from its target (a JSON dict in TVM 0.27), else this host's."""
+    try:
+        return json.loads(target)["mcpu"]
+    except (TypeError, ValueError, KeyError):
+        from .build import host_cpu
+
+        return host_cpu()
 
 
 def _default_trials() -> int:
@@ -98,12 +110,15 @@ class TVMProgram(torch.nn.Module):
         return pytree.tree_unflatten(outputs, self.out_spec)
 
 
-class TVMTarget:
+class TVMTarget(TargetBase):
     name = "tvm"
     # Quantized conv/linear run on our C++ int8 kernels (`quant`): u8 or i8 activations with any zero
     # point, per-channel symmetric weights; their fast AVX2 path adds u8·s8 pairs in 16 bits, exact for
     # 7-bit weights, so ask for those where that is the path (as the reference target does).
     quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
+    # The Relax VM executable as a shared library: machine code for the CPU it was built on.
+    artifact_files = ("model.so",)
+    native_code = True
 
     def __init__(self, trials: int | None = None, time_limit_s: float | None = None, records: bool = True):
         """`trials`: MetaSchedule trials per fused op (0: no tuning); `time_limit_s`: tuning stops
@@ -119,6 +134,45 @@ class TVMTarget:
         except ImportError as exc:
             return f"TVM is not installed ({exc}): pip install apache-tvm"
         return None
+
+    def cache_key(self) -> str:
+        """A build is code for this CPU and thread count (`num-cores`), made by this version of our lowering."""
+        from .build import LOWERING_VERSION, host_target
+
+        return f"{distribution_versions('apache-tvm', 'apache-tvm-ffi')}; {host_target()} lowering {LOWERING_VERSION}"
+
+    def can_save(self, program) -> bool:
+        return isinstance(program, TVMProgram) and program.executable is not None
+
+    def save_program(self, folder: Path, exported, program, *, required: bool) -> dict:
+        """The library is written from the executable `lower` built (needs a C compiler, as TVM's builds do)."""
+        if not self.can_save(program):
+            raise ArtifactError("save: a TVM artifact is written from the TVMProgram lower() returned for the "
+                                "graph: pass it as program=")
+        import tvm
+
+        program.executable.export_library(str(folder / "model.so"))
+        return {"tvm_version": tvm.__version__, "mcpu": _built_for(program.info.get("target"))}
+
+    def load_program(self, folder: Path, info: dict, exported, *, precision: str, cache_dir: str | None,
+                     notes: list[str]) -> "TVMProgram | None":
+        """The saved library, where it was built for this CPU (its machine code may use instructions
+        another CPU lacks)."""
+        import tvm
+
+        from .build import host_cpu
+
+        saved, here = info.get("mcpu"), host_cpu()
+        if saved != here:
+            notes.append(f"the TVM library was built for CPU {saved!r} and this CPU is {here!r}: .program is None "
+                         "(lower() the graph again)")
+            return None
+        try:
+            library = tvm.runtime.load_module(str(folder / "model.so"))
+        except Exception as exc:  # TVM raises its own error types for a bad library
+            raise ArtifactError(f"load: {folder / 'model.so'} could not be loaded by TVM {tvm.__version__} (saved "
+                                f"with {info.get('tvm_version')}): {first_line(exc)}") from exc
+        return TVMProgram(exported, trials=0, time_limit_s=None, cache_dir=None, executable=library)
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None, trials: int | None = None,

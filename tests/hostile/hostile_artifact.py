@@ -208,7 +208,7 @@ def _tvm_claimed():
     (folder / "tvm").mkdir()
     (folder / "tvm" / "model.so").write_bytes(b"\x7fELF not a library")
     trust = artifact_trust()
-    trust._set_manifest(folder, lambda m: m.update(target="tvm", tvm_mcpu="any"))
+    trust._set_manifest(folder, lambda m: m.update(target="tvm", target_info={"mcpu": "any"}))
     trust._set_manifest(folder, lambda m: m["files"].update({"tvm/model.so": artifacts._sha256(folder / "tvm/model.so")}))
     loaded = artifacts.load(folder)
     return loaded
