@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from typing import Iterable, Sequence
 
@@ -38,7 +37,8 @@ from torch import nn
 
 from .errors import OptionError
 from .finetune import _WEIGHT_ARGS, finetune
-from .graph_utils import CONV_OPS, LINEAR_OPS, add_constant, layer_name
+from .graph_utils import CONV_OPS, LINEAR_OPS, SPARSE24, add_constant, ignore_matcher, layer_name
+from .quant.patterns import to_fake_quantize
 
 aten = torch.ops.aten
 _MIN_CORRELATION = 0.5
@@ -113,63 +113,15 @@ def _as_pair(batch):
 
 # --- quantize/dequantize pairs -> fake-quantize with a straight-through gradient ---------------------
 
-def _fq_per_channel(w, scale, zero_point, axis: int, quant_min: int, quant_max: int, mask=None):
-    if mask is not None:
-        w = w * mask  # the pruned 2:4 weights stay zero and get no gradient
-    return torch.fake_quantize_per_channel_affine(w, scale.float(), zero_point.to(torch.int32), axis,
-                                                  quant_min, quant_max)
-
-
-def _fq_per_tensor(x, scale, zero_point, quant_min: int, quant_max: int):
-    if isinstance(scale, torch.Tensor):
-        return torch.fake_quantize_per_tensor_affine(x, scale.float().reshape(()),
-                                                     zero_point.to(torch.int32).reshape(()), quant_min, quant_max)
-    return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), quant_min, quant_max)
-
-
-def _quant_ops():
-    try:
-        qd = torch.ops.quantized_decomposed
-        per_tensor = {qd.quantize_per_tensor.default: qd.dequantize_per_tensor.default,
-                      qd.quantize_per_tensor.tensor: qd.dequantize_per_tensor.tensor}
-        per_channel = {qd.quantize_per_channel.default: qd.dequantize_per_channel.default}
-    except AttributeError:  # the ops are not registered: no graph here has them
-        return {}, {}
-    return per_tensor, per_channel
-
-
 def _fake_quantize(gm: torch.fx.GraphModule) -> int:
-    """Replace each quantize→dequantize pair by one fake-quantize (same scale, zero point and range);
+    """Replace each quantize→dequantize pair by one straight-through fake-quantize (`patterns.to_fake_quantize`);
     the float weight a pair reads becomes a parameter. Returns how many pairs."""
-    per_tensor, per_channel = _quant_ops()
-    count = 0
-    for q in list(gm.graph.nodes):
-        if q.op != "call_function" or (q.target not in per_tensor and q.target not in per_channel):
-            continue
-        dq_op = per_tensor.get(q.target) or per_channel[q.target]
-        dqs = list(q.users)
-        if not dqs or any(d.target is not dq_op or d.args[0] is not q for d in dqs):
-            continue  # not the plain pair our targets lower: left as it is
-        x = q.args[0]
-        with gm.graph.inserting_after(q):
-            if q.target in per_channel:
-                scale, zero_point, axis, qmin, qmax = q.args[1:6]
-                mask = _sparse24_mask(gm, x, dqs, q)
-                fq = gm.graph.call_function(_fq_per_channel, (x, scale, zero_point, axis, qmin, qmax, mask))
-            else:
-                scale, zero_point, qmin, qmax = q.args[1:5]
-                fq = gm.graph.call_function(_fq_per_tensor, (x, scale, zero_point, qmin, qmax))
-        fq.meta = dict(dqs[0].meta)
-        for d in dqs:
-            d.replace_all_uses_with(fq)
-            gm.graph.erase_node(d)
-        gm.graph.erase_node(q)
-        count += 1
+    fakes = to_fake_quantize(gm, weight_mask=lambda quantize, dequantizes: _sparse24_mask(gm, quantize, dequantizes))
+    for fq in fakes:
+        x = fq.args[0]
         if isinstance(x, torch.fx.Node) and x.op == "get_attr" and _feeds_layer_weight(fq):
             _make_parameter(gm, x.target)
-    if count:
-        gm.recompile()
-    return count
+    return len(fakes)
 
 
 def _feeds_layer_weight(node: torch.fx.Node) -> bool:
@@ -177,13 +129,15 @@ def _feeds_layer_weight(node: torch.fx.Node) -> bool:
                and u.args[1] is node for u in node.users)
 
 
-def _sparse24_mask(gm, weight, dqs, before) -> torch.fx.Node | None:
+def _sparse24_mask(gm, quantize: torch.fx.Node, dequantizes: list[torch.fx.Node]) -> torch.fx.Node | None:
+    """The 0/1 mask of a 2:4 layer's weight, which `quantize` reads: its pruned weights stay zero."""
+    weight = quantize.args[0]
     if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
         return None
-    if not any(u.meta.get("sparse24") for d in dqs for u in d.users):
+    if not any(u.meta.get(SPARSE24) for d in dequantizes for u in d.users):
         return None
     value = _attr(gm, weight.target)
-    return add_constant(gm, f"{weight.target}_sparse24_mask", (value != 0).to(value.dtype), before=before)
+    return add_constant(gm, f"{weight.target}_sparse24_mask", (value != 0).to(value.dtype), before=quantize)
 
 
 def _attr(gm: torch.nn.Module, target: str):
@@ -250,12 +204,9 @@ class _Features:
                 layers[layer_name(node)] = node
         self.skipped: dict[str, str] = {}
         if patterns is not None:
-            compiled = [re.compile(p) for p in patterns]
-            unmatched = [p.pattern for p in compiled if not any(p.fullmatch(name) for name in layers)]
-            if unmatched:
-                raise OptionError(f"distill: feature layer(s) {', '.join(map(repr, unmatched))} matched no conv/linear "
-                                  f"layer of the student (whole-name regexes); layers: {', '.join(layers) or 'none'}")
-            layers = {k: v for k, v in layers.items() if any(p.fullmatch(k) for p in compiled)}
+            chosen = ignore_matcher(tuple(patterns), list(layers.values()), where="distill:", option="feature_layers",
+                                    kind="conv/linear layer of the student")
+            layers = {name: node for name, node in layers.items() if chosen(node)}
         teacher_modules = dict(teacher.named_modules())
         self.layers: list[dict] = []
         for name, node in layers.items():

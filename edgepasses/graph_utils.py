@@ -1,4 +1,5 @@
-"""Small helpers every pass shares: reading and adding constants, fake values."""
+"""Small helpers every pass shares: reading and adding constants, fake values, replacing a node by a
+call, conv arguments, ignore lists, the weight layers in every form."""
 from __future__ import annotations
 
 import re
@@ -24,6 +25,8 @@ TRANSPOSED_CONV_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.inpu
 RECURRENT_OPS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input}
 MATMUL_FAMILY_OPS = {aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default,
                      aten.baddbmm.default, aten.einsum.default}
+# node.meta key marking a layer whose weight is 2:4 sparse: sparsify_24 sets it, lowerings and training read it.
+SPARSE24 = "sparse24"
 
 
 def constant_value(gm: torch.fx.GraphModule, node: torch.fx.Node | None) -> torch.Tensor | None:
@@ -107,19 +110,93 @@ def replace_arg(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int, new: 
         gm.graph.erase_node(old)
 
 
-def ignore_matcher(patterns: tuple[str, ...], layers: list[torch.fx.Node], name_of: Callable[[torch.fx.Node], str],
-                   *, where: str, kind: str) -> Callable[[torch.fx.Node], bool]:
+def replace_with_call(gm: torch.fx.GraphModule, node: torch.fx.Node, op, args: tuple) -> torch.fx.Node:
+    """Put `op(*args)` where `node` was: the call takes its meta (value, source) and its readers, and
+    `node` is erased."""
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(op, args)
+    call.meta = {**node.meta}
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
+def optional_arg(node: torch.fx.Node, index: int):
+    """`node.args[index]`, None where the call leaves it out (a linear's or conv's bias)."""
+    return node.args[index] if len(node.args) > index else None
+
+
+def inputs_have_values(inputs: tuple) -> bool:
+    """Example inputs hold values (under torch.compile Dynamo may hand fake tensors, which have none)
+    that can score SQNR (NaN/Inf there is no calibration data to refuse: the stats are just skipped)."""
+    return all(not isinstance(x, FakeTensor) and _finite(x) for x in inputs)
+
+
+def _finite(x) -> bool:
+    return not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all())
+
+
+# ------------------------------------------------------------------ conv arguments
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """A conv node's arguments with keywords and defaults filled in; stride, padding and dilation have
+    one entry per spatial dim (padding is 'same' or 'valid' where the `.padding` overload names it)."""
+    input: torch.fx.Node
+    weight: torch.fx.Node
+    bias: torch.fx.Node | None
+    stride: list[int]
+    padding: list[int] | str
+    dilation: list[int]
+    groups: int
+    transposed: bool = False
+
+
+_FUNCTIONAL_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVOLUTION_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding",
+                       "groups")
+
+
+def conv_args(node: torch.fx.Node) -> ConvArgs:
+    """The arguments of a node in CONV_OPS (`aten.conv{1,2,3}d`, their `.padding` overloads,
+    `aten.convolution`)."""
+    names = _CONVOLUTION_PARAMS if node.target is aten.convolution.default else _FUNCTIONAL_CONV_PARAMS
+    defaults = {"bias": None, "stride": 1, "padding": "valid" if node.target._overloadname == "padding" else 0,
+                "dilation": 1, "groups": 1, "transposed": False}
+    given = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    dims = len(given["stride"]) if node.target is aten.convolution.default else int(node.target._opname[4])
+
+    def per_dim(value):
+        values = [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+        return values * dims if len(values) == 1 else values
+
+    padding = given["padding"] if isinstance(given["padding"], str) else per_dim(given["padding"])
+    return ConvArgs(given["input"], given["weight"], given["bias"], per_dim(given["stride"]), padding,
+                    per_dim(given["dilation"]), int(given["groups"]), bool(given["transposed"]))
+
+
+# ------------------------------------------------------------------ ignore lists
+
+def ignore_matcher(patterns: tuple[str, ...], layers: list[torch.fx.Node],
+                   name_of: Callable[[torch.fx.Node], str] = layer_name, *, where: str, kind: str,
+                   option: str = "ignore") -> Callable[[torch.fx.Node], bool]:
     """A predicate for the nodes `patterns` name (whole-name regex on `name_of(node)` or the node's name);
-    a pattern naming none of `layers` is an OptionError listing them."""
+    a pattern naming none of `layers` is an OptionError listing them (`where`, `option`: the option's
+    owner and name; `kind`: what the layers are)."""
     from .errors import OptionError
 
     compiled = [re.compile(p) for p in patterns]
     matches = lambda node: any(p.fullmatch(name_of(node)) or p.fullmatch(node.name) for p in compiled)  # noqa: E731
     unmatched = [p.pattern for p in compiled if not any(p.fullmatch(name_of(n)) or p.fullmatch(n.name) for n in layers)]
     if unmatched:
-        raise OptionError(f"{where} ignore pattern(s) {', '.join(map(repr, unmatched))} matched no {kind} "
-                          f"(patterns must match a whole name); layers: {', '.join(map(name_of, layers))}")
+        raise OptionError(f"{where} {option} pattern(s) {', '.join(map(repr, unmatched))} matched no {kind} "
+                          f"(patterns must match a whole name); layers: {', '.join(map(name_of, layers)) or 'none'}")
     return matches
+
+
+def weight_layer_ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...], *, where: str) -> Callable[[torch.fx.Node], bool]:
+    """`ignore_matcher` over every weight layer (`weight_layers`), the layers a pass's ignore list names."""
+    return ignore_matcher(patterns, [layer.node for layer in weight_layers(gm)], where=where, kind="Linear or conv")
 
 
 # ------------------------------------------------------------------ weight layers in every form

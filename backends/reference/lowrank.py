@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from edgepasses.graph_utils import constant_value
+from edgepasses.graph_utils import constant_value, optional_arg, replace_with_call
 
 aten = torch.ops.aten
 
@@ -15,8 +15,7 @@ def _inner_factor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
     inner = node.args[0]
     if not isinstance(inner, torch.fx.Node) or inner.target != aten.linear.default or len(inner.users) != 1:
         return None
-    has_bias = len(inner.args) > 2 and inner.args[2] is not None
-    return None if has_bias or constant_value(gm, inner.args[1]) is None else inner
+    return None if optional_arg(inner, 2) is not None or constant_value(gm, inner.args[1]) is None else inner
 
 
 def lower_lowrank_pairs(gm: torch.fx.GraphModule) -> int:
@@ -28,13 +27,8 @@ def lower_lowrank_pairs(gm: torch.fx.GraphModule) -> int:
         inner = _inner_factor(gm, node)
         if inner is None:
             continue
-        bias = node.args[2] if len(node.args) > 2 else None
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(torch.ops.edge.lowrank_linear.default,
-                                          (inner.args[0], inner.args[1], node.args[1], bias))
-        call.meta = {**node.meta}
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        replace_with_call(gm, node, torch.ops.edge.lowrank_linear.default,
+                          (inner.args[0], inner.args[1], node.args[1], optional_arg(node, 2)))
         gm.graph.erase_node(inner)
         rewritten += 1
     return rewritten

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from edgepasses.graph_utils import add_constant, constant_value
+from edgepasses.graph_utils import add_constant, constant_value, optional_arg, replace_with_call
 from edgepasses.kernels import ops
 
 aten = torch.ops.aten
@@ -31,12 +31,7 @@ def lower_sparse24(gm: torch.fx.GraphModule) -> int:
         values, indices = ops.pack_sparse24(weight.float())
         values_node = add_constant(gm, f"{node.name}_values", values, before=node)
         indices_node = add_constant(gm, f"{node.name}_indices", indices, before=node)
-        bias = node.args[2] if len(node.args) > 2 else None
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_function(torch.ops.edge.sparse24_linear.default,
-                                          (node.args[0], values_node, indices_node, bias, None, None, 0))
-        call.meta = {**node.meta}
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
+        replace_with_call(gm, node, torch.ops.edge.sparse24_linear.default,
+                          (node.args[0], values_node, indices_node, optional_arg(node, 2), None, None, 0))
         rewritten += 1
     return rewritten

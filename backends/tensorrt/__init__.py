@@ -13,20 +13,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 import torch.fx
 
 from edgepasses.canonical import user_source
 from edgepasses.errors import OptionError, UnsupportedOpError
 from edgepasses.graph_utils import constant_value
 from edgepasses.quant import QuantCaps
+from edgepasses.quant.patterns import QUANTIZE_OPS
 
 from .. import Lowering, TargetBase, distribution_versions, tensors_mb
 from ..partition import Fallback, report_fallbacks, sparse24_layers
 
 PRECISIONS = ("f32", "f16")
-qd = torch.ops.quantized_decomposed
-QUANTIZE_OPS = {qd.quantize_per_tensor.default, qd.quantize_per_channel.default}
 
 
 def _symmetric_int8_range(qmin: int, qmax: int) -> bool:

@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 import torch.fx
 from torch import Tensor
 
 from edgepasses.errors import UnsupportedOpError
-from edgepasses.graph_utils import ACTIVATION_MATMUL_OPS, remove_unused_attributes
+from edgepasses.graph_utils import remove_unused_attributes, replace_with_call
+from edgepasses.quant import patterns
+from edgepasses.quant.patterns import DEQUANTIZE_OPS, QDQPattern
 
-from ..reference.int8 import DEQUANTIZE_OPS, activation_quant, lower_int8
+from ..reference.int8 import lower_kernel_patterns, why_no_kernel
 from . import int8_conv
 
 log = logging.getLogger("edgepasses")
@@ -53,11 +54,9 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: float, a_zero_point: int, b_scale
                 b_zero_point: int) -> Tensor:
     """matmul(dq(q(a)), dq(q(b))) with u8 codes (static per-tensor scale, zero point in [0, 255]):
     the fake-quant graph's computation, which the tvm target runs in integers."""
-    qd = torch.ops.quantized_decomposed
-
     def fake_quant(x, scale, zero_point):
-        q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
-        return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+        q = patterns.QUANTIZE_PER_TENSOR(x, scale, zero_point, 0, 255, torch.uint8)
+        return patterns.DEQUANTIZE_PER_TENSOR(q, scale, zero_point, 0, 255, torch.uint8)
 
     return torch.matmul(fake_quant(a, a_scale, a_zero_point), fake_quant(b, b_scale, b_zero_point))
 
@@ -76,19 +75,18 @@ class Int8Graph:
     float_ops: dict[torch.fx.Node, str]    # quantized ones that run as float fake-quant, and why
 
 
-def _rewrite_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
-    """`node` (matmul/bmm of two quantized activations) → int8_matmul; None when done, else why not."""
-    a, b = activation_quant(node.args[0]), activation_quant(node.args[1])
-    if isinstance(a, str) or isinstance(b, str):
-        return f"an input is not a quantized activation ({a if isinstance(a, str) else b})"
-    args = (a.float_input(gm, before=node), b.float_input(gm, before=node), a.scale, a.zero_point, b.scale,
-            b.zero_point)
-    with gm.graph.inserting_before(node):
-        call = gm.graph.call_function(torch.ops.edgepasses_tvm.int8_matmul.default, args)
-    call.meta = {**node.meta}
-    node.replace_all_uses_with(call)
-    gm.graph.erase_node(node)
-    return None
+def _rewrite_matmul(gm: torch.fx.GraphModule, pattern: QDQPattern) -> None:
+    """A matched matmul/bmm of two quantized activations → int8_matmul."""
+    node, a, b = pattern.node, pattern.activation, pattern.other
+    args = (a.float_input(gm, before=node), b.float_input(gm, before=node), a.scale, a.uint8_zero_point, b.scale,
+            b.uint8_zero_point)
+    replace_with_call(gm, node, torch.ops.edgepasses_tvm.int8_matmul.default, args)
+
+
+def _why_float(pattern: QDQPattern) -> str:
+    if pattern.is_matmul:
+        return f"an input is not a quantized activation ({pattern.mismatch})"
+    return why_no_kernel(pattern)
 
 
 def rewrite_int8(gm: torch.fx.GraphModule) -> Int8Graph:
@@ -96,14 +94,14 @@ def rewrite_int8(gm: torch.fx.GraphModule) -> Int8Graph:
     if not any(n.target in DEQUANTIZE_OPS for n in gm.graph.nodes):  # a float graph stays as it is (and
         return Int8Graph(gm, 0, {})                                    # keeps its tuning records' key)
     lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # new attribute owners, same tensors
-    int8_ops, left = lower_int8(lowered)
+    int8_ops, left = lower_kernel_patterns(lowered)
     float_ops = {}
-    for node, reason in left.items():
-        why = _rewrite_matmul(lowered, node) if node.target in ACTIVATION_MATMUL_OPS else reason
-        if why is None:
+    for pattern in left:
+        if pattern.is_matmul and pattern.mismatch is None:
+            _rewrite_matmul(lowered, pattern)
             int8_ops += 1
-        else:  # the reference target's reasons end by saying where it runs: not true here
-            float_ops[node] = why.split("; it runs as")[0]
+        else:
+            float_ops[pattern.node] = _why_float(pattern)
     lowered.graph.eliminate_dead_code()
     remove_unused_attributes(lowered)
     lowered.recompile()
@@ -256,10 +254,10 @@ def _tvm_int8_conv2d(node, importer):
 def convert_map() -> dict[str, Callable]:
     """`from_exported_program(custom_convert_map=...)`: op name (`OpOverload.__name__`) → converter."""
     return {
-        "quantize_per_tensor.default": _quantize_per_tensor,
-        "dequantize_per_tensor.default": _dequantize_per_tensor,
-        "quantize_per_channel.default": _quantize_per_channel,
-        "dequantize_per_channel.default": _dequantize_per_channel,
+        patterns.QUANTIZE_PER_TENSOR.__name__: _quantize_per_tensor,
+        patterns.DEQUANTIZE_PER_TENSOR.__name__: _dequantize_per_tensor,
+        patterns.QUANTIZE_PER_CHANNEL.__name__: _quantize_per_channel,
+        patterns.DEQUANTIZE_PER_CHANNEL.__name__: _dequantize_per_channel,
         "int8_matmul.default": _int8_matmul,
         "int8_conv2d.default": _int8_conv2d,
         "int8_linear.default": _int8_linear,

@@ -5,94 +5,31 @@ outputs) the per-channel errors of the rounded weights add up instead of cancell
 measured on calibration data and subtracted from the layer's bias, which costs nothing at
 inference time.
 
-The weight pattern `convert_pt2e(fold_quantize=False)` leaves, found by `weight_qdq`:
+The weight pattern `convert_pt2e(fold_quantize=False)` leaves, found by `patterns.weight_qdq`:
 
     W (get_attr) ─ quantize_per_channel / quantize_per_tensor ─ dequantize_* ─ linear / conv (arg 1)
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
 import torch.fx
 
 from ..analysis.observe import NodeObserver
 from ..errors import OptionError
-from ..graph_utils import (
-    CONV_OPS,
-    LINEAR_OPS,
-    add_constant,
-    constant_value,
-    replace_arg,
-)
-
-qd = torch.ops.quantized_decomposed
-# Each weight quantize with the dequantize that must read its codes back.
-WEIGHT_QDQ_OPS = {qd.quantize_per_channel.default: qd.dequantize_per_channel.default,
-                  qd.quantize_per_tensor.default: qd.dequantize_per_tensor.default,
-                  qd.quantize_per_tensor.tensor: qd.dequantize_per_tensor.tensor}
-
-
-@dataclass(frozen=True)
-class WeightQDQ:
-    """A linear/conv whose constant float weight passes through a quantize-dequantize pair."""
-    layer: torch.fx.Node
-    weight: torch.fx.Node        # get_attr of the float weight
-    quantize: torch.fx.Node
-    dequantize: torch.fx.Node
-    scale: torch.Tensor          # per output channel ([out]) or per tensor (0-d)
-    zero_point: torch.Tensor
-    axis: int | None             # None: per tensor
-    qmin: int
-    qmax: int
-
-    @property
-    def per_channel_symmetric(self) -> bool:
-        """One scale per output channel, zero point 0 and a range symmetric around it: GPTQ's grid."""
-        return self.axis == 0 and not self.zero_point.any() and self.qmin == -self.qmax
-
-    def float_weight(self, gm: torch.fx.GraphModule) -> torch.Tensor:
-        return constant_value(gm, self.weight)
-
-    def dequantized_weight(self, gm: torch.fx.GraphModule) -> torch.Tensor:
-        """The weight the layer computes with: the graph's own pair applied to the float weight."""
-        codes = self.quantize.target(self.float_weight(gm), *_constants(gm, self.quantize.args[1:]))
-        return self.dequantize.target(codes, *_constants(gm, self.dequantize.args[1:]))
-
-    def replace_weight(self, gm: torch.fx.GraphModule, value: torch.Tensor, name_hint: str) -> None:
-        """Make the quantize read `value` (a new attribute: the old tensor may be the caller's parameter)."""
-        replace_arg(gm, self.quantize, 0, add_constant(gm, name_hint, value, before=self.quantize))
-
-
-def _constants(gm: torch.fx.GraphModule, args: Iterable) -> list:
-    """`args` with each get_attr node replaced by its tensor (literals pass as they are)."""
-    return [constant_value(gm, a) if isinstance(a, torch.fx.Node) else a for a in args]
+from ..graph_utils import LINEAR_OPS, add_constant, constant_value, replace_arg
+from . import patterns
+from .patterns import WeightQDQ
 
 
 def weight_qdq(gm: torch.fx.GraphModule, layer: torch.fx.Node) -> WeightQDQ | None:
-    """The quantize-dequantize pair on `layer`'s weight; None unless `layer` is a linear/conv whose
-    weight is a constant read through one matching pair with constant scale and zero point."""
-    if layer.op != "call_function" or layer.target not in LINEAR_OPS | CONV_OPS or len(layer.args) < 2:
-        return None
-    dequantize = layer.args[1]
-    if not isinstance(dequantize, torch.fx.Node) or dequantize.op != "call_function":
-        return None
-    quantize = dequantize.args[0] if dequantize.args else None
-    if not isinstance(quantize, torch.fx.Node) or WEIGHT_QDQ_OPS.get(quantize.target) != dequantize.target \
-            or quantize.args[1:] != dequantize.args[1:] or constant_value(gm, quantize.args[0]) is None:
-        return None
-    params = _constants(gm, quantize.args[1:])
-    if any(p is None for p in params):  # a scale or zero point computed in the graph
-        return None
-    if quantize.target is qd.quantize_per_channel.default:
-        scale, zero_point, axis, qmin, qmax = params[:5]
-    else:
-        (scale, zero_point, qmin, qmax), axis = params[:4], None
-    return WeightQDQ(layer, quantize.args[0], quantize, dequantize, torch.as_tensor(scale),
-                     torch.as_tensor(zero_point), axis, int(qmin), int(qmax))
+    """The quantize-dequantize pair on `layer`'s weight (`patterns.weight_qdq`); None unless `layer` is a
+    linear/conv whose float weight is a constant read through one matching pair with constant scale and
+    zero point."""
+    found = patterns.weight_qdq(gm, layer)
+    return found if isinstance(found, WeightQDQ) and found.quantize is not None else None
 
 
 def quantized_layers(gm: torch.fx.GraphModule, keep: Callable[[WeightQDQ], bool] = lambda m: True) -> list[WeightQDQ]:

@@ -12,7 +12,8 @@ import torch
 import torch.fx
 
 from ..graph_utils import LINEAR_OPS
-from .bias_correction import WeightQDQ, observe_layer_inputs, quantized_layers
+from .bias_correction import observe_layer_inputs, quantized_layers
+from .patterns import WeightQDQ
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:

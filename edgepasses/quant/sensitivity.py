@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from ..analysis.observe import NodeObserver
 from ..analysis.sqnr import SqnrAccumulator
 from ..graph_utils import copy_sharing_weights, layer_name
-from .bias_correction import WEIGHT_QDQ_OPS
+from .patterns import QDQ_PAIRS
 from .quantizer import QuantSetup, quantizable_nodes, stage_quantization
 
 
@@ -64,7 +64,7 @@ def _read_float_inputs(node: torch.fx.Node) -> None:
     """Make `node` read, for each input that passes a quantize-dequantize pair, the pair's float input."""
     for index, arg in enumerate(node.args):
         source = arg.args[0] if isinstance(arg, torch.fx.Node) and arg.args else None
-        if isinstance(source, torch.fx.Node) and WEIGHT_QDQ_OPS.get(source.target) is arg.target:
+        if isinstance(source, torch.fx.Node) and QDQ_PAIRS.get(source.target) is arg.target:
             node.update_arg(index, source.args[0])
 
 
