@@ -7,7 +7,7 @@
     edgepasses bench hostile [--area options ...]   # the hostile-input suite: counts by outcome (source tree)
     edgepasses compress mypkg.models:build --input-shape 1,3,224,224 --pipeline fold_bn,quantize \\
         --calibration calib.pt --target openvino --out out/   # your own model (or a .pt2) -> an artifact
-    edgepasses passes      # registered passes with their options, and the presets
+    edgepasses passes [--markdown]   # registered passes, each option described, and the presets
     edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
     edgepasses search --model digits_resnet18 --budget accuracy_drop=1 --trials 60 --out runs/r18  # Pareto front
@@ -23,7 +23,6 @@ The benchmark modules (torchvision, OpenVINO) are imported only by the subcomman
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -31,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeError, OptionError, first_line
-from .pass_base import PassInfo, registered_passes
-from .pipeline import DEFAULT_PIPELINE, PRESETS, Pipeline, format_value
+from .pipeline import DEFAULT_PIPELINE, Pipeline
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +57,7 @@ def _at_least(minimum: int):
 def _passes(args: argparse.Namespace) -> int:
     from .pass_docs import passes_markdown, passes_text
 
-    print(passes_markdown() if args.markdown else passes_text(), end="\n" * (not args.markdown))
+    print(passes_markdown() if args.markdown else passes_text())
     return 0
 
 
@@ -485,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(subparsers)
     _add_onnx_parser(subparsers)
     _add_prune_check_parser(subparsers)
-    subparsers.add_parser("passes", help="list registered passes and presets").set_defaults(handler=_passes)
+    passes = subparsers.add_parser("passes", help="registered passes with their options, and the presets")
+    passes.add_argument("--markdown", action="store_true",
+                        help="print docs/passes.md instead (edgepasses passes --markdown > docs/passes.md)")
+    passes.set_defaults(handler=_passes)
     subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
                           ).set_defaults(handler=_demo)
     return parser

@@ -1,13 +1,15 @@
-"""The pass API: `register_pass`, `PassResult`, `PassContext` and option validation.
+"""The pass API: `register_pass`, `option`, `PassResult`, `PassContext` and option validation.
 
 A pass is a function `(gm, opts, ctx) -> PassResult` over the canonical graph form
-(see DESIGN.md). Its options are a frozen dataclass; values are validated against the
-field types when the dataclass is built, so a pipeline string and a Python call fail
-the same way.
+(see DESIGN.md). Its options are a frozen dataclass whose every field is declared with
+`option(default, "description")`: `edgepasses passes` and docs/passes.md print the
+descriptions. Values are validated against the field types when the dataclass is built,
+so a pipeline string and a Python call fail the same way.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -17,6 +19,17 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 import torch.fx
 
 from .errors import OptionError
+
+
+def option(default: Any, doc: str) -> Any:
+    """A pass option: its default and its description, which `register_pass` requires."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def ignore_option(matches: str) -> Any:
+    """The `ignore` option of a pass that rewrites layers; `matches`: what becomes of the matched layers."""
+    return option((), "Layer names or regular expressions, each matching a whole name (the names the "
+                      f"pass's stats print); the layers they match {matches}.")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class PassInfo:
     fn: Callable[..., PassResult]
     options: type
     requires: tuple[str, ...]
+    before: tuple[str, ...]
     version: int
     doc: str
 
@@ -60,16 +74,22 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, *, options: type = NoOptions, requires: Iterable[str] = (),
-                  version: int = 1):
-    """Register `fn` as pass `name`. `requires`: passes that must run earlier in a pipeline."""
+                  before: Iterable[str] = (), version: int = 1):
+    """Register `fn` as pass `name`. `requires`: passes that must run earlier in a pipeline; `before`:
+    passes that, where a pipeline has them too, must run later. Both are checked when a pipeline is built."""
     if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
         raise TypeError(f"options of pass {name!r} must be a frozen dataclass, got {options!r}")
+    for f in dataclasses.fields(options):
+        if not isinstance(f.metadata.get("doc"), str) or not f.metadata["doc"].strip():
+            raise TypeError(f"option {f.name!r} of pass {name!r} has no description: declare it as "
+                            f"`{f.name}: ... = option(default, \"what it does\")` (edgepasses.pass_base.option)")
 
     def wrap(fn):
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
             raise OptionError(f"pass {name!r} is already registered by {_REGISTRY[name].fn!r}")
-        _REGISTRY[name] = PassInfo(name, fn, options, tuple(requires), version,
-                                   (fn.__doc__ or "").strip().split("\n")[0])
+        summary = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0]  # the first paragraph, on one line
+        _REGISTRY[name] = PassInfo(name, fn, options, tuple(requires), tuple(before), version,
+                                   " ".join(summary.split()))
         return fn
 
     return wrap
@@ -91,12 +111,11 @@ def get_pass(name: str) -> PassInfo:
 
 def build_options(cls: type, values: Mapping[str, Any], *, where: str):
     """Build the frozen dataclass `cls` from `values`, checking keys and types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in values if k not in fields)  # str(): a key may be anything hashable
+    hints = field_types(cls)
+    unknown = sorted(str(k) for k in values if k not in hints)  # str(): a key may be anything hashable
     if unknown:
-        valid = ", ".join(f"{n}: {_type_name(f.type, cls)}" for n, f in fields.items()) or "none"
+        valid = ", ".join(f"{n}: {type_name(tp)}" for n, tp in hints.items()) or "none"
         raise OptionError(f"unknown option(s) {', '.join(unknown)} for {where}; valid options: {valid}")
-    hints = typing.get_type_hints(cls)
     checked = {k: check_value(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
     return cls(**checked)
 
@@ -127,7 +146,7 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
                 return check_value(value, arm, where)
             except ValueError:
                 pass
-        raise OptionError(f"{where} must be {_type_name(tp)}; got {value!r}")
+        raise OptionError(f"{where} must be {type_name(tp)}; got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -143,17 +162,24 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
         raise OptionError(f"{where} must be {tp.__name__}; got {value!r}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise OptionError(f"{where} must be {_type_name(tp)}; got {value!r} ({type(value).__name__})")
+    raise OptionError(f"{where} must be {type_name(tp)}; got {value!r} ({type(value).__name__})")
 
 
-def _type_name(tp: Any, owner: type | None = None) -> str:
-    if isinstance(tp, str) and owner is not None:
-        tp = typing.get_type_hints(owner).get(tp, tp)  # resolve postponed annotations
+def field_types(cls: type) -> dict[str, Any]:
+    """The dataclass `cls`'s field types in declared order, postponed annotations resolved."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_name(tp: Any) -> str:
+    """`tp` as an option's type reads: `int or none`, `auto|minmax`, `list of str`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return "|".join(map(str, args))
     if origin is tuple:
-        return f"list of {_type_name(args[0])}" if args else "list"
+        return f"list of {type_name(args[0])}" if args else "list"
+    if tp is type(None):
+        return "none"  # as a pipeline writes it
     if args:
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     return getattr(tp, "__name__", str(tp))

@@ -193,17 +193,22 @@ class Pipeline:
             info = get_pass(name)
             steps.append(Step(info, info.make_options(options)))
         pipeline = cls(tuple(steps))
-        pipeline.check_requires()
+        pipeline.check_order()
         return pipeline
 
-    def check_requires(self) -> None:
-        seen: set[str] = set()
-        for step in self.steps:
-            missing = [r for r in step.info.requires if r not in seen]
+    def check_order(self) -> None:
+        """Each pass's declared `requires` (earlier passes it needs) and `before` (passes it must precede)."""
+        for i, step in enumerate(self.steps):
+            earlier = [s.name for s in self.steps[:i]]
+            missing = [r for r in step.info.requires if r not in earlier]
             if missing:
                 raise OptionError(f"pass {step.name!r} requires {', '.join(missing)} earlier in the "
                                  f"pipeline; got {str(self)!r}")
-            seen.add(step.name)
+            later = next((j for j, s in enumerate(self.steps[:i]) if s.name in step.info.before), None)
+            if later is not None:
+                fixed = Pipeline((*self.steps[:later], step, *self.steps[later:i], *self.steps[i + 1:]))
+                raise OptionError(f"pass {step.name!r} must run before {self.steps[later].name!r}; write "
+                                  f"{str(fixed)!r} instead of {str(self)!r}")
 
     def __str__(self) -> str:
         return ",".join(str(s) for s in self.steps)

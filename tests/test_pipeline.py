@@ -1,4 +1,5 @@
 """Pipeline grammar, typed options, presets, requires, uuid."""
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -7,25 +8,26 @@ import torch
 
 from edgepasses import PRESETS, Pipeline, PassResult, register_pass
 from edgepasses.errors import OptionError
-from edgepasses.pass_base import _REGISTRY
+from edgepasses.pass_base import _REGISTRY, option
 
 
 @dataclass(frozen=True)
 class ToyOptions:
-    ratio: float = 0.5
-    bits: int = 8
-    mode: Literal["l1", "l2"] = "l1"
-    symmetric: bool = True
-    ignore: tuple[str, ...] = ()
-    name: str | None = None
+    ratio: float = option(0.5, "a share")
+    bits: int = option(8, "bits")
+    mode: Literal["l1", "l2"] = option("l1", "a norm")
+    symmetric: bool = option(True, "a flag")
+    ignore: tuple[str, ...] = option((), "layer names")
+    name: str | None = option(None, "a name")
 
 
 @pytest.fixture
 def toy_passes():
     register_pass("toy", options=ToyOptions)(lambda gm, o, c: PassResult(gm, False))
     register_pass("needs_toy", requires=("toy",))(lambda gm, o, c: PassResult(gm, False))
+    register_pass("toy_first", before=("toy",))(lambda gm, o, c: PassResult(gm, False))
     yield
-    del _REGISTRY["toy"], _REGISTRY["needs_toy"]
+    del _REGISTRY["toy"], _REGISTRY["needs_toy"], _REGISTRY["toy_first"]
 
 
 @pytest.mark.parametrize("text, canonical", [
@@ -66,6 +68,8 @@ def test_canonical_text_and_round_trip(toy_passes, text, canonical):
     ("", "non-empty string"),
     ("needs_toy", "pass 'needs_toy' requires toy earlier"),
     ("needs_toy,toy", "pass 'needs_toy' requires toy earlier"),
+    ("toy,toy_first", "pass 'toy_first' must run before 'toy'; write 'toy_first,toy' instead of 'toy,toy_first'"),
+    ("dce,toy,fold_bn,toy_first,dce", "write 'dce,toy_first,toy,fold_bn,dce'"),
 ])
 def test_bad_pipelines_raise_value_errors_that_say_what_is_valid(toy_passes, text, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -73,8 +77,25 @@ def test_bad_pipelines_raise_value_errors_that_say_what_is_valid(toy_passes, tex
     assert isinstance(info.value, OptionError)
 
 
-def test_requires_met_when_earlier(toy_passes):
+def test_requires_and_before_met_when_in_order(toy_passes):
     assert str(Pipeline.parse("toy,needs_toy")) == "toy,needs_toy"
+    assert str(Pipeline.parse("toy_first,toy_first,toy,needs_toy")) == "toy_first,toy_first,toy,needs_toy"
+    assert str(Pipeline.parse("toy_first")) == "toy_first"  # `before` orders, it does not require
+
+
+@pytest.mark.parametrize("text, first, then", [
+    ("sparsify_24,lowrank", "lowrank", "sparsify_24"),     # factors of a 2:4 weight would be dense
+    ("fold_bn,sparsify_24,prune", "prune", "sparsify_24"),  # removed inputs would break groups of 4
+    ("quantize,smooth", "smooth", "quantize"),              # quantized weights are no constants
+    ("quantize(weight_only=true),lowrank,dce", "lowrank", "quantize"),
+])
+def test_built_in_passes_out_of_order_are_one_line_errors(text, first, then):
+    with pytest.raises(OptionError) as info:
+        Pipeline.parse(text)
+    message = str(info.value)
+    assert f"pass {first!r} must run before {then!r}" in message and "\n" not in message
+    fixed = re.search(r"write '(.*)' instead of", message).group(1)
+    assert Pipeline.parse(fixed)  # what the message says to write is a valid pipeline
 
 
 def test_uuid_depends_on_options_and_pass_versions(toy_passes):
@@ -114,6 +135,17 @@ def test_options_must_be_frozen_dataclasses():
 
     with pytest.raises(TypeError, match="frozen dataclass"):
         register_pass("mutable", options=Mutable)
+
+
+def test_every_option_needs_a_description():
+    @dataclass(frozen=True)
+    class Undescribed:
+        described: int = option(1, "what it does")
+        bare: int = 2
+
+    with pytest.raises(TypeError, match="option 'bare' of pass 'undescribed' has no description"):
+        register_pass("undescribed", options=Undescribed)
+    assert "undescribed" not in _REGISTRY
 
 
 def test_layer_names_under_torch_compile_match_compress():

@@ -21,7 +21,6 @@ from .layers import Layer, chain_macs, dense_macs
 @dataclass(frozen=True)
 class Settings:
     criterion: tuple[str, float]   # ("rank" | "ratio" | "energy", value)
-    method: str                    # auto | svd | tucker | spatial
     min_saving: float
     round_to: int
     damping: float

@@ -31,7 +31,7 @@ from ..errors import OptionError
 from ..graph_utils import ignore_matcher, layer_name, remove_unused_attributes, warn_nothing_reached, weight_layers
 from ..lowrank.layers import collect_input_stats, find_layers, output_sqnr_db, replace_with_chain
 from ..lowrank.plan import Plan, Settings, check_rank, methods_for, plan_layer
-from ..pass_base import PassContext, PassResult, register_pass
+from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
 
 log = logging.getLogger("edgepasses")
 
@@ -40,16 +40,23 @@ DEFAULT_ENERGY = 0.9
 
 @dataclass(frozen=True)
 class LowRankOptions:
-    rank: int | None = None          # the same rank for every layer (Tucker: for both modes, capped per mode)
-    ratio: float | None = None       # rank = ratio × each layer's full rank, in (0, 1]
-    energy: float | None = None      # kept singular-value energy in (0, 1]; 0.9 when none of the three is given
-    #                                  (data-aware: energy of W·L, i.e. of the layer's output on the data)
-    min_saving: float = 0.25         # split only where the layer's MACs fall by this share (negative: may grow)
-    method: Literal["auto", "svd", "tucker", "spatial"] = "auto"  # k×k convs; Linear/1×1 always use SVD
-    round_to: int = 8                # ranks rounded up to a multiple of this (SIMD widths)
-    data_aware: bool | None = None   # None: when calibration data is given
-    damping: float = 0.01            # added to the Gram diagonal, as a share of its mean
-    ignore: tuple[str, ...] = ()     # layer names or regexes (whole-name match) left as they are
+    rank: int | None = option(None, "One rank for every layer (Tucker-2: for both modes, each capped at its "
+                                    "full rank). Give at most one of rank, ratio and energy.")
+    ratio: float | None = option(None, "The rank as a share of each layer's full rank, in (0, 1].")
+    energy: float | None = option(None, "The share of singular-value energy kept, in (0, 1] (data-aware: of "
+                                        f"the layer's output on the data); {DEFAULT_ENERGY} when none of rank, "
+                                        "ratio and energy is given.")
+    min_saving: float = option(0.25, "Split a layer only where its MACs fall by at least this share "
+                                     "(negative: they may grow).")
+    method: Literal["auto", "svd", "tucker", "spatial"] = option(
+        "auto", "How k×k convs split: tucker (1×1, k×k core, 1×1), spatial (k×1 then 1×k), svd (not at all: "
+                "SVD splits only Linear layers and 1×1 convs, which always use it), or auto (the one with "
+                "less error at equal MACs).")
+    round_to: int = option(8, "Ranks are rounded up to a multiple of this (SIMD widths).")
+    data_aware: bool | None = option(None, "Minimize the layer's output error over the calibration data "
+                                           "instead of the weight error; none: when calibration data is given.")
+    damping: float = option(0.01, "Data-aware: added to the input Gram's diagonal, as a share of its mean.")
+    ignore: tuple[str, ...] = ignore_option("are left as they are")
 
     def __post_init__(self):
         given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
@@ -108,18 +115,15 @@ def _finite(x) -> bool:
     return not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all())
 
 
-@register_pass("lowrank", options=LowRankOptions)
+# after sparsify_24, the factors of a 2:4 weight would be dense; after quantize, weights are no constants
+@register_pass("lowrank", options=LowRankOptions, before=("sparsify_24", "quantize"))
 def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) -> PassResult:
     """Split Linear/conv weights into low-rank factor chains (SVD, Tucker-2, spatial) where MACs fall."""
     data_aware = ctx.calibration is not None if opts.data_aware is None else opts.data_aware
-    settings = Settings(opts.criterion, opts.method, opts.min_saving, opts.round_to, opts.damping)
+    settings = Settings(opts.criterion, opts.min_saving, opts.round_to, opts.damping)
     layers, skipped = find_layers(gm, _ignore(gm, opts.ignore))
     candidates = []
     for layer in layers:
-        if layer.node.meta.get("sparse24"):
-            skipped[layer.name] = ("2:4-sparse weight (sparsify_24 ran first); factors would be dense: "
-                                   "put lowrank before sparsify_24 to sparsify the factors")
-            continue
         methods = _one_dimensional(layer, methods_for(layer, opts.method))
         if isinstance(methods, str):
             skipped[layer.name] = methods

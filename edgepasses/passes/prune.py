@@ -28,7 +28,7 @@ from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
 from ..graph_utils import remove_unused_attributes, skipped_forms, weight_layers
-from ..pass_base import PassContext, PassResult, register_pass
+from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
 from ..prune import activation_stats
 from ..prune.apply import apply_keep
 from ..prune.criteria import element_scores, select
@@ -40,13 +40,15 @@ log = logging.getLogger("edgepasses")
 
 @dataclass(frozen=True)
 class PruneOptions:
-    ratio: float = 0.3                    # share of each group's channels to remove, in [0, 1)
-    # l1/l2: producer weight norms; bn_gamma: |gamma| of the following batch norm; activation:
-    # RMS of x over `calibration` times the readers' weight-column norms (needs calibration)
-    criterion: Literal["l1", "l2", "bn_gamma", "activation"] = "l1"
-    round_to: int = 1                     # kept channel counts rounded up to a multiple of this
-    global_ranking: bool = False          # one threshold over all groups instead of ratio per group
-    ignore: tuple[str, ...] = ()          # conv/linear names or regexes (whole-name match) kept at width
+    ratio: float = option(0.3, "Share of each group's channels to remove, in [0, 1).")
+    criterion: Literal["l1", "l2", "bn_gamma", "activation"] = option(
+        "l1", "How channels are ranked: l1 or l2, the norm of the producing layer's weights; bn_gamma, "
+              "|gamma| of the batch norm that follows; activation, the RMS of the channel over the "
+              "calibration data times the weight norms of the layers reading it (needs calibration data).")
+    round_to: int = option(1, "Kept channel counts are rounded up to a multiple of this.")
+    global_ranking: bool = option(False, "Rank the channels of all groups against one threshold instead "
+                                         "of removing `ratio` of each group.")
+    ignore: tuple[str, ...] = ignore_option("keep all their channels")
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
@@ -100,7 +102,8 @@ def _scores(an, criterion: str, batches: list[tuple] | None, ctx: PassContext, s
     return element_scores(an, criterion, activations)
 
 
-@register_pass("prune", options=PruneOptions)
+# after sparsify_24, removed input channels would break its groups of 4; after quantize, weights are no constants
+@register_pass("prune", options=PruneOptions, before=("sparsify_24", "quantize"))
 def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> PassResult:
     """Remove channels in dependency groups (conv/linear outputs, heads), leaving a smaller dense graph."""
     # a missing or malformed calibration fails before any work, even where nothing is prunable

@@ -19,7 +19,7 @@ from ..analysis.shape_prop import propagate_fake
 from ..analysis.structure import model_type
 from ..errors import OptionError
 from ..graph_utils import warn_nothing_reached, weight_layers
-from ..pass_base import NoOptions, PassContext, PassResult, register_pass
+from ..pass_base import NoOptions, PassContext, PassResult, ignore_option, option, register_pass
 from .fold_bn import fold_bn
 from ..quant import QuantCaps, require_torchao
 
@@ -28,28 +28,38 @@ log = logging.getLogger("edgepasses")
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    bits: int = 8
-    symmetric: bool | None = None       # activations; none: the target's default
-    per_channel: bool = True            # weights: one scale per output channel
-    calib: Literal["auto", "minmax", "percentile", "mse", "entropy"] = "auto"  # auto: per tensor, the
-                                        # range of least error in the layers reading it (quant.range_choice)
-    percentile: float = 99.99           # for calib=percentile
-    model_type: Literal["auto", "transformer", "cnn"] = "auto"  # auto: from the graph (attention: transformer)
-    smooth_alpha: float | None = None   # SmoothQuant before quantising; none: 0.95 for transformers
-                                        # (NNCF's), off for CNNs; 0: off
-    bias_correction: Literal["auto", "on", "off"] = "auto"  # shift each bias by the mean error its rounded
-                                        # weights add; auto: kept where it raises the output SQNR
-    rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: Linear weights rounded to compensate error
-    weight_only: bool = False           # quantise Linear weights only; activations stay float
-    group_size: int | None = None       # weight-only: input features sharing a scale; none: a whole row
-    awq: bool = False                   # weight-only: AWQ's activation-aware scales (needs calibration)
-    ignore: tuple[str, ...] = ()        # layer names or regexes (whole-name match) kept in float
-    embeddings: bool = True             # embedding tables as int8 codes, a scale per row
-    overflow_fix: Literal["auto", "all", "off"] = "auto"  # weights in 7 bits where int8 sums saturate;
-                                        # auto: on CPUs that saturate (x86 without VNNI), the layers whose
-                                        # sums do on the calibration data (every layer unless calib=auto)
-    min_sqnr: float | None = None       # dB on the calibration data: keep the fewest most-sensitive
-                                        # layers in float to reach it
+    bits: int = option(8, "Bits of the weight codes: 8; with weight_only also 4. The target may allow fewer.")
+    symmetric: bool | None = option(None, "Activations as symmetric int8 (true) or as uint8 with a zero "
+                                          "point (false); none: the target's default.")
+    per_channel: bool = option(True, "Weights with one scale per output channel; false: one per tensor.")
+    calib: Literal["auto", "minmax", "percentile", "mse", "entropy"] = option(
+        "auto", "How each activation's range is chosen from the calibration data; auto: per tensor, the "
+                "candidate range with the least error in the layers reading it.")
+    percentile: float = option(99.99, "With calib=percentile: the percentile of the values the range "
+                                      "covers, in (50, 100].")
+    model_type: Literal["auto", "transformer", "cnn"] = option(
+        "auto", "Which defaults apply (a transformer gets SmoothQuant); auto: read from the graph, where "
+                "attention means a transformer.")
+    smooth_alpha: float | None = option(None, "SmoothQuant strength applied before quantizing, in [0, 1]; "
+                                              "0: off; none: 0.95 for transformers, off for CNNs.")
+    bias_correction: Literal["auto", "on", "off"] = option(
+        "auto", "Shift each bias by the mean error its rounded weights add; auto: only where that raises "
+                "the output SQNR on the calibration data.")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "Weight rounding: to nearest, or gptq (each Linear's weights rounded to compensate "
+                   "each other's error on the calibration data).")
+    weight_only: bool = option(False, "Quantize Linear weights only (bits=8 or 4); activations stay float.")
+    group_size: int | None = option(None, "With weight_only: input features that share a scale; none: one "
+                                          "scale per output row.")
+    awq: bool = option(False, "With weight_only: AWQ's activation-aware scales (needs calibration data).")
+    ignore: tuple[str, ...] = ignore_option("stay float")
+    embeddings: bool = option(True, "Embedding tables as int8 codes with a scale per row.")
+    overflow_fix: Literal["auto", "all", "off"] = option(
+        "auto", "7-bit weights, so that int8 sums cannot saturate: all layers, off, or auto: on CPUs whose "
+                "int8 sums saturate (x86 without VNNI), the layers whose sums do on the calibration data "
+                "(every layer unless calib=auto).")
+    min_sqnr: float | None = option(None, "Output SQNR in dB to reach on the calibration data by keeping "
+                                          "the fewest, most sensitive layers float; none: no such search.")
 
     def __post_init__(self):
         if not 50.0 < self.percentile <= 100.0:

@@ -15,7 +15,7 @@ import torch.fx
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
 from ..graph_utils import ignore_matcher, layer_name
-from ..pass_base import PassContext, PassResult, register_pass
+from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
 from ..quant.channel_scale import linear_groups, smooth_linears
 
 log = logging.getLogger("edgepasses")
@@ -23,8 +23,9 @@ log = logging.getLogger("edgepasses")
 
 @dataclass(frozen=True)
 class SmoothOptions:
-    alpha: float = 0.5              # share of the range moved to the weights: 0 none, 1 all
-    ignore: tuple[str, ...] = ()    # layer names or regexes (whole-name match) left as they are
+    alpha: float = option(0.5, "Share of each input channel's range moved from the activation into the "
+                               "weights, in [0, 1]: 0 none, 1 all.")
+    ignore: tuple[str, ...] = ignore_option("are left as they are")
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -36,7 +37,8 @@ def _ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     return ignore_matcher(patterns, linears, layer_name, where="smooth", kind="Linear")
 
 
-@register_pass("smooth", options=SmoothOptions)
+# after quantize, no Linear weight is a constant to scale
+@register_pass("smooth", options=SmoothOptions, before=("quantize",))
 def smooth(gm: torch.fx.GraphModule, opts: SmoothOptions, ctx: PassContext) -> PassResult:
     """Scale Linear inputs down and weights up per channel so both quantise well (exact in float)."""
     groups = linear_groups(gm, _ignore_matcher(gm, opts.ignore))

@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..graph_utils import (add_constant, ignore_matcher, layer_name, remove_unused_attributes, replace_arg,
                            warn_nothing_reached, weight_layers)
 from ..lowrank.layers import Layer, collect_input_stats, find_layers, output_sqnr_db
-from ..pass_base import PassContext, PassResult, register_pass
+from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
 
 log = logging.getLogger("edgepasses")
 SPARSE24 = "sparse24"  # node.meta key marking a layer whose weight is 2:4 sparse
@@ -38,8 +38,11 @@ SPARSE24 = "sparse24"  # node.meta key marking a layer whose weight is 2:4 spars
 
 @dataclass(frozen=True)
 class Sparsify24Options:
-    criterion: Literal["auto", "magnitude", "activation"] = "auto"  # auto: activation with calibration data
-    ignore: tuple[str, ...] = ()    # layer names or regexes (whole-name match) left dense
+    criterion: Literal["auto", "magnitude", "activation"] = option(
+        "auto", "Which 2 of each 4 weights stay: magnitude, the largest |w|; activation (Wanda), the largest "
+                "|w| times the input's RMS over the calibration data; auto: activation when calibration "
+                "data is given.")
+    ignore: tuple[str, ...] = ignore_option("stay dense")
 
 
 def keep_2_of_4(scores: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,8 @@ def _apply(gm: torch.fx.GraphModule, layer: Layer, sparse_weight: torch.Tensor, 
     layer.node.meta[SPARSE24] = True
 
 
-@register_pass("sparsify_24", options=Sparsify24Options)
+# after quantize, weights are no constants to mask
+@register_pass("sparsify_24", options=Sparsify24Options, before=("quantize",))
 def sparsify_24(gm: torch.fx.GraphModule, opts: Sparsify24Options, ctx: PassContext) -> PassResult:
     """Zero 2 of every 4 weights along the reduction dim of Linear/conv layers (magnitude or Wanda)."""
     activation = opts.criterion == "activation" or (opts.criterion == "auto" and ctx.calibration is not None)
