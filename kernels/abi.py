@@ -1,4 +1,4 @@
-"""The C ABI of `csrc/*.cpp`: each entry point's ctypes signature.
+"""The C ABI of `csrc/**/*.cpp`: each entry point's ctypes signature.
 
 Kept free of torch and of the package, so that a bare interpreter (the AddressSanitizer test's
 subprocess, which preloads libasan) can declare the same signatures on its own build of the library.

@@ -1,4 +1,4 @@
-"""Builds `csrc/*.cpp` into one shared library on first use and loads it with ctypes.
+"""Builds `csrc/**/*.cpp` into one shared library on first use and loads it with ctypes.
 
 The library is plain C++ with a C ABI (raw pointers, each with its size in bytes, which the
 C++ checks: abi.py; no torch headers), so the build needs only a C++ compiler with OpenMP: no
@@ -46,14 +46,14 @@ def find_compiler() -> str:
 
 
 def _sources() -> list[Path]:
-    return sorted(SOURCE_DIR.glob("*.cpp"))
+    return sorted(SOURCE_DIR.rglob("*.cpp"))
 
 
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     digest = hashlib.sha256("\0".join((version, *FLAGS)).encode())
-    for path in sorted(SOURCE_DIR.glob("*.[ch]*")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(SOURCE_DIR.rglob("*.[ch]*")):
+        digest.update(path.relative_to(SOURCE_DIR).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

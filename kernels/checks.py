@@ -30,7 +30,7 @@ from edgepasses.errors import EdgeError
 
 from . import abi
 
-MAX_INT8_K = 65793        # csrc/int8.cpp kMaxK: the longest reduction whose int32 sums cannot overflow
+MAX_INT8_K = 65793        # csrc/int8/int8.h kMaxK: the longest reduction whose int32 sums cannot overflow
 SEVEN_BIT = (-64, 64)     # weight_bits=7: u8·s8 pairs then sum in int16 exactly (2·255·64 < 2**15)
 FLOATING = "floating"
 

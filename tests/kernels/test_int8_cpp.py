@@ -1,4 +1,4 @@
-"""edge::int8_linear / edge::int8_conv2d (csrc/int8.cpp) against exact integer references.
+"""edge::int8_linear / edge::int8_conv2d (csrc/int8/) against exact integer references.
 
 The kernels accumulate in int32 exactly and dequantize as (float)(acc − zp·w_sum)·scale·w_scale + bias
 in float32, op by op; the references compute the same integer sums in int64 and apply the same float32
