@@ -7,11 +7,11 @@ from .api import compress, export, lower, quant_report
 from .artifacts import load, save
 from .distill import distill
 from .finetune import finetune
-from .pass_base import PassContext, PassResult, register_pass, registered_passes
+from .pass_base import PassContext, PassResult, option, register_pass, registered_passes
 from .pipeline import PRESETS, Pipeline
 
 __all__ = ["compress", "export", "finetune", "distill", "save", "load", "lower", "quant_report", "prepare_qat", "convert_qat", "search", "Pipeline", "PRESETS",
-           "PassContext", "PassResult", "register_pass", "registered_passes"]
+           "PassContext", "PassResult", "option", "register_pass", "registered_passes"]
 __version__ = "0.1.0"
 
 _QAT = ("prepare_qat", "convert_qat")

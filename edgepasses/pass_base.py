@@ -79,6 +79,8 @@ def register_pass(name: str, *, options: type = NoOptions, requires: Iterable[st
     passes that, where a pipeline has them too, must run later. Both are checked when a pipeline is built."""
     if not dataclasses.is_dataclass(options) or not options.__dataclass_params__.frozen:
         raise TypeError(f"options of pass {name!r} must be a frozen dataclass, got {options!r}")
+    if isinstance(requires, str) or isinstance(before, str):
+        raise TypeError(f"requires and before of pass {name!r} are tuples of pass names, such as ('quantize',)")
     for f in dataclasses.fields(options):
         if not isinstance(f.metadata.get("doc"), str) or not f.metadata["doc"].strip():
             raise TypeError(f"option {f.name!r} of pass {name!r} has no description: declare it as "

@@ -6,9 +6,9 @@ from typing import Literal
 import pytest
 import torch
 
-from edgepasses import PRESETS, Pipeline, PassResult, register_pass
+from edgepasses import PRESETS, Pipeline, PassResult, option, register_pass
 from edgepasses.errors import OptionError
-from edgepasses.pass_base import _REGISTRY, option
+from edgepasses.pass_base import _REGISTRY
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,23 @@ def test_options_must_be_frozen_dataclasses():
 
 def test_every_option_needs_a_description():
     @dataclass(frozen=True)
-    class Undescribed:
+    class Bare:
         described: int = option(1, "what it does")
         bare: int = 2
 
-    with pytest.raises(TypeError, match="option 'bare' of pass 'undescribed' has no description"):
-        register_pass("undescribed", options=Undescribed)
+    @dataclass(frozen=True)
+    class Blank:
+        blank: int = option(1, " ")
+
+    for options, field in ((Bare, "bare"), (Blank, "blank")):
+        with pytest.raises(TypeError, match=f"option '{field}' of pass 'undescribed' has no description"):
+            register_pass("undescribed", options=options)
     assert "undescribed" not in _REGISTRY
+
+
+def test_ordering_names_are_tuples_not_a_string():
+    with pytest.raises(TypeError, match="tuples of pass names"):
+        register_pass("one_string", before="quantize")
 
 
 def test_layer_names_under_torch_compile_match_compress():
