@@ -22,6 +22,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from edgepasses.canonical import user_source
 from edgepasses.errors import UnsupportedOpError
+from edgepasses.graph_utils import SPARSE24
 from edgepasses.state import state_writes as written_state
 from edgepasses.state import user_path
 
@@ -81,7 +82,7 @@ def warn_dense_sparse24(target: str, layers: list[torch.fx.Node], why: str) -> N
 
 
 def sparse24_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.meta.get("sparse24")]
+    return [n for n in gm.graph.nodes if n.meta.get(SPARSE24)]
 
 
 def compute_ops(gm: torch.fx.GraphModule) -> int:

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value, fake_mode_of, module_path, \
+from .graph_utils import CONV_OPS, LINEAR_OPS, add_constant, constant_value, conv_args, fake_mode_of, module_path, \
     remove_unused_attributes
 
 aten = torch.ops.aten
@@ -180,13 +180,15 @@ def conv2d_from_conv1d(gm: torch.fx.GraphModule) -> int:
         weight = constant_value(gm, node.args[1])
         if weight is None:
             continue  # no pass reaches a computed weight; it keeps its form and the passes say why
-        x, weight_node, bias, stride, padding, dilation, groups = _conv1d_args(node)
+        args = conv_args(node)
+        weight_node = args.weight
         kernel = add_constant(gm, f"{weight_node.target}_2d", weight.unsqueeze(-2), before=node)
-        rows = _call(gm, aten.unsqueeze.default, (x, -2), like=node)
-        padding2d = padding if isinstance(padding, str) else [0, padding[0]]
-        target = aten.conv2d.padding if isinstance(padding, str) else aten.conv2d.default
-        conv = _call(gm, target, (rows, kernel, bias, [1, stride[0]], padding2d, [1, dilation[0]], groups),
-                     like=node)
+        rows = _call(gm, aten.unsqueeze.default, (args.input, -2), like=node)
+        named_padding = isinstance(args.padding, str)
+        padding2d = args.padding if named_padding else [0, args.padding[0]]
+        target = aten.conv2d.padding if named_padding else aten.conv2d.default
+        conv = _call(gm, target, (rows, kernel, args.bias, [1, args.stride[0]], padding2d, [1, args.dilation[0]],
+                                  args.groups), like=node)
         out = _call(gm, aten.squeeze.dim, (conv, -2), like=node)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
@@ -226,31 +228,17 @@ def numeric_conv_padding(gm: torch.fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.conv2d.padding:
             continue
-        args = _conv_args(node, [1, 1], "valid", [1, 1])
-        kernel = _value(gm, node.args[1]).shape[2:]
-        dilation = [args[5]] * 2 if isinstance(args[5], int) else list(args[5])
-        totals = [0, 0] if args[4] == "valid" else [d * (k - 1) for d, k in zip(dilation, kernel)]
+        conv = conv_args(node)
+        kernel = _value(gm, conv.weight).shape[2:]
+        totals = [0, 0] if conv.padding == "valid" else [d * (k - 1) for d, k in zip(conv.dilation, kernel)]
         if any(t % 2 for t in totals):
             continue
         node.target = aten.conv2d.default
-        node.args = (*args[:4], [t // 2 for t in totals], *args[5:])
+        node.args = (conv.input, conv.weight, conv.bias, conv.stride, [t // 2 for t in totals], conv.dilation,
+                     conv.groups)
         node.kwargs = {}
         count += 1
     return count
-
-
-def _conv_args(node: torch.fx.Node, stride, padding, dilation) -> list:
-    """[x, weight, bias, stride, padding, dilation, groups] of a conv node, keywords and defaults filled in."""
-    defaults = {"bias": None, "stride": stride, "padding": padding, "dilation": dilation, "groups": 1}
-    given = list(node.args)
-    return given + [node.kwargs.get(name, default) for name, default in list(defaults.items())[len(given) - 2:]]
-
-
-def _conv1d_args(node: torch.fx.Node) -> tuple:
-    """(x, weight, bias, stride, padding, dilation, groups), with stride, padding and dilation as 1-lists."""
-    x, weight, bias, stride, padding, dilation, groups = _conv_args(node, [1], [0], [1])
-    listed = [v if isinstance(v, (list, tuple, str)) else [v] for v in (stride, padding, dilation)]
-    return (x, weight, bias, *listed, groups)
 
 
 # ------------------------------------------------------------------ layer names

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OptionError
-from .graph_utils import CONV_OPS, LINEAR_OPS
+from .graph_utils import CONV_OPS, LINEAR_OPS, SPARSE24
 from .progress import progress
 from .quant.calibration import as_batch
 
@@ -52,7 +52,7 @@ def keep_sparsity_masks(gm: torch.fx.GraphModule) -> int:
     training cannot refill them; Adam then leaves them exactly zero. Returns how many layers."""
     masked = 0
     for node in gm.graph.nodes:
-        if node.meta.get("sparse24") and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+        if node.meta.get(SPARSE24) and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
             weight = gm.get_parameter(node.args[1].target)
             mask = weight.detach() != 0
             weight.register_hook(lambda grad, mask=mask: grad * mask)

@@ -9,12 +9,11 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..analysis.observe import NodeObserver
-from ..graph_utils import LINEAR_OPS, add_constant, constant_value, layer_name, weight_layers
+from ..graph_utils import LINEAR_OPS, add_constant, constant_value, conv_args, layer_name, weight_layers
 from ..quant.calibration import calibrate
 from .factorize import Factors
 
 aten = torch.ops.aten
-_CONV2D_DEFAULTS = (None, None, None, [1, 1], [0, 0], [1, 1], 1)  # aten.conv2d.default's trailing defaults
 
 
 @dataclass
@@ -53,20 +52,14 @@ def _pair(value) -> tuple[int, int]:
 
 def _conv_args(node: torch.fx.Node) -> tuple | str:
     """(stride, padding, dilation, groups) of a 2-D conv node, or why it cannot be split."""
-    if node.target is aten.convolution.default:
-        _, _, _, stride, padding, dilation, transposed, _, groups = node.args
-        if transposed:
-            return "transposed convolution"
-    elif node.target is aten.conv2d.default:
-        args = list(node.args) + list(_CONV2D_DEFAULTS[len(node.args):])
-        _, _, _, stride, padding, dilation, groups = args
-    elif node.target is aten.conv2d.padding:
-        return f"padding given as {node.args[4]!r}; only numeric padding is split"
-    else:
+    if node.target not in (aten.convolution.default, aten.conv2d.default, aten.conv2d.padding):
         return f"{node.target} is not a 2-D convolution; only 2-D convolutions are split"
-    if isinstance(padding, str):
-        return f"padding given as {padding!r}; only numeric padding is split"
-    return _pair(stride), _pair(padding), _pair(dilation), groups
+    conv = conv_args(node)
+    if conv.transposed:
+        return "transposed convolution"
+    if isinstance(conv.padding, str):
+        return f"padding given as {conv.padding!r}; only numeric padding is split"
+    return _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), conv.groups
 
 
 def _val_shape(node) -> torch.Size | None:

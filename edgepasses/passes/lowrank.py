@@ -23,12 +23,12 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
 from ..errors import OptionError
-from ..graph_utils import ignore_matcher, layer_name, remove_unused_attributes, warn_nothing_reached, weight_layers
+from ..graph_utils import inputs_have_values, remove_unused_attributes, warn_nothing_reached, weight_layer_ignore, \
+    weight_layers
 from ..lowrank.layers import collect_input_stats, find_layers, output_sqnr_db, replace_with_chain
 from ..lowrank.plan import Plan, Settings, check_rank, methods_for, plan_layer
 from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
@@ -83,11 +83,6 @@ class LowRankOptions:
         return "energy", DEFAULT_ENERGY
 
 
-def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    layers = [layer.node for layer in weight_layers(gm)]
-    return ignore_matcher(patterns, layers, layer_name, where="lowrank", kind="Linear or conv")
-
-
 def _one_dimensional(layer, methods):
     """A 1×k conv (a conv1d in the canonical conv2d form) splits spatially, into 1×1 then 1×k: Tucker-2's
     core would be a 1×k conv between two 1×1s, and its output rank can exceed what that core holds."""
@@ -105,23 +100,13 @@ def _layer_stats(plan: Plan, sqnr: float | None) -> dict:
             "macs_after": plan.macs_after, "sqnr_db": None if sqnr is None else round(sqnr, 2)}
 
 
-def _real(inputs: tuple) -> bool:
-    """Example inputs hold values (under torch.compile Dynamo may hand fake tensors, which have none)
-    that can score SQNR (NaN/Inf there is no calibration data to refuse: the stats are just skipped)."""
-    return all(not isinstance(x, FakeTensor) and _finite(x) for x in inputs)
-
-
-def _finite(x) -> bool:
-    return not isinstance(x, torch.Tensor) or not x.is_floating_point() or bool(torch.isfinite(x).all())
-
-
 # after sparsify_24, the factors of a 2:4 weight would be dense; after quantize, weights are no constants
 @register_pass("lowrank", options=LowRankOptions, before=("sparsify_24", "quantize"))
 def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) -> PassResult:
     """Split Linear/conv weights into low-rank factor chains (SVD, Tucker-2, spatial) where MACs fall."""
     data_aware = ctx.calibration is not None if opts.data_aware is None else opts.data_aware
     settings = Settings(opts.criterion, opts.min_saving, opts.round_to, opts.damping)
-    layers, skipped = find_layers(gm, _ignore(gm, opts.ignore))
+    layers, skipped = find_layers(gm, weight_layer_ignore(gm, opts.ignore, where="lowrank"))
     candidates = []
     for layer in layers:
         methods = _one_dimensional(layer, methods_for(layer, opts.method))
@@ -135,7 +120,7 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
     # The Gram is measured whenever there are values: data-aware factorisation needs it, and it gives
     # each split's output SQNR (on the example inputs when data-blind).
     inputs = {}
-    if data_aware or _real(ctx.example_inputs):
+    if data_aware or inputs_have_values(ctx.example_inputs):
         batches = ctx.calibration if data_aware else [ctx.example_inputs]
         inputs = collect_input_stats(gm, [layer for layer, _ in candidates], batches, ctx.example_inputs,
                                      needed_by="lowrank(data_aware=true)" if opts.data_aware else "lowrank")

@@ -25,15 +25,13 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensor
 
-from ..graph_utils import (add_constant, ignore_matcher, layer_name, remove_unused_attributes, replace_arg,
-                           warn_nothing_reached, weight_layers)
+from ..graph_utils import (SPARSE24, add_constant, inputs_have_values, remove_unused_attributes, replace_arg,
+                           warn_nothing_reached, weight_layer_ignore, weight_layers)
 from ..lowrank.layers import Layer, collect_input_stats, find_layers, output_sqnr_db
 from ..pass_base import PassContext, PassResult, ignore_option, option, register_pass
 
 log = logging.getLogger("edgepasses")
-SPARSE24 = "sparse24"  # node.meta key marking a layer whose weight is 2:4 sparse
 
 
 @dataclass(frozen=True)
@@ -78,21 +76,9 @@ def layer_mask(layer: Layer, input_mean_square: torch.Tensor | None) -> torch.Te
     return _groups_back(keep_2_of_4(_groups_last(scores)))
 
 
-def _ignore(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
-    layers = [layer.node for layer in weight_layers(gm)]
-    return ignore_matcher(patterns, layers, layer_name, where="sparsify_24", kind="Linear or conv")
-
-
-def _has_values(inputs: tuple) -> bool:
-    """Example inputs with values (not Dynamo's fakes) that can score SQNR: NaN/Inf there is no
-    calibration data to refuse, so the stats are just skipped."""
-    return all(not isinstance(x, FakeTensor) and not (isinstance(x, torch.Tensor) and x.is_floating_point()
-                                                      and not torch.isfinite(x).all()) for x in inputs)
-
-
 def _input_stats(gm, layers: list[Layer], ctx: PassContext, activation: bool) -> dict:
     """Input Grams (their diagonals rank weights for `activation`; they also give SQNR) when there is data."""
-    if not activation and not _has_values(ctx.example_inputs):
+    if not activation and not inputs_have_values(ctx.example_inputs):
         return {}
     batches = ctx.calibration if activation else [ctx.example_inputs]
     return collect_input_stats(gm, layers, batches, ctx.example_inputs,
@@ -127,7 +113,7 @@ def _apply(gm: torch.fx.GraphModule, layer: Layer, sparse_weight: torch.Tensor, 
 def sparsify_24(gm: torch.fx.GraphModule, opts: Sparsify24Options, ctx: PassContext) -> PassResult:
     """Zero 2 of every 4 weights along the reduction dim of Linear/conv layers (magnitude or Wanda)."""
     activation = opts.criterion == "activation" or (opts.criterion == "auto" and ctx.calibration is not None)
-    found, skipped = find_layers(gm, _ignore(gm, opts.ignore))
+    found, skipped = find_layers(gm, weight_layer_ignore(gm, opts.ignore, where="sparsify_24"))
     layers = []
     for layer in found:
         reason = _fits(layer)

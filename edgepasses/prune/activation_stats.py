@@ -20,8 +20,9 @@ import torch
 import torch.fx
 
 from ..analysis.observe import NodeObserver
+from ..graph_utils import conv_args
 from ..quant.calibration import calibrate
-from .groups import Analysis, Chan, conv_groups
+from .groups import Analysis, Chan
 
 _CONSUMER_KINDS = ("conv", "dwconv", "gconv", "linear")
 
@@ -43,7 +44,7 @@ class Read:
         if self.kind == "dwconv":  # each input channel owns `multiplier` consecutive filters
             return w.reshape(self.chan.ids.size, -1).norm(dim=1)
         if self.kind == "gconv":  # channel g * per + j is column j of group g's filters
-            groups = conv_groups(self.layer)
+            groups = conv_args(self.layer).groups
             per = w.shape[1]
             w = w.reshape(groups, w.shape[0] // groups, per, -1).transpose(1, 2)
             return w.reshape(groups * per, -1).norm(dim=1)

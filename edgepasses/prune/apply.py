@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..graph_utils import add_constant, constant_value, replace_arg
-from .groups import Analysis, Chan, conv_groups
+from ..graph_utils import add_constant, constant_value, conv_args, replace_arg
+from .groups import Analysis, Chan
 
 aten = torch.ops.aten
 
@@ -103,7 +103,7 @@ def _dwconv(gm, m: Masks, node, cdim):
 
 
 def _gconv(gm, m: Masks, node, cdim):
-    groups = conv_groups(node)
+    groups = conv_args(node).groups
     inner = None
     c = m.of(node.args[0])
     if c is not None:

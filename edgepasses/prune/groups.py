@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from ..graph_utils import CONV_OPS, FUNCTIONAL_CONV_OPS, LINEAR_OPS, constant_value, layer_name
+from ..graph_utils import CONV_OPS, FUNCTIONAL_CONV_OPS, LINEAR_OPS, constant_value, conv_args, layer_name
 from ..graph_utils import ignore_matcher as graph_ignore_matcher
 
 aten = torch.ops.aten
@@ -186,12 +186,6 @@ def _conv_channel_dim(node: torch.fx.Node) -> int:
     return 1 if x.dim() == w.dim() else 0  # unbatched input has channels first
 
 
-def conv_groups(node: torch.fx.Node) -> int:
-    if node.target is aten.convolution.default:
-        return int(node.args[8])
-    return int(node.args[6]) if len(node.args) > 6 else int(node.kwargs.get("groups", 1))
-
-
 def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
     """Split two shapes of equal numel into runs of consecutive dims with equal products."""
     groups, i, j = [], 0, 0
@@ -265,13 +259,14 @@ def _tracked(an: Analysis, node) -> Chan | None:
 
 
 def _conv(an: Analysis, node: torch.fx.Node):
-    if node.target is aten.convolution.default and node.args[6]:
+    conv = conv_args(node)
+    if conv.transposed:
         return _unknown(an, node)  # transposed conv: not handled
-    x, w = node.args[0], node.args[1]
+    x, w = conv.input, conv.weight
     if constant_value(an.gm, w) is None:
         return _unknown(an, node)
     cdim = _conv_channel_dim(node)
-    c_in, c_out, groups = _shape(x)[cdim], _shape(node)[cdim], conv_groups(node)
+    c_in, c_out, groups = _shape(x)[cdim], _shape(node)[cdim], conv.groups
     cin = _tracked(an, x)
     if cin is not None and cin.dims != (cdim,):
         an.fix(cin, f"conv {node.name} reads channels on dims {cin.dims}")
@@ -607,4 +602,4 @@ def ignore_matcher(gm: torch.fx.GraphModule, patterns: tuple[str, ...]):
     """A predicate for the conv/linear layers `patterns` name (whole-name regex on module path or node)."""
     layers = [n for n in gm.graph.nodes if n.op == "call_function"
               and n.target in CONV_OPS | LINEAR_OPS]
-    return graph_ignore_matcher(patterns, layers, layer_name, where="prune", kind="conv or linear")
+    return graph_ignore_matcher(patterns, layers, where="prune", kind="conv or linear")

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value, through_reshapes
+from ..graph_utils import CONV_OPS, LINEAR_OPS, constant_value, conv_args, through_reshapes
 from .observers import AutoRangeObserver
 
 INT16_MAX = 32767
@@ -92,10 +92,8 @@ def _checkable(layer: torch.fx.Node, weight: torch.Tensor | None, act) -> bool:
         return False
     if layer.target in LINEAR_OPS:
         return True
-    groups = layer.args[8] if layer.target is torch.ops.aten.convolution.default else \
-        (layer.args[6] if len(layer.args) > 6 else 1)
-    padding = layer.args[4] if len(layer.args) > 4 else [0]
-    return weight.dim() == 4 and groups == 1 and not isinstance(padding, str)
+    conv = conv_args(layer)
+    return weight.dim() == 4 and conv.groups == 1 and not isinstance(conv.padding, str)
 
 
 def narrow_saturating_weights(prepared: torch.fx.GraphModule) -> list[str]:

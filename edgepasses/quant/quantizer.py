@@ -8,7 +8,6 @@ are per-tensor, weights per-channel symmetric int8, within what the target can r
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -20,9 +19,8 @@ from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, Quantiz
                                                  SharedQuantizationSpec)
 
 from ..analysis.sqnr import SqnrAccumulator
-from ..errors import OptionError
-from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, RESHAPE_OPS, copy_sharing_weights, layer_name,
-                           readers_through_reshapes, remove_unused_attributes, weight_layers)
+from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, RESHAPE_OPS, copy_sharing_weights, ignore_matcher,
+                           layer_name, readers_through_reshapes, remove_unused_attributes, weight_layers)
 from .awq import SAMPLE_ROWS, search_scale
 from .bias_correction import correct_biases
 from .calibration import calibrate, checked_batches
@@ -130,26 +128,19 @@ class EdgeQuantizer(Quantizer):
 
     def select(self, gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
         """The quantizable nodes outside the ignore list; records names in `annotated`/`ignored`."""
-        patterns = [re.compile(p) for p in self.setup.ignore]
-        matched, selected = set(), []
         candidates = quantizable_nodes(gm, self.setup.weight_only, self.setup.embeddings)
+        is_ignored = ignore_matcher(self.setup.ignore, candidates, where="quantize", kind="quantizable layer")
+        selected = []
         for node in candidates:
-            name = layer_name(node)
-            hits = {p.pattern for p in patterns if p.fullmatch(name) or p.fullmatch(node.name)}
-            matched |= hits
-            (self.ignored if hits else self.annotated).append(name)
-            if not hits:
+            ignored = is_ignored(node)
+            (self.ignored if ignored else self.annotated).append(layer_name(node))
+            if not ignored:
                 selected.append(node)
                 self.linear_conv_annotated += node.target in LINEAR_OPS | CONV_OPS
         self.layer_of_node = {node.name: layer_name(node) for node in selected}
         # Tables become codes after convert_pt2e (`StagedQuantization.finish`), outside PT2E.
         self.embedding_nodes = [n.name for n in selected if n.target in EMBEDDING_OPS]
         self.skipped = {**self._unquantizable(gm, candidates), **{name: "in the ignore list" for name in self.ignored}}
-        unmatched = [p.pattern for p in patterns if p.pattern not in matched]
-        if unmatched:
-            layers = ", ".join(layer_name(n) for n in candidates)
-            raise OptionError(f"quantize ignore pattern(s) {', '.join(map(repr, unmatched))} matched no "
-                              f"quantizable layer (patterns must match a whole name); layers: {layers}")
         return selected
 
     def _unquantizable(self, gm: torch.fx.GraphModule, candidates: list[torch.fx.Node]) -> dict[str, str]:
