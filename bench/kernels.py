@@ -137,9 +137,13 @@ def int8_conv2d_candidates(x: torch.Tensor, conv: nn.Conv2d) -> dict[str, Callab
     for bits, qmax in ((7, 63), (8, 127)):
         codes, scale = _int8_codes(w.flatten(1), qmax)
         codes = codes.reshape(w.shape)
-        sums = ops.int8_weight_sum(codes)
+        packed, sums = ops.pack_int8_conv2d_weight(codes), ops.int8_weight_sum(codes)
         candidates[f"edge C++ int8, {bits}-bit weights"] = (
-            lambda c=codes, s=scale, sm=sums, bits=bits: ops.int8_conv2d(x, c, s, sm, b, *geometry, x_scale, x_zp, bits))
+            lambda p=packed, s=scale, sm=sums, bits=bits: ops.int8_conv2d(x, p, s, sm, b, *geometry, x_scale, x_zp, bits))
+        if bits == 7:  # the packing's own cost, as if it still ran on every call
+            candidates["edge C++ int8, 7-bit + packing per call"] = (
+                lambda c=codes, p=packed, s=scale, sm=sums: (ops.pack_int8_conv2d_weight(c), ops.int8_conv2d(
+                    x, p, s, sm, b, *geometry, x_scale, x_zp, 7)))
     return candidates
 
 

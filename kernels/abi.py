@@ -21,11 +21,14 @@ SIGNATURES = {
     # x_scale > 0: static per-tensor (u8 codes, x_zero_point in [0, 255]), x_scale <= 0: dynamic per-token;
     # weight_bits 7 promises |w| <= 64 (the u8*s8 16-bit pair path is then exact); out f32 [M,N]; threads.
     "edge_int8_linear": (_i32, [*_buf, _i64, _i64, *_buf, _i64, *_buf, *_buf, *_buf, _f64, _i32, _i32, *_buf, _i32]),
-    # x f32 [B,C,H,W]; B, C, H, W; w i8 [O,C/groups,KH,KW]; O, KH, KW; w_scale f32 [O]; w_sum i32 [O];
+    # x f32 [B,C,H,W]; B, C, H, W; w i8 [O,KH,KW,C/groups] (packed); O, KH, KW; w_scale f32 [O]; w_sum i32 [O];
     # bias f32 [O] or NULL; stride/padding/dilation (h, w); groups; x_scale > 0, x_zero_point static;
     # weight_bits; out f32 [B,O,OH,OW]; threads.
     "edge_int8_conv2d": (_i32, [*_buf, _i64, _i64, _i64, _i64, *_buf, _i64, _i64, _i64, *_buf, *_buf, *_buf,
                                 _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f64, _i32, _i32, *_buf, _i32]),
+    # w i8 [O,Cg,KH,KW] (torch's layout); O, Cg, KH, KW; packed i8 [O,KH,KW,Cg] (out): what edge_int8_conv2d reads;
+    # threads.
+    "edge_int8_conv2d_pack": (_i32, [*_buf, _i64, _i64, _i64, _i64, *_buf, _i32]),
     # x f32 [M,K]; M; K; values f32 [N,K/2]; indices u8 [N,ceil(K/8)]: per group of 4 along K, the two
     # kept positions i0 < i1 as the nibble i0 | i1 << 2, group 2j in the low nibble of byte j; N;
     # bias f32 [N] or NULL; out f32 [M,N]; threads.

@@ -175,9 +175,18 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_weight_codes(op: str, codes) -> None:
+    """int8 conv weight codes in torch's layout [O, C/groups, KH, KW], on the CPU (to be packed)."""
+    tensor(op, "codes", codes, dtypes=(torch.int8,), dim=4)
+    if any(s == 0 for s in codes.shape):
+        _refuse(op, f"codes must have no empty dims, got {_shape(codes)}")
+    on_cpu(op, (codes,))
+
+
 def int8_conv2d(op: str, x, weight, weight_scale, weight_sum, bias, stride, padding, dilation, groups, x_scale,
                 x_zero_point, bits) -> tuple[int, int, int, int]:
-    """Returns the output shape (B, O, OH, OW)."""
+    """weight: packed codes [O, KH, KW, C/groups] (ops.pack_int8_conv2d_weight). Returns the output
+    shape (B, O, OH, OW)."""
     tensor(op, "x", x, dtypes=FLOATING, dim=4)
     o = int8_weight(op, weight, weight_scale, weight_sum, bias, x.device, dim=4)
     pair(op, "stride", stride, 1)
@@ -185,7 +194,7 @@ def int8_conv2d(op: str, x, weight, weight_scale, weight_sum, bias, stride, padd
     pair(op, "dilation", dilation, 1)
     integer(op, "groups", groups, 1)
     b, c, h, w = x.shape
-    _, per_group, kh, kw = weight.shape
+    _, kh, kw, per_group = weight.shape
     if c == 0 or h == 0 or w == 0:
         _refuse(op, f"x must have channels, height and width, got {_shape(x)}")
     if per_group * groups != c or o % groups:

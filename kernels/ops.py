@@ -6,7 +6,8 @@ trace through `torch.export` and `torch.compile`. On CPU tensors it runs our C++
 (`csrc/`, built on first use by `build.py`); on CUDA tensors the Triton kernels
 (`triton_ops.py`: int8_linear and sparse24_linear; int8_conv2d has no CUDA kernel, and the
 dispatcher says so). Weights arrive in the form the lowering prepared once: int8 codes with
-their per-row sums (the zero-point correction), 2:4 weights as kept values plus 2-bit indices.
+their per-row sums (the zero-point correction), conv codes packed channels-last
+(`pack_int8_conv2d_weight`), 2:4 weights as kept values plus 2-bit indices.
 
 Every op checks its arguments (checks.py) before any kernel runs, in its CPU, CUDA and fake
 implementations and in the `*_into` entry points, and refuses bad ones with a one-line
@@ -41,6 +42,19 @@ def _float(t: Tensor | None) -> Tensor | None:
 def int8_weight_sum(codes: Tensor) -> Tensor:
     """Row sums of int8 weight codes over everything but the output channel (int32)."""
     return checks.row_stats(codes)[0]
+
+
+def pack_int8_conv2d_weight(codes: Tensor) -> Tensor:
+    """int8 conv weight codes [O, C/groups, KH, KW] (torch's layout) packed as edge::int8_conv2d
+    reads them: [O, KH, KW, C/groups], the (kh, kw, c) order of the kernel's im2col rows."""
+    checks.conv_weight_codes("pack_int8_conv2d_weight", codes)
+    codes = codes.contiguous()
+    o, per_group, kh, kw = codes.shape
+    packed = codes.new_empty(o, kh, kw, per_group)
+    code = library().edge_int8_conv2d_pack(*abi.buffer(codes), o, per_group, kh, kw, *abi.buffer(packed),
+                                           torch.get_num_threads())
+    _check(code, "pack_int8_conv2d_weight")
+    return packed
 
 
 def pack_sparse24(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,8 +164,8 @@ def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_sum: Ten
                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
                 x_scale: float, x_zero_point: int, weight_bits: int) -> Tensor:
     """conv2d of u8-quantized x (static per-tensor scale and zero point; padding reads as the
-    zero point) with int8 weight codes [O, C/groups, KH, KW], int32 accumulation, fused
-    per-channel dequant and bias. NCHW float in, NCHW float out."""
+    zero point) with int8 weight codes packed by `pack_int8_conv2d_weight` ([O, KH, KW, C/groups]),
+    int32 accumulation, fused per-channel dequant and bias. NCHW float in, NCHW float out."""
     args = (x, weight, weight_scale, weight_sum, bias, stride, padding, dilation, groups, x_scale, x_zero_point,
             weight_bits)
     out = x.new_empty(_check_int8_conv2d(*args), dtype=torch.float32)
@@ -186,7 +200,7 @@ def _run_int8_conv2d(out: Tensor, x: Tensor, weight: Tensor, weight_scale: Tenso
                      x_scale: float, x_zero_point: int, weight_bits: int, threads: int | None = None) -> None:
     """The C++ call on checked arguments (contiguous float32 copies held here while it runs)."""
     b, c, h, w = x.shape
-    o, _, kh, kw = weight.shape
+    o, kh, kw, _ = weight.shape
     xc, wc, scale, sums, bc = (x.contiguous().float(), weight.contiguous(), _float(weight_scale),
                                weight_sum.contiguous(), _float(bias))
     code = library().edge_int8_conv2d(

@@ -6,8 +6,9 @@ The pattern PT2E leaves (`convert_pt2e(fold_quantize=False)`; `edgepasses.quant.
     W ─ quantize_per_channel ─ dequantize_per_channel ┴─ linear / conv2d (+ bias)
 
 becomes one kernel call that quantizes x itself, multiplies int8 codes with int32
-accumulation and dequantizes per channel. The weight codes (and their row sums, the
-zero-point correction) are computed here once. A quantized op left in another form runs as
+accumulation and dequantizes per channel. The weight codes (a conv's packed channels-last,
+`ops.pack_int8_conv2d_weight`) and their row sums (the zero-point correction) are computed
+here once. A quantized op left in another form runs as
 float fake-quant in PyTorch and is reported as a fallback.
 """
 from __future__ import annotations
@@ -39,12 +40,15 @@ def weight_codes(gm: torch.fx.GraphModule, weight: WeightQDQ) -> WeightCodes:
 
 def _kernel_call(gm, node, x: ActivationQDQ, w: WeightCodes):
     """The edge:: op for a linear or 2-d conv `node`, and its arguments (new constants added to `gm`)."""
-    codes = add_constant(gm, f"{node.name}_codes", w.codes, before=node)
+    is_linear = node.target == aten.linear.default
+    # A conv's codes are packed here, once, in the layout its kernel reads.
+    prepared = w.codes if is_linear else ops.pack_int8_conv2d_weight(w.codes)
+    codes = add_constant(gm, f"{node.name}_codes", prepared, before=node)
     scale = add_constant(gm, f"{node.name}_scale", w.scale, before=node)
     sums = add_constant(gm, f"{node.name}_sum", ops.int8_weight_sum(w.codes), before=node)
     bias = optional_arg(node, 2)
     source = x.float_input(gm, before=node)
-    if node.target == aten.linear.default:
+    if is_linear:
         return torch.ops.edge.int8_linear.default, (source, codes, scale, sums, bias, x.scale, x.uint8_zero_point,
                                                     w.bits)
     conv = conv_args(node)

@@ -217,7 +217,7 @@ def _out_type(node):
 def _int8_conv2d(node, importer):
     x, codes, scale, weight_sum, bias, stride, padding, dilation, groups, x_scale, x_zero_point, bits = node.args
     relax = _relax()
-    out_channels, in_channels = codes.meta["val"].shape[:2]
+    out_channels, in_channels = codes.meta["val"].shape[::3]  # packed codes [O, KH, KW, C/groups]
     if int8_conv.supported(in_channels, out_channels, groups, dilation, bits):
         return _tvm_int8_conv2d(node, importer)
     params = relax.ShapeExpr([*stride, *padding, *dilation, groups, x_zero_point, bits])
@@ -238,9 +238,10 @@ def _tvm_int8_conv2d(node, importer):
     """The conv as TVM's own int8 code (`int8_conv`): one scheduled PrimFunc."""
     x, codes, scale, weight_sum, bias, stride, padding, _, _, x_scale, x_zero_point, _ = node.args
     relax, bb = _relax(), importer.block_builder
-    # Packed by a layout transform of the (still symbolic) weight, which FoldConstant computes once.
-    packed = relax.op.layout_transform(importer.env[codes], int8_conv.packing(codes.meta["val"].shape[1]),
-                                       pad_value=0)
+    # Packed by a layout transform of the (still symbolic) weight, which FoldConstant computes once; it
+    # starts from torch's [O, C, KH, KW], so the C++ kernels' packing [O, KH, KW, C] is undone first.
+    weight = bb.normalize(relax.op.permute_dims(importer.env[codes], [0, 3, 1, 2]))
+    packed = relax.op.layout_transform(weight, int8_conv.packing(codes.meta["val"].shape[3]), pad_value=0)
     packed_shape = [int(d) for d in bb.normalize(packed).ty.shape]
     func = int8_conv.compute(tuple(x.meta["val"].shape), packed_shape, stride, padding, float(x_scale),
                              int(x_zero_point), bias is not None)

@@ -66,6 +66,10 @@ def test_int8_graph_runs_on_int8_kernels_matching_the_fake_quant_graph(symmetric
     lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
     assert _count(lowered, torch.ops.edge.int8_conv2d.default) == 3
     assert _count(lowered, torch.ops.edge.int8_linear.default) == 1
+    # The conv weights are constants packed once, channels-last [O, KH, KW, C/groups], as the kernel reads them.
+    conv_codes = [getattr(lowered, n.args[1].target) for n in lowered.graph.nodes
+                  if n.target == torch.ops.edge.int8_conv2d.default]
+    assert sorted(tuple(c.shape) for c in conv_codes) == [(8, 3, 3, 1), (8, 3, 3, 3), (16, 1, 1, 8)]
     assert lowered.edge_lowering.int8_ops == 4 and lowered.edge_lowering.fallbacks == []
     assert not any("quantize_per_channel" in str(n.target) for n in lowered.graph.nodes)
     assert any("quantize_per_channel" in str(n.target) for n in gm.graph.nodes), "the caller's graph is kept"

@@ -37,8 +37,8 @@ def test_matches_the_cpp_kernel(in_ch, out_ch, size, kernel, stride, padding, ze
     codes = torch.randint(-64, 65, (out_ch, in_ch, kernel, kernel), dtype=torch.int8)
     scale, weight_sum = torch.rand(out_ch) * 0.01, codes.flatten(1).sum(1, dtype=torch.int32)
     b = torch.randn(out_ch) if bias else None
-    want = ops.int8_conv2d(x, codes, scale, weight_sum, b, [stride] * 2, [padding] * 2, [1, 1], 1, 0.02,
-                           zero_point, 7)
+    want = ops.int8_conv2d(x, ops.pack_int8_conv2d_weight(codes), scale, weight_sum, b, [stride] * 2,
+                           [padding] * 2, [1, 1], 1, 0.02, zero_point, 7)
     packed = _packed(codes)
     func = int8_conv.schedule(int8_conv.compute(tuple(x.shape), packed.shape, (stride, stride), (padding, padding),
                                                 0.02, zero_point, bias))

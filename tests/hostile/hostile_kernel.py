@@ -26,7 +26,7 @@ def _linear_base():
 
 def _conv_base():
     ka = kernel_args()
-    w = ka.codes((4, 2, 3, 3), 8, torch.Generator().manual_seed(0))
+    w = ka.ops.pack_int8_conv2d_weight(ka.codes((4, 2, 3, 3), 8, torch.Generator().manual_seed(0)))
     return ka.ConvArgs(torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(1)), w, torch.ones(4),
                        ka.ops.int8_weight_sum(w), torch.ones(4), [1, 1], [1, 1], [1, 1], 2, 0.1, 3, 8)
 

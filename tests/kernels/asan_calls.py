@@ -6,7 +6,7 @@ MODE
   refuse  short buffers (honestly sized) and bad arguments: each call must be refused with a
           nonzero code and a message naming the buffer, and nothing may be read out of bounds;
   valid   calls across shapes, both CPU paths (AVX2 and portable) and thread counts: code 0, the
-          2:4 kernel's outputs equal to a dense reference;
+          2:4 kernel's outputs equal to a dense reference, the conv weights packed channels-last;
   lie     a call whose indices size claims more bytes than were allocated: the kernel reads past
           the block and ASan must report it (the check that this harness sees out-of-bounds reads);
   ops     the `edge::` ops themselves (torch imported, the ASan build swapped in): valid calls
@@ -213,7 +213,29 @@ def refuse_row_stats(lib, expect: Expect) -> None:
         expect.refused(f"int8_row_stats short {name}", code, name, "expected")
 
 
+def refuse_conv2d_pack(lib, expect: Expect) -> None:
+    o, cg, kh, kw = 4, 3, 3, 2
+    full = o * cg * kh * kw
+    for name, w, packed in (("w", Buffer(I8, [1] * (full - 1)), Buffer(I8, [0] * full)),
+                            ("packed", Buffer(I8, [1] * full), Buffer(I8, [0] * (full - 1)))):
+        code = lib.edge_int8_conv2d_pack(*w.abi(), o, cg, kh, kw, *packed.abi(), 1)
+        expect.refused(f"int8_conv2d_pack short {name}", code, name, "expected")
+
+
 # ---- valid ---------------------------------------------------------------------------------------
+
+def valid_conv2d_pack(lib, expect: Expect) -> None:
+    rng = random.Random(9)
+    for o, cg, kh, kw in ((1, 1, 1, 1), (4, 3, 3, 2), (7, 5, 1, 3), (300, 70, 3, 3)):
+        codes, packed = rand_codes(rng, o * cg * kh * kw, 8), Buffer(I8, [0] * (o * cg * kh * kw))
+        expect.ok(f"int8_conv2d_pack {o}x{cg}x{kh}x{kw}",
+                  lib.edge_int8_conv2d_pack(*Buffer(I8, codes).abi(), o, cg, kh, kw, *packed.abi(), 2))
+        # packed[o, i, j, c] = codes[o, c, i, j]
+        want = [codes[((n * cg + c) * kh + i) * kw + j]
+                for n in range(o) for i in range(kh) for j in range(kw) for c in range(cg)]
+        if packed.values() != want:
+            expect.failures.append(f"int8_conv2d_pack {o}x{cg}x{kh}x{kw}: not channels-last")
+
 
 def valid_row_stats(lib, expect: Expect) -> None:
     rng = random.Random(8)
@@ -325,8 +347,8 @@ def through_the_ops(library: str, expect: Expect) -> None:
     for b, c, hw, o, kernel, groups in ((1, 4, 6, 4, 3, 2), (2, 3, 5, 6, 3, 3), (1, 32, 4, 8, 1, 1)):
         codes = torch.randint(-64, 65, (o, c // groups, kernel, kernel), dtype=torch.int8, generator=gen)
         x = torch.randn(b, c, hw, hw, generator=gen)
-        y = ops.int8_conv2d(x, codes, torch.full((o,), 0.01), ops.int8_weight_sum(codes), None, [1, 1], [1, 1], [1, 1],
-                            groups, 0.05, 128, 7)
+        y = ops.int8_conv2d(x, ops.pack_int8_conv2d_weight(codes), torch.full((o,), 0.01), ops.int8_weight_sum(codes),
+                            None, [1, 1], [1, 1], [1, 1], groups, 0.05, 128, 7)
         close(f"int8_conv2d {b, c, hw, o, kernel, groups}", y, torch.nn.functional.conv2d(
             dequantized(x, 0.05), codes.float() * 0.01, None, 1, 1, 1, groups))
         refused(f"int8_conv2d {b, c, hw, o, kernel, groups} 3-D weight", lambda x=x, w=codes, o=o, g=groups: ops.int8_conv2d(
@@ -345,12 +367,12 @@ def main(library: str, mode: str) -> int:
         return 1
     expect = Expect(lib)
     if mode == "refuse":
-        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_row_stats):
+        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_conv2d_pack, refuse_row_stats):
             run(lib, expect)
     else:
         for path in ("avx2", "portable"):
             os.environ["EDGE_KERNELS_PORTABLE"] = "1" if path == "portable" else "0"
-            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_row_stats):
+            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_conv2d_pack, valid_row_stats):
                 run(lib, expect)
     return report(expect)
 

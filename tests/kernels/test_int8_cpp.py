@@ -160,8 +160,8 @@ def run_conv(b, c, h, wd, o, kh, kw, stride, padding, dilation, groups, bits, wi
     w = random_weight(o, c // groups * kh * kw, bits, gen).reshape(o, c // groups, kh, kw)
     w_scale = torch.rand(o, generator=gen) * 0.02 + 1e-3
     bias = torch.randn(o, generator=gen) if with_bias else None
-    y = ops.int8_conv2d(x, w, w_scale, ops.int8_weight_sum(w), bias, list(stride), list(padding), list(dilation),
-                        groups, 0.04, zp, bits)
+    y = ops.int8_conv2d(x, ops.pack_int8_conv2d_weight(w), w_scale, ops.int8_weight_sum(w), bias, list(stride),
+                        list(padding), list(dilation), groups, 0.04, zp, bits)
     assert_same(y, conv_ref(x, w, w_scale, bias, stride, padding, dilation, groups, 0.04, zp))
 
 
@@ -204,6 +204,25 @@ def test_conv2d_random_exact(path, b, cg, og, groups, h, wd, kh, kw, sh, sw, ph,
              seed, zp)
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (4, 1, 3, 3), (7, 13, 1, 1), (6, 2, 5, 3), (300, 70, 3, 3)])
+def test_conv_weight_packing_is_channels_last(shape):
+    codes = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(len(shape)))
+    packed = ops.pack_int8_conv2d_weight(codes)
+    assert packed.dtype == torch.int8 and packed.is_contiguous()
+    assert torch.equal(packed, codes.permute(0, 2, 3, 1))
+    assert torch.equal(ops.pack_int8_conv2d_weight(codes.transpose(2, 3).contiguous().transpose(2, 3)), packed)
+
+
+@pytest.mark.parametrize("codes, message", [
+    (torch.zeros(4, 2, 3, dtype=torch.int8), "codes must be 4-D"),
+    (torch.zeros(4, 2, 3, 3), "codes must be torch.int8"),
+    (torch.zeros(4, 0, 3, 3, dtype=torch.int8), "no empty dims"),
+])
+def test_conv_weight_packing_refuses_what_is_not_conv_codes(codes, message):
+    with pytest.raises(KernelError, match=message):
+        ops.pack_int8_conv2d_weight(codes)
+
+
 # ---- bad arguments -------------------------------------------------------------------------------
 
 def _linear_args(k=16, n=4):
@@ -226,8 +245,8 @@ def test_linear_bad_quant_args_raise(bits, x_scale, zp):
 
 
 def _conv(x, w, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, x_scale=0.1, zp=0, bits=8):
-    return ops.int8_conv2d(x, w, torch.ones(w.shape[0]), ops.int8_weight_sum(w), None, list(stride), list(padding),
-                           list(dilation), groups, x_scale, zp, bits)
+    return ops.int8_conv2d(x, ops.pack_int8_conv2d_weight(w), torch.ones(w.shape[0]), ops.int8_weight_sum(w), None,
+                           list(stride), list(padding), list(dilation), groups, x_scale, zp, bits)
 
 
 def test_conv2d_bad_args_raise():
@@ -253,10 +272,18 @@ def test_per_channel_tensors_and_conv_geometry_that_do_not_fit_are_refused():
         ops.int8_linear(torch.randn(2, 8), codes, torch.ones(3), sums, None, 0.1, 0, 8)
     with pytest.raises(ops.KernelError, match="weight_sum must be torch.int32, got torch.int64"):
         ops.int8_linear(torch.randn(2, 8), codes, torch.ones(4), sums.long(), None, 0.1, 0, 8)
-    conv = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
+    conv = ops.pack_int8_conv2d_weight(torch.zeros(4, 2, 3, 3, dtype=torch.int8))
     with pytest.raises(ops.KernelError, match="do not fit"):  # 2 channels per group x 1 group != 4 channels
         ops.int8_conv2d(torch.randn(1, 4, 5, 5), conv, torch.ones(4), ops.int8_weight_sum(conv), None,
                         [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 8)
     with pytest.raises(ops.KernelError, match="stride must be >= 1, got 0"):
         ops.int8_conv2d(torch.randn(1, 4, 5, 5), conv, torch.ones(4), ops.int8_weight_sum(conv), None,
                         [0, 1], [0, 0], [1, 1], 2, 0.1, 0, 8)
+
+
+def test_conv2d_refuses_an_unpacked_weight_that_does_not_fit():
+    """A weight in torch's layout [O, C, KH, KW] reads as packed [O, KH, KW, C]: 3 channels, not 2."""
+    unpacked = torch.zeros(4, 2, 3, 3, dtype=torch.int8)
+    with pytest.raises(ops.KernelError, match="do not fit"):
+        ops.int8_conv2d(torch.randn(1, 2, 5, 5), unpacked, torch.ones(4), ops.int8_weight_sum(unpacked), None,
+                        [1, 1], [0, 0], [1, 1], 1, 0.1, 0, 8)

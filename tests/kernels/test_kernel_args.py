@@ -136,7 +136,7 @@ class ConvArgs:
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         xq = fake_quant(self.x, self.x_scale, self.x_zero_point)  # padding reads as the zero point: 0
-        w = self.weight.double() * self.weight_scale.double()[:, None, None, None]
+        w = self.weight.permute(0, 3, 1, 2).double() * self.weight_scale.double()[:, None, None, None]  # unpacked
         conv = lambda a, b: F.conv2d(a, b, None, self.stride, self.padding, self.dilation, self.groups)
         ref, scale = conv(xq, w), conv(xq.abs(), w.abs())
         if self.bias is not None:
@@ -157,7 +157,7 @@ def conv_args(draw) -> ConvArgs:
     w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 9))
     bits = draw(st.sampled_from([7, 8]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    weight = codes((og * groups, cg, kh, kw), bits, gen)
+    weight = ops.pack_int8_conv2d_weight(codes((og * groups, cg, kh, kw), bits, gen))
     return ConvArgs(
         x=(torch.randn(draw(st.integers(0, 2)), cg * groups, h, w, generator=gen) * 3).to(draw(st.sampled_from(X_DTYPES))),
         weight=weight,
@@ -313,7 +313,8 @@ CONV_MUTATIONS = [
     ("groups 0", lambda a: replace(a, groups=0), ["groups", ">= 1"]),
     ("groups do not fit", lambda a: replace(a, groups=a.groups + 1), ["groups", "do not fit"]),
     ("kernel larger than input", lambda a: replace(a, x=a.x[..., :1, :1], padding=[0, 0],
-                                                   weight=(w := torch.ones(*a.weight.shape[:2], 2, 2, dtype=torch.int8)),
+                                                   weight=(w := torch.ones(a.weight.shape[0], 2, 2, a.weight.shape[3],
+                                                                           dtype=torch.int8)),
                                                    weight_sum=ops.int8_weight_sum(w)), ["kernel", "does not fit"]),
     # The op's schema types x_scale as float: the dispatcher refuses None itself (a RuntimeError
     # naming the argument); the *_into entry point, which has no schema, refuses it here.
@@ -346,7 +347,7 @@ def assert_conv_refused(args: ConvArgs, mutation) -> None:
 
 @pytest.mark.parametrize("mutation", CONV_MUTATIONS, ids=[m[0] for m in CONV_MUTATIONS])
 def test_int8_conv2d_refuses_every_mutation(mutation):
-    w = codes((4, 2, 3, 3), 8, torch.Generator().manual_seed(0))
+    w = ops.pack_int8_conv2d_weight(codes((4, 2, 3, 3), 8, torch.Generator().manual_seed(0)))
     args = ConvArgs(torch.randn(1, 4, 5, 5), w, torch.ones(4), ops.int8_weight_sum(w), torch.ones(4), [1, 1], [1, 1],
                     [1, 1], 2, 0.1, 3, 8)
     assert_conv_refused(args, mutation)

@@ -1,5 +1,5 @@
-// The int8 kernels' C ABI (see build.py and abi.py): edge_int8_linear, edge_int8_conv2d and
-// edge_int8_row_stats. Each checks its shapes, quantization and buffer sizes (check.h) before anything
+// The int8 kernels' C ABI (see build.py and abi.py): edge_int8_linear, edge_int8_conv2d (on weights
+// packed by edge_int8_conv2d_pack) and edge_int8_row_stats. Each checks its shapes, quantization and buffer sizes (check.h) before anything
 // is read, picks the CPU path, and calls the kernel.
 #include <algorithm>
 #include <cmath>
@@ -147,6 +147,20 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t x_bytes, int64_t B, 
     if (B == 0) return kOk;
     const ConvArgs args{x, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
     return conv2d(cv, args, choose_path(weight_bits), threads(num_threads));
+}
+
+// Packs conv weight codes w [O, Cg, KH, KW] into packed [O, KH, KW, Cg], the layout edge_int8_conv2d reads.
+extern "C" int32_t edge_int8_conv2d_pack(const int8_t* w, int64_t w_bytes, int64_t O, int64_t Cg, int64_t KH,
+                                         int64_t KW, int8_t* packed, int64_t packed_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_conv2d_pack";
+    int64_t elems;
+    if (O <= 0 || Cg <= 0 || KH <= 0 || KW <= 0 || !count(&elems, O, Cg, KH, KW))
+        return refuse(kBadShape, "%s: needs O, Cg, KH, KW > 0; got O=%lld Cg=%lld KH=%lld KW=%lld", op, ll(O), ll(Cg),
+                      ll(KH), ll(KW));
+    if (int32_t c = need(op, "w", w, w_bytes, elems, 1)) return c;
+    if (int32_t c = need(op, "packed", packed, packed_bytes, elems, 1)) return c;
+    pack_conv_weight(w, O, Cg, KH, KW, packed, threads(num_threads));
+    return kOk;
 }
 
 // Row sums of int8 weight codes w [N, K] into sums [N] and their range into range [2] (min, max): one

@@ -1,9 +1,10 @@
 // edge_int8_conv2d's work on checked arguments.
 //
-// The NCHW input is quantized once, its codes transposed to channels-last (so im2col copies runs of
-// contiguous channels; padding = the zero point's code) and the weights permuted to (kh, kw, c) order;
-// then the GEMM (gemm.h) runs per (image, group), writing NCHW. Convs with one input channel per group
-// (depthwise) run a direct loop over a zero-point-padded plane instead.
+// The NCHW input is quantized once and its codes transposed to channels-last, so im2col copies runs of
+// contiguous channels (padding = the zero point's code) in the (kh, kw, c) order of the packed weights
+// (pack_conv_weight, run once when the graph is lowered); then the GEMM (gemm.h) runs per (image,
+// group), writing NCHW. Convs with one input channel per group (depthwise) run a direct loop over a
+// zero-point-padded plane instead.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -170,8 +171,8 @@ void transpose_codes(const uint8_t* src, uint8_t* dst, int64_t C, int64_t HW, in
         for (int64_t c = c0; c < C; ++c) dst[p * C + c] = src[c * HW + p];
 }
 
-// The GEMM path: per (image, group), im2col from channels-last codes `xt` [B, H, W, C] with weights
-// `wt` permuted to [O, KH, KW, Cg], then the GEMM with the output written transposed (NCHW).
+// The GEMM path: per (image, group), im2col from channels-last codes `xt` [B, H, W, C] with the packed
+// weights `wt` [O, KH, KW, Cg], then the GEMM with the output written transposed (NCHW).
 template <typename T>
 int32_t conv_gemm(const Conv& cv, const uint8_t* xt, const int8_t* wt, const Gemm& base, float* out, int nthreads) {
     const int64_t M = cv.OH * cv.OW, ldq = round_up(cv.K, kChunk);
@@ -288,14 +289,6 @@ void to_channels_last(const Conv& cv, const uint8_t* xq, uint8_t* xt, int nthrea
     }
 }
 
-// Weights [O, Cg, KH, KW] to [O, KH, KW, Cg], the order of im2col's rows.
-void permute_weights(const Conv& cv, const int8_t* w, int8_t* wt) {
-    const int64_t taps = cv.KH * cv.KW;
-    for (int64_t o = 0; o < cv.O; ++o)
-        for (int64_t c = 0; c < cv.Cg; ++c)
-            for (int64_t k = 0; k < taps; ++k) wt[o * cv.K + k * cv.Cg + c] = w[(o * cv.Cg + c) * taps + k];
-}
-
 }  // namespace
 
 int32_t conv2d(const Conv& cv, const ConvArgs& a, Path path, int nthreads) {
@@ -307,17 +300,24 @@ int32_t conv2d(const Conv& cv, const ConvArgs& a, Path path, int nthreads) {
     quantize_input(cv, a, avx2, nthreads, xq);
     if (cv.Cg == 1) return depthwise(cv, a, xq, avx2, nthreads);
 
-    Buffer tbuf, wbuf;
+    Buffer tbuf;
     uint8_t* xt = static_cast<uint8_t*>(tbuf.get(total));
-    int8_t* wt = static_cast<int8_t*>(wbuf.get(static_cast<size_t>(cv.O * cv.K)));
-    if (!xt || !wt) return refuse(kNoMemory, "int8 kernels: out of memory");
+    if (!xt) return refuse(kNoMemory, "int8 kernels: out of memory");
     to_channels_last(cv, xq, xt, nthreads);
-    permute_weights(cv, a.w, wt);
     Gemm base{};
     base.row_scale = nullptr; base.scale = static_cast<float>(a.x_scale); base.zp = a.x_zero_point;
     base.wsum = a.w_sum; base.wscale = a.w_scale; base.bias = a.bias; base.path = path;
-    if (path == kAvx2S16) return conv_gemm<int16_t>(cv, xt, wt, base, a.out, nthreads);
-    return conv_gemm<uint8_t>(cv, xt, wt, base, a.out, nthreads);
+    if (path == kAvx2S16) return conv_gemm<int16_t>(cv, xt, a.w, base, a.out, nthreads);
+    return conv_gemm<uint8_t>(cv, xt, a.w, base, a.out, nthreads);
+}
+
+void pack_conv_weight(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int8_t* packed, int nthreads) {
+    const int64_t taps = KH * KW, K = Cg * taps;
+    const int pt = O * K >= 65536 ? nthreads : 1;
+#pragma omp parallel for num_threads(pt) schedule(static) if (pt > 1)
+    for (int64_t o = 0; o < O; ++o)
+        for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t k = 0; k < taps; ++k) packed[o * K + k * Cg + c] = w[o * K + c * taps + k];
 }
 
 }  // namespace edge::int8

@@ -1,15 +1,16 @@
 // int8 GEMM and conv2d for the `reference` target: what the int8 translation units share.
 //
 // Activations are quantized once per call (static per-tensor u8 with a zero point, or dynamic per-token
-// symmetric stored as u8 with zero point 128); weights are the plain row-major int8 codes [N, K] the
-// lowering prepared, with their row sums (the zero-point correction). Accumulation is exact int32:
+// symmetric stored as u8 with zero point 128); weights are row-major int8 codes [N, K] the lowering
+// prepared once (a conv's packed channels-last), with their row sums (the zero-point correction). Accumulation is exact int32:
 //   out[m,n] = (float)(Σ_k q[m,k]·w[n,k] − zp·w_sum[n]) · s_m · w_scale[n] + bias[n].
 //
 // The files, by concern:
 //   quantize.cpp  activation codes (static and dynamic) and the weights' row statistics;
 //   gemm.h/.cpp   the GEMM: tasks over OpenMP threads and the AVX2 / portable micro-kernels;
 //   linear.cpp    edge_int8_linear's work: quantize the rows, run the GEMM;
-//   conv.cpp      edge_int8_conv2d's work: im2col + GEMM, or a direct loop for depthwise convs;
+//   conv.cpp      edge_int8_conv2d's work: im2col + GEMM, or a direct loop for depthwise convs; the
+//                 weight packing (edge_int8_conv2d_pack);
 //   abi.cpp       the C ABI: argument checks, the CPU path, the calls above.
 // Paths, chosen at run time from CPUID (EDGE_KERNELS_PORTABLE=1 forces the portable one):
 //   - AVX2, weight_bits 7 (|w| ≤ 64): vpmaddubsw (u8·s8 pairs into int16, exact since 255·64·2 < 2^15)
@@ -110,7 +111,7 @@ struct Conv {
 
 struct ConvArgs {
     const float* x;          // [B, C, H, W]
-    const int8_t* w;         // [O, C/groups, KH, KW]
+    const int8_t* w;         // packed: [O, KH, KW, C/groups] (pack_conv_weight)
     const float* w_scale;    // [O]
     const int32_t* w_sum;    // [O]
     const float* bias;       // [O] or null
@@ -121,5 +122,9 @@ struct ConvArgs {
 
 // Runs a checked conv; kOk, or kNoMemory.
 int32_t conv2d(const Conv& cv, const ConvArgs& a, Path path, int nthreads);
+
+// Weight codes [O, Cg, KH, KW] (torch's layout) to the packed [O, KH, KW, Cg], the (kh, kw, c) order of
+// im2col's rows: done once per weight, when the graph is lowered.
+void pack_conv_weight(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int8_t* packed, int nthreads);
 
 }  // namespace edge::int8
