@@ -186,6 +186,8 @@ SECTION_TITLES = {
     "accuracy": "Accuracy: what int8 costs on real weights (`edgepasses bench accuracy`)",
     "hostile": "Hostile inputs: outcomes by area (`edgepasses bench hostile`)",
     "prune-check": "Pruned zoo models: shapes and OpenVINO vs reference (`edgepasses prune-check`)",
+    "lowrank-bench": "Low-rank factors: latency and quality (`python -m edgepasses.bench.lowrank_bench`)",
+    "24-sparsity-bench": "2:4 sparsity: latency and quality (`python -m edgepasses.bench.sparsity_bench`)",
 }
 
 
