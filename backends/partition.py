@@ -23,6 +23,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from edgepasses.canonical import user_source
 from edgepasses.errors import UnsupportedOpError
 from edgepasses.graph_utils import SPARSE24
+from edgepasses.quant.patterns import is_dequantize, is_quantize
 from edgepasses.state import state_writes as written_state
 from edgepasses.state import user_path
 
@@ -128,18 +129,13 @@ def _absorb_constants(partition) -> None:
                 partition.add_node(arg)
 
 
-def _is_quant_op(node: torch.fx.Node, name: str) -> bool:
-    """`name` is "quantize_per" or "dequantize_per": every overload (.default, .tensor, .tensor2)."""
-    return node.op == "call_function" and str(node.target).startswith(f"quantized_decomposed.{name}")
-
-
 def quant_groups(gm: torch.fx.GraphModule) -> list[set[torch.fx.Node]]:
     """Each quantize (`quantized_decomposed.quantize_per_*`, any overload) with the dequantizes that
     read its codes: the node sets a partition boundary must not cut."""
     groups = []
     for node in gm.graph.nodes:
-        if _is_quant_op(node, "quantize_per"):
-            readers = {u for u in node.users if _is_quant_op(u, "dequantize_per")}
+        if is_quantize(node):
+            readers = {u for u in node.users if is_dequantize(u)}
             if readers:
                 groups.append({node, *readers})
     return groups
@@ -214,7 +210,7 @@ def _warn_unreported_partners(gm: torch.fx.GraphModule, excluded: set[torch.fx.N
 def _one_quantize_per_reader(gm: torch.fx.GraphModule, group: set[torch.fx.Node]) -> set[torch.fx.Node]:
     """Give every dequantize of the group's quantize a copy of it (the same op on the same input,
     so the same codes). Returns the copies."""
-    quantize = next(n for n in group if _is_quant_op(n, "quantize_per"))
+    quantize = next(n for n in group if is_quantize(n))
     readers = sorted((n for n in group if n is not quantize), key=lambda n: n.name)
     copies = set()
     for reader in readers[1:]:

@@ -34,6 +34,16 @@ QUANTIZE_OPS = frozenset(QDQ_PAIRS)
 DEQUANTIZE_OPS = frozenset(QDQ_PAIRS.values())
 _PER_CHANNEL_OPS = {QUANTIZE_PER_CHANNEL, DEQUANTIZE_PER_CHANNEL}
 
+
+def is_quantize(node: torch.fx.Node) -> bool:
+    """Any `quantized_decomposed.quantize_per_*` op, every overload (.tensor2, per token, ... included)."""
+    return node.op == "call_function" and str(node.target).startswith("quantized_decomposed.quantize_per")
+
+
+def is_dequantize(node: torch.fx.Node) -> bool:
+    """Any `quantized_decomposed.dequantize_per_*` op, every overload."""
+    return node.op == "call_function" and str(node.target).startswith("quantized_decomposed.dequantize_per")
+
 # Ops that read dequantized tensors and for which an integer kernel is the point. Others that read
 # them (add, pooling, reshapes) compute on the dequantized values exactly as the fake-quant graph does.
 COMPUTE_OPS = CONV_OPS | LINEAR_OPS | ACTIVATION_MATMUL_OPS
