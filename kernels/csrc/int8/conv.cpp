@@ -23,7 +23,7 @@ inline void copy_codes(T* dst, const uint8_t* src, int64_t n) {
 }
 
 // Rows [r0, r1) of the im2col matrix of one image and group, from channels-last codes `img` [H, W, C]
-// (the group's channels start at c0) into A [OH·OW, ld], K ordered (kh, kw, c) like the permuted weights:
+// (the group's channels start at c0) into A [OH·OW, ld], K ordered (kh, kw, c) like the packed weights:
 // A[oh·OW + ow, (kh·KW + kw)·Cg + c] = img[oh·sh − ph + kh·dh, ow·sw − pw + kw·dw, c0 + c], zp outside.
 template <typename T>
 void im2col_rows(const Conv& cv, const uint8_t* img, int64_t c0, T zp, T* A, int64_t ld, int64_t r0, int64_t r1) {
@@ -235,7 +235,6 @@ int32_t conv_gemm(const Conv& cv, const uint8_t* xt, const int8_t* wt, const Gem
     }
     return kOk;
 }
-
 
 // The input's u8 codes, NCHW, in pieces over the threads.
 void quantize_input(const Conv& cv, const ConvArgs& a, bool avx2, int nthreads, uint8_t* xq) {
