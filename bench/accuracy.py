@@ -3,12 +3,12 @@
 
 Three sections, each a model with real weights and a quality measure on held-out data:
 
-- "sentence": the pretrained all-MiniLM-L6-v2 (`bench.sentence_embeddings`) on sentences of
+- "sentence": the pretrained all-MiniLM-L6-v2 (`edgepasses.zoo.sentence_embeddings`) on sentences of
   Python's documentation: cosine of each sentence's embedding to eager fp32's, and
   nearest-neighbour agreement among the test sentences.
 - "digits": the zoo's digits_cnn and digits_resnet18, trained here on scikit-learn's digits:
   top-1 on the test split and its drop against eager fp32.
-- "charlm": the character transformer of `bench.char_lm`, trained here on the same
+- "charlm": the character transformer of `edgepasses.zoo.char_lm`, trained here on the same
   documentation: held-out perplexity and next-character accuracy.
 
 Rows of every table: eager PyTorch fp32 (the reference), OpenVINO fp32 (the exported model
@@ -16,14 +16,12 @@ converted and compiled without compression), `torch.compile(backend="edge")` wit
 on target openvino, and NNCF's post-training int8 of the converted model (default preset, and
 `model_type=TRANSFORMER` for the transformers) given the very calibration batches the pipelines
 get. Each row also reports the conv/matmul ops OpenVINO's compiled model really ran in u8/i8 and
-the latency of one batch, all rows timed side by side (`bench.timing`). A row that fails to
+the latency of one batch, all rows timed side by side (`edgepasses.measure.timing`). A row that fails to
 build or run is recorded with its error and the table goes on.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from .coverage import _version, error_text, machine_header
-from .timing import Timing, measure_side_by_side
+from edgepasses.measure.timing import Timing, measure_side_by_side
 
 SECTIONS = ("sentence", "digits", "charlm", "control")
 SECTION_TITLES = {"sentence": "Pretrained sentence encoder", "digits": "Digits models (trained here)",
@@ -127,26 +125,17 @@ def _eager(module: torch.nn.Module) -> Candidate:
 
 
 def _openvino_fp32(module: torch.nn.Module, example: tuple) -> Candidate:
-    from edgepasses.backends.openvino import OpenVINOProgram
+    from edgepasses.measure.peers import openvino_direct
 
-    program = OpenVINOProgram.from_exported(torch.export.export(module, example), "f32")
+    program = openvino_direct(module, example)
     return Candidate(OPENVINO_FP32_LABEL, program, program.integer_compute_ops())
 
 
 def _nncf(module: torch.nn.Module, example: tuple, calibration: list[tuple], model_type: str | None) -> Candidate:
     """NNCF's post-training int8 of the converted exported model, as the models bench's NNCF peer."""
-    import nncf
+    from edgepasses.measure.peers import nncf_int8
 
-    from edgepasses.backends.openvino import OpenVINOProgram, convert_exported
-
-    from .runner import _openvino_inputs
-
-    exported = torch.export.export(module, example)
-    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars; stdout carries only results
-        quantized = nncf.quantize(convert_exported(exported), nncf.Dataset(calibration, _openvino_inputs),
-                                  subset_size=len(calibration),
-                                  model_type=nncf.ModelType[model_type] if model_type else None)
-    program = OpenVINOProgram(quantized, exported, "f32")
+    program = nncf_int8(module, example, calibration, model_type=model_type)
     return Candidate(nncf_label(model_type), program, program.integer_compute_ops())
 
 
@@ -259,7 +248,7 @@ CHARLM_METRICS = (Metric("perplexity", "perplexity", ".3f"), Metric("perplexity_
 
 def sentence_section(pipelines: list[str], warmup: int, rounds: int,
                      progress: Callable[[str], None]) -> list[Table]:
-    from .sentence_embeddings import BATCH_SIZE, SEQ_LEN, embed, embedding_quality, load_encoder, sentence_splits
+    from edgepasses.zoo.sentence_embeddings import BATCH_SIZE, SEQ_LEN, embed, embedding_quality, load_encoder, sentence_splits
 
     model = load_encoder()
     splits = sentence_splits(calibration=CALIBRATION_BATCHES)
@@ -283,8 +272,8 @@ def sentence_section(pipelines: list[str], warmup: int, rounds: int,
 
 def digits_section(pipelines: list[str], warmup: int, rounds: int, progress: Callable[[str], None],
                    models: tuple[str, ...] = DIGITS_MODELS) -> list[Table]:
-    from .digits import load_digits_split
-    from .zoo import get_model
+    from edgepasses.zoo.digits import load_digits_split
+    from edgepasses.zoo import get_model
 
     tables = []
     for name in models:
@@ -304,7 +293,7 @@ def digits_section(pipelines: list[str], warmup: int, rounds: int, progress: Cal
 
 def charlm_section(pipelines: list[str], warmup: int, rounds: int,
                    progress: Callable[[str], None]) -> list[Table]:
-    from . import char_lm
+    from edgepasses.zoo import char_lm
 
     model = char_lm.load_or_train_char_lm()
     calibration = char_lm.calibration_batches(CALIBRATION_BATCHES, CHARLM_BATCH)
@@ -346,9 +335,9 @@ def control_section(pipelines: list[str], warmup: int, rounds: int, progress: Ca
     """Accuracy control with a user metric on a validation split, judged on a held-out test split:
     the pretrained sentence encoder (metric: mean cosine to the float embeddings) and the digits
     ResNet-18 (metric: top-1 on half the test split; the other half is held out)."""
-    from .digits import load_digits_split
-    from .sentence_embeddings import embed, embedding_quality, load_encoder, sentence_splits
-    from .zoo import get_model
+    from edgepasses.zoo.digits import load_digits_split
+    from edgepasses.zoo.sentence_embeddings import embed, embedding_quality, load_encoder, sentence_splits
+    from edgepasses.zoo import get_model
 
     model = load_encoder()
     splits = sentence_splits(calibration=CALIBRATION_BATCHES)
@@ -402,8 +391,8 @@ def _unavailable(section: str) -> str | None:
     if section == "charlm":
         import importlib.util
 
-        if importlib.util.find_spec(f"{__package__}.char_lm") is None:
-            return f"{__package__}.char_lm is not in this checkout"
+        if importlib.util.find_spec("edgepasses.zoo.char_lm") is None:
+            return "edgepasses.zoo.char_lm is not in this checkout"
     return None
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgepasses.testing import import_transformers
 
-from .zoo import _recalibrate_batch_norm
+from edgepasses.zoo import _recalibrate_batch_norm
 
 SEQ_LEN = 16
 VOCAB = 1000

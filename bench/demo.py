@@ -15,7 +15,7 @@ from edgepasses.backend import EdgeOptions
 from edgepasses.backends import get_target
 
 from .runner import EAGER_LABEL, BenchResult, bench_model, edge_label, format_ms, format_shapes, markdown_table
-from .zoo import ZOO_NAMES
+from edgepasses.zoo import ZOO_NAMES
 
 DEMO_WARMUP = 3
 DEMO_ROUNDS = 15

@@ -15,8 +15,8 @@ import torch
 import edgepasses
 from edgepasses.distill import distill
 
-from . import digits
-from .zoo import get_model
+from edgepasses.zoo import digits
+from edgepasses.zoo import get_model
 
 PIPELINE = "fold_bn,prune(ratio=0.5,round_to=4)"
 

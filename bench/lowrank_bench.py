@@ -18,8 +18,9 @@ import edgepasses
 from edgepasses.analysis.flops import count_cost
 from edgepasses.quant.sensitivity import output_sqnr
 
-from .timing import Timing, measure_side_by_side, run_sections
-from .zoo import get_model
+from edgepasses.measure.timing import Timing, measure_side_by_side
+from .sections import run_sections
+from edgepasses.zoo import get_model
 
 TARGET_REDUCTION = 0.30  # the MAC reduction (b) asks of ResNet-18
 

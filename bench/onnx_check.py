@@ -16,7 +16,7 @@ import torch
 import edgepasses
 from edgepasses.analysis.sqnr import sqnr_db
 
-from .zoo import get_model
+from edgepasses.zoo import get_model
 
 
 def _session(path: str, optimised: bool):

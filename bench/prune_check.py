@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 import edgepasses
 from edgepasses.pipeline import Pipeline
 
-from .zoo import get_model
+from edgepasses.zoo import get_model
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "densenet121", "shufflenet_v2", "bert_encoder",
                   "regnet_x_400mf")

@@ -12,7 +12,7 @@ import time
 import edgepasses
 from edgepasses.pipeline import Pipeline, Step
 
-from .zoo import get_model
+from edgepasses.zoo import get_model
 
 
 def with_min_sqnr(pipeline: str, min_sqnr: float) -> str:

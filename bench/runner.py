@@ -1,6 +1,6 @@
 """`bench_model`: one zoo model run eagerly, by OpenVINO directly, by NNCF int8, and through `edge`.
 
-Rows, all timed side by side in one run (`bench.timing`):
+Rows, all timed side by side in one run (`edgepasses.measure.timing`):
 
 - "eager fp32": the torch module as it is.
 - "openvino direct", the peer: `torch.export.export(model, args)` converted and compiled by
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import platform
@@ -28,22 +27,19 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
 import edgepasses
 from edgepasses.backends import tensors_mb
-from edgepasses.backends.openvino import OpenVINOProgram, convert_exported
-
-from .timing import Timing, measure_side_by_side
-from .zoo import ZooModel, get_model
+from edgepasses.measure.peers import nncf_int8, openvino_direct
+from edgepasses.measure.timing import Timing, measure_side_by_side
+from edgepasses.zoo import ZooModel, get_model
 
 EAGER_LABEL = "eager fp32"
 PEER_LABEL = "openvino direct"
 NNCF_LABEL = "nncf int8 + openvino"
 OPTIONAL_PEERS = ("nncf",)
-TRANSFORMER_MODELS = frozenset({"bert_encoder"})  # NNCF quantizes these with ModelType.TRANSFORMER
 CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) and the NNCF peer read them
 
 
@@ -225,29 +221,16 @@ def _eager(zoo: ZooModel) -> _Candidate:
 
 def _peer(zoo: ZooModel, precision: str) -> _Candidate:
     start = time.perf_counter()
-    program = OpenVINOProgram.from_exported(torch.export.export(zoo.module, zoo.example_inputs), precision)
+    program = openvino_direct(zoo.module, zoo.example_inputs, precision)
     return _Candidate(PEER_LABEL, program, program.weights_mb, time.perf_counter() - start,
                       program.precision, 0, program.integer_compute_ops())
 
 
-def _openvino_inputs(batch: tuple) -> list[np.ndarray]:
-    """A calibration batch as the converted model takes it: its tensors, flattened, as arrays."""
-    return [x.numpy() for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)]
-
-
 def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Candidate:
-    import nncf
-
     if not calibration:
-        raise ValueError(f"the NNCF peer needs calibration batches and zoo model {zoo.name} has none")
+        raise ValueError(f"the NNCF peer needs calibration batches and model {zoo.name} has none")
     start = time.perf_counter()  # compile_s: export, conversion, quantization and compilation
-    exported = torch.export.export(zoo.module, zoo.example_inputs)
-    model_type = nncf.ModelType.TRANSFORMER if zoo.name in TRANSFORMER_MODELS else None
-    # NNCF draws its progress bars on stdout, which carries only our results.
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantized = nncf.quantize(convert_exported(exported), nncf.Dataset(calibration, _openvino_inputs),
-                                  subset_size=len(calibration), model_type=model_type)
-    program = OpenVINOProgram(quantized, exported, precision)
+    program = nncf_int8(zoo.module, zoo.example_inputs, calibration, precision, zoo.nncf_model_type)
     return _Candidate(NNCF_LABEL, program, program.weights_mb, time.perf_counter() - start,
                       program.precision, 0, program.integer_compute_ops())
 
@@ -339,10 +322,11 @@ def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict
     return tuple(rows)
 
 
-def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
+def bench_model(model: str | ZooModel, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
                 precision: str = "f32", warmup: int = 10, rounds: int = 50,
                 progress: bool | None = None, peers: tuple[str, ...] = (), direct: bool = False) -> BenchResult:
-    """Measure zoo model `name` eagerly, as OpenVINO direct, and through `edge` with each pipeline.
+    """Measure `model` (a zoo name, built at `batch_size`, or a `ZooModel` such as `user_model`'s) eagerly,
+    as OpenVINO direct, and through `edge` with each pipeline.
 
     The NNCF int8 peer joins when a pipeline quantizes or `peers` names "nncf". `direct` adds, per
     pipeline, the `compress` + `lower` program called without torch.compile.
@@ -350,7 +334,8 @@ def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: st
     with_nncf = _wants_nncf(pipelines, peers)  # fail on a bad peer before the slow part
     torch._dynamo.reset()  # the previous model's compiled code and recompile counts must not carry over
     machine = Machine.here()  # before our own work raises the load average
-    zoo = get_model(name, batch_size)
+    zoo = get_model(model, batch_size) if isinstance(model, str) else model
+    name = zoo.name
     calibration = zoo.calibration(CALIBRATION_BATCHES) if zoo.calibration else None  # one set for all rows
     builders = [(EAGER_LABEL, partial(_eager, zoo)), (PEER_LABEL, partial(_peer, zoo, precision))]
     if with_nncf:
@@ -373,6 +358,19 @@ def bench_model(name: str, pipelines: list[str], batch_size: int = 1, target: st
     shapes = tuple(tuple(x.shape) for x in zoo.example_inputs if isinstance(x, torch.Tensor))
     return BenchResult(name, zoo.description, shapes, target, precision, warmup, rounds, machine,
                        _rows(candidates, timings, errors, fake_quant_errors, top1))
+
+
+def user_model(spec: str, input_shapes: list[str], calibration_file: str | None = None) -> ZooModel:
+    """The user's model as `edgepasses compress` takes it (`package.module:factory` or a .pt2 file), to bench:
+    random inputs of `input_shapes` (a .pt2's own without them), calibrated on the file's batches, else on
+    those inputs. A bad spec, shape or file raises an OptionError naming it."""
+    from edgepasses.user_model import example_inputs, load_calibration, load_model
+
+    module, carried = load_model(spec)
+    inputs = example_inputs(input_shapes, carried, spec)
+    batches = load_calibration(calibration_file, inputs) or [inputs]
+    return ZooModel(spec, module, inputs, f"your model, calibrated on {calibration_file or 'its example inputs'}",
+                    calibration=lambda n: batches[:n])
 
 
 def _build(label: str, build: Callable[[], _Candidate], update: Callable[..., None]) -> _Candidate:

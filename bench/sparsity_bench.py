@@ -18,9 +18,10 @@ from edgepasses.graph_utils import constant_value
 from edgepasses.quant.sensitivity import output_sqnr
 
 from .architectures import count_weight_layers
-from .digits import load_digits_split
-from .timing import measure_side_by_side, run_sections
-from .zoo import get_model
+from edgepasses.zoo.digits import load_digits_split
+from edgepasses.measure.timing import measure_side_by_side
+from .sections import run_sections
+from edgepasses.zoo import get_model
 
 
 def _stats(gm) -> dict:

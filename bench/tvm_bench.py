@@ -19,8 +19,8 @@ import torch
 
 import edgepasses
 
-from .timing import measure_side_by_side
-from .zoo import get_model
+from edgepasses.measure.timing import measure_side_by_side
+from edgepasses.zoo import get_model
 
 CALIBRATION_BATCHES = 8  # as bench.runner's int8 rows
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settle", type=int, default=1,
-                        help="untimed calls before each timed one (see bench.timing.measure_side_by_side)")
+                        help="untimed calls before each timed one (see edgepasses.measure.timing.measure_side_by_side)")
     parser.add_argument("--cache-dir", default=None, help="tuning records (default ~/.cache/edgepasses/tvm)")
     parser.add_argument("--int8", action="store_true", help="add tvm int8 and openvino int8 rows")
     parser.add_argument("--int8-cache-dir", default=None, help="tuning records of the int8 graph (default: --cache-dir)")

@@ -27,7 +27,7 @@ import torch
 
 import edgepasses
 
-from .zoo import ZOO_NAMES, get_model
+from edgepasses.zoo import ZOO_NAMES, get_model
 
 CALIBRATION_BATCHES = 8
 # Tolerances. fp32: TVM's float reductions run in another order than PyTorch's, so outputs agree to

@@ -63,7 +63,7 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _check_bench_args(args: argparse.Namespace) -> None:
     """Fail fast, before any model is built, on an unknown model or a bad pipeline."""
-    from edgepasses.bench.zoo import ZOO_NAMES
+    from edgepasses.zoo import ZOO_NAMES
 
     unknown = [name for name in args.model if name not in ZOO_NAMES]
     if unknown:
@@ -200,7 +200,7 @@ def _report(args: argparse.Namespace) -> int:
     if not args.model:
         args.parser.error("report needs a search run directory or --model (the int8 sensitivity report)")
     from edgepasses.bench.quant_report import quant_report_for
-    from edgepasses.bench.zoo import ZOO_NAMES
+    from edgepasses.zoo import ZOO_NAMES
 
     if args.model not in ZOO_NAMES:
         args.parser.error(f"unknown model {args.model}; valid models: {', '.join(ZOO_NAMES)}")

@@ -32,7 +32,7 @@ def one_thread():
 def tiny_bert():
     """(model, example inputs, calibration batches, evaluation batches): a 2-layer BERT-style
     encoder with LayerNorm outlier channels, the case SmoothQuant and AWQ are for."""
-    from edgepasses.bench.bert import BertConfig, BertEncoder, example_token_ids
+    from edgepasses.zoo.bert import BertConfig, BertEncoder, example_token_ids
 
     config = BertConfig(vocab_size=200, hidden=64, layers=2, heads=4, seq_len=16, outlier_dims=3)
     calibration = [(example_token_ids(config, seed=s),) for s in range(1, 9)]

@@ -11,7 +11,7 @@ from edgepasses import cli
 from edgepasses.bench import accuracy
 from edgepasses.bench.accuracy import (DIGITS_METRICS, EAGER_LABEL, Candidate, Metric, Report, Row, Table,
                                        drops, measure)
-from edgepasses.bench.timing import Timing
+from edgepasses.measure.timing import Timing
 
 HEADER = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc1234", "cpu": "Test CPU", "logical_cpus": 2,
           "torch_threads": 2, "load_average": [0.5, 0.4, 0.3], "versions": {"torch": "2.x", "nncf": "3.x"},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgepasses import cli
-from edgepasses.bench.timing import measure_side_by_side
+from edgepasses.measure.timing import measure_side_by_side
 
 PIPELINE = "edge-fp32"
 INT8_PIPELINE = "fold_bn,quantize"
@@ -135,7 +135,7 @@ def test_cli_passes_lists_passes_and_presets(capsys):
 
 
 def test_cli_bench_rejects_unknown_model_naming_valid_ones(capsys):
-    from edgepasses.bench.zoo import ZOO_NAMES
+    from edgepasses.zoo import ZOO_NAMES
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--model", "no_such_model"])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from edgepasses.bench import char_lm
-from edgepasses.bench.char_lm import (
+from edgepasses.zoo import char_lm
+from edgepasses.zoo.char_lm import (
     SEQ_LEN,
     VOCAB_SIZE,
     CharTransformer,

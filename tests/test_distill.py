@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import edgepasses
-from edgepasses.bench import digits, zoo
+from edgepasses import zoo
+from edgepasses.zoo import digits
 from edgepasses.distill import distill
 from edgepasses.errors import OptionError
 

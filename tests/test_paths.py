@@ -20,7 +20,7 @@ def test_cache_root_prefers_edgepasses_cache_then_xdg_then_home(monkeypatch, tmp
 def test_kernels_tvm_and_trained_models_share_it(monkeypatch, tmp_path):
     pytest.importorskip("tvm")
     from edgepasses.backends.tvm.build import cache_root as tvm_root
-    from edgepasses.bench.digits import cache_dir as models_dir
+    from edgepasses.zoo.digits import cache_dir as models_dir
     from edgepasses.kernels.build import cache_dir as kernels_dir
 
     monkeypatch.setenv("EDGEPASSES_CACHE", str(tmp_path))

@@ -7,7 +7,8 @@ pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
 from edgepasses import cli  # noqa: E402  (after the importorskips)
-from edgepasses.bench import prune_check, zoo  # noqa: E402
+from edgepasses import zoo  # noqa: E402
+from edgepasses.bench import prune_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")

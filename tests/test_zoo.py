@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")
 
-from edgepasses.bench import zoo  # noqa: E402  (after the importorskips)
-from edgepasses.bench.digits import (accuracy, calibration_batches, eval_batches,  # noqa: E402
+from edgepasses import zoo  # noqa: E402  (after the importorskips)
+from edgepasses.zoo.digits import (accuracy, calibration_batches, eval_batches,  # noqa: E402
                                      load_digits_split)
 
 EXPECTED_OUTPUT_SHAPES = {
@@ -24,7 +24,7 @@ TRAINED_MODELS = {"digits_cnn", "digits_resnet18", "char_lm", "minilm_l6"}  # wi
 @pytest.fixture
 def untrained_digits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Models trained here built with their initial weights: shape tests need no training."""
-    from edgepasses.bench.char_lm import CharTransformer
+    from edgepasses.zoo.char_lm import CharTransformer
 
     monkeypatch.setattr(zoo, "load_or_train", lambda name, factory, **recipe: factory().eval())
     monkeypatch.setattr(zoo, "load_or_train_char_lm", lambda: CharTransformer().eval())
@@ -113,7 +113,7 @@ def test_accuracy_feeds_full_batches_and_counts_only_real_images():
 
 
 def test_digits_cnn_trains_once_then_loads_from_cache(empty_cache, caplog):
-    with caplog.at_level(logging.INFO, logger="edgepasses.bench"):
+    with caplog.at_level(logging.INFO, logger="edgepasses.zoo"):
         trained = zoo.get_model("digits_cnn")
     assert "training digits_cnn" in caplog.text
     assert (empty_cache / "digits_cnn_v1.pt").exists()
@@ -121,7 +121,7 @@ def test_digits_cnn_trains_once_then_loads_from_cache(empty_cache, caplog):
     assert trained.accuracy_fn(trained.module) >= 90.0
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="edgepasses.bench"):
+    with caplog.at_level(logging.INFO, logger="edgepasses.zoo"):
         cached = zoo.get_model("digits_cnn")
     assert "training" not in caplog.text
     with torch.no_grad():

@@ -8,8 +8,8 @@ Output on 2026-11-29 11:19 UTC (load average 3.9 before and after timing):
 Run: python docs/search-example/probe_distill100.py
 """
 import os, time
-from edgepasses.bench.zoo import get_model
-from edgepasses.bench.runner import _nncf
+from edgepasses.zoo import get_model
+from edgepasses.measure.peers import nncf_int8
 from edgepasses.search.evaluate import Evaluator, time_programs
 from edgepasses.api import lower
 zoo=get_model("digits_resnet18", 8)
@@ -17,7 +17,7 @@ data=zoo.calibration(2)
 dd=[b[0] for b in zoo.calibration(8)]
 ig="ignore=['conv1([.].*)?','layer1([.].*)?','fc([.].*)?']"
 head=f"fold_bn,prune(ratio=0.25,{ig})"
-nncf=_nncf(zoo, data, "f32").run
+nncf=nncf_int8(zoo.module, zoo.example_inputs, data)
 for steps in (100,):
     ev=Evaluator(zoo.module, zoo.example_inputs, data, target="openvino", distill_steps=steps, distill_data=dd, distill_lr=1e-4)
     t=time.time(); gm,_,d=ev.compress(head, "quantize,dce"); prog=lower(gm, zoo.example_inputs, target="openvino")

@@ -1,27 +1,27 @@
-"""`edgepasses search` on a zoo model: data, eval_fn and the NNCF int8 reference from the bench."""
+"""`edgepasses search` on a zoo model: data, eval_fn and the NNCF int8 reference (`edgepasses.measure.peers`)."""
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
+NNCF_LABEL = "nncf int8 + openvino"  # as the models bench names its row
 
 def _nncf_reference(zoo, calibration, warmup: int, rounds: int) -> tuple:
-    from edgepasses.bench.runner import _nncf
-
+    from ..measure.peers import nncf_int8
     from .run import measure_reference
 
     start = time.perf_counter()
-    candidate = _nncf(zoo, calibration, "f32")
-    info = {"label": candidate.label, "size_mb": candidate.size_mb, "build_s": time.perf_counter() - start,
-            **measure_reference(candidate.run, zoo.example_inputs, warmup, rounds)}
+    program = nncf_int8(zoo.module, zoo.example_inputs, calibration, model_type=zoo.nncf_model_type)
+    info = {"label": NNCF_LABEL, "size_mb": program.weights_mb, "build_s": time.perf_counter() - start,
+            **measure_reference(program, zoo.example_inputs, warmup, rounds)}
     if zoo.accuracy_fn is not None:
-        info["accuracy"] = zoo.accuracy_fn(candidate.run)
-    return candidate.run, info
+        info["accuracy"] = zoo.accuracy_fn(program)
+    return program, info
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from edgepasses.bench.zoo import ZOO_NAMES, get_model
+    from ..zoo import ZOO_NAMES, get_model
 
     from .report import front_markdown
     from .run import search

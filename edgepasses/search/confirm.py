@@ -28,10 +28,9 @@ def _load() -> str:
 def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_drop: float | None = None,
             command: str = "") -> dict:
     import edgepasses
-    from edgepasses.bench.runner import _nncf
-    from edgepasses.bench.zoo import get_model
-
     from ..api import lower
+    from ..measure.peers import nncf_int8
+    from ..zoo import get_model
     from .evaluate import time_programs
     from .run import load_front
     from .study import read_meta
@@ -57,7 +56,7 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     gm, _, distilled = evaluator.compress(head, tail)
     assert str(edgepasses.Pipeline.parse(head + ("," + tail if tail else ""))) == point.pipeline
     program = lower(gm, zoo.example_inputs, target=meta["target"])
-    nncf = _nncf(zoo, data, "f32").run
+    nncf = nncf_int8(zoo.module, zoo.example_inputs, data, model_type=zoo.nncf_model_type)
     programs = {f"search trial {point.trial}": program, "nncf int8": nncf, EAGER: zoo.module}
     calls = {name: (lambda fn=fn: fn(*zoo.example_inputs)) for name, fn in programs.items()}
     timings = time_programs({name: call for name, call in calls.items() if name != EAGER}, warmup, rounds)
@@ -93,8 +92,7 @@ def _params(out, number: int) -> dict:
 
 
 def check_lut(out: "str | Path", max_trials: int | None = None) -> dict:
-    from edgepasses.bench.zoo import get_model
-
+    from ..zoo import get_model
     from .lut import check_run
     from .study import read_meta
 

@@ -38,7 +38,7 @@ class Measurement:
 
 
 def time_programs(programs: dict[str, Callable[[], Any]], warmup: int, rounds: int):
-    from ..bench.timing import measure_side_by_side  # bench/timing.py needs torch only
+    from ..measure.timing import measure_side_by_side
 
     return measure_side_by_side(programs, warmup, rounds)
 

@@ -13,7 +13,7 @@ from torch import nn
 import edgepasses
 from edgepasses.analysis.flops import count_cost
 from edgepasses.analysis.shape_prop import verify_graph
-from edgepasses.bench.bert import BertConfig, BertEncoder
+from edgepasses.zoo.bert import BertConfig, BertEncoder
 from edgepasses.errors import OptionError
 from edgepasses.quant.sensitivity import output_sqnr
 from edgepasses.testing import run_pass_case

@@ -166,7 +166,7 @@ def test_int8_on_openvino_runs_integer_kernels_and_matches_our_fake_quant_graph(
 
 def test_digits_cnn_int8_on_openvino_keeps_top1_within_half_a_point(capsys):
     pytest.importorskip("openvino")
-    from edgepasses.bench.zoo import get_model
+    from edgepasses.zoo import get_model
 
     zoo = get_model("digits_cnn")
     options = {"pipeline": "fold_bn,quantize", "calibration": zoo.calibration(64), "strict": True}

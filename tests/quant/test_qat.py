@@ -187,7 +187,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits_qat():
     """A briefly trained float CNN, QAT'd for 10 epochs (220 steps) from its int8 ranges, converted."""
-    from edgepasses.bench.digits import accuracy, calibration_batches, load_digits_split, train
+    from edgepasses.zoo.digits import accuracy, calibration_batches, load_digits_split, train
 
     data = load_digits_split()
     top1 = lambda fn: accuracy(fn, data, batch_size=BATCH)  # noqa: E731

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .digits import _save_atomically, cache_dir
 
-logger = logging.getLogger("edgepasses.bench")
+logger = logging.getLogger("edgepasses.zoo")
 
 CACHE_VERSION = "v1"  # bump when the model's architecture, text or training recipe changes
 SEQ_LEN = 64

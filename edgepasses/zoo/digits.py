@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-logger = logging.getLogger("edgepasses.bench")
+logger = logging.getLogger("edgepasses.zoo")
 
 NUM_CLASSES = 10
 CACHE_VERSION = "v1"  # bump when a digits model's architecture or training recipe changes

@@ -1,4 +1,4 @@
-"""The model zoo: the models every pass, backend and benchmark is measured on.
+"""The model zoo: the models every pass, backend, benchmark and search is measured on.
 
 The torchvision models and the BERT encoder have seeded random weights (nothing is downloaded):
 they serve latency and graph-shape work. Real weights report what compression costs in accuracy:
@@ -37,6 +37,7 @@ class ZooModel:
     accuracy_fn: Callable[[Callable[..., Tensor]], float] | None = None
     # n -> n input tuples shaped like example_inputs, for quantization calibration.
     calibration: Callable[[int], list[tuple[Tensor, ...]]] | None = None
+    nncf_model_type: str | None = None  # the nncf.ModelType its NNCF int8 peer quantizes it as
 
 
 def _seeded_inputs(make: Callable[[torch.Generator], Tensor]) -> Callable[[int], list[tuple[Tensor]]]:
@@ -92,7 +93,7 @@ def _bert_encoder(batch_size: int) -> ZooModel:
     calibration = _seeded_inputs(lambda g: torch.randint(0, config.vocab_size, (batch_size, config.seq_len),
                                                          generator=g))
     return ZooModel("bert_encoder", module, (example_token_ids(config, batch_size),), description,
-                    calibration=calibration)
+                    calibration=calibration, nncf_model_type="TRANSFORMER")
 
 
 def _digits_cnn_module() -> nn.Module:

@@ -61,25 +61,3 @@ def measure_side_by_side(candidates: dict[str, Callable[[], Any]], warmup: int, 
             if on_round is not None:
                 on_round()
     return {name: Timing.of(samples[name]) for name in names}
-
-
-def run_sections(title: str, description: str, make_sections: Callable[[int, int], dict[str, Callable[[], list[str]]]],
-                 argv: list[str] | None = None) -> None:
-    """The command line of a sectioned bench script: `--rounds`, `--warmup`, `--only a,b,...`; prints each
-    section's lines as it finishes, with its wall time and the load average (timings are only as quiet as that)."""
-    import argparse
-    import os
-
-    probe = make_sections(0, 0)
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default=",".join(probe), help="comma-separated sections to run")
-    args = parser.parse_args(argv)
-    sections = make_sections(args.warmup, args.rounds)
-    print(f"# {title} (torch threads {torch.get_num_threads()}, load average at start "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
-    for key in args.only.split(","):
-        start = time.perf_counter()
-        print("\n".join(sections[key]()))
-        print(f"\n({time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f})\n", flush=True)
