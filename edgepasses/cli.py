@@ -1,6 +1,7 @@
 """The `edgepasses` command.
 
     edgepasses bench --model resnet18 --pipeline edge-fp32 [--peer nncf] [--json PATH] [--md PATH]
+    edgepasses bench --model mypkg.models:build --input-shape 1,3,224,224   # your model (or a .pt2), same table
     edgepasses bench kernels [--op int8_linear] [--shape 16,4096,4096]   # each edge:: op vs OpenVINO, torch
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
     edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm|control ...] [--md docs/accuracy.md]
@@ -61,13 +62,20 @@ def _passes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_bench_args(args: argparse.Namespace) -> None:
+def _is_user_model(spec: str) -> bool:
+    """`package.module:factory` or a .pt2 file (edgepasses compress's MODEL), not a zoo name."""
+    return ":" in spec or spec.endswith(".pt2")
+
+
+def _check_bench_args(args: argparse.Namespace, user_models: bool = False) -> None:
     """Fail fast, before any model is built, on an unknown model or a bad pipeline."""
     from edgepasses.zoo import ZOO_NAMES
 
-    unknown = [name for name in args.model if name not in ZOO_NAMES]
+    unknown = [name for name in args.model
+               if name not in ZOO_NAMES and not (user_models and _is_user_model(name))]
     if unknown:
-        args.parser.error(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(ZOO_NAMES)}")
+        yours = ", package.module:factory or a .pt2 file" if user_models else ""
+        args.parser.error(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(ZOO_NAMES)}{yours}")
     for pipeline in args.pipeline:
         try:
             Pipeline.parse(pipeline)
@@ -167,19 +175,31 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.model:
         args.parser.error("bench models needs --model (repeatable)")
     args.pipeline = args.pipeline or [DEFAULT_PIPELINE]
-    _check_bench_args(args)
+    _check_bench_args(args, user_models=True)
     from edgepasses.bench.runner import bench_model
 
+    models = _bench_models(args)
     results = []
-    for name in args.model:
-        results.append(bench_model(name, args.pipeline, batch_size=args.batch, target=args.target,
+    for model in models:
+        results.append(bench_model(model, args.pipeline, batch_size=args.batch, target=args.target,
                                    precision=args.precision, warmup=args.warmup, rounds=args.rounds,
                                    progress=True, peers=tuple(args.peer), direct=args.direct))
         print(results[-1].to_markdown() + "\n", flush=True)  # each table as soon as it is measured
-    _write_md(args, "models", "\n\n".join(r.to_markdown() for r in results) + "\n")
+    if args.md or models == args.model:  # the user's own models stay out of docs/benchmarks.md
+        _write_md(args, "models", "\n\n".join(r.to_markdown() for r in results) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
     return 0
+
+
+def _bench_models(args: argparse.Namespace) -> list:
+    """--model as bench_model takes it: zoo names, and the user's models loaded now, so that a bad model,
+    shape or file fails before anything is measured."""
+    from edgepasses.bench.runner import user_model
+
+    if (args.input_shape or args.calibration) and not any(map(_is_user_model, args.model)):
+        args.parser.error("--input-shape and --calibration are for a package.module:factory or .pt2 model")
+    return [user_model(m, args.input_shape, args.calibration) if _is_user_model(m) else m for m in args.model]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -389,8 +409,15 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy", "hostile"),
                        default="models")
     bench.add_argument("--model", action="append", default=[],
-                       help="zoo model name (models) or catalogue architecture (coverage; default: all); "
-                            "repeatable")
+                       help="models: a zoo model name, or your own as edgepasses compress takes it "
+                            "(package.module:factory or a .pt2 file); coverage: a catalogue architecture "
+                            "(default: all); repeatable")
+    bench.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,...",
+                       help="models, your own model: shape of one float32 input; repeat per input (a .pt2's "
+                            "own inputs otherwise)")
+    bench.add_argument("--calibration", metavar="FILE",
+                       help="models, your own model: torch.save'd list of input tuples for int8 pipelines and "
+                            "the NNCF peer, loaded with weights_only=True (default: the example inputs)")
     bench.add_argument("--column", action="append", default=[],
                        help="coverage: pipeline column; repeatable (default: int8-openvino, int8-reference, "
                             "sparse24, prune, lowrank)")
@@ -412,7 +439,7 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--direct", action="store_true",
                        help="also time each pipeline's compress() + lower() program called without "
                             "torch.compile (no Dynamo per-call work)")
-    bench.add_argument("--batch", type=_at_least(1), default=1)
+    bench.add_argument("--batch", type=_at_least(1), default=1, help="models: the zoo models' batch size")
     bench.add_argument("--target", type=_target_spec, default="openvino",
                        help=f"{', '.join(target_names())}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
