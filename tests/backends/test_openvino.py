@@ -83,7 +83,7 @@ def test_precision_is_set_and_reported():
 @pytest.mark.parametrize("options, message", [
     ({"pipeline": "fold_bn,nosuchpass"}, "unknown pass 'nosuchpass'.*registered passes: dce, fold_bn"),
     ({"nosuchoption": 1}, "unknown option.*nosuchoption.*valid options: pipeline: str, target: str"),
-    ({"target": "tpu"}, "unknown target 'tpu'; valid targets: auto, openvino, tensorrt, reference, tvm"),
+    ({"target": "tpu"}, "unknown target 'tpu'; valid targets: auto, openvino, reference, tensorrt, tvm"),
     ({"precision": "int3"}, "option 'precision' must be one of 'f32', 'bf16'"),
     ({"strict": "yes"}, "option 'strict' must be bool"),
 ])
