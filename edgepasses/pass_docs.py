@@ -6,7 +6,7 @@ import dataclasses
 import textwrap
 
 from .pass_base import PassInfo, field_types, registered_passes, type_name
-from .pipeline import DEFAULT_PIPELINE, PRESETS, format_value
+from .pipeline import DEFAULT_PIPELINE, PRESET_DOCS, PRESETS, format_value
 
 WIDTH = 100
 MARKDOWN_COMMAND = "edgepasses passes --markdown > docs/passes.md"
@@ -48,8 +48,9 @@ def passes_text() -> str:
             lines += [f"  {name}: {type_} = {default}", *_wrap(doc, " " * 6, " " * 6)]
     width = max(map(len, PRESETS))
     lines += ["", "presets:"]
-    lines += [f"  {name:<{width}}  {text}{'  (default)' if name == DEFAULT_PIPELINE else ''}"
-              for name, text in PRESETS.items()]
+    for name, text in PRESETS.items():
+        lines.append(f"  {name:<{width}}  {text}{'  (default)' if name == DEFAULT_PIPELINE else ''}")
+        lines += _wrap(PRESET_DOCS[name], " " * (width + 4), " " * (width + 4))
     return "\n".join(lines)
 
 
@@ -78,7 +79,7 @@ def passes_markdown() -> str:
             ["", "No options."]
         lines += [f"| `{name}` | {_cell(type_)} | `{_cell(default)}` | {_cell(doc)} |"
                   for name, type_, default, doc in options]
-    lines += ["", "## Presets", "", "| preset | passes |", "|---|---|"]
-    lines += [f"| `{name}`{' (default)' if name == DEFAULT_PIPELINE else ''} | `{text}` |"
+    lines += ["", "## Presets", "", "| preset | passes | for |", "|---|---|---|"]
+    lines += [f"| `{name}`{' (default)' if name == DEFAULT_PIPELINE else ''} | `{text}` | {_cell(PRESET_DOCS[name])} |"
               for name, text in PRESETS.items()]
     return "\n".join(lines)

@@ -27,12 +27,15 @@ from .errors import OptionError, PassVerificationError
 from .pass_base import PassContext, PassInfo, get_pass, registered_passes
 from .state import state_kept, written_buffers
 
-PRESETS: dict[str, str] = {
-    "edge-fp32": "fold_bn,dce",
-    "edge-int8": "fold_bn,quantize,dce",          # needs calibration
-    "edge-sparse24": "fold_bn,sparsify_24,dce",   # 2:4 Linear weights (reference kernels run them sparse)
-    "edge-lowrank": "fold_bn,lowrank,dce",        # Linears split into two low-rank factors where it saves
+_PRESETS = {  # name: (passes, what a user reaches for it for)
+    "edge-fp32": ("fold_bn,dce", "Exact clean-up only: the model as it is, on the target's fp32 path."),
+    "edge-int8": ("fold_bn,quantize,dce", "Post-training int8 of weights and activations; needs calibration data."),
+    "edge-sparse24": ("fold_bn,sparsify_24,dce",
+                      "2:4-sparse Linear weights, which the reference target's kernels run sparse."),
+    "edge-lowrank": ("fold_bn,lowrank,dce", "Linears and convs split into low-rank factors where MACs fall."),
 }
+PRESETS: dict[str, str] = {name: passes for name, (passes, _) in _PRESETS.items()}
+PRESET_DOCS: dict[str, str] = {name: doc for name, (_, doc) in _PRESETS.items()}
 DEFAULT_PIPELINE = "edge-fp32"
 
 _TOKEN = re.compile(r"""
