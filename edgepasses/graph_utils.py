@@ -212,7 +212,7 @@ class WeightLayer:
 
 def _form(node: torch.fx.Node) -> str:
     if node.target is aten.convolution.default:
-        return "conv_transpose" if node.args[6] else "convolution"
+        return "conv_transpose" if conv_args(node).transposed else "convolution"
     return getattr(node.target, "_opname", str(node.target))
 
 
@@ -223,7 +223,7 @@ def _tensor_args(node: torch.fx.Node) -> list:
 def _unreachable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None | bool:
     """Why a weight-applying node cannot be rewritten; None where passes can; False: not a weight layer."""
     target = node.target
-    if target in TRANSPOSED_CONV_OPS or (target is aten.convolution.default and node.args[6]):
+    if target in TRANSPOSED_CONV_OPS or (target is aten.convolution.default and conv_args(node).transposed):
         return "transposed convolution"
     if target in LINEAR_OPS | CONV_OPS:
         return None if constant_value(gm, node.args[1]) is not None else \
