@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -38,3 +39,25 @@ def tiny_bert():
     calibration = [(example_token_ids(config, seed=s),) for s in range(1, 9)]
     evaluation = [(example_token_ids(config, seed=s),) for s in range(100, 104)]
     return BertEncoder(config).eval(), calibration[0], calibration, evaluation
+
+
+USER_MODELS = """
+import torch.nn as nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+not_a_model = 3
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A user's directory, the current one: usermodels.py (`usermodels:build`) and calib.pt (4 batches)."""
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    torch.save([(torch.randn(2, 3, 16, 16),) for _ in range(4)], tmp_path / "calib.pt")
+    return tmp_path

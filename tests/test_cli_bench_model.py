@@ -1,7 +1,6 @@
 """`edgepasses bench --model MODEL` on the user's own model, in the forms `edgepasses compress` takes:
 `package.module:factory` with --input-shape, or a .pt2 file; a bad one is one line, exit 1."""
 import re
-import sys
 
 import pytest
 import torch
@@ -10,23 +9,7 @@ from edgepasses.cli import main
 
 pytest.importorskip("openvino")
 
-FACTORY = """
-import torch.nn as nn
-
-def build():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-"""
 FAST = ["--warmup", "1", "--rounds", "3"]
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "usermodels.py").write_text(FACTORY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
-    return tmp_path
 
 
 def _rows(markdown: str) -> dict[str, list[str]]:

@@ -1,6 +1,5 @@
 """`edgepasses compress`: the user's own model (module:factory or .pt2) to a loadable artifact."""
 import re
-import sys
 
 import pytest
 import torch
@@ -8,25 +7,6 @@ import torch
 import edgepasses
 from edgepasses.cli import main
 
-FACTORY = """
-import torch.nn as nn
-
-def build():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-not_a_model = 3
-"""
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    (tmp_path / "usermodels.py").write_text(FACTORY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
-    torch.save([(torch.randn(2, 3, 16, 16),) for _ in range(4)], tmp_path / "calib.pt")
-    return tmp_path
 
 
 def _eager():
