@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from .coverage import _version, error_text, machine_header
 from edgepasses.measure.timing import Timing, measure_side_by_side
+
+from .coverage import _version, error_text, machine_header
 
 SECTIONS = ("sentence", "digits", "charlm", "control")
 SECTION_TITLES = {"sentence": "Pretrained sentence encoder", "digits": "Digits models (trained here)",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from edgepasses.backend import EdgeOptions
 from edgepasses.backends import get_target
+from edgepasses.zoo import ZOO_NAMES
 
 from .runner import EAGER_LABEL, BenchResult, bench_model, edge_label, format_ms, format_shapes, markdown_table
-from edgepasses.zoo import ZOO_NAMES
 
 DEMO_WARMUP = 3
 DEMO_ROUNDS = 15

@@ -16,11 +16,11 @@ from torch import nn
 
 import edgepasses
 from edgepasses.analysis.flops import count_cost
-from edgepasses.quant.sensitivity import output_sqnr
-
 from edgepasses.measure.timing import Timing, measure_side_by_side
-from .sections import run_sections
+from edgepasses.quant.sensitivity import output_sqnr
 from edgepasses.zoo import get_model
+
+from .sections import run_sections
 
 TARGET_REDUCTION = 0.30  # the MAC reduction (b) asks of ResNet-18
 

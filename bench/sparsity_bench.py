@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 
 import edgepasses
-from edgepasses.graph_utils import constant_value
+from edgepasses.graph_utils import SPARSE24, constant_value
+from edgepasses.measure.timing import measure_side_by_side
 from edgepasses.quant.sensitivity import output_sqnr
+from edgepasses.zoo import get_model
+from edgepasses.zoo.digits import load_digits_split
 
 from .architectures import count_weight_layers
-from edgepasses.zoo.digits import load_digits_split
-from edgepasses.measure.timing import measure_side_by_side
 from .sections import run_sections
-from edgepasses.zoo import get_model
 
 
 def _stats(gm) -> dict:
@@ -111,7 +111,7 @@ def _finetuned(gm, steps: int) -> float:
 
 
 def _masked_weights(gm) -> list[torch.Tensor]:
-    return [constant_value(gm, n.args[1]) for n in gm.graph.nodes if n.meta.get("sparse24")]
+    return [constant_value(gm, n.args[1]) for n in gm.graph.nodes if n.meta.get(SPARSE24)]
 
 
 def bench_digits(steps: int = 400) -> list[str]:
