@@ -30,6 +30,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _quiet_torchao_import() -> None:
+    # torchao registers an Enum with torch's pytree when imported, and this torch logs a deprecation
+    # WARNING about it on every run: nothing our users can act on, and it would precede every
+    # one-line error of the CLI.
+    import logging
+
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "register_constant() on Enum subclasses is deprecated" not in record.getMessage())
+
+
 def _register_backend() -> None:
     # Guarded: torch's registry asserts on duplicate names, and when Dynamo loads us through the
     # entry point it registers the function itself right after this import.
@@ -41,4 +51,5 @@ def _register_backend() -> None:
         registry.register_backend(edge_backend, name="edge")
 
 
+_quiet_torchao_import()
 _register_backend()
