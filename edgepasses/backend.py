@@ -27,7 +27,7 @@ from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_gra
                         source_path)
 from .errors import DynamicShapesError, GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
 from .model_calibration import GraphOrigin
-from .pass_base import PassContext, build_options
+from .pass_base import PassContext, build_options, option
 from .pipeline import DEFAULT_PIPELINE, Pipeline
 from .state import remember_user_paths, written_buffers
 
@@ -36,21 +36,33 @@ log = logging.getLogger("edgepasses")
 
 @dataclass(frozen=True)
 class EdgeOptions:
-    pipeline: str = DEFAULT_PIPELINE
-    target: str = "auto"                # a target, or an ordered list: "tensorrt,openvino,reference"
-    target_options: Any = None          # per target: {"tvm": {"trials": 64, "time_limit_s": 600}}
-    calibration: Any = None             # an iterable of example input tuples
-    strict: bool = False                # raise instead of running unsupported ops in PyTorch
-    verify: bool = False                # lint + re-propagate fake tensors after every pass; at call time,
-                                        # refuse NaN/Inf inputs (programs need not propagate them as eager does)
-    precision: Literal["f32", "bf16"] = "f32"
-    cache_dir: str | os.PathLike | None = None  # opt-in compile cache (compile_cache.py: <cache_dir>/compiled/<key>/)
-                                        # and the targets' own caches (OpenVINO CACHE_DIR, TVM records)
-    allow_training: bool = False        # run graphs that need gradients uncompiled in PyTorch
-    on_compile: Any = None              # called with an EdgeCompilation after each graph compiles
-    metric: Any = None                  # metric(model) -> float, higher is better: the user's validation,
-                                        # called with the compiled model; quantize keeps layers float for it
-    max_drop: float = 0.01              # with a metric: the share of the float score it may lose
+    """The options of `torch.compile(model, backend="edge", options={...})`."""
+
+    pipeline: str = option(DEFAULT_PIPELINE, "The passes to run: pass names and presets, comma-separated, "
+                                             "each pass with its options: 'fold_bn,quantize(bits=8)'.")
+    target: str = option("auto", "Where the graph runs: a target, or an ordered list such as "
+                                 "'tensorrt,openvino,reference' (each partition goes to the first that runs "
+                                 "all its ops); auto: the list of those installed here.")
+    target_options: Any = option(None, "Per target, the keywords it is built with: "
+                                       "{'tvm': {'trials': 64, 'time_limit_s': 600}}.")
+    calibration: Any = option(None, "The model's example input tuples (or dicts of keyword arguments), a list: "
+                                    "what quantize and the data-aware passes observe.")
+    strict: bool = option(False, "Raise, naming op, node and source line, instead of running an op the target "
+                                 "cannot run in PyTorch.")
+    verify: bool = option(False, "Lint the graph and propagate fake tensors again after every pass; at call "
+                                 "time, refuse NaN/Inf inputs (a program need not propagate them as eager does).")
+    precision: Literal["f32", "bf16"] = option("f32", "The inference precision set on the runtime (and read back "
+                                                      "into the report).")
+    cache_dir: str | os.PathLike | None = option(None, "A directory for the compile cache (`<cache_dir>/compiled/"
+                                                       "<key>/`) and the targets' own caches; none: nothing is "
+                                                       "written.")
+    allow_training: bool = option(False, "Run a graph that needs gradients uncompiled in PyTorch, with a WARNING, "
+                                         "instead of refusing it.")
+    on_compile: Any = option(None, "Called with an EdgeCompilation (pipeline report, lowering, seconds, cache hit) "
+                                   "after each graph compiles.")
+    metric: Any = option(None, "metric(model) -> float, higher is better: your validation, called with the "
+                               "compiled model; quantize keeps layers in float until it holds (needs calibration).")
+    max_drop: float = option(0.01, "With a metric: the share of the float model's score it may lose.")
 
     def __post_init__(self):
         from .backends import parse_target_names

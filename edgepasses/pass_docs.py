@@ -1,5 +1,6 @@
-"""The reference of the registered passes, from their registrations: `edgepasses passes` prints it as
-text, `edgepasses passes --markdown` as docs/passes.md (a test holds that file to this output)."""
+"""The reference of the registered passes, from their registrations, and of the backend's options:
+`edgepasses passes` prints it as text, `edgepasses passes --markdown` as docs/passes.md (a test holds
+that file to this output)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,17 @@ WIDTH = 100
 MARKDOWN_COMMAND = "edgepasses passes --markdown > docs/passes.md"
 
 
-def _options(info: PassInfo) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, description) of each option, in declared order."""
-    types = field_types(info.options)
+def _options(options: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, description) of each field of an options dataclass, in declared order."""
+    types = field_types(options)
     return [(f.name, type_name(types[f.name]), format_value(_default(f)), f.metadata["doc"])
-            for f in dataclasses.fields(info.options)]
+            for f in dataclasses.fields(options)]
+
+
+def _backend_options() -> list[tuple[str, str, str, str]]:
+    from .backend import EdgeOptions
+
+    return _options(EdgeOptions)
 
 
 def _default(f: dataclasses.Field):
@@ -41,17 +48,24 @@ def passes_text() -> str:
     for info in registered_passes().values():
         lines += ["", *_wrap(f"{info.name}: {info.doc or '(undocumented)'}", "", "  ")]
         lines += [f"  {label}: {', '.join(names)}" for label, names in _order(info)]
-        options = _options(info)
+        options = _options(info.options)
         if not options:
             lines.append("  options: none")
-        for name, type_, default, doc in options:
-            lines += [f"  {name}: {type_} = {default}", *_wrap(doc, " " * 6, " " * 6)]
+        lines += _option_lines(options)
     width = max(map(len, PRESETS))
     lines += ["", "presets:"]
     for name, text in PRESETS.items():
         lines.append(f"  {name:<{width}}  {text}{'  (default)' if name == DEFAULT_PIPELINE else ''}")
         lines += _wrap(PRESET_DOCS[name], " " * (width + 4), " " * (width + 4))
+    lines += ["", 'torch.compile(model, backend="edge", options={...}):', *_option_lines(_backend_options())]
     return "\n".join(lines)
+
+
+def _option_lines(options: list[tuple[str, str, str, str]]) -> list[str]:
+    lines = []
+    for name, type_, default, doc in options:
+        lines += [f"  {name}: {type_} = {default}", *_wrap(doc, " " * 6, " " * 6)]
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -74,12 +88,17 @@ def passes_markdown() -> str:
                           for label, names in _order(info))
         if order:
             lines += ["", order + "."]
-        options = _options(info)
-        lines += ["", "| option | type | default | description |", "|---|---|---|---|"] if options else \
-            ["", "No options."]
-        lines += [f"| `{name}` | {_cell(type_)} | `{_cell(default)}` | {_cell(doc)} |"
-                  for name, type_, default, doc in options]
+        options = _options(info.options)
+        lines += _option_table(options) if options else ["", "No options."]
     lines += ["", "## Presets", "", "| preset | passes | for |", "|---|---|---|"]
     lines += [f"| `{name}`{' (default)' if name == DEFAULT_PIPELINE else ''} | `{text}` | {_cell(PRESET_DOCS[name])} |"
               for name, text in PRESETS.items()]
+    lines += ["", "## `torch.compile` options", "",
+              'The keys of `torch.compile(model, backend="edge", options={...})`; an unknown key or a value of '
+              "the wrong type is an error.", *_option_table(_backend_options())]
     return "\n".join(lines)
+
+
+def _option_table(options: list[tuple[str, str, str, str]]) -> list[str]:
+    return ["", "| option | type | default | description |", "|---|---|---|---|",
+            *(f"| `{name}` | {_cell(type_)} | `{_cell(default)}` | {_cell(doc)} |" for name, type_, default, doc in options)]
