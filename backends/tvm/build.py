@@ -49,7 +49,7 @@ _register_kernels()
 SEARCH_POPULATION = 256
 # Part of the records' key (and the compile cache's): the ops MetaSchedule is given and the code built
 # depend on our converters and schedules (`conv_nchwc`, `int8_conv`, `quant`). Bump it when they change.
-LOWERING_VERSION = 2
+LOWERING_VERSION = 3
 DEFAULT_TRIALS_PER_TASK = 0  # no tuning unless asked: a ResNet-18 costs ~minutes per 8 trials/task
 
 
