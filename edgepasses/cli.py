@@ -429,7 +429,8 @@ def _add_bench_parser(subparsers: Any) -> None:
                        help="hostile: area of cases; repeatable (default: all)")
     bench.add_argument("--op", action="append", default=[], help="kernels: op to time; repeatable (default: all)")
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
-                       help="kernels: M,K,N; repeatable (default: 1,4096,4096 16,4096,4096 128,4096,4096)")
+                       help="kernels: M,K,N of the linear ops; repeatable (default: 1,4096,4096 16,4096,4096 "
+                            "128,4096,4096); int8_conv2d times its own ResNet layers")
     bench.add_argument("--pipeline", action="append", default=[],
                        help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
     # Spelled out here, not imported from the runner, so that building the parser stays light.
