@@ -8,6 +8,7 @@ original with logits only and with logits plus the feature loss, at each step co
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -60,9 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 300])
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--feature-loss", type=float, default=1.0)
+    parser.add_argument("--md", metavar="PATH", help="write the Markdown to PATH (default: replace the distill-bench "
+                        "section of docs/benchmarks.md, when run in a checkout that has it)")
     args = parser.parse_args(argv)
+    from .report import Machine, write_markdown
+
     torch.set_num_threads(1)
-    print("\n".join(run(tuple(args.steps), args.lr, args.feature_loss)))
+    machine = Machine.here()  # before the run adds its own load
+    text = "\n".join(run(tuple(args.steps), args.lr, args.feature_loss))
+    print(text)
+    command = " ".join(["python -m edgepasses.bench.distill_bench", *(sys.argv[1:] if argv is None else argv)])
+    write_markdown(args.md, "distill-bench", text + "\n", machine=machine, command=command)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ SECTION_TITLES = {
     "hostile": "Hostile inputs: outcomes by area (`edgepasses bench hostile`)",
     "prune-check": "Pruned zoo models: shapes and OpenVINO vs reference (`edgepasses prune-check`)",
     "lowrank-bench": "Low-rank factors: latency and quality (`python -m edgepasses.bench.lowrank_bench`)",
+    "distill-bench": "Distillation after pruning (`python -m edgepasses.bench.distill_bench`)",
     "24-sparsity-bench": "2:4 sparsity: latency and quality (`python -m edgepasses.bench.sparsity_bench`)",
 }
 
