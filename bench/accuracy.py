@@ -148,7 +148,7 @@ def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pip
     options = {"pipeline": pipeline, "target": "openvino", "calibration": calibration, **extra,
                "on_compile": compilations.append,
                # The weights are frozen into the OpenVINO program: guards on the module tree protect
-               # nothing it uses and cost ~1 ms a call.
+               # nothing it uses and cost time on every call.
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     compiled = torch.compile(module, backend="edge", dynamic=False, options=options)
     compiled(*example)

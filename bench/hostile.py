@@ -1,4 +1,4 @@
-"""The hostile-input suite (issue 20): small cases a hostile user tries against the options, the
+"""The hostile-input suite: small cases a hostile user tries against the options, the
 calibration data, models, artifacts, the compile cache, numerics, the kernels and the CLI, each
 with the outcome it must have, and the classifier that says what really happened.
 

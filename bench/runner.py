@@ -76,8 +76,8 @@ class Machine:
                 f"torch {self.torch_version}, OpenVINO {self.openvino_version}, "
                 f"load average {self.load_average:.1f} at start")
         if self.busy:
-            # Measured here: with other jobs on every core, eager PyTorch's OpenMP threads spin-wait on
-            # each other and eager latency grows up to 10-200x; OpenVINO's thread pool suffers far less.
+            # With other jobs on every core, eager PyTorch's OpenMP threads spin-wait on each other
+            # and eager latency grows many times over; OpenVINO's thread pool suffers far less.
             text += (". The machine was busy: eager timings and speedups vs eager are inflated; "
                      "ratios vs OpenVINO direct hold up better")
         return text
@@ -241,7 +241,7 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
     options = {"pipeline": pipeline, "target": target, "precision": precision, "calibration": calibration,
                "on_compile": compilations.append,
                # The backend freezes the weights into the OpenVINO program, so Dynamo's per-call guards
-               # on the module tree protect nothing it uses; they cost ~1 ms a call (torch.compile
+               # on the module tree protect nothing it uses; they cost time on every call (torch.compile
                # takes this option itself, the backend never sees it).
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     # dynamic=False: the backend compiles static shapes, one compile per input shape.
@@ -266,7 +266,7 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
 def _edge_direct(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
                  precision: str) -> _Candidate:
     """`compress` + `lower`: the same program without torch.compile's per-call work (Dynamo's call
-    path, ~0.5–0.7 ms a call with cold caches, as between two timed OpenVINO calls)."""
+    path, slowest with cold caches, as between two timed OpenVINO calls)."""
     start = time.perf_counter()
     compressed = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
                                      target=target)

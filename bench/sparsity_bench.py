@@ -97,7 +97,7 @@ def _train_batches(batch_size: int) -> list[tuple]:
 
 
 def _finetuned(gm, steps: int) -> float:
-    """Fine-tunes `gm` (one thread: a tiny model trains faster so on 2 shared cores) and checks the mask held."""
+    """Fine-tunes `gm` (one thread: a tiny model trains faster so on a few shared cores) and checks the mask held."""
     zeros = [w == 0 for w in _masked_weights(gm)]
     threads = torch.get_num_threads()
     torch.manual_seed(0)

@@ -477,8 +477,8 @@ def _add_search_parser(subparsers: Any) -> None:
     search.add_argument("--distill-steps", type=_at_least(0), default=0,
                         help="flash distillation steps before quantize for pruned/low-rank/2:4 candidates")
     search.add_argument("--distill-lr", type=float, default=1e-4,
-                        help="flash distillation's Adam learning rate (default %(default)s: distill's own 1e-3 "
-                             "wrecks a BN-folded ResNet-18 in 20 steps; 1e-4 recovers it)")
+                        help="flash distillation's Adam learning rate (default %(default)s, below distill's "
+                             "own: a few steps at a larger rate can ruin a BN-folded model instead of recovering it)")
     search.add_argument("--warmup", type=_at_least(0), default=2)
     search.add_argument("--rounds", type=_at_least(1), default=5, help="interleaved timing rounds per trial")
     search.add_argument("--reference", default="nncf", choices=("nncf", "none"),

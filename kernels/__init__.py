@@ -1,1 +1,1 @@
-"""Custom ops (torch.library) with C++ and Triton implementations (filled by the kernels issue)."""
+"""Custom ops (torch.library) with C++ and Triton implementations."""

@@ -174,7 +174,7 @@ class OpenVINOProgram(torch.nn.Module):
                  cache_dir: str | None = None):
         """`ov_model` converted from `exported` (or rewritten from it, as NNCF does), compiled for
         the exported input shapes: OpenVINO's converter leaves batch and spatial sizes dynamic,
-        which costs shape inference on every call (~10 % of MobileNetV2 at batch 1)."""
+        which costs shape inference on every call (a visible share of a small CNN's time)."""
         import openvino as ov
 
         super().__init__()

@@ -1,7 +1,7 @@
 """Build a Relax module for this CPU, tuned and cached on disk.
 
-TVM 0.27's default CPU pipeline lowers each op to plain, single-threaded loops (ResNet-18:
-~40x slower than eager PyTorch); its only CPU schedules (DLight) cover matrix-vector
+TVM 0.27's default CPU pipeline lowers each op to plain, single-threaded loops (many times
+slower than eager PyTorch); its only CPU schedules (DLight) cover matrix-vector
 products, and this wheel has no DNNL/BLAS offload. fp32 convolutions get our blocked-layout
 schedule (`conv_nchwc`: its tile measured per conv); MetaSchedule tiles, vectorises and
 parallelises the other fused ops for the target (`num-cores` sets the parallelism), measured on
@@ -11,8 +11,8 @@ compile of the same graph only applies them.
 Two problems of the wheel are worked around here (both found on apache-tvm 0.27.0.post1):
 - `import tvm.s_tir.tensor_intrin` (done by every TuneContext and every builder/runner
   worker process) parses hundreds of TVMScript functions, each calling `inspect.stack()`,
-  whose `inspect.getmodule` scans `sys.modules` for every "<ast>" frame: ~150 s per process.
-  `fast_tensor_intrin_import` memoises those lookups for the import (~10 s).
+  whose `inspect.getmodule` scans `sys.modules` for every "<ast>" frame: minutes per process.
+  `fast_tensor_intrin_import` memoises those lookups, which makes the import many times faster.
 - With apache-tvm-ffi 0.1.15, `tvm.ir.save_json` of any object segfaults, and MetaSchedule
   serialises modules in its mutators, builder and database; 0.1.14 works. Tuning is skipped
   (with a warning) on a broken tvm-ffi.
@@ -82,13 +82,12 @@ def use_threads(count: int) -> int:
     """Run TVM's parallel loops on `count` threads. Unless TVM_NUM_THREADS (or OMP_NUM_THREADS) says
     otherwise, TVM's runtime pool starts half of `std::thread::hardware_concurrency()` threads on x86,
     assuming two hyperthreads per core: on a 2-core machine without them, one thread, so every parallel
-    loop ran on one core (ResNet-18 tuned: 68 ms; 35 ms on both). The environment serves pools created
+    loop ran on one core. The environment serves pools created
     later (other threads, MetaSchedule's runner processes); this thread's pool may exist already.
 
     Its workers also stop spinning when a loop ends (TVM_THREAD_POOL_SPIN_COUNT=0, unless set): spinning,
-    they took the cores from the OpenMP threads of our int8 kernels called between TVM's loops (ResNet-18
-    int8: 84-92 ms spinning, 52 ms not) and from PyTorch partitions, and won nothing measurable on fp32
-    (33-49 vs 35-39 ms, three runs each)."""
+    they took the cores from the OpenMP threads of our int8 kernels called between TVM's loops and from
+    PyTorch partitions, and won nothing measurable on fp32."""
     import tvm_ffi
 
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
@@ -177,7 +176,7 @@ class _Deadline:
     """A MeasureCallback that ends tuning once the time budget is spent, by raising out of the task
     scheduler (`tune` catches it). Terminating the tasks from the callback instead breaks the
     scheduler: it joins a task's measurements (running the callbacks) after picking it, then checks
-    that the task is alive (an InternalError that threw away a 45-minute run here). What was measured
+    that the task is alive (an InternalError that throws away the whole run). What was measured
     is in the database already: the default callbacks, first in the list, commit each batch."""
 
     @staticmethod
@@ -196,7 +195,7 @@ class _Deadline:
 
 def _in_process_builder():
     """MetaSchedule's LocalBuilder starts fresh worker processes for every batch, and each one
-    imports TVM and its tensor intrinsics (~20 s, ~150 s without `fast_tensor_intrin_import`):
+    imports TVM and its tensor intrinsics (slow even with `fast_tensor_intrin_import`):
     more than the builds themselves. Compile the candidates here instead, one after another."""
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
@@ -253,7 +252,7 @@ def tune(mod, target, work_dir: Path, trials_per_task: int, time_limit_s: float 
     # time limit cuts tuning short, what is left untuned is the cheap ops.
     tasks = sorted(tasks, key=lambda t: -_flops(t.dispatched[0]) * t.weight)
     # A smaller evolutionary search than the default (512 candidates, 4 generations): the
-    # search took half of each task's time on 2 cores; the measurements decide anyway.
+    # default search takes a large share of each task's time on a small CPU; measurements decide anyway.
     strategy = ms.search_strategy.EvolutionarySearch(population_size=SEARCH_POPULATION, genetic_num_iters=2)
     with _without_foreign_log_handlers():
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

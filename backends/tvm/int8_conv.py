@@ -13,9 +13,9 @@ replaces:
   in int16: exact, since |w| <= 64 makes 2·255·64 < 2^15) and two `vpmaddwd` with ones (int32);
 - the dequantization (acc − zp·Σw) · s_x · s_w + bias writes NCHW float.
 
-Measured on 2 Zen 3 cores, 3x3 convs of ResNet-18's stages, batch 1: 1.1-1.2 ms each (64 to 512
-channels), where our fp32 schedule (`conv_nchwc`) takes 1.6-2.3 ms and the C++ int8 kernel called
-from Relax 1.8-4.9 ms (im2col, transposes and its OpenMP threads beside TVM's pool).
+On the 3x3 convs of ResNet-18's stages at batch 1 it beats our fp32 schedule (`conv_nchwc`) and the
+C++ int8 kernel called from Relax (im2col, transposes and its OpenMP threads beside TVM's pool);
+`python -m edgepasses.bench.tvm_bench --int8` times whole models.
 """
 
 from tvm import s_tir, te, tirx
@@ -119,7 +119,7 @@ def compute(x_shape, packed_shape, stride, padding, x_scale: float, zero_point: 
 
 
 def default_tile(out_h: int, out_w: int) -> tuple[int, int]:
-    """2x2 pixels where they divide (8 accumulators, the best measured at 56, 28 and 14), else 1 pixel."""
+    """2x2 pixels where they divide (8 accumulators, which timed best at ResNet-18's stage sizes), else 1 pixel."""
     return (2 if out_h % 2 == 0 else 1), (2 if out_w % 2 == 0 else 1)
 
 
@@ -137,7 +137,7 @@ def schedule(func, tile: tuple[int, int] | None = None):
     sch.parallel(item)
     sch.reorder(item, ow_outer, ic, kh, kw, dot, oh_inner, ow_inner, ob_outer, ob_inner, lane)
     # Dequantize each item's rows when they are done: the int32 sums then need a buffer of those rows
-    # only (a full one cost the stem 6.8 instead of 2.5 ms in the VM: megabytes of fresh pages per call).
+    # only (a full one is megabytes of fresh pages per call, which made the stem several times slower).
     dequant = sch.get_sblock("dequant")
     sch.reverse_compute_at(dequant, item)  # before decompose_reduction, which adds a producer
     sch.vectorize(sch.get_loops(dequant)[-1])

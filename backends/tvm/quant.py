@@ -267,8 +267,8 @@ def convert_map() -> dict[str, Callable]:
 
 # ---- the packed functions Relax calls -----------------------------------------------------------
 # They run the kernels on the calling thread: TVM's pool owns the cores, and the kernels' OpenMP threads
-# beside it spin after each call, taking a core from TVM's next parallel loop (ResNet-18 int8, whose
-# last linear is such a call: 30.6-31.6 ms with two kernel threads, 22.1-22.5 ms with one).
+# beside it spin after each call, taking a core from TVM's next parallel loop (a ResNet-18 int8, whose
+# last linear is such a call, runs markedly slower with two kernel threads than with one).
 KERNEL_THREADS = 1
 
 

@@ -3,8 +3,8 @@ more rounds, then the eager float model in rounds of its own (`confirm.json`, sh
 optionally check the per-layer latency table against every measured trial (`lut.json`).
 
 Eager PyTorch is not in the interleaved rounds: its OpenMP workers keep spinning after each call and slow
-whatever runs next on a 2-core machine. With it interleaved, the picked point of docs/search-example ran
-10.9 ms beside NNCF's 11.2 (1.03x); the two alone, 6.42 vs 8.64 ms (1.34x).
+whatever runs next on a machine with few cores, which hides most of the gap between the two that are
+compared.
 
     python -m edgepasses.search.confirm RUN_DIR [--rounds 30] [--lut]
 """

@@ -128,7 +128,7 @@ def _digits_cnn(batch_size: int) -> ZooModel:
 
 
 def _digits_resnet18(batch_size: int) -> ZooModel:
-    # Two epochs is the fewest that reach 95% (one gives 88%): about a minute on 2 idle cores.
+    # Two epochs: the fewest that train it to a useful accuracy (one falls well short).
     module = load_or_train("resnet18", _digits_resnet18_module, epochs=2, lr=1e-3, batch_size=64, size=32)
     return _digits_model("resnet18", module, 32,
                          "torchvision resnet18 (3x3 stem) trained on scikit-learn digits, 1x32x32 input",

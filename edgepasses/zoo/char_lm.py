@@ -175,7 +175,7 @@ def train(model: nn.Module, steps: int, batch_size: int = TRAIN_BATCH_SIZE, lr: 
 
 def load_or_train_char_lm() -> CharTransformer:
     """The standard CharTransformer with weights from the cache, trained and cached on first use
-    (about 2 minutes on two idle CPU cores, several times that on busy ones); in eval mode."""
+    (minutes on a small CPU, longer on a busy one); in eval mode."""
     path = cache_dir() / f"char_lm_{CACHE_VERSION}.pt"
     if path.exists():
         model = CharTransformer()

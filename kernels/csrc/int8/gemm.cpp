@@ -261,7 +261,7 @@ EDGE_AVX2 inline void finish4x3(const Gemm& g, int64_t m0, int64_t n, const __m2
 }
 
 // Rows m0..m0+3 against weight rows [n_lo, n_hi): 4×3 tiles over the whole K (the 4 activation rows
-// stay in L1 while the weights stream past; blocking K measured no faster), then a 4×1 or 4×2 tile.
+// stay in L1 while the weights stream past, so K needs no blocking), then a 4×1 or 4×2 tile.
 // `prefetch`: the weights are not in cache yet (the task's first strip), so prefetch them a tile ahead.
 template <bool S16>
 EDGE_AVX2 void strip4(const Gemm& g, int64_t m0, int64_t n_lo, int64_t n_hi, bool prefetch) {
