@@ -1,4 +1,4 @@
-"""NaN/Inf (issue 20, item 4): calibration data with NaN/Inf is an error naming the batch and input for
+"""NaN/Inf: calibration data with NaN/Inf is an error naming the batch and input for
 every data-aware pass; compiled programs do not propagate NaN/Inf inputs as eager does, and
 verify=True refuses such inputs at call time (docs/trust.md says exactly what happens without it)."""
 import pytest

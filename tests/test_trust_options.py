@@ -1,4 +1,4 @@
-"""Every error one clear line, as early as possible (issue 20, item 6): options refused when they are
+"""Every error one clear line, as early as possible: options refused when they are
 parsed (before any graph compiles), dynamic shapes, programs called with other shapes, and the CLI."""
 import re
 from pathlib import Path

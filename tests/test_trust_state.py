@@ -1,4 +1,4 @@
-"""State and staleness (issue 20, item 3): buffers a model writes carry across calls on every target,
+"""State and staleness: buffers a model writes carry across calls on every target,
 calibration leaves them as it found them, and weights replaced after compiling are an error, not
 stale results."""
 import logging
