@@ -29,6 +29,10 @@ SIGNATURES = {
     # w i8 [O,Cg,KH,KW] (torch's layout); O, Cg, KH, KW; packed i8 [O,KH,KW,Cg] (out): what edge_int8_conv2d reads;
     # threads.
     "edge_int8_conv2d_pack": (_i32, [*_buf, _i64, _i64, _i64, _i64, *_buf, _i32]),
+    # a f32 [batch,M,K]; b f32 [batch,K,N] ([batch,N,K] with transpose_b); batch; M; K; N; transpose_b 0/1;
+    # a_scale > 0, a_zero_point in [0, 255]; b_scale, b_zero_point (static per-tensor u8 for both);
+    # out f32 [batch,M,N]; threads.
+    "edge_int8_bmm": (_i32, [*_buf, *_buf, _i64, _i64, _i64, _i64, _i32, _f64, _i32, _f64, _i32, *_buf, _i32]),
     # x f32 [M,K]; M; K; values f32 [N,K/2]; indices u8 [N,ceil(K/8)]: per group of 4 along K, the two
     # kept positions i0 < i1 as the nibble i0 | i1 << 2, group 2j in the low nibble of byte j; N;
     # bias f32 [N] or NULL; out f32 [M,N]; threads.

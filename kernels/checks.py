@@ -31,6 +31,7 @@ from edgepasses.errors import EdgeError
 from . import abi
 
 MAX_INT8_K = 65793        # csrc/int8/int8.h kMaxK: the longest reduction whose int32 sums cannot overflow
+MAX_INT8_BMM_K = 33025    # kMaxBmmK: the same for two centered u8 activations (K·255·255 < 2**31)
 SEVEN_BIT = (-64, 64)     # weight_bits=7: u8·s8 pairs then sum in int16 exactly (2·255·64 < 2**15)
 FLOATING = "floating"
 
@@ -210,6 +211,38 @@ def int8_conv2d(op: str, x, weight, weight_scale, weight_sum, bias, stride, padd
     x_quant(op, x_scale, x_zero_point, dynamic_ok=False)
     weight_bits(op, bits)
     return b, o, oh, ow
+
+
+def activation_quant(op: str, name: str, scale, zero_point) -> None:
+    """A static per-tensor u8 quantization: `name`_scale a finite float > 0, `name`_zero_point in [0, 255]."""
+    if not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)) or isinstance(scale, bool):
+        _refuse(op, f"{name}_scale must be a float, got {type(scale).__name__}", KernelTypeError)
+    if isinstance(scale, (int, float)) and not (math.isfinite(scale) and scale > 0):
+        _refuse(op, f"{name}_scale must be finite and > 0, got {scale}")
+    integer(op, f"{name}_zero_point", zero_point, 0, 255)
+
+
+def int8_bmm(op: str, a, b, a_scale, a_zero_point, b_scale, b_zero_point, transpose_b) -> tuple[int, ...]:
+    """a [..., M, K] @ b [..., K, N] (b [..., N, K] with transpose_b), the same batch dims. Returns the
+    output shape [..., M, N]."""
+    tensor(op, "a", a, dtypes=FLOATING, min_dim=2)
+    tensor(op, "b", b, dtypes=FLOATING, min_dim=2, device=a.device)
+    if not isinstance(transpose_b, bool):
+        _refuse(op, f"transpose_b must be a bool, got {type(transpose_b).__name__}", KernelTypeError)
+    if a.shape[:-2] != b.shape[:-2]:
+        _refuse(op, f"a and b must have the same batch dims, got a {_shape(a)} and b {_shape(b)}")
+    k = a.shape[-1]
+    b_k, n = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
+    if b_k != k:
+        layout = "[..., N, K]" if transpose_b else "[..., K, N]"
+        _refuse(op, f"b {_shape(b)} read as {layout} (transpose_b={transpose_b}) has K={b_k}; a's K is {k}")
+    if isinstance(k, int) and not 0 < k <= MAX_INT8_BMM_K:
+        _refuse(op, f"K must be in [1, {MAX_INT8_BMM_K}] (int32 sums), got {k}")
+    if isinstance(n, int) and n == 0:
+        _refuse(op, f"N must be > 0, got b {_shape(b)}")
+    activation_quant(op, "a", a_scale, a_zero_point)
+    activation_quant(op, "b", b_scale, b_zero_point)
+    return (*a.shape[:-1], n)
 
 
 def sparse24_k(values) -> int:

@@ -218,6 +218,43 @@ def _(x, weight, weight_scale, weight_sum, bias, stride, padding, dilation, grou
     return x.new_empty(shape, dtype=torch.float32)
 
 
+# ---- edge::int8_bmm ---------------------------------------------------------------------------
+
+@custom_op("edge::int8_bmm", mutates_args=(), device_types="cpu")
+def int8_bmm(a: Tensor, b: Tensor, a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int,
+             transpose_b: bool) -> Tensor:
+    """dequant(quant(a) @ quant(b)) of two activations (attention's Q·Kᵀ and P·V) with int32
+    accumulation.
+
+    a float [..., M, K]; b float [..., K, N], or [..., N, K] with transpose_b (Q·Kᵀ reads K as it
+    is, no transpose copy); the same batch dims. Each is quantized static per tensor to u8 codes
+    (scale, zero point in [0, 255]: s8 codes are u8 codes with the zero point + 128); the output is
+    float32 Σ(qa − za)(qb − zb) · (a_scale·b_scale)."""
+    args = (a, b, a_scale, a_zero_point, b_scale, b_zero_point, transpose_b)
+    shape = checks.int8_bmm("int8_bmm", *args)
+    out = a.new_empty(shape, dtype=torch.float32)
+    _run_int8_bmm(out, *args)
+    return out
+
+
+def _run_int8_bmm(out: Tensor, a: Tensor, b: Tensor, a_scale: float, a_zero_point: int, b_scale: float,
+                  b_zero_point: int, transpose_b: bool) -> None:
+    """The C++ call on checked arguments (contiguous float32 copies held here while it runs)."""
+    m, k = a.shape[-2:]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    batch = out.numel() // (m * n) if m * n else 0
+    ac, bc = a.contiguous().float(), b.contiguous().float()
+    code = library().edge_int8_bmm(*abi.buffer(ac), *abi.buffer(bc), batch, m, k, n, int(transpose_b), a_scale,
+                                   a_zero_point, b_scale, b_zero_point, *abi.buffer(out), torch.get_num_threads())
+    _check(code, "int8_bmm")
+
+
+@int8_bmm.register_fake
+def _(a, b, a_scale, a_zero_point, b_scale, b_zero_point, transpose_b):
+    return a.new_empty(checks.int8_bmm("int8_bmm", a, b, a_scale, a_zero_point, b_scale, b_zero_point, transpose_b),
+                       dtype=torch.float32)
+
+
 # ---- edge::sparse24_linear --------------------------------------------------------------------
 
 @custom_op("edge::sparse24_linear", mutates_args=(), device_types="cpu")

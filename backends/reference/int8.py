@@ -1,4 +1,4 @@
-"""Quantize-dequantize patterns → `edge::int8_linear` / `edge::int8_conv2d`.
+"""Quantize-dequantize patterns → `edge::int8_linear` / `edge::int8_conv2d` / `edge::int8_bmm`.
 
 The pattern PT2E leaves (`convert_pt2e(fold_quantize=False)`; `edgepasses.quant.patterns` finds it):
 
@@ -6,7 +6,9 @@ The pattern PT2E leaves (`convert_pt2e(fold_quantize=False)`; `edgepasses.quant.
     W ─ quantize_per_channel ─ dequantize_per_channel ┴─ linear / conv2d (+ bias)
 
 becomes one kernel call that quantizes x itself, multiplies int8 codes with int32
-accumulation and dequantizes per channel. The weight codes (a conv's packed channels-last,
+accumulation and dequantizes per channel. A matmul of two dequantized activations (attention's
+Q·Kᵀ and P·V) becomes `edge::int8_bmm`, which quantizes both; a Kᵀ made by a transpose is read
+in place (`transpose_b`). The weight codes (a conv's packed channels-last,
 `ops.pack_int8_conv2d_weight`) and their row sums (the zero-point correction) are computed
 here once. A quantized op left in another form runs as
 float fake-quant in PyTorch and is reported as a fallback.
@@ -56,24 +58,59 @@ def _kernel_call(gm, node, x: ActivationQDQ, w: WeightCodes):
                                                 conv.dilation, conv.groups, x.scale, x.uint8_zero_point, w.bits)
 
 
+def bmm_mismatch(pattern: QDQPattern) -> str | None:
+    """Why `edge::int8_bmm` cannot run a matched matmul (None: it can): it takes two operands of at
+    least 2 dims with the same batch dims (no broadcasting)."""
+    a, b = (arg.meta["val"] for arg in pattern.node.args[:2])
+    if a.dim() < 2 or b.dim() < 2 or a.shape[:-2] != b.shape[:-2]:
+        return (f"int8_bmm needs two operands of >= 2 dims with the same batch dims, got {tuple(a.shape)} and "
+                f"{tuple(b.shape)}")
+    return None
+
+
+def _swaps_last_two(node) -> bool:
+    """`node` is a transpose of its input's last two dims."""
+    if not (isinstance(node, torch.fx.Node) and node.target == aten.transpose.int):
+        return False
+    rank = node.meta["val"].dim()
+    return {d % rank for d in node.args[1:3]} == {rank - 2, rank - 1}
+
+
+def _bmm_call(gm, node, pattern: QDQPattern):
+    """edge::int8_bmm and its arguments for a matmul of two quantized activations."""
+    a, b = pattern.activation, pattern.other
+    left, right = a.float_input(gm, before=node), b.float_input(gm, before=node)
+    transpose_b = _swaps_last_two(right)
+    if transpose_b:  # Kᵀ: the kernel reads K's rows as they are, no transposed copy
+        right = right.args[0]
+    return torch.ops.edge.int8_bmm.default, (left, right, a.scale, a.uint8_zero_point, b.scale,
+                                             b.uint8_zero_point, transpose_b)
+
+
 def lower_kernel_patterns(gm: torch.fx.GraphModule) -> tuple[int, list[QDQPattern]]:
-    """Rewrite every quantized linear/conv2d into an int8 kernel call. Returns how many were rewritten
-    and the patterns of the other convs/linears/matmuls that read a dequantized tensor."""
+    """Rewrite every quantized linear/conv2d/activation matmul into an int8 kernel call. Returns how
+    many were rewritten and the patterns of the other convs/linears/matmuls that read a dequantized
+    tensor."""
     rewritten, left = 0, []
     for pattern in find_patterns(gm):
-        if pattern.mismatch is not None or pattern.is_matmul:
+        if pattern.mismatch is not None or (pattern.is_matmul and bmm_mismatch(pattern)):
             left.append(pattern)
             continue
         node = pattern.node
-        replace_with_call(gm, node, *_kernel_call(gm, node, pattern.activation, weight_codes(gm, pattern.weight)))
+        if pattern.is_matmul:
+            replace_with_call(gm, node, *_bmm_call(gm, node, pattern))
+        else:
+            replace_with_call(gm, node, *_kernel_call(gm, node, pattern.activation, weight_codes(gm, pattern.weight)))
         rewritten += 1
     return rewritten, left
 
 
 def why_no_kernel(pattern: QDQPattern) -> str:
     """Why a pattern `lower_kernel_patterns` left has no int8 kernel here."""
-    if pattern.is_matmul or pattern.mismatch.reason is Reason.OP:
-        return "no int8 kernel for this op (int8 kernels: linear, 2-d conv)"
+    if pattern.mismatch is None:  # a matmul the bmm kernel does not take
+        return bmm_mismatch(pattern)
+    if pattern.mismatch.reason is Reason.OP:
+        return "no int8 kernel for this op (int8 kernels: linear, 2-d conv, matmul of two activations)"
     return pattern.mismatch.detail
 
 

@@ -77,18 +77,66 @@ def test_int8_graph_runs_on_int8_kernels_matching_the_fake_quant_graph(symmetric
         _close_to_fake_quant(lowered(x), gm(x))
 
 
-def test_quantized_matmul_without_an_int8_kernel_is_reported(tiny_bert, caplog):
+def test_quantized_attention_matmuls_run_on_the_int8_bmm_kernel(tiny_bert):
     model, example, calibration, _ = tiny_bert
     gm = edgepasses.compress(model, example, "quantize", calibration=calibration)
-    with caplog.at_level(logging.WARNING, logger="edgepasses"):
-        lowered = edgepasses.lower(gm, example, target="reference")
-    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "aten.matmul" in warning and "float fake-quant" in warning
-    assert lowered.edge_lowering.int8_ops == _count(lowered, torch.ops.edge.int8_linear.default) > 0
+    lowered = edgepasses.lower(gm, example, target="reference", strict=True)
+    bmms = [n for n in lowered.graph.nodes if n.target == torch.ops.edge.int8_bmm.default]
+    assert [n.args[-1] for n in bmms] == [True, False] * 2  # Q·Kᵀ reads K in place (transpose_b); P·V as it is
+    assert _count(lowered, torch.ops.aten.matmul.default) == 0 and lowered.edge_lowering.fallbacks == []
+    assert lowered.edge_lowering.int8_ops == len(bmms) + _count(lowered, torch.ops.edge.int8_linear.default)
     with torch.no_grad():
         _close_to_fake_quant(lowered(*example), gm(*example))
+
+
+class Attention(nn.Module):
+    """Hand-written attention: Q·Kᵀ and P·V as torch.bmm over (batch·heads), odd sizes."""
+
+    def __init__(self, dim=30, heads=2):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        hd = d // self.heads
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, hd).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads, t, hd)
+        p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / hd ** 0.5, -1)
+        return self.out(torch.bmm(p, v).reshape(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, d))
+
+
+def test_hand_written_attention_runs_its_bmms_on_the_int8_kernel():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 30)
+    gm = edgepasses.compress(Attention().eval(), (x,), "quantize", calibration=_calibration(x.shape))
+    lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
+    assert _count(lowered, torch.ops.edge.int8_bmm.default) == 2 and _count(lowered, torch.ops.aten.bmm.default) == 0
+    assert lowered.edge_lowering.int8_ops == 4
+    with torch.no_grad():
+        _close_to_fake_quant(lowered(x), gm(x))
+
+
+class BroadcastMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):  # [2, 8, 8] @ [8, 5]: a broadcast the bmm kernel does not take
+        return torch.matmul(self.a(x), self.b(x[0]))
+
+
+def test_quantized_matmul_without_an_int8_kernel_is_reported(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8)
+    gm = edgepasses.compress(BroadcastMatmul().eval(), (x,), "quantize", calibration=_calibration(x.shape))
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, (x,), target="reference")
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "aten.matmul" in warning and "same batch dims" in warning and "float fake-quant" in warning
+    assert lowered.edge_lowering.int8_ops == _count(lowered, torch.ops.edge.int8_linear.default) == 2
+    with torch.no_grad():
+        _close_to_fake_quant(lowered(x), gm(x))
     with pytest.raises(UnsupportedOpError, match="aten.matmul"):
-        edgepasses.lower(gm, example, target="reference", strict=True)
+        edgepasses.lower(gm, (x,), target="reference", strict=True)
 
 
 def test_lowrank_pairs_become_one_fused_op():

@@ -79,6 +79,34 @@ def _lowrank(**broken):
     return ka.lowrank(**parts)
 
 
+def _bmm(**broken):
+    from edgepasses.kernels import ops
+
+    gen = torch.Generator().manual_seed(3)
+    parts = {"a": torch.randn(2, 5, 8, generator=gen), "b": torch.randn(2, 8, 6, generator=gen), "a_scale": 0.05,
+             "a_zero_point": 128, "b_scale": 0.05, "b_zero_point": 120, "transpose_b": False}
+    parts.update(broken)
+    return ops.int8_bmm(**parts)
+
+
+def _bmm_matches_fake_quant():
+    """A valid int8_bmm call against the float matmul of the dequantized operands."""
+    qd = torch.ops.quantized_decomposed
+    a, b = torch.randn(3, 7, 9), torch.randn(3, 5, 9)
+
+    def fake_quant(t, scale, zp):
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(t, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255,
+                                        torch.uint8)
+
+    def run():
+        return _bmm(a=a, b=b, transpose_b=True), fake_quant(a, 0.05, 128) @ fake_quant(b, 0.05, 120).transpose(1, 2)
+
+    def check(result):
+        got, want = result
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return run, check
+
+
 def _into(out):
     def run():
         ka = kernel_args()
@@ -119,6 +147,22 @@ def cases() -> list[Case]:
     ]:
         cases.append(Case(f"kernel lowrank_linear: {name}", "kernel", (lambda b: lambda: _lowrank(**b)())(broken),
                           clear_error(KernelError, _refusal("lowrank_linear", mentions))))
+    for name, broken, mentions in [
+        ("b's K", {"b": torch.randn(2, 7, 6)}, ["b", "K=7", "a's K is 8"]),
+        ("transposed b's K", {"transpose_b": True}, ["b", "[..., N, K]", "K=6"]),
+        ("batch dims", {"b": torch.randn(3, 8, 6)}, ["same batch dims", "(3, 8, 6)"]),
+        ("a 1-D", {"a": torch.randn(8)}, ["a", "at least 2 dims"]),
+        ("b int", {"b": torch.ones(2, 8, 6, dtype=torch.int64)}, ["b", "floating"]),
+        ("a_scale zero", {"a_scale": 0.0}, ["a_scale", "> 0"]),
+        ("b_scale inf", {"b_scale": float("inf")}, ["b_scale", "finite"]),
+        ("a_zero_point 256", {"a_zero_point": 256}, ["a_zero_point", "[0, 255]"]),
+        ("b_zero_point -1", {"b_zero_point": -1}, ["b_zero_point", "[0, 255]"]),
+        ("K 0", {"a": torch.randn(2, 5, 0), "b": torch.randn(2, 0, 6)}, ["K must be in [1, 33025]"]),
+    ]:
+        cases.append(Case(f"kernel int8_bmm: {name}", "kernel", (lambda b: lambda: _bmm(**b))(broken),
+                          clear_error(KernelError, _refusal("int8_bmm", mentions))))
+    run, check = _bmm_matches_fake_quant()
+    cases.append(Case("kernel int8_bmm: a valid call matches the fake-quant matmul", "kernel", run, correct(check)))
     for name, out, mention in [("out of the wrong shape", lambda: torch.empty(3, 5), "shape (3, 4)"),
                                ("out float64", lambda: torch.empty(3, 4, dtype=torch.float64), "float32"),
                                ("out non-contiguous", lambda: torch.empty(4, 3).T, "non-contiguous")]:

@@ -237,6 +237,43 @@ def valid_conv2d_pack(lib, expect: Expect) -> None:
             expect.failures.append(f"int8_conv2d_pack {o}x{cg}x{kh}x{kw}: not channels-last")
 
 
+def bmm_call(lib, a, b, batch, m, k, n, transpose_b, out, a_zp=120, b_zp=130, threads=1) -> int:
+    return lib.edge_int8_bmm(*a.abi(), *b.abi(), batch, m, k, n, transpose_b, 0.02, a_zp, 0.03, b_zp, *out.abi(),
+                             threads)
+
+
+def bmm_operands(rng, batch, m, k, n):
+    return {"a": Buffer(F32, rand_floats(rng, batch * m * k)), "b": Buffer(F32, rand_floats(rng, batch * k * n)),
+            "out": Buffer(F32, [0.0] * (batch * m * n))}
+
+
+def refuse_int8_bmm(lib, expect: Expect) -> None:
+    rng = random.Random(9)
+    batch, m, k, n = 2, 3, 9, 5
+    full = bmm_operands(rng, batch, m, k, n)
+    for name in ("a", "b", "out"):
+        args = {**full, name: Buffer(F32, full[name].values()[:-1])}
+        expect.refused(f"int8_bmm short {name}", bmm_call(lib, args["a"], args["b"], batch, m, k, n, 0, args["out"]),
+                       name, "expected")
+    f = full
+    for name, kk, transpose_b, a_zp, word in (("K=0", 0, 0, 120, "K"), ("K too long", 40000, 0, 120, "K"),
+                                              ("transpose_b 2", k, 2, 120, "transpose_b"),
+                                              ("a zero point 256", k, 0, 256, "a_zero_point")):
+        code = bmm_call(lib, f["a"], f["b"], batch, m, kk, n, transpose_b, f["out"], a_zp=a_zp)
+        expect.refused(f"int8_bmm {name}", code, word)
+    expect.refused("int8_bmm sizes overflow", bmm_call(lib, f["a"], f["b"], 2**40, 2**20, k, n, 0, f["out"]),
+                   "overflow")
+
+
+def valid_int8_bmm(lib, expect: Expect) -> None:
+    rng = random.Random(10)
+    for batch, m, k, n in ((1, 1, 1, 1), (2, 5, 7, 9), (3, 17, 33, 31), (1, 4, 64, 16), (4, 9, 2, 18), (8, 33, 40, 30)):
+        for transpose_b in (0, 1):
+            ops = bmm_operands(rng, batch, m, k, n)
+            code = bmm_call(lib, ops["a"], ops["b"], batch, m, k, n, transpose_b, ops["out"], threads=2)
+            expect.ok(f"int8_bmm {batch}x{m}x{k}x{n} transpose_b={transpose_b}", code)
+
+
 def valid_row_stats(lib, expect: Expect) -> None:
     rng = random.Random(8)
     for n, k in ((1, 1), (3, 31), (2, 32), (5, 33), (4, 100), (2, 0)):
@@ -367,12 +404,14 @@ def main(library: str, mode: str) -> int:
         return 1
     expect = Expect(lib)
     if mode == "refuse":
-        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_conv2d_pack, refuse_row_stats):
+        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_conv2d_pack, refuse_row_stats,
+                    refuse_int8_bmm):
             run(lib, expect)
     else:
         for path in ("avx2", "portable"):
             os.environ["EDGE_KERNELS_PORTABLE"] = "1" if path == "portable" else "0"
-            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_conv2d_pack, valid_row_stats):
+            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_conv2d_pack, valid_row_stats,
+                        valid_int8_bmm):
                 run(lib, expect)
     return report(expect)
 

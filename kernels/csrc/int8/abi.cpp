@@ -1,5 +1,5 @@
 // The int8 kernels' C ABI (see build.py and abi.py): edge_int8_linear, edge_int8_conv2d (on weights
-// packed by edge_int8_conv2d_pack) and edge_int8_row_stats. Each checks its shapes, quantization and buffer sizes (check.h) before anything
+// packed by edge_int8_conv2d_pack), edge_int8_bmm and edge_int8_row_stats. Each checks its shapes, quantization and buffer sizes (check.h) before anything
 // is read, picks the CPU path, and calls the kernel.
 #include <algorithm>
 #include <cmath>
@@ -47,6 +47,15 @@ int32_t check_quant(const char* op, int32_t weight_bits, double x_scale, int32_t
         return refuse(kBadQuant, "%s: x_scale must be finite%s, got %g", op, dynamic_ok ? "" : " and > 0", x_scale);
     if (x_scale > 0.0 && (x_zero_point < 0 || x_zero_point > 255))
         return refuse(kBadQuant, "%s: x_zero_point must be in [0, 255], got %d", op, x_zero_point);
+    return kOk;
+}
+
+// A static per-tensor u8 activation quantization: scale finite and > 0, zero point in [0, 255].
+int32_t check_activation(const char* op, const char* name, double scale, int32_t zero_point) {
+    if (!std::isfinite(scale) || !(scale > 0.0))
+        return refuse(kBadQuant, "%s: %s_scale must be finite and > 0, got %g", op, name, scale);
+    if (zero_point < 0 || zero_point > 255)
+        return refuse(kBadQuant, "%s: %s_zero_point must be in [0, 255], got %d", op, name, zero_point);
     return kOk;
 }
 
@@ -147,6 +156,31 @@ extern "C" int32_t edge_int8_conv2d(const float* x, int64_t x_bytes, int64_t B, 
     if (B == 0) return kOk;
     const ConvArgs args{x, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
     return conv2d(cv, args, choose_path(weight_bits), threads(num_threads));
+}
+
+extern "C" int32_t edge_int8_bmm(const float* a, int64_t a_bytes, const float* b, int64_t b_bytes, int64_t batch,
+                                 int64_t M, int64_t K, int64_t N, int32_t transpose_b, double a_scale,
+                                 int32_t a_zero_point, double b_scale, int32_t b_zero_point, float* out,
+                                 int64_t out_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_bmm";
+    if (batch < 0 || M < 0 || K <= 0 || K > kMaxBmmK || N <= 0)
+        return refuse(kBadShape, "%s: needs batch >= 0, M >= 0, 0 < K <= %lld, N > 0; got batch=%lld M=%lld K=%lld "
+                      "N=%lld", op, ll(kMaxBmmK), ll(batch), ll(M), ll(K), ll(N));
+    if (transpose_b != 0 && transpose_b != 1)
+        return refuse(kBadShape, "%s: transpose_b must be 0 or 1, got %d", op, transpose_b);
+    if (int32_t c = check_activation(op, "a", a_scale, a_zero_point)) return c;
+    if (int32_t c = check_activation(op, "b", b_scale, b_zero_point)) return c;
+    int64_t a_elems, b_elems, out_elems, padded;
+    // `padded` bounds the packed buffers (K + 1 pairs' rows, N + 16 columns): their sizes fit int64 too
+    if (!count(&a_elems, batch, M, K) || !count(&b_elems, batch, K, N) || !count(&out_elems, batch, M, N) ||
+        !count(&padded, batch, K + 1, std::max(M, N + 16)))
+        return refuse(kBadShape, "%s: batch=%lld M=%lld K=%lld N=%lld overflow", op, ll(batch), ll(M), ll(K), ll(N));
+    if (a_elems == 0) return kOk;  // no rows: nothing to read or write
+    if (int32_t c = need(op, "a", a, a_bytes, a_elems, sizeof(float))) return c;
+    if (int32_t c = need(op, "b", b, b_bytes, b_elems, sizeof(float))) return c;
+    if (int32_t c = need(op, "out", out, out_bytes, out_elems, sizeof(float))) return c;
+    const BmmArgs args{a, b, batch, M, K, N, transpose_b == 1, a_scale, b_scale, a_zero_point, b_zero_point, out};
+    return bmm(args, use_avx2() ? kAvx2S16 : kPortable, threads(num_threads));
 }
 
 // Packs conv weight codes w [O, Cg, KH, KW] into packed [O, KH, KW, Cg], the layout edge_int8_conv2d reads.

@@ -11,6 +11,7 @@
 //   linear.cpp    edge_int8_linear's work: quantize the rows, run the GEMM;
 //   conv.cpp      edge_int8_conv2d's work: im2col + GEMM, or a direct loop for depthwise convs; the
 //                 weight packing (edge_int8_conv2d_pack);
+//   bmm.cpp       edge_int8_bmm's work: a batched matmul of two activations, both quantized per call;
 //   abi.cpp       the C ABI: argument checks, the CPU path, the calls above.
 // Paths, chosen at run time from CPUID (EDGE_KERNELS_PORTABLE=1 forces the portable one):
 //   - AVX2, weight_bits 7 (|w| ≤ 64): vpmaddubsw (u8·s8 pairs into int16, exact since 255·64·2 < 2^15)
@@ -54,6 +55,8 @@ enum Path { kPortable = 0, kAvx2U8 = 1, kAvx2S16 = 2 };
 constexpr int64_t kChunk = 32;  // K is padded to a multiple of this in the activation buffers
 // Longest reduction whose int32 sums cannot overflow: K·255·128 < 2^31.
 constexpr int64_t kMaxK = 65793;
+// The same for two centered u8 activations (|q − zp| ≤ 255): K·255·255 < 2^31.
+constexpr int64_t kMaxBmmK = 33025;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -126,5 +129,20 @@ int32_t conv2d(const Conv& cv, const ConvArgs& a, Path path, int nthreads);
 // Weight codes [O, Cg, KH, KW] (torch's layout) to the packed [O, KH, KW, Cg], the (kh, kw, c) order of
 // im2col's rows: done once per weight, when the graph is lowered.
 void pack_conv_weight(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int8_t* packed, int nthreads);
+
+// ---- bmm.cpp -----------------------------------------------------------------------------------
+
+struct BmmArgs {
+    const float* a;          // [batch, M, K]
+    const float* b;          // [batch, K, N], or [batch, N, K] with transpose_b
+    int64_t batch, M, K, N;
+    bool transpose_b;
+    double a_scale, b_scale; // > 0: static per-tensor u8, with the zero points
+    int32_t a_zero_point, b_zero_point;
+    float* out;              // [batch, M, N]
+};
+
+// Runs a checked batched matmul; kOk, or kNoMemory.
+int32_t bmm(const BmmArgs& a, Path path, int nthreads);
 
 }  // namespace edge::int8

@@ -1,0 +1,192 @@
+// edge_int8_bmm's work on checked arguments: out[b] = sa·sb · (qa[b] − za)·(qb[b] − zb), a batched
+// matmul of two activations, both quantized here (static per-tensor u8, as edge_int8_linear's x).
+//
+// Two activations give u8·u8 products, which vpmaddubsw's saturating 16-bit pairs cannot hold; the
+// codes are stored centered (q − zp ∈ [−255, 255]) as int16 and multiplied with vpmaddwd, whose int32
+// pair sums are exact. Centering while packing is the zero-point correction: nothing is left to
+// subtract afterwards.
+//
+// Layouts (per batch item): A rows [M, Kp], Kp = K rounded up to even, zero-padded; B in K pairs
+// [Kp/2, Np, 2], Np = N rounded up to kNR, zero-padded (from B [K, N], or Bᵀ [N, K] for Q·Kᵀ without
+// a transpose copy). The micro-kernel broadcasts one (a[m,k], a[m,k+1]) pair against 8 columns' pairs,
+// so each int32 lane is one output: no horizontal sums, which would dominate at attention's short K.
+#include <algorithm>
+#include <cstring>
+
+#include <omp.h>
+
+#include "int8.h"
+
+namespace edge::int8 {
+namespace {
+
+constexpr int64_t kMR = 4;   // output rows per tile
+constexpr int64_t kNR = 16;  // output columns per tile: two vectors of 8 int32
+
+struct Packed {
+    int16_t* a;              // [batch, M, Kp]
+    int16_t* b;              // [batch, Kp/2, Np, 2]
+    int64_t Kp, Np;
+};
+
+// q − zp of static u8 codes, as int16.
+void quant_centered(const float* x, int64_t n, float inv, int32_t zp, int16_t* q, bool avx2) {
+    quant_static(x, n, inv, static_cast<float>(zp), q, avx2);
+    for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int16_t>(q[i] - zp);
+}
+
+void pack_a(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2) {
+    const float inv = static_cast<float>(1.0 / g.a_scale);
+    for (int64_t m = 0; m < g.M; ++m) {
+        int16_t* row = p.a + (bi * g.M + m) * p.Kp;
+        quant_centered(g.a + (bi * g.M + m) * g.K, g.K, inv, g.a_zero_point, row, avx2);
+        std::fill(row + g.K, row + p.Kp, int16_t(0));
+    }
+}
+
+// B's codes into K pairs; `row` is scratch for one quantized source row (K or N values).
+void pack_b(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2, int16_t* row) {
+    const float inv = static_cast<float>(1.0 / g.b_scale);
+    int16_t* dst = p.b + bi * p.Kp * p.Np;
+    std::fill(dst, dst + p.Kp * p.Np, int16_t(0));
+    const float* src = g.b + bi * g.K * g.N;
+    auto at = [&](int64_t k, int64_t n) -> int16_t& { return dst[((k >> 1) * p.Np + n) * 2 + (k & 1)]; };
+    if (g.transpose_b) {  // src is [N, K]
+        for (int64_t n = 0; n < g.N; ++n) {
+            quant_centered(src + n * g.K, g.K, inv, g.b_zero_point, row, avx2);
+            for (int64_t k = 0; k < g.K; ++k) at(k, n) = row[k];
+        }
+    } else {  // src is [K, N]
+        for (int64_t k = 0; k < g.K; ++k) {
+            quant_centered(src + k * g.N, g.N, inv, g.b_zero_point, row, avx2);
+            for (int64_t n = 0; n < g.N; ++n) at(k, n) = row[n];
+        }
+    }
+}
+
+// The exact sum times the combined scale: (float)acc · (float)(sa·sb).
+inline float dequant(int32_t acc, float scale) { return static_cast<float>(acc) * scale; }
+
+void tile_portable(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m0, int mr, int64_t n0, float scale) {
+    const int16_t* bp = p.b + bi * p.Kp * p.Np;
+    const int64_t n_hi = std::min(g.N, n0 + kNR);
+    for (int i = 0; i < mr; ++i) {
+        const int16_t* ar = p.a + (bi * g.M + m0 + i) * p.Kp;
+        float* o = g.out + (bi * g.M + m0 + i) * g.N;
+        for (int64_t n = n0; n < n_hi; ++n) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < p.Kp; k += 2) {
+                const int16_t* bk = bp + ((k >> 1) * p.Np + n) * 2;
+                s += int32_t{ar[k]} * bk[0] + int32_t{ar[k + 1]} * bk[1];
+            }
+            o[n] = dequant(s, scale);
+        }
+    }
+}
+
+#if EDGE_X86
+// Stores 8 outputs of one row (the first `r` of them when the row ends inside the vector).
+EDGE_AVX2 inline void store8(float* o, __m256i acc, __m256 scale, int64_t r) {
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), scale);
+    if (r >= 8) return _mm256_storeu_ps(o, v);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(r)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(o, mask, v);
+}
+
+template <int MR>
+EDGE_AVX2 void tile_avx2(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m0, int64_t n0, float scale) {
+    const int16_t* bp = p.b + bi * p.Kp * p.Np + n0 * 2;
+    const int16_t* a = p.a + (bi * g.M + m0) * p.Kp;
+    __m256i acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < p.Kp; k += 2, bp += p.Np * 2) {
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 16));
+        for (int i = 0; i < MR; ++i) {
+            int32_t pair;
+            std::memcpy(&pair, a + i * p.Kp + k, sizeof(pair));
+            const __m256i av = _mm256_set1_epi32(pair);
+            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(av, b0));
+            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(av, b1));
+        }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    const int64_t left = g.N - n0;
+    for (int i = 0; i < MR; ++i) {
+        float* o = g.out + (bi * g.M + m0 + i) * g.N + n0;
+        store8(o, acc[i][0], s, left);
+        if (left > 8) store8(o + 8, acc[i][1], s, left - 8);
+    }
+}
+
+EDGE_AVX2 void rows_avx2(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m0, int mr, int64_t n0,
+                         float scale) {
+    switch (mr) {
+        case 4: return tile_avx2<4>(g, p, bi, m0, n0, scale);
+        case 3: return tile_avx2<3>(g, p, bi, m0, n0, scale);
+        case 2: return tile_avx2<2>(g, p, bi, m0, n0, scale);
+        default: return tile_avx2<1>(g, p, bi, m0, n0, scale);
+    }
+}
+#endif
+
+// Rows [m_lo, m_hi) of batch item bi, all columns.
+void run_task(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m_lo, int64_t m_hi, Path path, float scale) {
+    for (int64_t m = m_lo; m < m_hi; m += kMR) {
+        const int mr = static_cast<int>(std::min(kMR, m_hi - m));
+        for (int64_t n = 0; n < g.N; n += kNR) {
+#if EDGE_X86
+            if (path != kPortable) {
+                rows_avx2(g, p, bi, m, mr, n, scale);
+                continue;
+            }
+#endif
+            tile_portable(g, p, bi, m, mr, n, scale);
+        }
+    }
+}
+
+}  // namespace
+
+int32_t bmm(const BmmArgs& g, Path path, int nthreads) {
+    const bool avx2 = path != kPortable;
+    Packed p{nullptr, nullptr, round_up(g.K, 2), round_up(g.N, kNR)};
+    Buffer abuf, bbuf;
+    p.a = static_cast<int16_t*>(abuf.get(static_cast<size_t>(g.batch * g.M * p.Kp) * sizeof(int16_t)));
+    p.b = static_cast<int16_t*>(bbuf.get(static_cast<size_t>(g.batch * p.Kp * p.Np) * sizeof(int16_t)));
+    if (!p.a || !p.b) return refuse(kNoMemory, "int8 kernels: out of memory");
+
+    const double macs = static_cast<double>(g.batch) * g.M * g.N * g.K;
+    const int nt = macs < 262144.0 ? 1 : std::max(1, nthreads);
+    // Tasks: batch items × blocks of rows, enough of them to balance threads on a shared machine.
+    const int64_t want = nt > 1 ? 8 * nt : 1;
+    const int64_t m_split = std::clamp<int64_t>(ceil_div(want, g.batch), 1, ceil_div(g.M, kMR));
+    const int64_t mb = round_up(ceil_div(g.M, m_split), kMR), m_blocks = ceil_div(g.M, mb);
+    const float scale = static_cast<float>(g.a_scale * g.b_scale);
+    bool scratch_ok = true;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        Buffer rbuf;
+        int16_t* row = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(std::max(g.K, g.N)) * sizeof(int16_t)));
+        if (!row) {
+#pragma omp atomic write
+            scratch_ok = false;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < g.batch; ++bi) {
+            if (!row) continue;
+            pack_a(g, p, bi, avx2);
+            pack_b(g, p, bi, avx2, row);
+        }
+        // dynamic: on a shared machine a descheduled thread's tasks are taken over by the others
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < g.batch * m_blocks; ++t) {
+            const int64_t bi = t / m_blocks, m_lo = t % m_blocks * mb;
+            if (scratch_ok) run_task(g, p, bi, m_lo, std::min(g.M, m_lo + mb), path, scale);
+        }
+    }
+    return scratch_ok ? kOk : refuse(kNoMemory, "int8 kernels: out of memory");
+}
+
+}  // namespace edge::int8
