@@ -7,7 +7,7 @@
 // subtract afterwards.
 //
 // Layouts (per batch item): A rows [M, Kp], Kp = K rounded up to even, zero-padded; B in K pairs
-// [Kp/2, Np, 2], Np = N rounded up to kNR, zero-padded (from B [K, N], or Bᵀ [N, K] for Q·Kᵀ without
+// [Kp/2, Np, 2] (an int32 word per pair), Np = N rounded up to kNR, zero-padded (from B [K, N], or Bᵀ [N, K] for Q·Kᵀ without
 // a transpose copy). The micro-kernel broadcasts one (a[m,k], a[m,k+1]) pair against 8 columns' pairs,
 // so each int32 lane is one output: no horizontal sums, which would dominate at attention's short K.
 #include <algorithm>
@@ -44,24 +44,35 @@ void pack_a(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2) {
     }
 }
 
-// B's codes into K pairs; `row` is scratch for one quantized source row (K or N values).
-void pack_b(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2, int16_t* row) {
+// One int32 word of the pair layout: a's code in the low half, b's in the high (little-endian int16 pairs).
+inline uint32_t pair(int16_t lo, int16_t hi) {
+    return static_cast<uint16_t>(lo) | static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16;
+}
+
+// B's codes into K pairs, as int32 words [Kp/2, Np]; `rows` is scratch for two quantized source rows
+// (2·max(Kp, N) values).
+void pack_b(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2, int16_t* rows) {
     const float inv = static_cast<float>(1.0 / g.b_scale);
-    int16_t* dst = p.b + bi * p.Kp * p.Np;
-    std::fill(dst, dst + p.Kp * p.Np, int16_t(0));
+    uint32_t* dst = reinterpret_cast<uint32_t*>(p.b + bi * p.Kp * p.Np);
+    const int64_t pairs = p.Kp / 2;
     const float* src = g.b + bi * g.K * g.N;
-    auto at = [&](int64_t k, int64_t n) -> int16_t& { return dst[((k >> 1) * p.Np + n) * 2 + (k & 1)]; };
-    if (g.transpose_b) {  // src is [N, K]
+    if (g.transpose_b) {  // src is [N, K]: row n's consecutive pairs go down column n
         for (int64_t n = 0; n < g.N; ++n) {
-            quant_centered(src + n * g.K, g.K, inv, g.b_zero_point, row, avx2);
-            for (int64_t k = 0; k < g.K; ++k) at(k, n) = row[k];
+            quant_centered(src + n * g.K, g.K, inv, g.b_zero_point, rows, avx2);
+            rows[p.Kp - 1] = g.K < p.Kp ? int16_t(0) : rows[p.Kp - 1];
+            for (int64_t k = 0; k < pairs; ++k) dst[k * p.Np + n] = pair(rows[2 * k], rows[2 * k + 1]);
         }
-    } else {  // src is [K, N]
-        for (int64_t k = 0; k < g.K; ++k) {
-            quant_centered(src + k * g.N, g.N, inv, g.b_zero_point, row, avx2);
-            for (int64_t n = 0; n < g.N; ++n) at(k, n) = row[n];
+    } else {  // src is [K, N]: rows k and k + 1 interleave into one row of pairs
+        int16_t *even = rows, *odd = rows + g.N;
+        for (int64_t k = 0; k < pairs; ++k) {
+            quant_centered(src + 2 * k * g.N, g.N, inv, g.b_zero_point, even, avx2);
+            if (2 * k + 1 < g.K) quant_centered(src + (2 * k + 1) * g.N, g.N, inv, g.b_zero_point, odd, avx2);
+            else std::fill(odd, odd + g.N, int16_t(0));
+            uint32_t* d = dst + k * p.Np;
+            for (int64_t n = 0; n < g.N; ++n) d[n] = pair(even[n], odd[n]);
         }
     }
+    for (int64_t k = 0; k < pairs; ++k) std::fill(dst + k * p.Np + g.N, dst + (k + 1) * p.Np, 0u);
 }
 
 // The exact sum times the combined scale: (float)acc · (float)(sa·sb).
@@ -168,7 +179,7 @@ int32_t bmm(const BmmArgs& g, Path path, int nthreads) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         Buffer rbuf;
-        int16_t* row = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(std::max(g.K, g.N)) * sizeof(int16_t)));
+        int16_t* row = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(2 * std::max(p.Kp, g.N)) * sizeof(int16_t)));
         if (!row) {
 #pragma omp atomic write
             scratch_ok = false;
