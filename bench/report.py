@@ -188,6 +188,7 @@ SECTION_TITLES = {
     "coverage": "Coverage: architectures we did not write (`edgepasses bench coverage`)",
     "accuracy": "Accuracy: what int8 costs on real weights (`edgepasses bench accuracy`)",
     "hostile": "Hostile inputs: outcomes by area (`edgepasses bench hostile`)",
+    "transformers": "Transformers: int8 beside every peer, with accuracy and a profile (`edgepasses bench transformers`)",
     "prune-check": "Pruned zoo models: shapes and OpenVINO vs reference (`edgepasses prune-check`)",
     "lowrank-bench": "Low-rank factors: latency and quality (`python -m edgepasses.bench.lowrank_bench`)",
     "distill-bench": "Distillation after pruning (`python -m edgepasses.bench.distill_bench`)",

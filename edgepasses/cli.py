@@ -6,6 +6,7 @@
     edgepasses bench coverage [--model bert ...] [--column int8-openvino ...] [--md docs/coverage.md]  # matrix
     edgepasses bench accuracy [--pipeline P ...] [--section sentence|digits|charlm|control ...] [--md docs/accuracy.md]
     edgepasses bench hostile [--area options ...]   # the hostile-input suite: counts by outcome (source tree)
+    edgepasses bench transformers [--model minilm_l6 ...] [--tokens 8,64 ...]   # int8 vs every peer, profiled
     edgepasses compress mypkg.models:build --input-shape 1,3,224,224 --pipeline fold_bn,quantize \\
         --calibration calib.pt --target openvino --out out/   # your own model (or a .pt2) -> an artifact
     edgepasses passes [--markdown]   # registered passes, each option described, and the presets
@@ -148,6 +149,32 @@ def _bench_hostile(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _parse_tokens(text: str) -> tuple[int, int]:
+    try:
+        batch, tokens = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"BATCH,TOKENS (e.g. 8,64); got {text!r}") from None
+    if min(batch, tokens) < 1:
+        raise argparse.ArgumentTypeError(f"batch and tokens must be positive; got {text!r}")
+    return batch, tokens
+
+
+def _bench_transformers(args: argparse.Namespace) -> int:
+    from edgepasses.bench.coverage import stderr_progress
+    from edgepasses.bench.transformers import (DEFAULT_MODELS, DEFAULT_PIPELINES, DEFAULT_ROUNDS, DEFAULT_SHAPES,
+                                               DEFAULT_WARMUP, MODELS, run_transformers)
+
+    unknown = [name for name in args.model if name not in MODELS]
+    if unknown:
+        args.parser.error(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}")
+    args.pipeline = args.pipeline or list(DEFAULT_PIPELINES)
+    _check_bench_args(argparse.Namespace(**{**vars(args), "model": []}))  # the pipelines
+    return _emit(args, run_transformers(args.model or DEFAULT_MODELS, args.tokens or DEFAULT_SHAPES, args.pipeline,
+                                        warmup=DEFAULT_WARMUP if args.warmup is None else args.warmup,
+                                        rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds,
+                                        progress=stderr_progress))
+
+
 def _write_md(args: argparse.Namespace, section: str, text: str) -> None:
     """--md PATH: the Markdown in PATH; without it, this command's section of docs/benchmarks.md when run
     in a checkout that has it (bench/report.py), headed by the machine and load taken at the start."""
@@ -163,6 +190,9 @@ def _bench(args: argparse.Namespace) -> int:
     from edgepasses.bench.report import Machine
 
     args.machine = Machine.here()  # before the run adds its own load
+    if args.suite == "transformers":
+        return _bench_transformers(args)
+    args.warmup = 10 if args.warmup is None else args.warmup  # transformers' default is smaller
     if args.suite == "accuracy":
         return _bench_accuracy(args)
     if args.suite == "hostile":
@@ -406,12 +436,14 @@ def _add_bench_parser(subparsers: Any) -> None:
                                                 "at what error; accuracy: what int8 costs on real weights, "
                                                 "edge pipelines vs NNCF, on OpenVINO; hostile: the hostile-"
                                                 "input suite, counted by outcome")
-    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy", "hostile"),
+    bench.add_argument("suite", nargs="?", choices=("models", "kernels", "coverage", "accuracy", "hostile",
+                                                   "transformers"),
                        default="models")
     bench.add_argument("--model", action="append", default=[],
                        help="models: a zoo model name, or your own as edgepasses compress takes it "
                             "(package.module:factory or a .pt2 file); coverage: a catalogue architecture "
-                            "(default: all); repeatable")
+                            "(default: all); transformers: minilm_l6, bert_base or bert_tiny (a smoke test; "
+                            "default: minilm_l6 bert_base); repeatable")
     bench.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,...",
                        help="models, your own model: shape of one float32 input; repeat per input (a .pt2's "
                             "own inputs otherwise)")
@@ -431,6 +463,8 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--shape", action="append", type=_parse_shape, default=[],
                        help="kernels: M,K,N of the linear ops; repeatable (default: 1,4096,4096 16,4096,4096 "
                             "128,4096,4096); int8_conv2d times its own ResNet layers")
+    bench.add_argument("--tokens", action="append", type=_parse_tokens, default=[], metavar="BATCH,TOKENS",
+                       help="transformers: batch and sequence length measured; repeatable (default: 8,64 1,128)")
     bench.add_argument("--pipeline", action="append", default=[],
                        help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
     # Spelled out here, not imported from the runner, so that building the parser stays light.
@@ -444,9 +478,10 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--target", type=_target_spec, default="openvino",
                        help=f"{', '.join(target_names())}, or an ordered list such as 'openvino,reference'")
     bench.add_argument("--precision", choices=PRECISIONS, default="f32")
-    bench.add_argument("--warmup", type=_at_least(0), default=10)
+    bench.add_argument("--warmup", type=_at_least(0), default=None, help="untimed calls per row (default: 10; "
+                       "transformers: 3)")
     bench.add_argument("--rounds", type=_at_least(1), default=None,
-                       help="interleaved timing rounds (default: 50; accuracy: 20)")
+                       help="interleaved timing rounds (default: 50; accuracy: 20; transformers: 10)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--md", metavar="PATH", help="write the Markdown tables to PATH (default: replace this "
                        "suite's section of docs/benchmarks.md, when run in a checkout that has it)")

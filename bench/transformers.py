@@ -1,0 +1,384 @@
+"""Transformers on this CPU: our int8 beside every peer, in one interleaved run
+(`edgepasses bench transformers`, written to its section of docs/benchmarks.md).
+
+Models: the pretrained all-MiniLM-L6-v2 of the accuracy bench (quality: cosine of each sentence's
+embedding to eager fp32's, nearest-neighbour agreement) and transformers' BertModel at BERT-base size
+with random weights (quality: output SQNR against eager fp32), both fed sentences of Python's
+documentation; `bert_tiny` is the same BertModel at a toy size, fed random tokens (a smoke test). Each
+at batch x tokens shapes (default 8 x 64 and 1 x 128), every program built for that shape.
+
+Rows: eager PyTorch fp32 (the reference of quality and latency), OpenVINO fp32, NNCF int8
+(`model_type=TRANSFORMER`) on OpenVINO, ONNX Runtime's dynamic int8 (`quantize_dynamic`), and
+`torch.compile(backend="edge")` with each pipeline on target openvino and on target reference. All
+rows are timed interleaved in the same rounds (`edgepasses.measure.timing`); a row that fails is
+recorded with its one-line reason and the table goes on. Below each table, where the time of the
+first pipeline's reference program goes: a torch.profiler CPU profile of a few calls, aggregated
+into our kernels, quantize/dequantize glue, float matmuls and the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders, Candidate, Metric, Row, _cell,
+                       _eager, _escape, _nncf, _openvino_fp32, measure, nncf_label)
+
+MODELS = ("minilm_l6", "bert_base", "bert_tiny")
+DEFAULT_MODELS = ("minilm_l6", "bert_base")
+DEFAULT_SHAPES = ((8, 64), (1, 128))
+DEFAULT_PIPELINES = ("quantize",)
+DEFAULT_WARMUP = 3
+DEFAULT_ROUNDS = 10
+CALIBRATION_SENTENCES = 32  # in batches of the measured shape; the same for our pipelines, NNCF's and profiles
+PROFILE_CALLS = 3
+
+NNCF_LABEL = nncf_label("TRANSFORMER")
+ORT_LABEL = "ONNX Runtime dynamic int8"
+
+COSINE_METRICS = (Metric("mean_cosine", "mean cosine", ".4f"), Metric("min_cosine", "min cosine", ".4f"),
+                  Metric("neighbours", "NN agreement %", ".1f"))
+SQNR_METRICS = (Metric("sqnr_db", "SQNR dB", ".1f"),)
+
+
+def edge_label(pipeline: str, target: str) -> str:
+    return f"edge `{pipeline}` on {target}"
+
+
+# Models -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Subject:
+    """A model to measure and where its inputs come from: `inputs(count, batch, seq)` gives `count`
+    (token ids, attention mask) batches; the first `calibration` sentences calibrate, the next
+    `evaluation` score."""
+    name: str
+    description: str
+    module: nn.Module
+    inputs: Callable[[int, int, int], list[tuple[Tensor, Tensor]]]
+    evaluation: int  # sentences scored
+    quality: str     # "cosine" (pretrained) or "sqnr" (random weights)
+
+
+def sentence_batches(count: int, batch: int, seq: int) -> list[tuple[Tensor, Tensor]]:
+    """`count` batches of `batch` documentation sentences (the accuracy bench's tokenizer and sentence
+    order), padded or cut to `seq` tokens."""
+    from edgepasses.zoo.sentence_embeddings import BATCH_SIZE, sentence_splits
+
+    needed = -(-count * batch // BATCH_SIZE)
+    split = sentence_splits(calibration=0, validation=0, test=needed)
+    ids, mask = (torch.cat(parts)[:count * batch] for parts in zip(*split.test))
+    if seq <= ids.shape[1]:
+        ids, mask = ids[:, :seq], mask[:, :seq]
+    else:  # padding tokens (id 0) are masked out: the same sentences, a longer program
+        pad = seq - ids.shape[1]
+        ids, mask = nn.functional.pad(ids, (0, pad)), nn.functional.pad(mask, (0, pad))
+    return list(zip(ids.split(batch), mask.split(batch)))
+
+
+def _minilm() -> Subject:
+    from edgepasses.zoo.sentence_embeddings import load_encoder
+
+    return Subject("all-MiniLM-L6-v2", "pretrained sentence encoder (6 layers, hidden 384) with mean pooling, "
+                   "on sentences of Python's documentation", load_encoder(), sentence_batches, 64, "cosine")
+
+
+def _bert_base() -> Subject:
+    from edgepasses.zoo.bert_base import bert_base
+
+    return Subject("BERT-base (random weights)", "transformers BertModel, hidden 768, 12 layers, 12 heads, "
+                   "intermediate 3072, seeded random weights, last hidden states; fed the same sentences",
+                   bert_base(), sentence_batches, 16, "sqnr")
+
+
+def _bert_tiny() -> Subject:
+    from edgepasses.zoo.bert_base import bert_base, random_token_batches
+
+    config = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "vocab_size": 200, "max_position_embeddings": 256}
+    return Subject("BERT tiny (random weights)", "transformers BertModel, hidden 32, 1 layer, random tokens",
+                   bert_base(**config), partial(random_token_batches, vocab_size=200), 8, "sqnr")
+
+
+_SUBJECTS: dict[str, Callable[[], Subject]] = {"minilm_l6": _minilm, "bert_base": _bert_base, "bert_tiny": _bert_tiny}
+
+
+# Rows -------------------------------------------------------------------------------------------
+
+def _ort(module: nn.Module, example: tuple) -> Candidate:
+    from edgepasses.measure.peers import onnxruntime_dynamic_int8
+
+    return Candidate(ORT_LABEL, onnxruntime_dynamic_int8(module, example), None)
+
+
+def _edge(module: nn.Module, example: tuple, calibration: list[tuple], pipeline: str, target: str) -> Candidate:
+    """`torch.compile(backend="edge")` on `target`, with the options the accuracy bench uses."""
+    compilations: list = []
+    options = {"pipeline": pipeline, "target": target, "calibration": calibration,
+               "on_compile": compilations.append,
+               # The weights are frozen into the lowered program: module guards protect nothing it uses.
+               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    compiled = torch.compile(module, backend="edge", dynamic=False, options=options)
+    compiled(*example)
+    if not compilations:
+        raise RuntimeError("torch.compile(backend='edge') compiled no graph; the row would time eager PyTorch")
+    fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
+    notes = ([f"{len(compilations)} graphs"] if len(compilations) > 1 else []) + \
+            ([f"{fallbacks} ops left to PyTorch"] if fallbacks else [])
+    return Candidate(edge_label(pipeline, target), compiled, sum(c.lowering.int8_ops for c in compilations),
+                     ", ".join(notes) or None)
+
+
+def builders(module: nn.Module, example: tuple, calibration: list[tuple], pipelines: tuple[str, ...]) -> Builders:
+    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, t))
+            for p in dict.fromkeys(pipelines) for t in ("openvino", "reference")]
+    return [(EAGER_LABEL, partial(_eager, module)),
+            (OPENVINO_FP32_LABEL, partial(_openvino_fp32, module, example)),
+            (NNCF_LABEL, partial(_nncf, module, example, calibration, "TRANSFORMER")),
+            (ORT_LABEL, partial(_ort, module, example)), *edge]
+
+
+def _scorer(subject: Subject, evaluation: list[tuple]) -> Callable[[Callable[..., Any]], dict[str, float]]:
+    from edgepasses.analysis.sqnr import sqnr_db
+    from edgepasses.zoo.sentence_embeddings import embed, embedding_quality
+
+    def outputs(run) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([run(*batch).float() for batch in evaluation])
+
+    if subject.quality == "cosine":
+        reference = embed(subject.module, evaluation)
+
+        def cosine(run) -> dict[str, float]:
+            quality = embedding_quality(reference, embed(run, evaluation))
+            return {"mean_cosine": quality.mean_cosine, "min_cosine": quality.min_cosine,
+                    "neighbours": 100.0 * quality.neighbour_agreement}
+        return cosine
+    reference = outputs(subject.module)
+    return lambda run: {"sqnr_db": float(sqnr_db(reference, outputs(run)))}
+
+
+# Where the time goes ----------------------------------------------------------------------------
+
+PROFILE_CATEGORIES = ("our kernels (edge::*)", "quantize/dequantize glue", "matmul in float", "softmax",
+                      "LayerNorm", "GELU", "other ops", "untracked (Dynamo, Inductor code, Python)")
+_FLOAT_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+                  "aten::_addmm_activation", "aten::_scaled_dot_product")
+
+
+def profile_category(key: str) -> str:
+    """The category of a torch.profiler event name."""
+    if "quantize" in key or "fake_quant" in key:
+        return "quantize/dequantize glue"
+    if key.startswith("edge::"):
+        return "our kernels (edge::*)"
+    if key.startswith(_FLOAT_MATMULS):
+        return "matmul in float"
+    for needle, category in (("softmax", "softmax"), ("layer_norm", "LayerNorm"), ("gelu", "GELU")):
+        if needle in key:
+            return category
+    # Dynamo's and Inductor's regions: their self time is Python and the generated code run inline.
+    return "other ops" if "::" in key else "untracked (Dynamo, Inductor code, Python)"
+
+
+@dataclass(frozen=True)
+class Profile:
+    label: str
+    calls: int
+    ms_per_call: dict[str, float]  # by category, self CPU time of the calling thread's events
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms_per_call.values())
+
+
+def profile(label: str, run: Callable[..., Any], example: tuple, calls: int = PROFILE_CALLS) -> Profile:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.no_grad():
+        run(*example)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                run(*example)
+    totals: Counter[str] = Counter()
+    for event in prof.key_averages():
+        totals[profile_category(event.key)] += event.self_cpu_time_total / 1e3 / calls
+    return Profile(label, calls, {c: totals[c] for c in PROFILE_CATEGORIES})
+
+
+# One table per model and shape ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Table:
+    model: str
+    description: str
+    shape: tuple[int, int]  # batch, tokens
+    data: str
+    metrics: tuple[Metric, ...]
+    rows: tuple[Row, ...]
+    profile: Profile | None
+    profile_error: str | None = None
+
+
+def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, ...], *, warmup: int,
+                  rounds: int, progress: Callable[[str], None]) -> Table:
+    calibration_batches = max(1, CALIBRATION_SENTENCES // batch)
+    evaluation_batches = max(1, subject.evaluation // batch)
+    inputs = subject.inputs(calibration_batches + evaluation_batches, batch, seq)
+    calibration, evaluation = inputs[:calibration_batches], inputs[calibration_batches:]
+    example = evaluation[0]
+    built: dict[str, Candidate] = {}
+
+    def keeping(label: str, build: Callable[[], Candidate]) -> Callable[[], Candidate]:
+        return lambda: built.setdefault(label, build())
+
+    rows = measure([(label, keeping(label, build)) for label, build in builders(subject.module, example,
+                                                                                  calibration, pipelines)],
+                   example, _scorer(subject, evaluation), warmup=warmup, rounds=rounds, progress=progress)
+    profiled, profile_error = None, None
+    label = edge_label(pipelines[0], "reference")
+    if label in built and not next(r for r in rows if r.label == label).error:
+        progress(f"  profiling {label}")
+        profiled = profile(label, built[label].run, example)
+    else:
+        profile_error = f"{label} failed; nothing to profile"
+    data = (f"calibration {len(calibration)} batches, evaluation {len(evaluation)} batches "
+            f"({len(evaluation) * batch} sequences) against eager fp32; latency: one batch")
+    metrics = COSINE_METRICS if subject.quality == "cosine" else SQNR_METRICS
+    return Table(subject.name, subject.description, (batch, seq), data, metrics, rows, profiled, profile_error)
+
+
+@dataclass
+class Report:
+    pipelines: list[str]
+    warmup: int
+    rounds: int
+    tables: list[Table]
+    minutes: float
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        return report_markdown(self)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:  # from the metadata: importing nncf for its version takes seconds
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {name: installed(name) for name in ("torch", "openvino", "nncf", "onnxruntime", "transformers")}
+
+
+def check_choices(models: list[str] | tuple[str, ...], shapes: list[tuple[int, int]] | tuple) -> None:
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    bad = [f"{b}x{s}" for b, s in shapes if b < 1 or s < 1]
+    if bad:
+        raise ValueError(f"shapes are BATCHxTOKENS, both positive; got {', '.join(bad)}")
+
+
+def run_transformers(models: list[str] | tuple[str, ...] = DEFAULT_MODELS,
+                     shapes: list[tuple[int, int]] | tuple = DEFAULT_SHAPES,
+                     pipelines: list[str] | tuple[str, ...] = DEFAULT_PIPELINES, *, warmup: int = DEFAULT_WARMUP,
+                     rounds: int = DEFAULT_ROUNDS, progress: Callable[[str], None] = lambda line: None) -> Report:
+    check_choices(models, shapes)
+    start = time.perf_counter()
+    tables = []
+    for name in dict.fromkeys(models):
+        subject = _SUBJECTS[name]()
+        for batch, seq in shapes:
+            progress(f"[{name} {batch}x{seq}]")
+            tables.append(measure_table(subject, batch, seq, tuple(pipelines), warmup=warmup, rounds=rounds,
+                                        progress=progress))
+    return Report(list(pipelines), warmup, rounds, tables, round((time.perf_counter() - start) / 60, 1), _versions())
+
+
+# Markdown ---------------------------------------------------------------------------------------
+
+def _speedup(reference: Row | None, row: Row) -> str:
+    if reference is None or reference.timing is None or row.timing is None:
+        return EMPTY
+    return f"{reference.timing.median_ms / row.timing.median_ms:.2f}×"
+
+
+def table_rows(table: Table) -> list[list[str]]:
+    by_label = {r.label: r for r in table.rows}
+    eager, openvino = by_label.get(EAGER_LABEL), by_label.get(OPENVINO_FP32_LABEL)
+    rows = []
+    for row in table.rows:
+        if row.error:
+            rows.append([_escape(row.label), *[FAILED] * len(table.metrics), *[EMPTY] * 5])
+            continue
+        t = row.timing
+        rows.append([_escape(row.label), *[_cell(row.scores.get(m.key), m.spec) for m in table.metrics],
+                     _cell(row.build_s, ".1f"), f"{t.median_ms:.1f}", f"{t.min_ms:.1f}–{t.max_ms:.1f}",
+                     _speedup(eager, row), _speedup(openvino, row)])
+    return rows
+
+
+def profile_lines(table: Table) -> list[str]:
+    from .runner import markdown_table
+
+    if table.profile is None:
+        return [f"Where the time goes: not measured ({table.profile_error})."]
+    p = table.profile
+    lines = [f"Where the time goes in {p.label} (torch.profiler, CPU, {p.calls} calls; self time of the "
+             f"calling thread, {p.total_ms:.1f} ms a call in all):", ""]
+    rows = [[c, f"{ms:.1f}", f"{100 * ms / p.total_ms:.0f}%" if p.total_ms else EMPTY]
+            for c, ms in p.ms_per_call.items()]
+    return lines + markdown_table(["", "ms a call", "share"], rows)
+
+
+def table_markdown(table: Table) -> list[str]:
+    from .runner import markdown_table
+
+    batch, seq = table.shape
+    header = ["", *(m.header for m in table.metrics), "build s", "median ms", "min–max ms", "× eager",
+              "× OpenVINO fp32"]
+    lines = [f"### {table.model}, batch {batch} × {seq} tokens", "",
+             f"{table.description}. {table.data[0].upper()}{table.data[1:]}.", ""]
+    lines += markdown_table(header, table_rows(table))
+    notes = [f"- {_escape(r.label)}: {r.note}" for r in table.rows if r.note and not r.error] + \
+            [f"- {_escape(r.label)} ✗ `{r.error}`" for r in table.rows if r.error]
+    return lines + ([""] + notes if notes else []) + [""] + profile_lines(table)
+
+
+_LEGEND = """Rows: eager PyTorch fp32 (the reference of quality and latency); OpenVINO fp32 (`torch.export`
+converted and compiled by OpenVINO); NNCF int8 (`nncf.quantize`, `model_type=TRANSFORMER`, the same
+calibration batches) on OpenVINO; ONNX Runtime dynamic int8 (`torch.onnx.export`, then
+`quantize_dynamic` with QInt8 weights per output channel, CPU provider, torch's thread count); edge
+rows are `torch.compile(backend="edge", dynamic=False)` with the pipeline on the target named.
+`build s`: from the model to a ready callable (export, calibration, quantization, compilation; edge:
+its first call). Latency: one batch a call, every row timed interleaved in the same rounds after
+untimed warm-up (and one untimed call right before each timed one); median, min–max; `× eager` and
+`× OpenVINO fp32` are speed-ups (their median over the row's; > 1 is faster). A row that failed is ✗,
+its reason below the table."""
+
+
+def report_markdown(report: Report) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    pipelines = ", ".join(f"`{p}`" for p in report.pipelines)
+    lines = [f"Pipelines: {pipelines}. Calibration: {CALIBRATION_SENTENCES} sentences per shape. Latency: "
+             f"warm-up {report.warmup}, {report.rounds} interleaved rounds. Run time {report.minutes} min. "
+             f"Versions: {versions}.", "", _LEGEND]
+    for table in report.tables:
+        lines += ["", *table_markdown(table)]
+    return "\n".join(lines) + "\n"
