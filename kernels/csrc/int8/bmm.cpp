@@ -10,6 +10,7 @@
 // [Kp/2, Np, 2] (an int32 word per pair), Np = N rounded up to kNR, zero-padded (from B [K, N], or Bᵀ [N, K] for Q·Kᵀ without
 // a transpose copy). The micro-kernel broadcasts one (a[m,k], a[m,k+1]) pair against 8 columns' pairs,
 // so each int32 lane is one output: no horizontal sums, which would dominate at attention's short K.
+// Threads take whole batch items where there are enough (batch·heads usually is), else blocks of rows.
 #include <algorithm>
 #include <cstring>
 
@@ -23,10 +24,15 @@ namespace {
 constexpr int64_t kMR = 4;   // output rows per tile
 constexpr int64_t kNR = 16;  // output columns per tile: two vectors of 8 int32
 
+// The packed operands: item bi's at a + bi·a_item and b + bi·b_item (strides of 0: one item's buffers,
+// private to a thread, reused for every item it runs).
 struct Packed {
-    int16_t* a;              // [batch, M, Kp]
-    int16_t* b;              // [batch, Kp/2, Np, 2]
-    int64_t Kp, Np;
+    int16_t* a;              // [M, Kp] per item
+    int16_t* b;              // [Kp/2, Np, 2] per item
+    int64_t Kp, Np, a_item, b_item;
+
+    int16_t* a_of(int64_t bi) const { return a + bi * a_item; }
+    int16_t* b_of(int64_t bi) const { return b + bi * b_item; }
 };
 
 // q − zp of static u8 codes, as int16.
@@ -38,7 +44,7 @@ void quant_centered(const float* x, int64_t n, float inv, int32_t zp, int16_t* q
 void pack_a(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2) {
     const float inv = static_cast<float>(1.0 / g.a_scale);
     for (int64_t m = 0; m < g.M; ++m) {
-        int16_t* row = p.a + (bi * g.M + m) * p.Kp;
+        int16_t* row = p.a_of(bi) + m * p.Kp;
         quant_centered(g.a + (bi * g.M + m) * g.K, g.K, inv, g.a_zero_point, row, avx2);
         std::fill(row + g.K, row + p.Kp, int16_t(0));
     }
@@ -53,7 +59,7 @@ inline uint32_t pair(int16_t lo, int16_t hi) {
 // (2·max(Kp, N) values).
 void pack_b(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2, int16_t* rows) {
     const float inv = static_cast<float>(1.0 / g.b_scale);
-    uint32_t* dst = reinterpret_cast<uint32_t*>(p.b + bi * p.Kp * p.Np);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(p.b_of(bi));
     const int64_t pairs = p.Kp / 2;
     const float* src = g.b + bi * g.K * g.N;
     if (g.transpose_b) {  // src is [N, K]: row n's consecutive pairs go down column n
@@ -79,10 +85,10 @@ void pack_b(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2, int16_t* r
 inline float dequant(int32_t acc, float scale) { return static_cast<float>(acc) * scale; }
 
 void tile_portable(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m0, int mr, int64_t n0, float scale) {
-    const int16_t* bp = p.b + bi * p.Kp * p.Np;
+    const int16_t* bp = p.b_of(bi);
     const int64_t n_hi = std::min(g.N, n0 + kNR);
     for (int i = 0; i < mr; ++i) {
-        const int16_t* ar = p.a + (bi * g.M + m0 + i) * p.Kp;
+        const int16_t* ar = p.a_of(bi) + (m0 + i) * p.Kp;
         float* o = g.out + (bi * g.M + m0 + i) * g.N;
         for (int64_t n = n0; n < n_hi; ++n) {
             int32_t s = 0;
@@ -107,8 +113,8 @@ EDGE_AVX2 inline void store8(float* o, __m256i acc, __m256 scale, int64_t r) {
 
 template <int MR>
 EDGE_AVX2 void tile_avx2(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m0, int64_t n0, float scale) {
-    const int16_t* bp = p.b + bi * p.Kp * p.Np + n0 * 2;
-    const int16_t* a = p.a + (bi * g.M + m0) * p.Kp;
+    const int16_t* bp = p.b_of(bi) + n0 * 2;
+    const int16_t* a = p.a_of(bi) + m0 * p.Kp;
     __m256i acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
     for (int64_t k = 0; k < p.Kp; k += 2, bp += p.Np * 2) {
@@ -158,46 +164,78 @@ void run_task(const BmmArgs& g, const Packed& p, int64_t bi, int64_t m_lo, int64
     }
 }
 
-}  // namespace
-
-int32_t bmm(const BmmArgs& g, Path path, int nthreads) {
-    const bool avx2 = path != kPortable;
-    Packed p{nullptr, nullptr, round_up(g.K, 2), round_up(g.N, kNR)};
+// Packs the whole batch, then runs batch items × blocks of rows: for batches too small to give every
+// thread whole items.
+int32_t bmm_row_blocks(const BmmArgs& g, Packed p, Path path, int nt, float scale) {
     Buffer abuf, bbuf;
-    p.a = static_cast<int16_t*>(abuf.get(static_cast<size_t>(g.batch * g.M * p.Kp) * sizeof(int16_t)));
-    p.b = static_cast<int16_t*>(bbuf.get(static_cast<size_t>(g.batch * p.Kp * p.Np) * sizeof(int16_t)));
+    p.a_item = g.M * p.Kp, p.b_item = p.Kp * p.Np;
+    p.a = static_cast<int16_t*>(abuf.get(static_cast<size_t>(g.batch * p.a_item) * sizeof(int16_t)));
+    p.b = static_cast<int16_t*>(bbuf.get(static_cast<size_t>(g.batch * p.b_item) * sizeof(int16_t)));
     if (!p.a || !p.b) return refuse(kNoMemory, "int8 kernels: out of memory");
-
-    const double macs = static_cast<double>(g.batch) * g.M * g.N * g.K;
-    const int nt = macs < 262144.0 ? 1 : std::max(1, nthreads);
-    // Tasks: batch items × blocks of rows, enough of them to balance threads on a shared machine.
     const int64_t want = nt > 1 ? 8 * nt : 1;
     const int64_t m_split = std::clamp<int64_t>(ceil_div(want, g.batch), 1, ceil_div(g.M, kMR));
     const int64_t mb = round_up(ceil_div(g.M, m_split), kMR), m_blocks = ceil_div(g.M, mb);
-    const float scale = static_cast<float>(g.a_scale * g.b_scale);
-    bool scratch_ok = true;
+    bool ok = true;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         Buffer rbuf;
-        int16_t* row = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(2 * std::max(p.Kp, g.N)) * sizeof(int16_t)));
-        if (!row) {
+        int16_t* rows = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(2 * std::max(p.Kp, g.N)) * sizeof(int16_t)));
+        if (!rows) {
 #pragma omp atomic write
-            scratch_ok = false;
+            ok = false;
         }
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < g.batch; ++bi) {
-            if (!row) continue;
-            pack_a(g, p, bi, avx2);
-            pack_b(g, p, bi, avx2, row);
+            if (!rows) continue;
+            pack_a(g, p, bi, path != kPortable);
+            pack_b(g, p, bi, path != kPortable, rows);
         }
-        // dynamic: on a shared machine a descheduled thread's tasks are taken over by the others
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < g.batch * m_blocks; ++t) {
             const int64_t bi = t / m_blocks, m_lo = t % m_blocks * mb;
-            if (scratch_ok) run_task(g, p, bi, m_lo, std::min(g.M, m_lo + mb), path, scale);
+            if (ok) run_task(g, p, bi, m_lo, std::min(g.M, m_lo + mb), path, scale);
         }
     }
-    return scratch_ok ? kOk : refuse(kNoMemory, "int8 kernels: out of memory");
+    return ok ? kOk : refuse(kNoMemory, "int8 kernels: out of memory");
+}
+
+// One task per batch item, packed into the thread's own buffers and multiplied while they are in
+// cache, with no barrier between packing and multiplying.
+int32_t bmm_items(const BmmArgs& g, const Packed& shape, Path path, int nt, float scale) {
+    bool ok = true;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        Buffer abuf, bbuf, rbuf;
+        Packed p = shape;
+        p.a = static_cast<int16_t*>(abuf.get(static_cast<size_t>(g.M * p.Kp) * sizeof(int16_t)));
+        p.b = static_cast<int16_t*>(bbuf.get(static_cast<size_t>(p.Kp * p.Np) * sizeof(int16_t)));
+        int16_t* rows = static_cast<int16_t*>(rbuf.get(static_cast<size_t>(2 * std::max(p.Kp, g.N)) * sizeof(int16_t)));
+        const bool mine = p.a && p.b && rows;
+        if (!mine) {
+#pragma omp atomic write
+            ok = false;
+        }
+        // dynamic: on a shared machine a descheduled thread's items are taken over by the others
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bi = 0; bi < g.batch; ++bi) {
+            if (!mine) continue;
+            pack_a(g, p, bi, path != kPortable);
+            pack_b(g, p, bi, path != kPortable, rows);
+            run_task(g, p, bi, 0, g.M, path, scale);
+        }
+    }
+    return ok ? kOk : refuse(kNoMemory, "int8 kernels: out of memory");
+}
+
+}  // namespace
+
+int32_t bmm(const BmmArgs& g, Path path, int nthreads) {
+    const Packed shape{nullptr, nullptr, round_up(g.K, 2), round_up(g.N, kNR), 0, 0};
+    const double macs = static_cast<double>(g.batch) * g.M * g.N * g.K;
+    const int nt = macs < 262144.0 ? 1 : std::max(1, nthreads);
+    const float scale = static_cast<float>(g.a_scale * g.b_scale);
+    if (g.batch >= 4 * nt) return bmm_items(g, shape, path, nt, scale);
+    return bmm_row_blocks(g, shape, path, nt, scale);
 }
 
 }  // namespace edge::int8
