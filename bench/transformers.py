@@ -168,7 +168,8 @@ def _scorer(subject: Subject, evaluation: list[tuple]) -> Callable[[Callable[...
 # Where the time goes ----------------------------------------------------------------------------
 
 PROFILE_CATEGORIES = ("our kernels (edge::*)", "quantize/dequantize glue", "matmul in float", "softmax",
-                      "LayerNorm", "GELU", "other ops", "untracked (Dynamo, Inductor code, Python)")
+                      "LayerNorm", "GELU", "other ops", "Inductor-compiled code (fused glue)",
+                      "Dynamo, Python")
 _FLOAT_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                   "aten::_addmm_activation", "aten::_scaled_dot_product")
 
@@ -184,8 +185,10 @@ def profile_category(key: str) -> str:
     for needle, category in (("softmax", "softmax"), ("layer_norm", "LayerNorm"), ("gelu", "GELU")):
         if needle in key:
             return category
-    # Dynamo's and Inductor's regions: their self time is Python and the generated code run inline.
-    return "other ops" if "::" in key else "untracked (Dynamo, Inductor code, Python)"
+    if "::" in key:
+        return "other ops"
+    # Regions, not ops: their self time is the code they run inline (Inductor's C++ kernels; Python).
+    return "Inductor-compiled code (fused glue)" if key.startswith("## Call CompiledFxGraph") else "Dynamo, Python"
 
 
 @dataclass(frozen=True)
