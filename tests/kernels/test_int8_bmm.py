@@ -73,6 +73,17 @@ def test_bmm_extreme_codes_exact(path, zps):
     assert_same(ops.int8_bmm(a, b, *args), bmm_ref(a, b, *args))
 
 
+def test_bmm_saturating_inputs_exact(path):
+    """Infinities and huge values clamp to the range ends, as torch's quantize_per_tensor does."""
+    a, b = operands((2,), 5, 37, 19, True, seed=7)
+    a[0, :, ::3] = float("inf")
+    a[1, :, 1::4] = -float("inf")
+    b[0, ::2, :] = 1e30
+    b[1, 1::2, 5:] = -1e30
+    args = (0.02, 7, 0.03, 250, True)
+    assert_same(ops.int8_bmm(a, b, *args), bmm_ref(a, b, *args))
+
+
 def test_bmm_longest_k_does_not_overflow(path):
     k = ops.checks.MAX_INT8_BMM_K
     a, b = torch.full((1, 1, k), 1e3), torch.full((1, 1, k), -1e3)

@@ -35,10 +35,38 @@ struct Packed {
     int16_t* b_of(int64_t bi) const { return b + bi * b_item; }
 };
 
-// q − zp of static u8 codes, as int16.
-void quant_centered(const float* x, int64_t n, float inv, int32_t zp, int16_t* q, bool avx2) {
-    quant_static(x, n, inv, static_cast<float>(zp), q, avx2);
+void quant_centered_portable(const float* x, int64_t n, float inv, int32_t zp, int16_t* q) {
+    quant_static(x, n, inv, static_cast<float>(zp), q, false);
     for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int16_t>(q[i] - zp);
+}
+
+#if EDGE_X86
+// clamp(round(x·inv), −zp, 255 − zp): quant_static's clamp(round(x·inv) + zp, 0, 255) − zp in one
+// pass (the sum is exact wherever the clamp does not saturate; NaN reads as code 0 here too).
+EDGE_AVX2 inline __m256i centered8(const float* x, __m256 inv, __m256 lo, __m256 hi) {
+    const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));  // max(NaN, lo) = lo
+}
+
+EDGE_AVX2 void quant_centered_avx2(const float* x, int64_t n, float inv, int32_t zp, int16_t* q) {
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(static_cast<float>(-zp)),
+                 hi = _mm256_set1_ps(static_cast<float>(255 - zp));
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i pairs = _mm256_packs_epi32(centered8(x + i, vinv, lo, hi), centered8(x + i + 8, vinv, lo, hi));
+        const __m256i v = _mm256_permute4x64_epi64(pairs, 0xD8);  // packs interleaves the 128-bit lanes
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), v);
+    }
+    quant_centered_portable(x + i, n - i, inv, zp, q + i);
+}
+#endif
+
+// q − zp of static u8 codes (torch's quantize_per_tensor), as int16.
+void quant_centered(const float* x, int64_t n, float inv, int32_t zp, int16_t* q, bool avx2) {
+#if EDGE_X86
+    if (avx2) return quant_centered_avx2(x, n, inv, zp, q);
+#endif
+    quant_centered_portable(x, n, inv, zp, q);
 }
 
 void pack_a(const BmmArgs& g, const Packed& p, int64_t bi, bool avx2) {
