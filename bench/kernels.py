@@ -7,7 +7,9 @@ int8 CPU kernel (FBGEMM dynamic quantized linear). Ratios are against torch fp32
 shape. TVM is not timed per op yet (its target lowers whole graphs, fp32 only).
 
 The linear ops take M×K×N shapes; int8_conv2d runs its own layers (`CONV_LAYERS`: ResNet-style
-3×3 and 1×1 convs, batch 1), with weights prepared as the lowering prepares them.
+3×3 and 1×1 convs, batch 1), with weights prepared as the lowering prepares them; int8_bmm runs
+attention's matmuls (`BMM_SHAPES`: Q·Kᵀ and P·V of a MiniLM and of BERT-base) against torch's
+fp32 matmul, and against the fake-quant matmul the reference target ran before it had the kernel.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import edgepasses
 from edgepasses.kernels import ops
 from edgepasses.measure.timing import measure_side_by_side
 
-OPS = ("int8_linear", "sparse24_linear", "lowrank_linear", "int8_conv2d")
+OPS = ("int8_linear", "sparse24_linear", "lowrank_linear", "int8_conv2d", "int8_bmm")
 DEFAULT_SHAPES = ((1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096))
 BASELINE = "torch fp32"
 
@@ -45,6 +47,24 @@ class ConvLayer:
 
 CONV_LAYERS = (ConvLayer(64, 56, 64, 3), ConvLayer(256, 14, 256, 3), ConvLayer(512, 7, 512, 3),
                ConvLayer(256, 14, 1024, 1))
+
+
+@dataclass(frozen=True)
+class BmmShape:
+    name: str
+    batch: int          # batch · heads
+    m: int
+    k: int
+    n: int
+    transpose_b: bool   # Q·Kᵀ: b is K [batch, N, K], read in place
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.batch}x{self.m}x{self.k}x{self.n}"
+
+
+BMM_SHAPES = (BmmShape("MiniLM Q·Kᵀ", 8 * 12, 64, 32, 64, True), BmmShape("MiniLM P·V", 8 * 12, 64, 64, 32, False),
+              BmmShape("BERT-base Q·Kᵀ", 12, 128, 64, 128, True),
+              BmmShape("BERT-base P·V", 12, 128, 128, 64, False))
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,43 @@ def int8_conv2d_candidates(x: torch.Tensor, conv: nn.Conv2d) -> dict[str, Callab
     return candidates
 
 
+def _u8_qparams(t: torch.Tensor) -> tuple[float, int]:
+    """Min-max static u8 scale and zero point of `t` (as calibration would give them)."""
+    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+    scale = (hi - lo) / 255
+    return scale, int(round(-lo / scale))
+
+
+def int8_bmm_candidates(a: torch.Tensor, b: torch.Tensor, transpose_b: bool) -> dict[str, Callable]:
+    (sa, za), (sb, zb) = _u8_qparams(a), _u8_qparams(b)
+    qd = torch.ops.quantized_decomposed
+
+    def fake_quant(t, scale, zp):
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(t, scale, zp, 0, 255, torch.uint8), scale, zp, 0, 255,
+                                        torch.uint8)
+
+    def right(t):
+        return t.transpose(-1, -2) if transpose_b else t
+
+    return {
+        BASELINE: lambda: torch.matmul(a, right(b)),
+        "torch fp32 on fake-quant operands (reference before)":
+            lambda: torch.matmul(fake_quant(a, sa, za), right(fake_quant(b, sb, zb))),
+        "edge C++ int8_bmm": lambda: ops.int8_bmm(a, b, sa, za, sb, zb, transpose_b),
+    }
+
+
+def bench_bmm(shape: BmmShape, warmup: int, rounds: int) -> list[KernelRow]:
+    torch.manual_seed(0)
+    a = torch.randn(shape.batch, shape.m, shape.k)
+    b = torch.randn(shape.batch, *((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n)))
+    if not shape.transpose_b:  # P·V: a holds probabilities
+        a = a.softmax(-1)
+    with torch.no_grad():
+        timings = measure_side_by_side(int8_bmm_candidates(a, b, shape.transpose_b), warmup, rounds)
+    return _rows("int8_bmm", str(shape), timings)
+
+
 def bench_conv(layer: ConvLayer, warmup: int, rounds: int) -> list[KernelRow]:
     torch.manual_seed(0)
     conv = nn.Conv2d(layer.channels, layer.out_channels, layer.kernel, layer.stride, layer.kernel // 2,
@@ -178,7 +235,7 @@ def bench_op(op: str, shape: tuple[int, int, int], warmup: int, rounds: int) -> 
 
 
 def to_markdown(rows: list[KernelRow]) -> str:
-    lines = ["| op | shape (M×K×N or conv layer) | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
+    lines = ["| op | shape (M×K×N, conv layer, or batch×M×K×N) | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
     lines += [f"| {r.op} | {r.shape} | {r.candidate} | {r.median_ms:.3g} | {r.min_ms:.3g}–{r.max_ms:.3g} | "
               f"{r.speedup:.2f}x |" for r in rows]
     notes = ["TVM: not timed per op (the tvm target lowers whole graphs and converts no int8 op yet)."]
@@ -190,12 +247,17 @@ def to_markdown(rows: list[KernelRow]) -> str:
 
 def bench_kernels(op_names: list[str], shapes: list[tuple[int, int, int]], warmup: int, rounds: int,
                   json_path: str | None = None) -> list[KernelRow]:
-    """Times each op in `op_names`: the linear ops at `shapes` (M, K, N), int8_conv2d at CONV_LAYERS."""
+    """Times each op in `op_names`: the linear ops at `shapes` (M, K, N), int8_conv2d at CONV_LAYERS,
+    int8_bmm at BMM_SHAPES."""
     rows = []
     for op in op_names:
         if op == "int8_conv2d":
             for layer in CONV_LAYERS:
                 rows += bench_conv(layer, warmup, rounds)
+            continue
+        if op == "int8_bmm":
+            for shape in BMM_SHAPES:
+                rows += bench_bmm(shape, warmup, rounds)
             continue
         for shape in shapes:
             rows += bench_op(op, shape, warmup, rounds)
