@@ -104,10 +104,12 @@ class Attention(nn.Module):
         return self.out(torch.bmm(p, v).reshape(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, d))
 
 
-def test_hand_written_attention_runs_its_bmms_on_the_int8_kernel():
+@pytest.mark.parametrize("symmetric", [False, True])  # u8 activations, and s8 ones (their codes + 128 as u8)
+def test_hand_written_attention_runs_its_bmms_on_the_int8_kernel(symmetric):
     torch.manual_seed(0)
     x = torch.randn(2, 9, 30)
-    gm = edgepasses.compress(Attention().eval(), (x,), "quantize", calibration=_calibration(x.shape))
+    pipeline = f"quantize(symmetric={str(symmetric).lower()})"
+    gm = edgepasses.compress(Attention().eval(), (x,), pipeline, calibration=_calibration(x.shape))
     lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
     assert _count(lowered, torch.ops.edge.int8_bmm.default) == 2 and _count(lowered, torch.ops.aten.bmm.default) == 0
     assert lowered.edge_lowering.int8_ops == 4
