@@ -7,8 +7,8 @@
 // subtract afterwards.
 //
 // Layouts (per batch item): A rows [M, Kp], Kp = K rounded up to even, zero-padded; B in K pairs
-// [Kp/2, Np, 2] (an int32 word per pair), Np = N rounded up to kNR, zero-padded (from B [K, N], or Bᵀ [N, K] for Q·Kᵀ without
-// a transpose copy). The micro-kernel broadcasts one (a[m,k], a[m,k+1]) pair against 8 columns' pairs,
+// [Kp/2, Np, 2] (an int32 word per pair), Np = N rounded up to kNR, zero-padded (from B [K, N], or
+// Bᵀ [N, K] for Q·Kᵀ without a transpose copy). The micro-kernel broadcasts one (a[m,k], a[m,k+1]) pair against 8 columns' pairs,
 // so each int32 lane is one output: no horizontal sums, which would dominate at attention's short K.
 // Threads take whole batch items where there are enough (batch·heads usually is), else blocks of rows.
 #include <algorithm>
