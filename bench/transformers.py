@@ -196,6 +196,7 @@ class Profile:
     label: str
     calls: int
     ms_per_call: dict[str, float]  # by category, self CPU time of the calling thread's events
+    largest_other: tuple[tuple[str, float], ...] = ()  # the "other ops" that cost most, ms a call
 
     @property
     def total_ms(self) -> float:
@@ -211,9 +212,13 @@ def profile(label: str, run: Callable[..., Any], example: tuple, calls: int = PR
             for _ in range(calls):
                 run(*example)
     totals: Counter[str] = Counter()
+    others: Counter[str] = Counter()
     for event in prof.key_averages():
-        totals[profile_category(event.key)] += event.self_cpu_time_total / 1e3 / calls
-    return Profile(label, calls, {c: totals[c] for c in PROFILE_CATEGORIES})
+        ms, category = event.self_cpu_time_total / 1e3 / calls, profile_category(event.key)
+        totals[category] += ms
+        if category == "other ops":  # elementwise glue (a quantize spelled as round/clamp) lands here
+            others[event.key] += ms
+    return Profile(label, calls, {c: totals[c] for c in PROFILE_CATEGORIES}, tuple(others.most_common(5)))
 
 
 # One table per model and shape ------------------------------------------------------------------
@@ -347,7 +352,9 @@ def profile_lines(table: Table) -> list[str]:
              f"calling thread, {p.total_ms:.1f} ms a call in all):", ""]
     rows = [[c, f"{ms:.1f}", f"{100 * ms / p.total_ms:.0f}%" if p.total_ms else EMPTY]
             for c, ms in p.ms_per_call.items()]
-    return lines + markdown_table(["", "ms a call", "share"], rows)
+    largest = ", ".join(f"`{key}` {ms:.1f}" for key, ms in p.largest_other)
+    return lines + markdown_table(["", "ms a call", "share"], rows) + \
+        (["", f"Largest other ops, ms a call: {largest}."] if largest else [])
 
 
 def table_markdown(table: Table) -> list[str]:

@@ -40,7 +40,8 @@ def _row(label: str, ms: float, **extra) -> Row:
 def test_table_has_speedups_and_failed_rows_with_their_reason_below():
     rows = (_row(EAGER_LABEL, 100.0), _row(OPENVINO_FP32_LABEL, 50.0), _row("edge `quantize` on reference", 25.0),
             Row(bench.ORT_LABEL, {}, None, None, None, error="RuntimeError: no | session"))
-    profile = bench.Profile("edge `quantize` on reference", 3, {c: 1.0 for c in bench.PROFILE_CATEGORIES})
+    profile = bench.Profile("edge `quantize` on reference", 3, {c: 1.0 for c in bench.PROFILE_CATEGORIES},
+                            (("aten::round", 0.5),))
     table = bench.Table("tiny", "a tiny model", (8, 64), "calibration 1 batch", bench.SQNR_METRICS, rows, profile)
     lines = bench.table_markdown(table)
     assert lines[0] == "### tiny, batch 8 × 64 tokens"
@@ -49,6 +50,7 @@ def test_table_has_speedups_and_failed_rows_with_their_reason_below():
     assert "- ONNX Runtime dynamic int8 ✗ `RuntimeError: no | session`" in lines
     assert any(line.startswith("Where the time goes in edge `quantize` on reference") for line in lines)
     assert "| our kernels (edge::*) | 1.0 | 11% |" in lines
+    assert lines[-1] == "Largest other ops, ms a call: `aten::round` 0.5."
 
 
 @pytest.mark.parametrize("key, category", [
