@@ -60,6 +60,11 @@ def handing_on_fallbacks():
         _HANDED_ON.reset(token)
 
 
+def handing_on() -> bool:
+    """Whether a target chain takes the fallbacks of the target lowering now (`handing_on_fallbacks`)."""
+    return _HANDED_ON.get()
+
+
 def report_fallbacks(target: str, fallbacks: list[Fallback], *, strict: bool) -> None:
     """Raise (strict) or log ONE warning that names every op that stays in PyTorch."""
     if not fallbacks or _HANDED_ON.get():

@@ -20,16 +20,26 @@ from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
 from .. import Lowering, TargetBase, tensors_mb
 from ..input_check import name_shape_mismatches
-from ..partition import fallbacks_of, report_fallbacks, sparse24_layers, warn_dense_sparse24
+from ..partition import fallbacks_of, handing_on, report_fallbacks, sparse24_layers, warn_dense_sparse24
+
+COMPILE_DEFAULT = False
 
 
 class ReferenceTarget(TargetBase):
-    """Its program is the rewritten graph: a compile cache hit lowers the stored graph again, cheaply."""
+    """Its program is the rewritten graph, compiled by Inductor where `compile`: a compile cache hit
+    lowers the stored graph again."""
 
     name = "reference"
     # The int8 kernels are exact for any int8 weight, but their fast AVX2 path adds u8·s8 pairs in
     # 16 bits (vpmaddubsw), which is exact only for 7-bit weights: ask for those where it is the path.
     quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
+
+    def __init__(self, compile: bool = COMPILE_DEFAULT):
+        """`compile`: run the rewritten graph as Inductor's compiled C++ around our kernels (its glue
+        fused) instead of op by op in eager PyTorch."""
+        if not isinstance(compile, bool):
+            raise OptionError(f"target_options['reference']['compile'] must be True or False; got {compile!r}")
+        self.compile = compile
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
@@ -51,7 +61,15 @@ class ReferenceTarget(TargetBase):
         lowered.graph.eliminate_dead_code()
         remove_unused_attributes(lowered)
         lowered.recompile()
-        lowered.edge_lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks,
-                                         int8_ops=int8_ops, sparse24_ops=sparse24_ops,
-                                         weights_mb=tensors_mb(lowered))
-        return lowered
+        lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks, int8_ops=int8_ops,
+                            sparse24_ops=sparse24_ops, weights_mb=tensors_mb(lowered))
+        program = self._compiled(lowered, example_inputs, fallbacks) if self.compile else lowered
+        program.edge_lowering = lowering
+        return program
+
+    def _compiled(self, lowered: torch.fx.GraphModule, example_inputs: tuple, fallbacks: list) -> Callable:
+        """`lowered` compiled by Inductor; left a graph where a target chain partitions it to hand its
+        fallbacks on."""
+        from .compile import compile_graph
+
+        return lowered if fallbacks and handing_on() else compile_graph(lowered, example_inputs)
