@@ -56,13 +56,15 @@ def _counts(model: Counter, run, x: torch.Tensor, calls: int = 3, digits: int = 
     return [round((run(x) - model.l(x)).mean().item(), digits) for _ in range(calls)]
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [*TARGETS, "reference compiled by Inductor"])
 def test_buffer_mutation_carries_state_across_calls_on_every_target(target, caplog):
+    target, _, inductor = target.partition(" compiled by ")
     _skip_unavailable(target)
     x = torch.zeros(1, 4)
     model = Counter().eval()
+    options = {"target": target, "target_options": {"reference": {"compile": True}} if inductor else None}
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="edgepasses"):
-        compiled = torch.compile(model, backend="edge", options={"target": target})
+        compiled = torch.compile(model, backend="edge", options=options)
         assert _counts(model, compiled, x) == [1.0, 2.0, 3.0]
     assert model.cnt.item() == 3  # the model's own buffer, as in eager
     if target != "reference":  # a stateless runtime: the write runs in PyTorch, named in the one warning

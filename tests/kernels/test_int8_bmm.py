@@ -16,16 +16,6 @@ from edgepasses.kernels import ops
 from edgepasses.kernels.ops import KernelError, KernelTypeError
 
 
-
-@pytest.fixture(params=["avx2", "portable"])
-def path(request, monkeypatch):
-    if request.param == "portable":
-        monkeypatch.setenv("EDGE_KERNELS_PORTABLE", "1")
-    else:
-        monkeypatch.delenv("EDGE_KERNELS_PORTABLE", raising=False)
-    return request.param
-
-
 def quantize_ref(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     return torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zp, 0, 255, torch.uint8)
 
