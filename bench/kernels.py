@@ -4,7 +4,8 @@ For each op and shape, every implementation that exists here is timed in one int
 (`timing.measure_side_by_side`): our C++ kernel, our Triton kernel (CUDA only), OpenVINO
 (the same layer lowered through `edgepasses.lower`), torch fp32 and, for int8, torch's own
 int8 CPU kernel (FBGEMM dynamic quantized linear). Ratios are against torch fp32 of the same
-shape. TVM is not timed per op yet (its target lowers whole graphs, fp32 only).
+shape. TVM is not timed per op: its target builds whole graphs (its int8 convs are timed by
+`python -m edgepasses.bench.tvm_bench --int8`).
 
 The linear ops take M×K×N shapes; int8_conv2d runs its own layers (`CONV_LAYERS`: ResNet-style
 3×3 and 1×1 convs, batch 1), with weights prepared as the lowering prepares them; int8_bmm runs
@@ -238,7 +239,8 @@ def to_markdown(rows: list[KernelRow]) -> str:
     lines = ["| op | shape (M×K×N, conv layer, or batch×M×K×N) | implementation | median ms | min–max | vs torch fp32 |", "|---|---|---|---:|---|---:|"]
     lines += [f"| {r.op} | {r.shape} | {r.candidate} | {r.median_ms:.3g} | {r.min_ms:.3g}–{r.max_ms:.3g} | "
               f"{r.speedup:.2f}x |" for r in rows]
-    notes = ["TVM: not timed per op (the tvm target lowers whole graphs and converts no int8 op yet)."]
+    notes = ["TVM: not timed per op (it builds whole graphs; "
+             "`python -m edgepasses.bench.tvm_bench --int8` times its int8 convs)."]
     if not torch.cuda.is_available():
         notes.append("Triton: no CUDA GPU here; `python -m edgepasses.bench.gpu_kernels` times the Triton "
                      "kernels where there is one.")
