@@ -141,13 +141,13 @@ def _nncf(module: torch.nn.Module, example: tuple, calibration: list[tuple], mod
 
 
 def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pipeline: str,
-          label: str | None = None, **extra) -> Candidate:
-    """`torch.compile(backend="edge")` on target openvino, with the options the models bench uses
+          label: str | None = None, target: str = "openvino", **extra) -> Candidate:
+    """`torch.compile(backend="edge")` on `target`, with the options the models bench uses
     (and `extra` options: a metric)."""
     compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
-    options = {"pipeline": pipeline, "target": "openvino", "calibration": calibration, **extra,
+    options = {"pipeline": pipeline, "target": target, "calibration": calibration, **extra,
                "on_compile": compilations.append,
-               # The weights are frozen into the OpenVINO program: guards on the module tree protect
+               # The weights are frozen into the lowered program: guards on the module tree protect
                # nothing it uses and cost time on every call.
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     compiled = torch.compile(module, backend="edge", dynamic=False, options=options)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders, Candidate, Metric, Row, _cell,
-                       _eager, _escape, _nncf, _openvino_fp32, measure, nncf_label)
+                       _eager, _edge, _escape, _nncf, _openvino_fp32, measure, nncf_label)
 
 MODELS = ("minilm_l6", "bert_base", "bert_tiny")
 DEFAULT_MODELS = ("minilm_l6", "bert_base")
@@ -118,26 +118,8 @@ def _ort(module: nn.Module, example: tuple) -> Candidate:
     return Candidate(ORT_LABEL, onnxruntime_dynamic_int8(module, example), None)
 
 
-def _edge(module: nn.Module, example: tuple, calibration: list[tuple], pipeline: str, target: str) -> Candidate:
-    """`torch.compile(backend="edge")` on `target`, with the options the accuracy bench uses."""
-    compilations: list = []
-    options = {"pipeline": pipeline, "target": target, "calibration": calibration,
-               "on_compile": compilations.append,
-               # The weights are frozen into the lowered program: module guards protect nothing it uses.
-               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    compiled = torch.compile(module, backend="edge", dynamic=False, options=options)
-    compiled(*example)
-    if not compilations:
-        raise RuntimeError("torch.compile(backend='edge') compiled no graph; the row would time eager PyTorch")
-    fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
-    notes = ([f"{len(compilations)} graphs"] if len(compilations) > 1 else []) + \
-            ([f"{fallbacks} ops left to PyTorch"] if fallbacks else [])
-    return Candidate(edge_label(pipeline, target), compiled, sum(c.lowering.int8_ops for c in compilations),
-                     ", ".join(notes) or None)
-
-
 def builders(module: nn.Module, example: tuple, calibration: list[tuple], pipelines: tuple[str, ...]) -> Builders:
-    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, t))
+    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, edge_label(p, t), t))
             for p in dict.fromkeys(pipelines) for t in ("openvino", "reference")]
     return [(EAGER_LABEL, partial(_eager, module)),
             (OPENVINO_FP32_LABEL, partial(_openvino_fp32, module, example)),

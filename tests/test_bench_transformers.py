@@ -79,10 +79,10 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
 def fast_rows(monkeypatch):
     """NNCF and the edge rows stand in by eager PyTorch (their builds take most of a minute; the
     accuracy and models benches run them for real); the openvino edge row fails, as a row may."""
-    def edge(module, example, calibration, pipeline, target):
+    def edge(module, example, calibration, pipeline, label, target):
         if target == "openvino":
             raise RuntimeError("stand-in failure\nsecond line")
-        return bench.Candidate(bench.edge_label(pipeline, target), module, None)
+        return bench.Candidate(label, module, None)
 
     monkeypatch.setattr(bench, "_edge", edge)
     monkeypatch.setattr(bench, "_nncf", lambda module, *args: bench.Candidate(bench.NNCF_LABEL, module, None))
