@@ -92,20 +92,24 @@ class Table:
     rows: tuple[Row, ...]
 
 
-@dataclass
-class Report:
-    header: dict[str, Any]
-    pipelines: list[str]
-    warmup: int
-    rounds: int
-    tables: list[Table]
-    skipped: dict[str, str]  # section -> why it is not in the report
+class Serialized:
+    """`to_dict` / `to_json` of a report dataclass (the `--json` output)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class Report(Serialized):
+    header: dict[str, Any]
+    pipelines: list[str]
+    warmup: int
+    rounds: int
+    tables: list[Table]
+    skipped: dict[str, str]  # section -> why it is not in the report
 
     def to_markdown(self) -> str:
         return report_markdown(self)

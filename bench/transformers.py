@@ -17,8 +17,6 @@ into our kernels, quantize/dequantize glue, float matmuls and the rest.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,8 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders, Candidate, Metric, Row, _cell,
-                       _eager, _edge, _escape, _nncf, _openvino_fp32, measure, nncf_label)
+from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders, Candidate, Metric, Row,
+                       Serialized, _cell, _eager, _edge, _escape, _nncf, _openvino_fp32, measure, nncf_label)
 
 MODELS = ("minilm_l6", "bert_base", "bert_tiny")
 DEFAULT_MODELS = ("minilm_l6", "bert_base")
@@ -246,19 +244,13 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
 
 
 @dataclass
-class Report:
+class Report(Serialized):
     pipelines: list[str]
     warmup: int
     rounds: int
     tables: list[Table]
     minutes: float
     versions: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     def to_markdown(self) -> str:
         return report_markdown(self)
