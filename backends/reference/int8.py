@@ -87,13 +87,13 @@ def _bmm_call(gm, node, pattern: QDQPattern):
                                              b.uint8_zero_point, transpose_b)
 
 
-def lower_kernel_patterns(gm: torch.fx.GraphModule) -> tuple[int, list[QDQPattern]]:
-    """Rewrite every quantized linear/conv2d/activation matmul into an int8 kernel call. Returns how
-    many were rewritten and the patterns of the other convs/linears/matmuls that read a dequantized
-    tensor."""
+def lower_kernel_patterns(gm: torch.fx.GraphModule, *, matmuls: bool = True) -> tuple[int, list[QDQPattern]]:
+    """Rewrite every quantized linear/conv2d (and, with `matmuls`, activation matmul) into an int8 kernel
+    call. Returns how many were rewritten and the patterns of the other convs/linears/matmuls that read
+    a dequantized tensor."""
     rewritten, left = 0, []
     for pattern in find_patterns(gm):
-        if pattern.mismatch is not None or (pattern.is_matmul and bmm_mismatch(pattern)):
+        if pattern.mismatch is not None or (pattern.is_matmul and (not matmuls or bmm_mismatch(pattern))):
             left.append(pattern)
             continue
         node = pattern.node

@@ -94,7 +94,8 @@ def rewrite_int8(gm: torch.fx.GraphModule) -> Int8Graph:
     if not any(n.target in DEQUANTIZE_OPS for n in gm.graph.nodes):  # a float graph stays as it is (and
         return Int8Graph(gm, 0, {})                                    # keeps its tuning records' key)
     lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # new attribute owners, same tensors
-    int8_ops, left = lower_kernel_patterns(lowered)
+    # Activation matmuls stay for `int8_matmul`: Relax runs them as integer matmuls of its own.
+    int8_ops, left = lower_kernel_patterns(lowered, matmuls=False)
     float_ops = {}
     for pattern in left:
         if pattern.is_matmul and pattern.mismatch is None:
