@@ -15,9 +15,7 @@ import dataclasses
 import datetime
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -267,22 +265,11 @@ def _version(module_name: str) -> str:
         return "not installed"
 
 
-def _git_state() -> str | None:
-    """The checkout's commit, '+ uncommitted changes' when the tree is dirty; None outside a checkout."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_header() -> dict[str, Any]:
+    from .report import git_commit
     from .runner import cpu_model
 
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": _git_state(),
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
             "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "versions": {name: _version(name) for name in
