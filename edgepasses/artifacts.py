@@ -121,13 +121,12 @@ def _artifact_target(choice: bool | str, program: Any):
     if choice is False:
         return None
     if choice is True:
-        if program is not None and saving_target(program) is not None:
-            return saving_target(program)
-        converters = [make_target(name) for name in auto_order()]
-        return next((t for t in converters if t.artifact_files and t.can_save(None) and not t.unavailable_reason()),
-                    None)
-    storing = [n for n in target_names() if n != "auto" and make_target(n).artifact_files]
-    if choice not in storing:
+        own = saving_target(program) if program is not None else None
+        converters = (make_target(name) for name in auto_order())
+        return own or next((t for t in converters
+                            if t.artifact_files and t.can_save(None) and not t.unavailable_reason()), None)
+    if not (isinstance(choice, str) and _stored_files(choice)):
+        storing = [n for n in target_names() if _stored_files(n)]
         raise ArtifactError(f"save: target_artifact must be True, False or a target that stores its program "
                             f"({', '.join(storing)}); got {choice!r}")
     target = make_target(choice)
