@@ -9,19 +9,23 @@ at batch x tokens shapes (default 8 x 64 and 1 x 128), every program built for t
 
 Rows: eager PyTorch fp32 (the reference of quality and latency), OpenVINO fp32, NNCF int8
 (`model_type=TRANSFORMER`) on OpenVINO, ONNX Runtime's dynamic int8 (`quantize_dynamic`), and
-`torch.compile(backend="edge")` with each pipeline on target openvino and on target reference. All
-rows are timed interleaved in the same rounds (`edgepasses.measure.timing`); a row that fails is
-recorded with its one-line reason and the table goes on. Below each table, where the time of the
-first pipeline's reference program goes: a torch.profiler CPU profile of a few calls, aggregated
-into our kernels, quantize/dequantize glue, float matmuls and the rest.
+`torch.compile(backend="edge")` with each pipeline on target openvino and on target reference, the
+latter compiled by Inductor around our kernels (`target_options={"reference": {"compile": True}}`).
+A pipeline with `sparsify_24` gets no openvino row: OpenVINO runs 2:4 weights dense. All rows are
+timed interleaved in the same rounds (`edgepasses.measure.timing`); a row that fails is recorded
+with its one-line reason and the table goes on. Below each table, where the time of the first
+pipeline's reference program goes (a torch.profiler CPU profile of a few calls: our kernels,
+attention, float matmuls, Inductor's fused code, the rest), and where each reference row's build
+time went (Dynamo and the first call, passes, export and rewrite, Inductor).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +36,7 @@ from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders
 MODELS = ("minilm_l6", "bert_base", "bert_tiny")
 DEFAULT_MODELS = ("minilm_l6", "bert_base")
 DEFAULT_SHAPES = ((8, 64), (1, 128))
-DEFAULT_PIPELINES = ("quantize",)
+DEFAULT_PIPELINES = ("quantize", "sparsify_24,quantize")
 DEFAULT_WARMUP = 3
 DEFAULT_ROUNDS = 10
 CALIBRATION_SENTENCES = 32  # in batches of the measured shape; the same for our pipelines, NNCF's and profiles
@@ -46,8 +50,19 @@ COSINE_METRICS = (Metric("mean_cosine", "mean cosine", ".4f"), Metric("min_cosin
 SQNR_METRICS = (Metric("sqnr_db", "SQNR dB", ".1f"),)
 
 
+# The reference rows run Inductor's compiled code around our kernels, not the graph op by op.
+REFERENCE_OPTIONS = {"target_options": {"reference": {"compile": True}}}
+
+
 def edge_label(pipeline: str, target: str) -> str:
-    return f"edge `{pipeline}` on {target}"
+    compiled = " (Inductor)" if target == "reference" else ""
+    return f"edge `{pipeline}` on {target}{compiled}"
+
+
+def edge_targets(pipeline: str) -> tuple[str, ...]:
+    """Where a pipeline is measured: OpenVINO's CPU plugin runs 2:4 weights dense, so a 2:4 pipeline
+    would time the plain int8 model there again."""
+    return ("reference",) if "sparsify_24" in pipeline else ("openvino", "reference")
 
 
 # Models -----------------------------------------------------------------------------------------
@@ -117,8 +132,9 @@ def _ort(module: nn.Module, example: tuple) -> Candidate:
 
 
 def builders(module: nn.Module, example: tuple, calibration: list[tuple], pipelines: tuple[str, ...]) -> Builders:
-    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, edge_label(p, t), t))
-            for p in dict.fromkeys(pipelines) for t in ("openvino", "reference")]
+    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, edge_label(p, t), t,
+                                       **(REFERENCE_OPTIONS if t == "reference" else {})))
+            for p in dict.fromkeys(pipelines) for t in edge_targets(p)]
     return [(EAGER_LABEL, partial(_eager, module)),
             (OPENVINO_FP32_LABEL, partial(_openvino_fp32, module, example)),
             (NNCF_LABEL, partial(_nncf, module, example, calibration, "TRANSFORMER")),
@@ -147,25 +163,21 @@ def _scorer(subject: Subject, evaluation: list[tuple]) -> Callable[[Callable[...
 
 # Where the time goes ----------------------------------------------------------------------------
 
-PROFILE_CATEGORIES = ("our kernels (edge::*)", "quantize/dequantize glue", "matmul in float", "softmax",
-                      "LayerNorm", "GELU", "other ops", "Inductor-compiled code (fused glue)",
-                      "Dynamo, Python")
+PROFILE_CATEGORIES = ("our kernels (edge::*)", "attention (SDPA, float)", "matmul in float",
+                      "Inductor-compiled code (fused glue)", "other ops", "Dynamo, Python")
 _FLOAT_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-                  "aten::_addmm_activation", "aten::_scaled_dot_product")
+                  "aten::_addmm_activation")
 
 
 def profile_category(key: str) -> str:
     """The category of a torch.profiler event name."""
-    if "quantize" in key or "fake_quant" in key:
-        return "quantize/dequantize glue"
     if key.startswith("edge::"):
         return "our kernels (edge::*)"
+    if key.startswith("aten::_scaled_dot_product") or key.startswith("aten::scaled_dot_product"):
+        return "attention (SDPA, float)"
     if key.startswith(_FLOAT_MATMULS):
         return "matmul in float"
-    for needle, category in (("softmax", "softmax"), ("layer_norm", "LayerNorm"), ("gelu", "GELU")):
-        if needle in key:
-            return category
-    if "::" in key:
+    if "::" in key:  # what Inductor left as calls (quantize, LayerNorm, allocations, views)
         return "other ops"
     # Regions, not ops: their self time is the code they run inline (Inductor's C++ kernels; Python).
     return "Inductor-compiled code (fused glue)" if key.startswith("## Call CompiledFxGraph") else "Dynamo, Python"
@@ -196,9 +208,60 @@ def profile(label: str, run: Callable[..., Any], example: tuple, calls: int = PR
     for event in prof.key_averages():
         ms, category = event.self_cpu_time_total / 1e3 / calls, profile_category(event.key)
         totals[category] += ms
-        if category == "other ops":  # elementwise glue (a quantize spelled as round/clamp) lands here
+        if category == "other ops":  # glue Inductor did not fuse lands here
             others[event.key] += ms
     return Profile(label, calls, {c: totals[c] for c in PROFILE_CATEGORIES}, tuple(others.most_common(5)))
+
+
+# Where the build time goes ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompileTime:
+    """Where an edge row's build time went, in seconds."""
+    label: str
+    build_s: float                # the row's: from the model to the end of its first call
+    passes_s: dict[str, float]    # per pass; quantize's includes running the calibration batches
+    export_and_rewrite_s: float   # Dynamo's graph to the canonical form, the target's kernel rewrite
+    inductor_s: float             # code generation and C++ compile (InductorProgram.compile_s)
+
+    @property
+    def dynamo_and_calls_s(self) -> float:
+        """The rest: Dynamo's capture, recording each graph's calibration inputs, the first call."""
+        return self.build_s - sum(self.passes_s.values()) - self.export_and_rewrite_s - self.inductor_s
+
+    def dominated_by(self) -> str:
+        parts = {"Dynamo, calibration inputs, first call": self.dynamo_and_calls_s, **self.passes_s,
+                 "export + rewrite": self.export_and_rewrite_s, "Inductor": self.inductor_s}
+        return max(parts, key=parts.__getitem__)
+
+
+@contextlib.contextmanager
+def compilations_seen() -> Iterator[list[tuple[Any, Any]]]:
+    """(lowered program, EdgeCompilation) of each graph the edge backend compiles meanwhile. `_edge`
+    keeps the `on_compile` option for itself, so this listens at the backend's compile step."""
+    from unittest import mock
+
+    from edgepasses import backend
+
+    seen: list[tuple[Any, Any]] = []
+    compile_graph = backend._compile_graph
+
+    def recording(*args, **kwargs):
+        seen.append(compile_graph(*args, **kwargs))
+        return seen[-1]
+
+    with mock.patch.object(backend, "_compile_graph", recording):
+        yield seen
+
+
+def compile_time(label: str, build_s: float, seen: list[tuple[Any, Any]]) -> CompileTime:
+    passes: Counter[str] = Counter()
+    for _, compilation in seen:
+        for record in compilation.report.records:
+            passes[record.step] += record.seconds
+    inductor = sum(getattr(program, "compile_s", 0.0) for program, _ in seen)  # none: a graph left interpreted
+    compiled = sum(compilation.seconds for _, compilation in seen)
+    return CompileTime(label, build_s, dict(passes), compiled - sum(passes.values()) - inductor, inductor)
 
 
 # One table per model and shape ------------------------------------------------------------------
@@ -213,6 +276,7 @@ class Table:
     rows: tuple[Row, ...]
     profile: Profile | None
     profile_error: str | None = None
+    compile_times: tuple[CompileTime, ...] = ()  # the reference rows'
 
 
 def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, ...], *, warmup: int,
@@ -222,14 +286,22 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
     inputs = subject.inputs(calibration_batches + evaluation_batches, batch, seq)
     calibration, evaluation = inputs[:calibration_batches], inputs[calibration_batches:]
     example = evaluation[0]
-    built: dict[str, Candidate] = {}
+    built: dict[str, Candidate] = {}  # kept for the profile
+    seen: dict[str, list[tuple[Any, Any]]] = {}  # what each row's build compiled
 
     def keeping(label: str, build: Callable[[], Candidate]) -> Callable[[], Candidate]:
-        return lambda: built.setdefault(label, build())
+        def build_and_keep() -> Candidate:
+            with compilations_seen() as seen[label]:
+                built[label] = build()
+            return built[label]
+        return build_and_keep
 
     rows = measure([(label, keeping(label, build)) for label, build in builders(subject.module, example,
                                                                                   calibration, pipelines)],
                    example, _scorer(subject, evaluation), warmup=warmup, rounds=rounds, progress=progress)
+    references = {edge_label(p, "reference") for p in pipelines}
+    compile_times = tuple(compile_time(r.label, r.build_s, seen[r.label]) for r in rows
+                          if r.label in references and not r.error)
     profiled, profile_error = None, None
     label = edge_label(pipelines[0], "reference")
     if label in built and not next(r for r in rows if r.label == label).error:
@@ -240,7 +312,8 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
     data = (f"calibration {len(calibration)} batches, evaluation {len(evaluation)} batches "
             f"({len(evaluation) * batch} sequences) against eager fp32; latency: one batch")
     metrics = COSINE_METRICS if subject.quality == "cosine" else SQNR_METRICS
-    return Table(subject.name, subject.description, (batch, seq), data, metrics, rows, profiled, profile_error)
+    return Table(subject.name, subject.description, (batch, seq), data, metrics, rows, profiled, profile_error,
+                 compile_times)
 
 
 @dataclass
@@ -331,6 +404,21 @@ def profile_lines(table: Table) -> list[str]:
         (["", f"Largest other ops, ms a call: {largest}."] if largest else [])
 
 
+def compile_time_lines(table: Table) -> list[str]:
+    from .runner import markdown_table
+
+    if not table.compile_times:
+        return []
+    header = ["", "build s", "Dynamo, calibration inputs, first call", "passes", "export + rewrite", "Inductor",
+              "dominated by"]
+    rows = [[_escape(c.label), f"{c.build_s:.1f}", f"{c.dynamo_and_calls_s:.1f}",
+             ", ".join(f"`{step}` {s:.1f}" for step, s in c.passes_s.items()) or EMPTY,
+             f"{c.export_and_rewrite_s:.1f}", f"{c.inductor_s:.1f}", _escape(c.dominated_by())]
+            for c in table.compile_times]
+    return ["Compile time of the reference programs, s (the passes include quantize's calibration runs):", "",
+            *markdown_table(header, rows)]
+
+
 def table_markdown(table: Table) -> list[str]:
     from .runner import markdown_table
 
@@ -342,14 +430,18 @@ def table_markdown(table: Table) -> list[str]:
     lines += markdown_table(header, table_rows(table))
     notes = [f"- {_escape(r.label)}: {r.note}" for r in table.rows if r.note and not r.error] + \
             [f"- {_escape(r.label)} ✗ `{r.error}`" for r in table.rows if r.error]
-    return lines + ([""] + notes if notes else []) + [""] + profile_lines(table)
+    compile_times = compile_time_lines(table)
+    return lines + ([""] + notes if notes else []) + [""] + profile_lines(table) + \
+        ([""] + compile_times if compile_times else [])
 
 
 _LEGEND = """Rows: eager PyTorch fp32 (the reference of quality and latency); OpenVINO fp32 (`torch.export`
 converted and compiled by OpenVINO); NNCF int8 (`nncf.quantize`, `model_type=TRANSFORMER`, the same
 calibration batches) on OpenVINO; ONNX Runtime dynamic int8 (`torch.onnx.export`, then
 `quantize_dynamic` with QInt8 weights per output channel, CPU provider, torch's thread count); edge
-rows are `torch.compile(backend="edge", dynamic=False)` with the pipeline on the target named.
+rows are `torch.compile(backend="edge", dynamic=False)` with the pipeline on the target named; on
+reference "(Inductor)": `target_options={"reference": {"compile": True}}`, the graph around our kernels
+compiled by Inductor. A `sparsify_24` pipeline runs on reference only (OpenVINO runs 2:4 weights dense).
 `build s`: from the model to a ready callable (export, calibration, quantization, compilation; edge:
 its first call). Latency: one batch a call, every row timed interleaved in the same rounds after
 untimed warm-up (and one untimed call right before each timed one); median, min–max; `× eager` and

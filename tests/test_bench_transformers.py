@@ -2,6 +2,8 @@
 categories, the command line, and one end-to-end run on a tiny BertModel."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -37,26 +39,32 @@ def _row(label: str, ms: float, **extra) -> Row:
     return Row(label, {"sqnr_db": 40.0}, None, Timing(ms, ms * 0.9, ms * 1.2, (ms,)), None, **extra)
 
 
-def test_table_has_speedups_and_failed_rows_with_their_reason_below():
-    rows = (_row(EAGER_LABEL, 100.0), _row(OPENVINO_FP32_LABEL, 50.0), _row("edge `quantize` on reference", 25.0),
+REFERENCE = bench.edge_label("quantize", "reference")
+
+
+def test_table_has_speedups_failed_rows_with_their_reason_a_profile_and_compile_times():
+    rows = (_row(EAGER_LABEL, 100.0), _row(OPENVINO_FP32_LABEL, 50.0), _row(REFERENCE, 25.0),
             Row(bench.ORT_LABEL, {}, None, None, None, error="RuntimeError: no | session"))
-    profile = bench.Profile("edge `quantize` on reference", 3, {c: 1.0 for c in bench.PROFILE_CATEGORIES},
-                            (("aten::round", 0.5),))
-    table = bench.Table("tiny", "a tiny model", (8, 64), "calibration 1 batch", bench.SQNR_METRICS, rows, profile)
+    profile = bench.Profile(REFERENCE, 3, {c: 1.0 for c in bench.PROFILE_CATEGORIES}, (("aten::round", 0.5),))
+    compile_time = bench.CompileTime(REFERENCE, 10.0, {"quantize": 2.0}, 1.0, 4.0)
+    table = bench.Table("tiny", "a tiny model", (8, 64), "calibration 1 batch", bench.SQNR_METRICS, rows, profile,
+                        compile_times=(compile_time,))
     lines = bench.table_markdown(table)
     assert lines[0] == "### tiny, batch 8 × 64 tokens"
-    assert "| edge `quantize` on reference | 40.0 | - | 25.0 | 22.5–30.0 | 4.00× | 2.00× |" in lines
+    assert "| edge `quantize` on reference (Inductor) | 40.0 | - | 25.0 | 22.5–30.0 | 4.00× | 2.00× |" in lines
     assert "| ONNX Runtime dynamic int8 | ✗ | - | - | - | - | - |" in lines
     assert "- ONNX Runtime dynamic int8 ✗ `RuntimeError: no | session`" in lines
-    assert any(line.startswith("Where the time goes in edge `quantize` on reference") for line in lines)
-    assert "| our kernels (edge::*) | 1.0 | 11% |" in lines
-    assert lines[-1] == "Largest other ops, ms a call: `aten::round` 0.5."
+    assert any(line.startswith(f"Where the time goes in {REFERENCE}") for line in lines)
+    assert "| our kernels (edge::*) | 1.0 | 17% |" in lines
+    assert "Largest other ops, ms a call: `aten::round` 0.5." in lines
+    assert lines[-1] == "| edge `quantize` on reference (Inductor) | 10.0 | 3.0 | `quantize` 2.0 | 1.0 | 4.0 | Inductor |"
 
 
 @pytest.mark.parametrize("key, category", [
-    ("edge::int8_linear", "our kernels (edge::*)"), ("quantized_decomposed::quantize_per_tensor", "quantize/dequantize glue"),
-    ("aten::addmm", "matmul in float"), ("aten::_softmax", "softmax"), ("aten::native_layer_norm", "LayerNorm"),
-    ("aten::gelu", "GELU"), ("aten::add", "other ops"), ("## Call CompiledFxGraph f3x ##", "Inductor-compiled code (fused glue)"),
+    ("edge::int8_linear", "our kernels (edge::*)"), ("edge::quantize_per_token", "our kernels (edge::*)"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention (SDPA, float)"),
+    ("aten::addmm", "matmul in float"), ("quantized_decomposed::quantize_per_tensor", "other ops"),
+    ("aten::native_layer_norm", "other ops"), ("## Call CompiledFxGraph f3x ##", "Inductor-compiled code (fused glue)"),
     ("Torch-Compiled Region: 0/0", "Dynamo, Python")])
 def test_profile_categories(key, category):
     assert bench.profile_category(key) == category
@@ -79,9 +87,10 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
 def fast_rows(monkeypatch):
     """NNCF and the edge rows stand in by eager PyTorch (their builds take most of a minute; the
     accuracy and models benches run them for real); the openvino edge row fails, as a row may."""
-    def edge(module, example, calibration, pipeline, label, target):
+    def edge(module, example, calibration, pipeline, label, target, **extra):
         if target == "openvino":
             raise RuntimeError("stand-in failure\nsecond line")
+        assert extra == bench.REFERENCE_OPTIONS  # the reference rows are Inductor-compiled
         return bench.Candidate(label, module, None)
 
     monkeypatch.setattr(bench, "_edge", edge)
@@ -95,11 +104,31 @@ def test_bench_transformers_runs_end_to_end_on_a_tiny_bert(fast_rows, tmp_path, 
     text = md.read_text()
     assert text == capsys.readouterr().out.rstrip("\n") + "\n"
     labels = [EAGER_LABEL, OPENVINO_FP32_LABEL, bench.NNCF_LABEL, bench.ORT_LABEL,
-              bench.edge_label("quantize", "openvino"), bench.edge_label("quantize", "reference")]
+              bench.edge_label("quantize", "openvino"), bench.edge_label("quantize", "reference"),
+              bench.edge_label("sparsify_24,quantize", "reference")]
     for label in labels:
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         measured = row.endswith("× |")
         assert measured or f"- {label} ✗ `" in text, row  # a number, or ✗ with its reason below
+    assert bench.edge_label("sparsify_24,quantize", "openvino") not in text  # OpenVINO would run it dense
     assert "### BERT tiny (random weights), batch 1 × 8 tokens" in text
     assert "- edge `quantize` on openvino ✗ `RuntimeError: stand-in failure`" in text
-    assert "Where the time goes" in text
+    assert "Where the time goes in edge `quantize` on reference (Inductor)" in text
+    assert "Compile time of the reference programs" in text
+
+
+def test_reference_row_is_inductor_compiled_and_its_compile_time_adds_up():
+    """One real reference row on a tiny BertModel: Inductor compiles it, the profile sees our kernels inside
+    Inductor's code, and the compile-time parts add up to the build time."""
+    model = bert_base(**TINY)
+    calibration = random_token_batches(2, 1, 8, vocab_size=200)
+    example = calibration[-1]
+    label = bench.edge_label("quantize", "reference")
+    start = time.perf_counter()
+    with bench.compilations_seen() as seen, torch.no_grad():
+        candidate = bench._edge(model, example, calibration, "quantize", label, "reference", **bench.REFERENCE_OPTIONS)
+    spent = bench.compile_time(label, time.perf_counter() - start, seen)
+    assert spent.inductor_s > 0 and "quantize" in spent.passes_s
+    assert spent.export_and_rewrite_s > 0 and spent.dynamo_and_calls_s > 0
+    profiled = bench.profile(label, candidate.run, example, calls=1).ms_per_call
+    assert profiled["our kernels (edge::*)"] > 0 and profiled["Inductor-compiled code (fused glue)"] > 0
