@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .accuracy import (EAGER_LABEL, EMPTY, FAILED, OPENVINO_FP32_LABEL, Builders, Candidate, Metric, Row,
                        Serialized, _cell, _eager, _edge, _escape, _nncf, _openvino_fp32, measure, nncf_label)
+from .reference_compile import cache_outcome, fx_graph_cache_counts, warm_kernels
 
 MODELS = ("minilm_l6", "bert_base", "bert_tiny")
 DEFAULT_MODELS = ("minilm_l6", "bert_base")
@@ -223,6 +224,7 @@ class CompileTime:
     passes_s: dict[str, float]    # per pass; quantize's includes running the calibration batches
     export_and_rewrite_s: float   # Dynamo's graph to the canonical form, the target's kernel rewrite
     inductor_s: float             # code generation and C++ compile (InductorProgram.compile_s)
+    inductor_cache: str = ""      # what Inductor's FX graph cache did ("1 miss"): a hit skips the C++ build
 
     @property
     def dynamo_and_calls_s(self) -> float:
@@ -254,14 +256,15 @@ def compilations_seen() -> Iterator[list[tuple[Any, Any]]]:
         yield seen
 
 
-def compile_time(label: str, build_s: float, seen: list[tuple[Any, Any]]) -> CompileTime:
+def compile_time(label: str, build_s: float, seen: list[tuple[Any, Any]], inductor_cache: str = "") -> CompileTime:
     passes: Counter[str] = Counter()
     for _, compilation in seen:
         for record in compilation.report.records:
             passes[record.step] += record.seconds
     inductor = sum(getattr(program, "compile_s", 0.0) for program, _ in seen)  # none: a graph left interpreted
     compiled = sum(compilation.seconds for _, compilation in seen)
-    return CompileTime(label, build_s, dict(passes), compiled - sum(passes.values()) - inductor, inductor)
+    return CompileTime(label, build_s, dict(passes), compiled - sum(passes.values()) - inductor, inductor,
+                       inductor_cache)
 
 
 # One table per model and shape ------------------------------------------------------------------
@@ -288,11 +291,14 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
     example = evaluation[0]
     built: dict[str, Candidate] = {}  # kept for the profile
     seen: dict[str, list[tuple[Any, Any]]] = {}  # what each row's build compiled
+    inductor_cache: dict[str, str] = {}
 
     def keeping(label: str, build: Callable[[], Candidate]) -> Callable[[], Candidate]:
         def build_and_keep() -> Candidate:
+            before = fx_graph_cache_counts()
             with compilations_seen() as seen[label]:
                 built[label] = build()
+            inductor_cache[label] = cache_outcome(before, fx_graph_cache_counts())
             return built[label]
         return build_and_keep
 
@@ -300,7 +306,7 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
                                                                                   calibration, pipelines)],
                    example, _scorer(subject, evaluation), warmup=warmup, rounds=rounds, progress=progress)
     references = {edge_label(p, "reference") for p in pipelines}
-    compile_times = tuple(compile_time(r.label, r.build_s, seen[r.label]) for r in rows
+    compile_times = tuple(compile_time(r.label, r.build_s, seen[r.label], inductor_cache[r.label]) for r in rows
                           if r.label in references and not r.error)
     profiled, profile_error = None, None
     label = edge_label(pipelines[0], "reference")
@@ -355,6 +361,7 @@ def run_transformers(models: list[str] | tuple[str, ...] = DEFAULT_MODELS,
                      pipelines: list[str] | tuple[str, ...] = DEFAULT_PIPELINES, *, warmup: int = DEFAULT_WARMUP,
                      rounds: int = DEFAULT_ROUNDS, progress: Callable[[str], None] = lambda line: None) -> Report:
     check_choices(models, shapes)
+    warm_kernels()
     start = time.perf_counter()
     tables = []
     for name in dict.fromkeys(models):
@@ -413,7 +420,8 @@ def compile_time_lines(table: Table) -> list[str]:
               "dominated by"]
     rows = [[_escape(c.label), f"{c.build_s:.1f}", f"{c.dynamo_and_calls_s:.1f}",
              ", ".join(f"`{step}` {s:.1f}" for step, s in c.passes_s.items()) or EMPTY,
-             f"{c.export_and_rewrite_s:.1f}", f"{c.inductor_s:.1f}", _escape(c.dominated_by())]
+             f"{c.export_and_rewrite_s:.1f}", f"{c.inductor_s:.1f}" + (f" ({c.inductor_cache})" if c.inductor_cache else ""),
+             _escape(c.dominated_by())]
             for c in table.compile_times]
     return ["Compile time of the reference programs, s (the passes include quantize's calibration runs):", "",
             *markdown_table(header, rows)]

@@ -124,11 +124,13 @@ def test_reference_row_is_inductor_compiled_and_its_compile_time_adds_up():
     calibration = random_token_batches(2, 1, 8, vocab_size=200)
     example = calibration[-1]
     label = bench.edge_label("quantize", "reference")
-    start = time.perf_counter()
+    start, before = time.perf_counter(), bench.fx_graph_cache_counts()
     with bench.compilations_seen() as seen, torch.no_grad():
         candidate = bench._edge(model, example, calibration, "quantize", label, "reference", **bench.REFERENCE_OPTIONS)
-    spent = bench.compile_time(label, time.perf_counter() - start, seen)
+    spent = bench.compile_time(label, time.perf_counter() - start, seen,
+                               bench.cache_outcome(before, bench.fx_graph_cache_counts()))
     assert spent.inductor_s > 0 and "quantize" in spent.passes_s
+    assert spent.inductor_cache in ("1 hit", "1 miss")  # one graph, looked up in Inductor's FX graph cache
     assert spent.export_and_rewrite_s > 0 and spent.dynamo_and_calls_s > 0
     profiled = bench.profile(label, candidate.run, example, calls=1).ms_per_call
     assert profiled["our kernels (edge::*)"] > 0 and profiled["Inductor-compiled code (fused glue)"] > 0
