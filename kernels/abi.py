@@ -21,6 +21,11 @@ SIGNATURES = {
     # x_scale > 0: static per-tensor (u8 codes, x_zero_point in [0, 255]), x_scale <= 0: dynamic per-token;
     # weight_bits 7 promises |w| <= 64 (the u8*s8 16-bit pair path is then exact); out f32 [M,N]; threads.
     "edge_int8_linear": (_i32, [*_buf, _i64, _i64, *_buf, _i64, *_buf, *_buf, *_buf, _f64, _i32, _i32, *_buf, _i32]),
+    # x f32 [M,K]; M; K; w i8 panel-packed 7-bit codes; shuffle u8 (2:4: each code's activation position) or
+    # NULL (dense); N; w_scale f32 [N]; w_sum i32 [N]; bias f32 [N] or NULL; x_scale, x_zero_point as
+    # edge_int8_linear; out f32 [M,N]; threads.
+    "edge_int8_linear_packed": (_i32, [*_buf, _i64, _i64, *_buf, *_buf, _i64, *_buf, *_buf, *_buf, _f64, _i32, *_buf,
+                                       _i32]),
     # x f32 [B,C,H,W]; B, C, H, W; w i8 [O,KH,KW,C/groups] (packed); O, KH, KW; w_scale f32 [O]; w_sum i32 [O];
     # bias f32 [O] or NULL; stride/padding/dilation (h, w); groups; x_scale > 0, x_zero_point static;
     # weight_bits; out f32 [B,O,OH,OW]; threads.

@@ -172,6 +172,54 @@ def int8_linear(op: str, x, weight, weight_scale, weight_sum, bias, x_scale, x_z
     weight_bits(op, bits)
 
 
+def int8_linear_packed(op: str, x, weight, shuffle, out_features, weight_scale, weight_sum, bias, x_scale,
+                       x_zero_point) -> None:
+    """weight (and shuffle, 2:4) 1-D in the panel layout (panels.py) of an [out_features, K] weight."""
+    from .panels import packed_size
+
+    tensor(op, "x", x, dtypes=FLOATING, min_dim=1)
+    integer(op, "out_features", out_features, 1)
+    k = x.shape[-1]
+    if k == 0 or k > MAX_INT8_K:
+        _refuse(op, f"x's last dim (K) must be in [1, {MAX_INT8_K}], got {k}")
+    tensor(op, "weight", weight, dtypes=(torch.int8,), dim=1, device=x.device)
+    size = packed_size(out_features, k, shuffle is not None)
+    if shuffle is not None:
+        tensor(op, "shuffle", shuffle, dtypes=(torch.uint8,), dim=1, device=x.device)
+        if shuffle.numel() != size:
+            _refuse(op, f"shuffle must hold {size} positions for a 2:4 [{out_features}, {k}] weight, got "
+                        f"{shuffle.numel()}")
+    if weight.numel() != size:
+        kind = "2:4" if shuffle is not None else "dense"
+        _refuse(op, f"weight must hold {size} packed codes for a {kind} [{out_features}, {k}] weight "
+                    f"(panels.pack_int8_panels{'_24' if shuffle is not None else ''}), got {weight.numel()}")
+    per_channel(op, "weight_scale", weight_scale, out_features, x.device)
+    per_channel(op, "weight_sum", weight_sum, out_features, x.device, dtypes=(torch.int32,))
+    per_channel(op, "bias", bias, out_features, x.device, optional=True)
+    x_quant(op, x_scale, x_zero_point, dynamic_ok=True)
+
+
+def int8_packed_values(op: str, weight: Tensor, shuffle: Tensor | None, weight_sum: Tensor, k: int) -> None:
+    """Packed codes within [-64, 64] (the kernel's exact u8·s8 path), shuffle positions within a step
+    (0..7), weight_sum the sums of each channel's codes."""
+    from .panels import unpack_int8_panels
+
+    if not _known(weight, "7-bit"):
+        low, high = (int(v) for v in torch.aminmax(weight))
+        if low < SEVEN_BIT[0] or high > SEVEN_BIT[1]:
+            _refuse(op, f"packed weight codes must lie in [{SEVEN_BIT[0]}, {SEVEN_BIT[1]}], got [{low}, {high}]")
+        _remember(weight, "7-bit")
+    if shuffle is not None and not _known(shuffle, "positions"):
+        if int(shuffle.max()) > 7:
+            _refuse(op, f"shuffle positions must lie in [0, 7] (within a step of 8), got up to {int(shuffle.max())}")
+        _remember(shuffle, "positions")
+    if not _known(weight_sum, "row sums", weight):
+        codes = unpack_int8_panels(weight, shuffle, weight_sum.shape[0], k)
+        if not torch.equal(codes.sum(1, dtype=torch.int32), weight_sum):
+            _refuse(op, "weight_sum must hold the sums of each output channel's codes; it does not")
+        _remember(weight_sum, "row sums", weight)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

@@ -157,6 +157,41 @@ def _(x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_b
     return triton_ops.int8_linear(x, weight, weight_scale, weight_sum, bias, x_scale, x_zero_point, weight_bits)
 
 
+# ---- edge::int8_linear_packed -----------------------------------------------------------------
+
+@custom_op("edge::int8_linear_packed", mutates_args=(), device_types="cpu")
+def int8_linear_packed(x: Tensor, weight: Tensor, shuffle: Tensor | None, out_features: int, weight_scale: Tensor,
+                       weight_sum: Tensor, bias: Tensor | None, x_scale: float | None, x_zero_point: int) -> Tensor:
+    """int8_linear on 7-bit codes packed in panels (panels.py), which the AVX2 kernel multiplies as
+    output vectors (no horizontal sums); with `shuffle`, the weight is 2:4 sparse and only its kept
+    half is multiplied. The same result as int8_linear on the unpacked codes, bit for bit."""
+    _check_int8_linear_packed(x, weight, shuffle, out_features, weight_scale, weight_sum, bias, x_scale, x_zero_point)
+    rows = _float_rows(x, x.shape[-1])
+    out = rows.new_empty(rows.shape[0], out_features)
+    scale, sums, b = _float(weight_scale), weight_sum.contiguous(), _float(bias)
+    code = library().edge_int8_linear_packed(
+        *abi.buffer(rows), rows.shape[0], rows.shape[1], *abi.buffer(weight.contiguous()),
+        *abi.buffer(None if shuffle is None else shuffle.contiguous()), out_features, *abi.buffer(scale),
+        *abi.buffer(sums), *abi.buffer(b), 0.0 if x_scale is None else x_scale, x_zero_point, *abi.buffer(out),
+        torch.get_num_threads())
+    _check(code, "int8_linear_packed")
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def _check_int8_linear_packed(x, weight, shuffle, out_features, weight_scale, weight_sum, bias, x_scale,
+                              x_zero_point) -> None:
+    checks.int8_linear_packed("int8_linear_packed", x, weight, shuffle, out_features, weight_scale, weight_sum, bias,
+                              x_scale, x_zero_point)
+    checks.int8_packed_values("int8_linear_packed", weight, shuffle, weight_sum, x.shape[-1])
+
+
+@int8_linear_packed.register_fake
+def _(x, weight, shuffle, out_features, weight_scale, weight_sum, bias, x_scale, x_zero_point):
+    checks.int8_linear_packed("int8_linear_packed", x, weight, shuffle, out_features, weight_scale, weight_sum, bias,
+                              x_scale, x_zero_point)
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
 # ---- edge::int8_conv2d ------------------------------------------------------------------------
 
 @custom_op("edge::int8_conv2d", mutates_args=(), device_types="cpu")

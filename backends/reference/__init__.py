@@ -1,7 +1,8 @@
 """The `reference` target: our own kernels (`edgepasses.kernels`) where a pattern has one,
 PyTorch for the rest.
 
-Quantize-dequantize linear/conv2d → `edge::int8_linear` / `edge::int8_conv2d`; linears with
+Quantize-dequantize linear/conv2d → `edge::int8_linear` / `edge::int8_conv2d` (linears on 7-bit codes →
+`edge::int8_linear_packed`, on the kept half where the codes are 2:4 sparse); float linears with
 2:4-sparse weights → `edge::sparse24_linear`; low-rank pairs → `edge::lowrank_linear`. The
 graph is rewritten in a copy (the caller's GraphModule keeps its fake-quant form), and a
 quantized conv/linear/matmul left without an int8 kernel is reported as a fallback.
@@ -25,6 +26,12 @@ from ..partition import fallbacks_of, handing_on, report_fallbacks, sparse24_lay
 COMPILE_DEFAULT = False
 
 
+def _runs_sparse(node: torch.fx.Node) -> bool:
+    """`node` runs on a 2:4 kernel: edge::sparse24_linear, or the packed int8 linear with its shuffle."""
+    packed_24 = node.target == torch.ops.edge.int8_linear_packed.default and node.args[2] is not None
+    return packed_24 or node.target == torch.ops.edge.sparse24_linear.default
+
+
 class ReferenceTarget(TargetBase):
     """Its program is the rewritten graph, compiled by Inductor where `compile`: a compile cache hit
     lowers the stored graph again."""
@@ -45,7 +52,7 @@ class ReferenceTarget(TargetBase):
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
-        from .int8 import lower_int8
+        from .int8 import lower_int8, pack_linear_weights
         from .lowrank import lower_lowrank_pairs
         from .sparse24 import lower_sparse24
 
@@ -54,9 +61,10 @@ class ReferenceTarget(TargetBase):
         int8_ops, left = lower_int8(lowered)
         fallbacks = fallbacks_of(left)
         report_fallbacks(self.name, fallbacks, strict=strict)
-        sparse24_ops = lower_sparse24(lowered)
-        dense = [n for n in sparse24_layers(lowered) if n.target != torch.ops.edge.sparse24_linear.default]
-        warn_dense_sparse24(self.name, dense, "its 2:4 kernel is for float Linear layers; int8 and conv run dense")
+        sparse24_ops = pack_linear_weights(lowered) + lower_sparse24(lowered)
+        dense = [n for n in sparse24_layers(lowered) if not _runs_sparse(n)]
+        warn_dense_sparse24(self.name, dense, "its 2:4 kernels are for Linear layers (float, and int8 with 7-bit "
+                            "weights); convs and other int8 Linears run dense")
         lower_lowrank_pairs(lowered)
         lowered.graph.eliminate_dead_code()
         remove_unused_attributes(lowered)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from edgepasses.graph_utils import add_constant, conv_args, optional_arg, replace_with_call
-from edgepasses.kernels import ops
+from edgepasses.graph_utils import add_constant, constant_value, conv_args, optional_arg, replace_with_call
+from edgepasses.kernels import ops, panels
 from edgepasses.quant.patterns import ActivationQDQ, QDQPattern, Reason, WeightQDQ, find_patterns
 
 aten = torch.ops.aten
@@ -112,6 +112,28 @@ def why_no_kernel(pattern: QDQPattern) -> str:
     if pattern.mismatch.reason is Reason.OP:
         return "no int8 kernel for this op (int8 kernels: linear, 2-d conv, matmul of two activations)"
     return pattern.mismatch.detail
+
+
+def pack_linear_weights(gm: torch.fx.GraphModule) -> int:
+    """Rewrite each `edge::int8_linear` on 7-bit codes into `edge::int8_linear_packed` on the same codes
+    in panels (its faster AVX2 kernel), on the kept half alone where the codes are 2:4 sparse. Returns
+    how many 2:4 ones."""
+    sparse = 0
+    for node in list(gm.graph.nodes):
+        if node.target != torch.ops.edge.int8_linear.default or node.args[7] != 7:
+            continue
+        x, codes_node, scale, sums, bias, x_scale, x_zero_point, _ = node.args
+        codes = constant_value(gm, codes_node)
+        if panels.is_24_sparse_codes(codes):
+            values, shuffle = panels.pack_int8_panels_24(codes)
+            shuffle_node = add_constant(gm, f"{node.name}_shuffle", shuffle, before=node)
+            sparse += 1
+        else:
+            values, shuffle_node = panels.pack_int8_panels(codes), None
+        packed = add_constant(gm, f"{node.name}_panels", values, before=node)
+        replace_with_call(gm, node, torch.ops.edge.int8_linear_packed.default,
+                          (x, packed, shuffle_node, codes.shape[0], scale, sums, bias, x_scale, x_zero_point))
+    return sparse
 
 
 def lower_int8(gm: torch.fx.GraphModule) -> tuple[int, dict[torch.fx.Node, str]]:

@@ -36,6 +36,11 @@ def _count(gm, op) -> int:
     return sum(n.target == op for n in gm.graph.nodes)
 
 
+def _int8_linears(gm) -> int:
+    """Linears on an int8 kernel: 7-bit codes run packed in panels (int8_linear_packed), 8-bit ones as they are."""
+    return _count(gm, torch.ops.edge.int8_linear.default) + _count(gm, torch.ops.edge.int8_linear_packed.default)
+
+
 def _calibration(shape, n=4):
     return [(torch.randn(*shape),) for _ in range(n)]
 
@@ -65,7 +70,7 @@ def test_int8_graph_runs_on_int8_kernels_matching_the_fake_quant_graph(symmetric
     gm = edgepasses.compress(ConvNet().eval(), (x,), pipeline, calibration=_calibration(x.shape))
     lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
     assert _count(lowered, torch.ops.edge.int8_conv2d.default) == 3
-    assert _count(lowered, torch.ops.edge.int8_linear.default) == 1
+    assert _int8_linears(lowered) == 1
     # The conv weights are constants packed once, channels-last [O, KH, KW, C/groups], as the kernel reads them.
     conv_codes = [getattr(lowered, n.args[1].target) for n in lowered.graph.nodes
                   if n.target == torch.ops.edge.int8_conv2d.default]
@@ -84,7 +89,7 @@ def test_quantized_attention_matmuls_run_on_the_int8_bmm_kernel(tiny_bert):
     bmms = [n for n in lowered.graph.nodes if n.target == torch.ops.edge.int8_bmm.default]
     assert [n.args[-1] for n in bmms] == [True, False] * 2  # Q·Kᵀ reads K in place (transpose_b); P·V as it is
     assert _count(lowered, torch.ops.aten.matmul.default) == 0 and lowered.edge_lowering.fallbacks == []
-    assert lowered.edge_lowering.int8_ops == len(bmms) + _count(lowered, torch.ops.edge.int8_linear.default)
+    assert lowered.edge_lowering.int8_ops == len(bmms) + _int8_linears(lowered)
     with torch.no_grad():
         _close_to_fake_quant(lowered(*example), gm(*example))
 
@@ -134,7 +139,7 @@ def test_quantized_matmul_without_an_int8_kernel_is_reported(caplog):
         lowered = edgepasses.lower(gm, (x,), target="reference")
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "aten.matmul" in warning and "same batch dims" in warning and "float fake-quant" in warning
-    assert lowered.edge_lowering.int8_ops == _count(lowered, torch.ops.edge.int8_linear.default) == 2
+    assert lowered.edge_lowering.int8_ops == _int8_linears(lowered) == 2
     with torch.no_grad():
         _close_to_fake_quant(lowered(x), gm(x))
     with pytest.raises(UnsupportedOpError, match="aten.matmul"):
@@ -167,6 +172,23 @@ def test_24_sparse_weights_run_on_the_sparse_kernel_and_dense_ones_do_not():
     assert _count(lowered, torch.ops.aten.linear.default) == 1
     with torch.no_grad():
         torch.testing.assert_close(lowered(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_24_sparse_linears_run_on_the_packed_sparse_kernel(caplog):
+    """sparsify_24 then quantize with 7-bit weights: each Linear on int8_linear_packed with its shuffle
+    (the kept half alone), matching the fake-quant graph, and no warning that 2:4 runs dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    x = torch.randn(5, 32)
+    gm = edgepasses.compress(model, (x,), "sparsify_24,quantize(overflow_fix=all)", calibration=_calibration(x.shape))
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, (x,), target="reference", strict=True)
+    packed = [n for n in lowered.graph.nodes if n.target == torch.ops.edge.int8_linear_packed.default]
+    assert len(packed) == 2 and all(n.args[2] is not None for n in packed)
+    assert lowered.edge_lowering.sparse24_ops == 2 and "dense" not in caplog.text
+    with torch.no_grad():
+        expected = gm(x)
+        torch.testing.assert_close(lowered(x), expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
 
 
 def test_int8_pipeline_compiles_end_to_end_on_the_reference_target():

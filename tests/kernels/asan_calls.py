@@ -314,6 +314,47 @@ def valid_int8_linear(lib, expect: Expect) -> None:
                 expect.ok(f"int8_linear {m}x{k}x{n} bits={bits} x_scale={x_scale}", code)
 
 
+def packed_operands(rng, m, k, n, sparse):
+    """Operands of edge_int8_linear_packed: buffers of exactly the packed sizes (any codes within
+    [-64, 64] and positions within [0, 7] are valid; the sums need not match for memory safety)."""
+    n8 = -(-n // 8) * 8
+    size = n8 * (-(-k // 8) * 4 if sparse else -(-k // 4) * 4)
+    return {"x": Buffer(F32, rand_floats(rng, m * k)), "w": Buffer(I8, rand_codes(rng, size, 7)),
+            "shuffle": Buffer(U8, [rng.randrange(8) for _ in range(size)]) if sparse else None,
+            "scale": Buffer(F32, [0.01] * n), "wsum": Buffer(I32, [0] * n), "bias": Buffer(F32, rand_floats(rng, n)),
+            "out": Buffer(F32, [0.0] * (m * n))}
+
+
+def packed_call(lib, ops, m, k, n, x_scale=0.05, zp=3, threads=1) -> int:
+    shuffle = ops["shuffle"].abi() if ops["shuffle"] else NULL
+    return lib.edge_int8_linear_packed(*ops["x"].abi(), m, k, *ops["w"].abi(), *shuffle, n, *ops["scale"].abi(),
+                                       *ops["wsum"].abi(), *ops["bias"].abi(), x_scale, zp, *ops["out"].abi(),
+                                       threads)
+
+
+def valid_int8_linear_packed(lib, expect: Expect) -> None:
+    rng = random.Random(7)
+    for m, k, n in ((1, 1, 1), (1, 70, 9), (3, 31, 4), (4, 33, 8), (5, 32, 25), (13, 100, 3), (9, 64, 49)):
+        for sparse in (False, True):
+            for x_scale in (0.05, 0.0):  # static, dynamic
+                code = packed_call(lib, packed_operands(rng, m, k, n, sparse), m, k, n, x_scale, threads=2)
+                expect.ok(f"int8_linear_packed {m}x{k}x{n} sparse={sparse} x_scale={x_scale}", code)
+
+
+def refuse_int8_linear_packed(lib, expect: Expect) -> None:
+    rng = random.Random(8)
+    m, k, n = 3, 40, 10
+    for sparse in (False, True):
+        full = packed_operands(rng, m, k, n, sparse)
+        short = [("x", F32), ("w", I8), ("scale", F32), ("wsum", I32), ("bias", F32), ("out", F32)]
+        for name, ctype in short + ([("shuffle", U8)] if sparse else []):
+            args = {**full, name: Buffer(ctype, full[name].values()[:-1])}
+            expect.refused(f"int8_linear_packed sparse={sparse} short {name}", packed_call(lib, args, m, k, n),
+                           "expected")
+    code = packed_call(lib, packed_operands(rng, m, k, n, False), m, 0, n)
+    expect.refused("int8_linear_packed K=0", code, "K")
+
+
 def valid_int8_conv2d(lib, expect: Expect) -> None:
     rng = random.Random(5)
     geometries = [
@@ -404,14 +445,14 @@ def main(library: str, mode: str) -> int:
         return 1
     expect = Expect(lib)
     if mode == "refuse":
-        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_conv2d, refuse_conv2d_pack, refuse_row_stats,
-                    refuse_int8_bmm):
+        for run in (refuse_sparse24, refuse_int8_linear, refuse_int8_linear_packed, refuse_int8_conv2d,
+                    refuse_conv2d_pack, refuse_row_stats, refuse_int8_bmm):
             run(lib, expect)
     else:
         for path in ("avx2", "portable"):
             os.environ["EDGE_KERNELS_PORTABLE"] = "1" if path == "portable" else "0"
-            for run in (valid_sparse24, valid_int8_linear, valid_int8_conv2d, valid_conv2d_pack, valid_row_stats,
-                        valid_int8_bmm):
+            for run in (valid_sparse24, valid_int8_linear, valid_int8_linear_packed, valid_int8_conv2d,
+                        valid_conv2d_pack, valid_row_stats, valid_int8_bmm):
                 run(lib, expect)
     return report(expect)
 

@@ -1,4 +1,4 @@
-// The int8 kernels' C ABI (see build.py and abi.py): edge_int8_linear, edge_int8_conv2d (on weights
+// The int8 kernels' C ABI (see build.py and abi.py): edge_int8_linear, edge_int8_linear_packed, edge_int8_conv2d (on weights
 // packed by edge_int8_conv2d_pack), edge_int8_bmm and edge_int8_row_stats. Each checks its shapes, quantization and buffer sizes (check.h) before anything
 // is read, picks the CPU path, and calls the kernel.
 #include <algorithm>
@@ -134,6 +134,33 @@ extern "C" int32_t edge_int8_linear(const float* x, int64_t x_bytes, int64_t M, 
     if (M == 0) return kOk;
     const LinearArgs args{x, M, K, N, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
     return linear(args, choose_path(weight_bits), threads(num_threads));
+}
+
+// Packed codes: round_up(N, 8) × round_up(K, 4) bytes dense; with `shuffle` (2:4) round_up(N, 8) ×
+// round_up(K, 8) / 2 bytes, and as many shuffle bytes (ops.pack_int8_panels / pack_int8_panels_24).
+extern "C" int32_t edge_int8_linear_packed(const float* x, int64_t x_bytes, int64_t M, int64_t K, const int8_t* w,
+                                           int64_t w_bytes, const uint8_t* shuffle, int64_t shuffle_bytes, int64_t N,
+                                           const float* w_scale, int64_t w_scale_bytes, const int32_t* w_sum,
+                                           int64_t w_sum_bytes, const float* bias, int64_t bias_bytes, double x_scale,
+                                           int32_t x_zero_point, float* out, int64_t out_bytes, int32_t num_threads) {
+    constexpr const char* op = "edge_int8_linear_packed";
+    if (M < 0 || K <= 0 || K > kMaxK || N <= 0)
+        return refuse(kBadShape, "%s: needs M >= 0, 0 < K <= %lld, N > 0; got M=%lld K=%lld N=%lld", op, ll(kMaxK),
+                      ll(M), ll(K), ll(N));
+    if (int32_t c = check_quant(op, 7, x_scale, x_zero_point, true)) return c;
+    const bool sparse = shuffle != nullptr;
+    int64_t x_elems, w_elems, out_elems;
+    if (!count(&x_elems, M, K) || !count(&out_elems, M, N) ||
+        !count(&w_elems, round_up(N, 8), sparse ? round_up(K, 8) / 2 : round_up(K, 4)))
+        return refuse(kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, ll(M), ll(K), ll(N));
+    if (sparse)
+        if (int32_t c = need(op, "shuffle", shuffle, shuffle_bytes, w_elems, 1)) return c;
+    if (int32_t c = check_buffers(op, {w, w_bytes}, w_elems, N, {w_scale, w_scale_bytes}, {w_sum, w_sum_bytes},
+                                  {bias, bias_bytes}, {x, x_bytes}, x_elems, {out, out_bytes}, out_elems))
+        return c;
+    if (M == 0) return kOk;
+    const LinearArgs args{x, M, K, N, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
+    return linear_packed(args, shuffle, use_avx2() ? kAvx2U8 : kPortable, threads(num_threads));
 }
 
 extern "C" int32_t edge_int8_conv2d(const float* x, int64_t x_bytes, int64_t B, int64_t C, int64_t H, int64_t W,

@@ -106,6 +106,33 @@ struct LinearArgs {
 // Runs a checked linear; kOk, or kNoMemory.
 int32_t linear(const LinearArgs& a, Path path, int nthreads);
 
+// ---- panel.cpp: the linear on panel-packed 7-bit weights (dense or 2:4) --------------------------
+
+constexpr int64_t kPanel = 24;     // output channels per panel: 3 vectors of 8
+constexpr int64_t kStepCodes = 4;  // codes per channel per step
+
+struct Panels {
+    const uint8_t* q;          // activation codes [M, ldq], zero past K; ldq >= K rounded up to 8
+    int64_t ldq;
+    const int8_t* w;           // packed codes (|w| <= 64), steps × kStepCodes per channel
+    const uint8_t* shuffle;    // 2:4: each code's activation position in its step (0..7); null: dense
+    int64_t M, N, K, steps;    // steps = ceil(K / 4) dense, ceil(K / 8) sparse
+    const float* row_scale;    // [M] per-row activation scale, or null: `scale` for every row
+    float scale;
+    int32_t zp;
+    const int32_t* wsum;       // [N] sum of each channel's codes
+    const float* wscale;       // [N]
+    const float* bias;         // [N] or null
+    float* out;                // [M, N]
+    Path path;                 // kPortable or kAvx2U8
+};
+
+// Runs the panel GEMM of checked arguments on up to `nthreads` threads.
+void gemm_panels(const Panels& p, int nthreads);
+
+// Quantizes x's rows (as linear() does) and runs the panel GEMM; kOk, or kNoMemory.
+int32_t linear_packed(const LinearArgs& a, const uint8_t* shuffle, Path path, int nthreads);
+
 // ---- conv.cpp ----------------------------------------------------------------------------------
 
 struct Conv {

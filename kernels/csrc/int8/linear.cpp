@@ -1,4 +1,5 @@
-// edge_int8_linear's work on checked arguments: quantize the activation rows once, then the GEMM.
+// edge_int8_linear's work on checked arguments: quantize the activation rows once, then the GEMM
+// (gemm.cpp on [N, K] weights, panel.cpp on packed ones).
 #include <algorithm>
 
 #include <omp.h>
@@ -42,6 +43,24 @@ int32_t linear(const LinearArgs& a, Path path, int nthreads) {
     g.wsum = a.w_sum; g.wscale = a.w_scale; g.bias = a.bias;
     g.out = a.out; g.ldo_m = a.N; g.ldo_n = 1; g.path = path;
     gemm_parallel(g, plan(g, nthreads));
+    return kOk;
+}
+
+int32_t linear_packed(const LinearArgs& a, const uint8_t* shuffle, Path path, int nthreads) {
+    const bool dynamic = !(a.x_scale > 0.0);
+    const int64_t ldq = round_up(a.K, kChunk);
+    Buffer qbuf, sbuf;
+    auto* q = static_cast<uint8_t*>(qbuf.get(static_cast<size_t>(a.M * ldq)));
+    float* row_scale = dynamic ? static_cast<float*>(sbuf.get(static_cast<size_t>(a.M) * sizeof(float))) : nullptr;
+    if (!q || (dynamic && !row_scale)) return refuse(kNoMemory, "int8 kernels: out of memory");
+    quantize_rows(a, ldq, path != kPortable, nthreads, q, row_scale);
+
+    Panels p{};
+    p.q = q; p.ldq = ldq; p.w = a.w; p.shuffle = shuffle;
+    p.M = a.M; p.N = a.N; p.K = a.K; p.steps = ceil_div(a.K, shuffle ? 8 : 4);
+    p.row_scale = row_scale; p.scale = static_cast<float>(a.x_scale); p.zp = dynamic ? 128 : a.x_zero_point;
+    p.wsum = a.w_sum; p.wscale = a.w_scale; p.bias = a.bias; p.out = a.out; p.path = path;
+    gemm_panels(p, nthreads);
     return kOk;
 }
 
