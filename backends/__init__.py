@@ -11,6 +11,7 @@ and another package adds one with `register_target` or the `edgepasses.targets` 
 from __future__ import annotations
 
 import importlib
+import collections
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,13 @@ class Lowering:
     weights_mb: float = 0.0             # MB (1e6 bytes) of constants the lowered program holds, in the
                                         # dtype it stores them (OpenVINO: i8 for quantised weights)
     placements: list = field(default_factory=list)  # chain.Placement: which target runs which partition
+    kernels: dict = field(default_factory=dict)     # layer name -> the kernel and integer form it runs on
+                                                    # (targets that run our kernels: reference)
+
+    def kernel_summary(self) -> str:
+        """How many layers run on each kernel form, most used first ("" when the target says nothing)."""
+        counts = collections.Counter(self.kernels.values())
+        return "; ".join(f"{n} x {form}" for form, n in counts.most_common())
 
     def placement_text(self) -> str:
         """One line per partition: its name, the target that runs it, its op count."""

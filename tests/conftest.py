@@ -11,6 +11,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains or benchmarks for more than a few seconds")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reference_target_interpreted():
+    """Tests read the reference target's lowered graph and lower hundreds of small ones: the default
+    Inductor compile (seconds per graph) is off here; the tests of the compiled path ask for it."""
+    from edgepasses.backends import reference
+
+    reference.COMPILE_DEFAULT = False
+    yield
+    reference.COMPILE_DEFAULT = True
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: cached graphs would hide (re)compiles and fallbacks."""

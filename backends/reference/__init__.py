@@ -10,6 +10,7 @@ quantized conv/linear/matmul left without an int8 kernel is reported as a fallba
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable
 
 import torch
@@ -23,7 +24,10 @@ from .. import Lowering, TargetBase, tensors_mb
 from ..input_check import name_shape_mismatches
 from ..partition import fallbacks_of, handing_on, report_fallbacks, sparse24_layers, warn_dense_sparse24
 
-COMPILE_DEFAULT = False
+# Inductor compiles the graph around our kernels unless target_options ask otherwise (the test suite,
+# which reads lowered graphs, turns the default off in its conftest; its compile tests ask for it).
+COMPILE_DEFAULT = True
+log = logging.getLogger("edgepasses")
 
 
 def _runs_sparse(node: torch.fx.Node) -> bool:
@@ -41,18 +45,18 @@ class ReferenceTarget(TargetBase):
     # 16 bits (vpmaddubsw), which is exact only for 7-bit weights: ask for those where it is the path.
     quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
 
-    def __init__(self, compile: bool = COMPILE_DEFAULT):
+    def __init__(self, compile: bool | None = None):
         """`compile`: run the rewritten graph as Inductor's compiled C++ around our kernels (its glue
-        fused) instead of op by op in eager PyTorch."""
-        if not isinstance(compile, bool):
+        fused) instead of op by op in eager PyTorch; None: `COMPILE_DEFAULT`."""
+        if compile is not None and not isinstance(compile, bool):
             raise OptionError(f"target_options['reference']['compile'] must be True or False; got {compile!r}")
-        self.compile = compile
+        self.compile = COMPILE_DEFAULT if compile is None else compile
 
     def lower(self, gm: torch.fx.GraphModule, example_inputs: tuple, *, strict: bool = False,
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
-        from .int8 import lower_int8, pack_linear_weights
+        from .int8 import layer_kernels, lower_int8, pack_linear_weights
         from .lowrank import lower_lowrank_pairs
         from .sparse24 import lower_sparse24
 
@@ -70,7 +74,7 @@ class ReferenceTarget(TargetBase):
         remove_unused_attributes(lowered)
         lowered.recompile()
         lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks, int8_ops=int8_ops,
-                            sparse24_ops=sparse24_ops, weights_mb=tensors_mb(lowered))
+                            sparse24_ops=sparse24_ops, weights_mb=tensors_mb(lowered), kernels=layer_kernels(lowered))
         program = self._compiled(lowered, example_inputs, fallbacks) if self.compile else lowered
         program.edge_lowering = lowering
         return program
@@ -80,4 +84,13 @@ class ReferenceTarget(TargetBase):
         fallbacks on."""
         from .compile import compile_graph
 
-        return lowered if fallbacks and handing_on() else compile_graph(lowered, example_inputs)
+        if fallbacks and handing_on():
+            return lowered
+        try:
+            return compile_graph(lowered, example_inputs)
+        except Exception as error:  # Inductor's failures have no common type; the graph still runs
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning("target 'reference': Inductor could not compile the graph around our kernels (%s: %s); "
+                        "it runs op by op in eager PyTorch, slower. target_options={'reference': {'compile': "
+                        "False}} skips the attempt.", type(error).__name__, first_line[:300])
+            return lowered

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from edgepasses.graph_utils import add_constant, constant_value, conv_args, optional_arg, replace_with_call
+from edgepasses.graph_utils import (add_constant, constant_value, conv_args, layer_name, optional_arg,
+                                    replace_with_call)
 from edgepasses.kernels import ops, panels
 from edgepasses.quant.patterns import ActivationQDQ, QDQPattern, Reason, WeightQDQ, find_patterns
 
@@ -134,6 +135,35 @@ def pack_linear_weights(gm: torch.fx.GraphModule) -> int:
         replace_with_call(gm, node, torch.ops.edge.int8_linear_packed.default,
                           (x, packed, shuffle_node, codes.shape[0], scale, sums, bias, x_scale, x_zero_point))
     return sparse
+
+
+def kernel_form(node: torch.fx.Node) -> str | None:
+    """The kernel an `edge::` call runs and the integer form of its operands (None: no kernel call)."""
+    edge = torch.ops.edge
+    if node.target == edge.int8_linear_packed.default:
+        sparse = node.args[2] is not None
+        return f"int8_linear_packed, 7-bit weights{', 2:4 (kept half)' if sparse else ''}, u8 activations"
+    if node.target == edge.int8_linear.default:
+        return f"int8_linear, {node.args[7]}-bit weights" + (", u8 activations" if node.args[5] is not None
+                                                            else ", dynamic per-token activations")
+    if node.target == edge.int8_conv2d.default:
+        return f"int8_conv2d, {node.args[11]}-bit weights, u8 activations"
+    if node.target == edge.int8_bmm.default:
+        return "int8_bmm, two u8 activations (exact int16 products)"
+    if node.target == edge.sparse24_linear.default:
+        return "sparse24_linear, float 2:4"
+    if node.target == edge.lowrank_linear.default:
+        return "lowrank_linear, float"
+    return None
+
+
+def layer_kernels(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Each layer on one of our kernels (by `layer_name`; an attention matmul by its module and node) ->
+    `kernel_form`."""
+    def name(node):
+        return f"{layer_name(node)}/{node.name}" if node.target == torch.ops.edge.int8_bmm.default else layer_name(node)
+
+    return {name(node): form for node in gm.graph.nodes if (form := kernel_form(node)) is not None}
 
 
 def lower_int8(gm: torch.fx.GraphModule) -> tuple[int, dict[torch.fx.Node, str]]:

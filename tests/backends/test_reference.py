@@ -186,6 +186,9 @@ def test_int8_24_sparse_linears_run_on_the_packed_sparse_kernel(caplog):
     packed = [n for n in lowered.graph.nodes if n.target == torch.ops.edge.int8_linear_packed.default]
     assert len(packed) == 2 and all(n.args[2] is not None for n in packed)
     assert lowered.edge_lowering.sparse24_ops == 2 and "dense" not in caplog.text
+    form = "int8_linear_packed, 7-bit weights, 2:4 (kept half), u8 activations"
+    assert lowered.edge_lowering.kernels == {"0": form, "2": form}
+    assert lowered.edge_lowering.kernel_summary() == f"2 x {form}"
     with torch.no_grad():
         expected = gm(x)
         torch.testing.assert_close(lowered(x), expected, rtol=0, atol=1e-2 * float(expected.abs().max()))

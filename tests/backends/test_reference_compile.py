@@ -1,4 +1,6 @@
 """The reference target with `compile`: Inductor compiles the rewritten graph around our kernels."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,30 @@ def test_compile_is_a_target_option_and_off_keeps_the_graph():
     assert isinstance(lowered, torch.fx.GraphModule) and lowered.edge_lowering.target == "reference"
     with pytest.raises(OptionError, match="compile"):
         get_target("reference", {"reference": {"compile": "yes"}})
+
+
+def test_compile_is_on_by_default_outside_the_test_suite(monkeypatch):
+    from edgepasses.backends import reference
+
+    monkeypatch.setattr(reference, "COMPILE_DEFAULT", True)  # the suite's conftest turns it off
+    assert get_target("reference").compile is True
+    assert get_target("reference", {"reference": {"compile": False}}).compile is False
+
+
+def test_a_graph_inductor_cannot_compile_warns_and_runs_op_by_op(monkeypatch, caplog):
+    from edgepasses.backends.reference import compile as reference_compile
+
+    def fails(gm, example_inputs):
+        raise RuntimeError("no C++ compiler for this graph\nmore detail")
+
+    monkeypatch.setattr(reference_compile, "compile_graph", fails)
+    x = torch.randn(3, 4)
+    model = nn.Linear(4, 2).eval()
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = ReferenceTarget(compile=True).lower(edgepasses.compress(model, (x,), "dce"), (x,))
+    assert isinstance(lowered, torch.fx.GraphModule)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "Inductor could not compile" in warning and "RuntimeError: no C++ compiler for this graph" in warning
+    assert "more detail" not in warning
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), model(x))
