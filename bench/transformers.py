@@ -411,6 +411,10 @@ def profile_lines(table: Table) -> list[str]:
         (["", f"Largest other ops, ms a call: {largest}."] if largest else [])
 
 
+def _inductor_cell(spent: CompileTime) -> str:
+    return f"{spent.inductor_s:.1f}" + (f" ({spent.inductor_cache})" if spent.inductor_cache else "")
+
+
 def compile_time_lines(table: Table) -> list[str]:
     from .runner import markdown_table
 
@@ -420,8 +424,7 @@ def compile_time_lines(table: Table) -> list[str]:
               "dominated by"]
     rows = [[_escape(c.label), f"{c.build_s:.1f}", f"{c.dynamo_and_calls_s:.1f}",
              ", ".join(f"`{step}` {s:.1f}" for step, s in c.passes_s.items()) or EMPTY,
-             f"{c.export_and_rewrite_s:.1f}", f"{c.inductor_s:.1f}" + (f" ({c.inductor_cache})" if c.inductor_cache else ""),
-             _escape(c.dominated_by())]
+             f"{c.export_and_rewrite_s:.1f}", _inductor_cell(c), _escape(c.dominated_by())]
             for c in table.compile_times]
     return ["Compile time of the reference programs, s (the passes include quantize's calibration runs):", "",
             *markdown_table(header, rows)]
