@@ -225,6 +225,7 @@ class CompileTime:
     export_and_rewrite_s: float   # Dynamo's graph to the canonical form, the target's kernel rewrite
     inductor_s: float             # code generation and C++ compile (InductorProgram.compile_s)
     inductor_cache: str = ""      # what Inductor's FX graph cache did ("1 miss"): a hit skips the C++ build
+    kernels: str = ""             # how many layers run on each of our kernels, in which integer form
 
     @property
     def dynamo_and_calls_s(self) -> float:
@@ -263,8 +264,10 @@ def compile_time(label: str, build_s: float, seen: list[tuple[Any, Any]], induct
             passes[record.step] += record.seconds
     inductor = sum(getattr(program, "compile_s", 0.0) for program, _ in seen)  # none: a graph left interpreted
     compiled = sum(compilation.seconds for _, compilation in seen)
+    kernels = "; ".join(lowering.kernel_summary() for program, _ in seen
+                        if (lowering := getattr(program, "edge_lowering", None)) is not None)
     return CompileTime(label, build_s, dict(passes), compiled - sum(passes.values()) - inductor, inductor,
-                       inductor_cache)
+                       inductor_cache, kernels)
 
 
 # One table per model and shape ------------------------------------------------------------------
@@ -421,12 +424,13 @@ def compile_time_lines(table: Table) -> list[str]:
     if not table.compile_times:
         return []
     header = ["", "build s", "Dynamo, calibration inputs, first call", "passes", "export + rewrite", "Inductor",
-              "dominated by"]
+              "dominated by", "layers on our kernels"]
     rows = [[_escape(c.label), f"{c.build_s:.1f}", f"{c.dynamo_and_calls_s:.1f}",
              ", ".join(f"`{step}` {s:.1f}" for step, s in c.passes_s.items()) or EMPTY,
-             f"{c.export_and_rewrite_s:.1f}", _inductor_cell(c), _escape(c.dominated_by())]
+             f"{c.export_and_rewrite_s:.1f}", _inductor_cell(c), _escape(c.dominated_by()), _escape(c.kernels) or EMPTY]
             for c in table.compile_times]
-    return ["Compile time of the reference programs, s (the passes include quantize's calibration runs):", "",
+    return ["Compile time of the reference programs, s (the passes include quantize's calibration runs), and "
+            "the kernel and integer form each layer runs on (`edge_lowering.kernels`):", "",
             *markdown_table(header, rows)]
 
 

@@ -466,7 +466,8 @@ def _add_bench_parser(subparsers: Any) -> None:
     bench.add_argument("--tokens", action="append", type=_parse_tokens, default=[], metavar="BATCH,TOKENS",
                        help="transformers: batch and sequence length measured; repeatable (default: 8,64 1,128)")
     bench.add_argument("--pipeline", action="append", default=[],
-                       help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE})")
+                       help=f"pipeline text or preset; repeatable (default: {DEFAULT_PIPELINE}; accuracy and "
+                            "transformers: their own defaults, listed in their sections of docs/benchmarks.md)")
     # Spelled out here, not imported from the runner, so that building the parser stays light.
     bench.add_argument("--peer", action="append", default=[], choices=("nncf",),
                        help="also measure this peer; repeatable (nncf: NNCF int8 post-training quantization "

@@ -46,7 +46,7 @@ def test_table_has_speedups_failed_rows_with_their_reason_a_profile_and_compile_
     rows = (_row(EAGER_LABEL, 100.0), _row(OPENVINO_FP32_LABEL, 50.0), _row(REFERENCE, 25.0),
             Row(bench.ORT_LABEL, {}, None, None, None, error="RuntimeError: no | session"))
     profile = bench.Profile(REFERENCE, 3, {c: 1.0 for c in bench.PROFILE_CATEGORIES}, (("aten::round", 0.5),))
-    compile_time = bench.CompileTime(REFERENCE, 10.0, {"quantize": 2.0}, 1.0, 4.0)
+    compile_time = bench.CompileTime(REFERENCE, 10.0, {"quantize": 2.0}, 1.0, 4.0, kernels="6 x int8_linear_packed")
     table = bench.Table("tiny", "a tiny model", (8, 64), "calibration 1 batch", bench.SQNR_METRICS, rows, profile,
                         compile_times=(compile_time,))
     lines = bench.table_markdown(table)
@@ -57,7 +57,8 @@ def test_table_has_speedups_failed_rows_with_their_reason_a_profile_and_compile_
     assert any(line.startswith(f"Where the time goes in {REFERENCE}") for line in lines)
     assert "| our kernels (edge::*) | 1.0 | 17% |" in lines
     assert "Largest other ops, ms a call: `aten::round` 0.5." in lines
-    assert lines[-1] == f"| {REFERENCE} | 10.0 | 3.0 | `quantize` 2.0 | 1.0 | 4.0 | Inductor |"  # 3.0: the rest
+    assert lines[-1] == (f"| {REFERENCE} | 10.0 | 3.0 | `quantize` 2.0 | 1.0 | 4.0 | Inductor | "
+                         "6 x int8_linear_packed |")  # 3.0: the rest
 
 
 @pytest.mark.parametrize("key, category", [
@@ -132,5 +133,6 @@ def test_reference_row_is_inductor_compiled_and_its_compile_time_adds_up():
     assert spent.inductor_s > 0 and "quantize" in spent.passes_s
     assert spent.inductor_cache in ("1 hit", "1 miss")  # one graph, looked up in Inductor's FX graph cache
     assert spent.export_and_rewrite_s > 0 and spent.dynamo_and_calls_s > 0
+    assert "int8_linear" in spent.kernels and "7-bit weights" in spent.kernels  # what each layer ran on, summed
     profiled = bench.profile(label, candidate.run, example, calls=1).ms_per_call
     assert profiled["our kernels (edge::*)"] > 0 and profiled["Inductor-compiled code (fused glue)"] > 0
