@@ -10,8 +10,8 @@ and another package adds one with `register_target` or the `edgepasses.targets` 
 """
 from __future__ import annotations
 
-import importlib
 import collections
+import importlib
 import itertools
 import re
 from dataclasses import dataclass, field

@@ -65,7 +65,9 @@ class ReferenceTarget(TargetBase):
         int8_ops, left = lower_int8(lowered)
         fallbacks = fallbacks_of(left)
         report_fallbacks(self.name, fallbacks, strict=strict)
-        sparse24_ops = pack_linear_weights(lowered) + lower_sparse24(lowered)
+        # The packed layout has a CPU kernel only (CUDA tensors keep int8_linear and its Triton kernel).
+        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        sparse24_ops = (pack_linear_weights(lowered) if on_cpu else 0) + lower_sparse24(lowered)
         dense = [n for n in sparse24_layers(lowered) if not _runs_sparse(n)]
         warn_dense_sparse24(self.name, dense, "its 2:4 kernels are for Linear layers (float, and int8 with 7-bit "
                             "weights); convs and other int8 Linears run dense")
