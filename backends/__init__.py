@@ -41,6 +41,7 @@ class Lowering:
     placements: list = field(default_factory=list)  # chain.Placement: which target runs which partition
     kernels: dict = field(default_factory=dict)     # layer name -> the kernel and integer form it runs on
                                                     # (targets that run our kernels: reference)
+    compile_s: float = field(default=0.0, compare=False)  # seconds the target's own compiler took (Inductor)
 
     def kernel_summary(self) -> str:
         """How many layers run on each kernel form, most used first ("" when the target says nothing)."""

@@ -147,10 +147,17 @@ def _nncf(module: torch.nn.Module, example: tuple, calibration: list[tuple], mod
 def _edge(module: torch.nn.Module, example: tuple, calibration: list[tuple], pipeline: str,
           label: str | None = None, target: str = "openvino", **extra) -> Candidate:
     """`torch.compile(backend="edge")` on `target`, with the options the models bench uses
-    (and `extra` options: a metric)."""
+    (and `extra` options: a metric, target_options, an `on_compile` that sees each compilation too)."""
     compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
+    caller_on_compile = extra.pop("on_compile", None)
+
+    def on_compile(compilation) -> None:
+        compilations.append(compilation)
+        if caller_on_compile is not None:
+            caller_on_compile(compilation)
+
     options = {"pipeline": pipeline, "target": target, "calibration": calibration, **extra,
-               "on_compile": compilations.append,
+               "on_compile": on_compile,
                # The weights are frozen into the lowered program: guards on the module tree protect
                # nothing it uses and cost time on every call.
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

@@ -20,12 +20,11 @@ time went (Dynamo and the first call, passes, export and rewrite, Inductor).
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -132,10 +131,15 @@ def _ort(module: nn.Module, example: tuple) -> Candidate:
     return Candidate(ORT_LABEL, onnxruntime_dynamic_int8(module, example), None)
 
 
-def builders(module: nn.Module, example: tuple, calibration: list[tuple], pipelines: tuple[str, ...]) -> Builders:
-    edge = [(edge_label(p, t), partial(_edge, module, example, calibration, p, edge_label(p, t), t,
-                                       **(REFERENCE_OPTIONS if t == "reference" else {})))
-            for p in dict.fromkeys(pipelines) for t in edge_targets(p)]
+def builders(module: nn.Module, example: tuple, calibration: list[tuple], pipelines: tuple[str, ...],
+             on_compile: Callable[[str, Any], None] = lambda label, compilation: None) -> Builders:
+    """The rows' builders; `on_compile(label, compilation)` sees each graph an edge row compiles."""
+    def edge_row(pipeline: str, target: str) -> Callable[[], Candidate]:
+        label = edge_label(pipeline, target)
+        return partial(_edge, module, example, calibration, pipeline, label, target,
+                       on_compile=partial(on_compile, label), **(REFERENCE_OPTIONS if target == "reference" else {}))
+
+    edge = [(edge_label(p, t), edge_row(p, t)) for p in dict.fromkeys(pipelines) for t in edge_targets(p)]
     return [(EAGER_LABEL, partial(_eager, module)),
             (OPENVINO_FP32_LABEL, partial(_openvino_fp32, module, example)),
             (NNCF_LABEL, partial(_nncf, module, example, calibration, "TRANSFORMER")),
@@ -238,34 +242,15 @@ class CompileTime:
         return max(parts, key=parts.__getitem__)
 
 
-@contextlib.contextmanager
-def compilations_seen() -> Iterator[list[tuple[Any, Any]]]:
-    """(lowered program, EdgeCompilation) of each graph the edge backend compiles meanwhile. `_edge`
-    keeps the `on_compile` option for itself, so this listens at the backend's compile step."""
-    from unittest import mock
-
-    from edgepasses import backend
-
-    seen: list[tuple[Any, Any]] = []
-    compile_graph = backend._compile_graph
-
-    def recording(*args, **kwargs):
-        seen.append(compile_graph(*args, **kwargs))
-        return seen[-1]
-
-    with mock.patch.object(backend, "_compile_graph", recording):
-        yield seen
-
-
-def compile_time(label: str, build_s: float, seen: list[tuple[Any, Any]], inductor_cache: str = "") -> CompileTime:
+def compile_time(label: str, build_s: float, compilations: list[Any], inductor_cache: str = "") -> CompileTime:
+    """Where a row's build time went, from the EdgeCompilation of each graph it compiled."""
     passes: Counter[str] = Counter()
-    for _, compilation in seen:
+    for compilation in compilations:
         for record in compilation.report.records:
             passes[record.step] += record.seconds
-    inductor = sum(getattr(program, "compile_s", 0.0) for program, _ in seen)  # none: a graph left interpreted
-    compiled = sum(compilation.seconds for _, compilation in seen)
-    kernels = "; ".join(lowering.kernel_summary() for program, _ in seen
-                        if (lowering := getattr(program, "edge_lowering", None)) is not None)
+    inductor = sum(c.lowering.compile_s for c in compilations)  # 0: a graph left interpreted
+    compiled = sum(c.seconds for c in compilations)
+    kernels = "; ".join(summary for c in compilations if (summary := c.lowering.kernel_summary()))
     return CompileTime(label, build_s, dict(passes), compiled - sum(passes.values()) - inductor, inductor,
                        inductor_cache, kernels)
 
@@ -293,20 +278,20 @@ def measure_table(subject: Subject, batch: int, seq: int, pipelines: tuple[str, 
     calibration, evaluation = inputs[:calibration_batches], inputs[calibration_batches:]
     example = evaluation[0]
     built: dict[str, Candidate] = {}  # kept for the profile
-    seen: dict[str, list[tuple[Any, Any]]] = {}  # what each row's build compiled
+    seen: dict[str, list[Any]] = defaultdict(list)  # the EdgeCompilations of each row's build
     inductor_cache: dict[str, str] = {}
 
     def keeping(label: str, build: Callable[[], Candidate]) -> Callable[[], Candidate]:
         def build_and_keep() -> Candidate:
             before = fx_graph_cache_counts()
-            with compilations_seen() as seen[label]:
-                built[label] = build()
+            built[label] = build()
             inductor_cache[label] = cache_outcome(before, fx_graph_cache_counts())
             return built[label]
         return build_and_keep
 
-    rows = measure([(label, keeping(label, build)) for label, build in builders(subject.module, example,
-                                                                                  calibration, pipelines)],
+    row_builders = builders(subject.module, example, calibration, pipelines,
+                            on_compile=lambda label, compilation: seen[label].append(compilation))
+    rows = measure([(label, keeping(label, build)) for label, build in row_builders],
                    example, _scorer(subject, evaluation), warmup=warmup, rounds=rounds, progress=progress)
     references = {edge_label(p, "reference") for p in pipelines}
     compile_times = tuple(compile_time(r.label, r.build_s, seen[r.label], inductor_cache[r.label]) for r in rows

@@ -78,6 +78,7 @@ class ReferenceTarget(TargetBase):
         lowering = Lowering(self.name, precision, partitions=1, fallbacks=fallbacks, int8_ops=int8_ops,
                             sparse24_ops=sparse24_ops, weights_mb=tensors_mb(lowered), kernels=layer_kernels(lowered))
         program = self._compiled(lowered, example_inputs, fallbacks) if self.compile else lowered
+        lowering.compile_s = getattr(program, "compile_s", 0.0)  # an InductorProgram's
         program.edge_lowering = lowering
         return program
 
