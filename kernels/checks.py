@@ -29,6 +29,7 @@ from torch import Tensor
 from edgepasses.errors import EdgeError
 
 from . import abi
+from .panels import packed_size, unpack_int8_panels
 
 MAX_INT8_K = 65793        # csrc/int8/int8.h kMaxK: the longest reduction whose int32 sums cannot overflow
 MAX_INT8_BMM_K = 33025    # kMaxBmmK: the same for two centered u8 activations (K·255·255 < 2**31)
@@ -175,8 +176,6 @@ def int8_linear(op: str, x, weight, weight_scale, weight_sum, bias, x_scale, x_z
 def int8_linear_packed(op: str, x, weight, shuffle, out_features, weight_scale, weight_sum, bias, x_scale,
                        x_zero_point) -> None:
     """weight (and shuffle, 2:4) 1-D in the panel layout (panels.py) of an [out_features, K] weight."""
-    from .panels import packed_size
-
     tensor(op, "x", x, dtypes=FLOATING, min_dim=1)
     integer(op, "out_features", out_features, 1)
     k = x.shape[-1]
@@ -201,9 +200,8 @@ def int8_linear_packed(op: str, x, weight, shuffle, out_features, weight_scale, 
 
 def int8_packed_values(op: str, weight: Tensor, shuffle: Tensor | None, weight_sum: Tensor, k: int) -> None:
     """Packed codes within [-64, 64] (the kernel's exact u8·s8 path), shuffle positions within a step
-    (0..7), weight_sum the sums of each channel's codes."""
-    from .panels import unpack_int8_panels
-
+    (0..7), weight_sum the sums of each channel's codes. The range is the packed codes' own: a kept
+    position named twice would add two codes in the unpacked weight."""
     if not _known(weight, "7-bit"):
         low, high = (int(v) for v in torch.aminmax(weight))
         if low < SEVEN_BIT[0] or high > SEVEN_BIT[1]:

@@ -49,10 +49,11 @@ def pack_int8_panels(codes: Tensor) -> Tensor:
     return _interleave(padded.reshape(padded.shape[0], -1, STEP_CODES)).contiguous()
 
 
-def is_24_sparse_codes(codes: Tensor) -> bool:
-    """Every group of 4 along K (zero-padded) holds at most 2 non-zero codes."""
-    padded = F.pad(codes, (0, -codes.shape[1] % 4))
-    return bool(((padded.reshape(codes.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+def at_most_2_of_4(weight: Tensor) -> bool:
+    """Every group of 4 along K (zero-padded) of an [N, K] weight (codes or floats) holds at most 2
+    non-zeros: 2:4 sparse."""
+    padded = F.pad(weight, (0, -weight.shape[1] % 4))
+    return bool(((padded.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
 def pack_int8_panels_24(codes: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,12 +30,6 @@ COMPILE_DEFAULT = True
 log = logging.getLogger("edgepasses")
 
 
-def _runs_sparse(node: torch.fx.Node) -> bool:
-    """`node` runs on a 2:4 kernel: edge::sparse24_linear, or the packed int8 linear with its shuffle."""
-    packed_24 = node.target == torch.ops.edge.int8_linear_packed.default and node.args[2] is not None
-    return packed_24 or node.target == torch.ops.edge.sparse24_linear.default
-
-
 class ReferenceTarget(TargetBase):
     """Its program is the rewritten graph, compiled by Inductor where `compile`: a compile cache hit
     lowers the stored graph again."""
@@ -56,7 +50,7 @@ class ReferenceTarget(TargetBase):
               precision: str = "f32", cache_dir: str | None = None) -> Callable:
         if precision != "f32":
             raise OptionError(f"the reference target runs precision 'f32' only; got {precision!r}")
-        from .int8 import layer_kernels, lower_int8, pack_linear_weights
+        from .int8 import layer_kernels, lower_int8, pack_linear_weights, runs_packed_24
         from .lowrank import lower_lowrank_pairs
         from .sparse24 import lower_sparse24
 
@@ -68,7 +62,8 @@ class ReferenceTarget(TargetBase):
         # The packed layout has a CPU kernel only (CUDA tensors keep int8_linear and its Triton kernel).
         on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
         sparse24_ops = (pack_linear_weights(lowered) if on_cpu else 0) + lower_sparse24(lowered)
-        dense = [n for n in sparse24_layers(lowered) if not _runs_sparse(n)]
+        dense = [n for n in sparse24_layers(lowered)
+                 if not (runs_packed_24(n) or n.target == torch.ops.edge.sparse24_linear.default)]
         warn_dense_sparse24(self.name, dense, "its 2:4 kernels are for Linear layers (float, and int8 with 7-bit "
                             "weights); convs and other int8 Linears run dense")
         lower_lowrank_pairs(lowered)

@@ -125,7 +125,7 @@ def pack_linear_weights(gm: torch.fx.GraphModule) -> int:
             continue
         x, codes_node, scale, sums, bias, x_scale, x_zero_point, _ = node.args
         codes = constant_value(gm, codes_node)
-        if panels.is_24_sparse_codes(codes):
+        if panels.at_most_2_of_4(codes):
             values, shuffle = panels.pack_int8_panels_24(codes)
             shuffle_node = add_constant(gm, f"{node.name}_shuffle", shuffle, before=node)
             sparse += 1
@@ -137,12 +137,16 @@ def pack_linear_weights(gm: torch.fx.GraphModule) -> int:
     return sparse
 
 
+def runs_packed_24(node: torch.fx.Node) -> bool:
+    """`node` is the packed int8 linear on a 2:4 weight's kept half (it has a shuffle)."""
+    return node.target == torch.ops.edge.int8_linear_packed.default and node.args[2] is not None
+
+
 def kernel_form(node: torch.fx.Node) -> str | None:
     """The kernel an `edge::` call runs and the integer form of its operands (None: no kernel call)."""
     edge = torch.ops.edge
     if node.target == edge.int8_linear_packed.default:
-        sparse = node.args[2] is not None
-        return f"int8_linear_packed, 7-bit weights{', 2:4 (kept half)' if sparse else ''}, u8 activations"
+        return f"int8_linear_packed, 7-bit weights{', 2:4 (kept half)' if runs_packed_24(node) else ''}, u8 activations"
     if node.target == edge.int8_linear.default:
         return f"int8_linear, {node.args[7]}-bit weights" + (", u8 activations" if node.args[5] is not None
                                                             else ", dynamic per-token activations")

@@ -10,15 +10,16 @@ import torch
 import torch.fx
 
 from edgepasses.graph_utils import add_constant, constant_value, optional_arg, replace_with_call
-from edgepasses.kernels import ops
+from edgepasses.kernels import ops, panels
 
 aten = torch.ops.aten
 
 
 def is_24_sparse(weight: torch.Tensor | None) -> bool:
+    """A float [N, K] weight, K a multiple of 4 (the float kernel's groups), with at most 2 non-zeros per group."""
     if weight is None or weight.dim() != 2 or weight.shape[1] % 4 or not weight.is_floating_point():
         return False
-    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+    return panels.at_most_2_of_4(weight)
 
 
 def lower_sparse24(gm: torch.fx.GraphModule) -> int:

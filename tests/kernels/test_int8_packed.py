@@ -79,7 +79,7 @@ def test_packing_round_trips(n, k):
     assert packed.numel() == panels.packed_size(n, k, False)
     assert torch.equal(panels.unpack_int8_panels(packed, None, n, k), codes)
     sparse = keep_2_of_4(codes, gen)
-    assert panels.is_24_sparse_codes(sparse) and (n * k < 8 or not panels.is_24_sparse_codes(codes))
+    assert panels.at_most_2_of_4(sparse) and (n * k < 8 or not panels.at_most_2_of_4(codes))
     values, shuffle = panels.pack_int8_panels_24(sparse)
     assert values.numel() == shuffle.numel() == panels.packed_size(n, k, True)
     assert int(shuffle.max()) <= 7
