@@ -338,7 +338,7 @@ def _versions() -> dict[str, str]:
 def check_choices(models: list[str] | tuple[str, ...], shapes: list[tuple[int, int]] | tuple) -> None:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}")
     bad = [f"{b}x{s}" for b, s in shapes if b < 1 or s < 1]
     if bad:
         raise ValueError(f"shapes are BATCHxTOKENS, both positive; got {', '.join(bad)}")

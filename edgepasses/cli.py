@@ -162,11 +162,12 @@ def _parse_tokens(text: str) -> tuple[int, int]:
 def _bench_transformers(args: argparse.Namespace) -> int:
     from edgepasses.bench.coverage import stderr_progress
     from edgepasses.bench.transformers import (DEFAULT_MODELS, DEFAULT_PIPELINES, DEFAULT_ROUNDS, DEFAULT_SHAPES,
-                                               DEFAULT_WARMUP, MODELS, run_transformers)
+                                               DEFAULT_WARMUP, check_choices, run_transformers)
 
-    unknown = [name for name in args.model if name not in MODELS]
-    if unknown:
-        args.parser.error(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}")
+    try:
+        check_choices(args.model, args.tokens)
+    except ValueError as error:
+        args.parser.error(str(error))
     args.pipeline = args.pipeline or list(DEFAULT_PIPELINES)
     _check_bench_args(argparse.Namespace(**{**vars(args), "model": []}))  # the pipelines
     return _emit(args, run_transformers(args.model or DEFAULT_MODELS, args.tokens or DEFAULT_SHAPES, args.pipeline,
