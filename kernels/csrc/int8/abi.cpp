@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include <omp.h>
 
@@ -79,6 +80,28 @@ int32_t check_buffers(const char* op, Buf w, int64_t w_elems, int64_t channels, 
     return need(op, "out", out.p, out.bytes, out_elems, sizeof(float));
 }
 
+// How a linear's weight codes are stored: [N, K] rows, or panels (panels.packed_size).
+enum class WeightLayout { kRows, kPanels, kPanels24 };
+
+// What both linears check: M, K, N, the quantization, and every buffer against its size, the weight's
+// from its layout (its element count in *w_elems where asked).
+int32_t check_linear(const char* op, int64_t M, int64_t K, int64_t N, WeightLayout layout, int32_t weight_bits,
+                     double x_scale, int32_t x_zero_point, Buf w, Buf w_scale, Buf w_sum, Buf bias, Buf x, Buf out,
+                     int64_t* w_elems) {
+    if (M < 0 || K <= 0 || K > kMaxK || N <= 0)
+        return refuse(kBadShape, "%s: needs M >= 0, 0 < K <= %lld, N > 0; got M=%lld K=%lld N=%lld", op, ll(kMaxK),
+                      ll(M), ll(K), ll(N));
+    if (int32_t c = check_quant(op, weight_bits, x_scale, x_zero_point, true)) return c;
+    const bool rows = layout == WeightLayout::kRows;
+    const int64_t w_cols = rows ? K : layout == WeightLayout::kPanels ? round_up(K, 4) : round_up(K, 8) / 2;
+    int64_t x_elems, w_count, out_elems;
+    if ((!rows && N > std::numeric_limits<int64_t>::max() - 8) || !count(&x_elems, M, K) ||
+        !count(&w_count, rows ? N : round_up(N, 8), w_cols) || !count(&out_elems, M, N))
+        return refuse(kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, ll(M), ll(K), ll(N));
+    if (w_elems) *w_elems = w_count;
+    return check_buffers(op, w, w_count, N, w_scale, w_sum, bias, x, x_elems, out, out_elems);
+}
+
 // Checks the conv's geometry (cv's B … G) and fills in its output size, Cg, Og and K.
 int32_t conv_geometry(const char* op, Conv& cv) {
     if (cv.B < 0 || cv.C <= 0 || cv.H <= 0 || cv.W <= 0 || cv.O <= 0 || cv.KH <= 0 || cv.KW <= 0)
@@ -120,16 +143,9 @@ extern "C" int32_t edge_int8_linear(const float* x, int64_t x_bytes, int64_t M, 
                                     const int32_t* w_sum, int64_t w_sum_bytes, const float* bias, int64_t bias_bytes,
                                     double x_scale, int32_t x_zero_point, int32_t weight_bits, float* out,
                                     int64_t out_bytes, int32_t num_threads) {
-    constexpr const char* op = "edge_int8_linear";
-    if (M < 0 || K <= 0 || K > kMaxK || N <= 0)
-        return refuse(kBadShape, "%s: needs M >= 0, 0 < K <= %lld, N > 0; got M=%lld K=%lld N=%lld", op, ll(kMaxK),
-                      ll(M), ll(K), ll(N));
-    if (int32_t c = check_quant(op, weight_bits, x_scale, x_zero_point, true)) return c;
-    int64_t x_elems, w_elems, out_elems;
-    if (!count(&x_elems, M, K) || !count(&w_elems, N, K) || !count(&out_elems, M, N))
-        return refuse(kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, ll(M), ll(K), ll(N));
-    if (int32_t c = check_buffers(op, {w, w_bytes}, w_elems, N, {w_scale, w_scale_bytes}, {w_sum, w_sum_bytes},
-                                  {bias, bias_bytes}, {x, x_bytes}, x_elems, {out, out_bytes}, out_elems))
+    if (int32_t c = check_linear("edge_int8_linear", M, K, N, WeightLayout::kRows, weight_bits, x_scale, x_zero_point,
+                                 {w, w_bytes}, {w_scale, w_scale_bytes}, {w_sum, w_sum_bytes}, {bias, bias_bytes},
+                                 {x, x_bytes}, {out, out_bytes}, nullptr))
         return c;
     if (M == 0) return kOk;
     const LinearArgs args{x, M, K, N, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
@@ -144,20 +160,13 @@ extern "C" int32_t edge_int8_linear_packed(const float* x, int64_t x_bytes, int6
                                            int64_t w_sum_bytes, const float* bias, int64_t bias_bytes, double x_scale,
                                            int32_t x_zero_point, float* out, int64_t out_bytes, int32_t num_threads) {
     constexpr const char* op = "edge_int8_linear_packed";
-    if (M < 0 || K <= 0 || K > kMaxK || N <= 0)
-        return refuse(kBadShape, "%s: needs M >= 0, 0 < K <= %lld, N > 0; got M=%lld K=%lld N=%lld", op, ll(kMaxK),
-                      ll(M), ll(K), ll(N));
-    if (int32_t c = check_quant(op, 7, x_scale, x_zero_point, true)) return c;
-    const bool sparse = shuffle != nullptr;
-    int64_t x_elems, w_elems, out_elems;
-    if (!count(&x_elems, M, K) || !count(&out_elems, M, N) ||
-        !count(&w_elems, round_up(N, 8), sparse ? round_up(K, 8) / 2 : round_up(K, 4)))
-        return refuse(kBadShape, "%s: M=%lld K=%lld N=%lld overflow", op, ll(M), ll(K), ll(N));
-    if (sparse)
-        if (int32_t c = need(op, "shuffle", shuffle, shuffle_bytes, w_elems, 1)) return c;
-    if (int32_t c = check_buffers(op, {w, w_bytes}, w_elems, N, {w_scale, w_scale_bytes}, {w_sum, w_sum_bytes},
-                                  {bias, bias_bytes}, {x, x_bytes}, x_elems, {out, out_bytes}, out_elems))
+    const WeightLayout layout = shuffle ? WeightLayout::kPanels24 : WeightLayout::kPanels;
+    int64_t w_elems = 0;
+    if (int32_t c = check_linear(op, M, K, N, layout, 7, x_scale, x_zero_point, {w, w_bytes}, {w_scale, w_scale_bytes},
+                                 {w_sum, w_sum_bytes}, {bias, bias_bytes}, {x, x_bytes}, {out, out_bytes}, &w_elems))
         return c;
+    if (shuffle)
+        if (int32_t c = need(op, "shuffle", shuffle, shuffle_bytes, w_elems, 1)) return c;
     if (M == 0) return kOk;
     const LinearArgs args{x, M, K, N, w, w_scale, w_sum, bias, x_scale, x_zero_point, out};
     return linear_packed(args, shuffle, use_avx2() ? kAvx2U8 : kPortable, threads(num_threads));
@@ -230,7 +239,7 @@ extern "C" int32_t edge_int8_conv2d_pack(const int8_t* w, int64_t w_bytes, int64
 extern "C" int32_t edge_int8_row_stats(const int8_t* w, int64_t w_bytes, int64_t N, int64_t K, int32_t* sums,
                                        int64_t sums_bytes, int32_t* range, int64_t range_bytes, int32_t num_threads) {
     constexpr const char* op = "edge_int8_row_stats";
-    int64_t w_elems;
+    int64_t w_elems = 0;
     if (N < 0 || K < 0 || K > (int64_t{1} << 23) || !count(&w_elems, N, K))  // 128·2^23 = 2^30: sums fit int32
         return refuse(kBadShape, "%s: needs N >= 0, 0 <= K <= 2^23; got N=%lld K=%lld", op, ll(N), ll(K));
     if (int32_t c = need(op, "w", w, w_bytes, w_elems, 1)) return c;
