@@ -8,8 +8,8 @@ reach each of Dynamo's graphs by running through the model (`model_calibration.p
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
 import logging
 import operator
 import os
@@ -28,7 +28,8 @@ from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_gra
 from .errors import DynamicShapesError, GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
 from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options, option
-from .pipeline import DEFAULT_PIPELINE, Pipeline
+from .pipeline import DEFAULT_PIPELINE, Pipeline, PipelineReport
+from .progress import warnings_held_back
 from .state import remember_user_paths, written_buffers
 
 log = logging.getLogger("edgepasses")
@@ -61,8 +62,12 @@ class EdgeOptions:
     on_compile: Any = option(None, "Called with an EdgeCompilation (pipeline report, lowering, seconds, cache hit) "
                                    "after each graph compiles.")
     metric: Any = option(None, "metric(model) -> float, higher is better: your validation, called with the "
-                               "compiled model; quantize keeps layers in float until it holds (needs calibration).")
-    max_drop: float = option(0.01, "With a metric: the share of the float model's score it may lose.")
+                               "compiled model; quantize keeps layers in float until it holds, pipeline='auto' "
+                               "searches against it (needs calibration).")
+    max_drop: float = option(0.01, "With a metric or pipeline='auto': the share of the float model's score it may "
+                                   "lose.")
+    search: Any = option(None, "pipeline='auto' only: the search's settings, e.g. {'budget_s': 600} "
+                               "(docs/search.md).")
 
     def __post_init__(self):
         from .backends import parse_target_names
@@ -79,6 +84,7 @@ class EdgeOptions:
             if self.calibration is None:
                 raise OptionError("metric needs calibration data: pass calibration=[...] too")
         _check_calibration(self.calibration)
+        _check_auto(self)
         if self.on_compile is not None and not callable(self.on_compile):
             raise OptionError(f"on_compile must be a callable taking an EdgeCompilation (e.g. a list's append); "
                               f"got {self.on_compile!r} ({type(self.on_compile).__name__})")
@@ -96,6 +102,19 @@ def _check_calibration(calibration) -> None:
     if iter(calibration) is calibration:
         # Dynamo may compile several graphs, and each would find an iterator already used up.
         raise OptionError(f"{expected}, re-iterable: not an iterator or generator (wrap it in list(...))")
+
+
+def _check_auto(opts: "EdgeOptions") -> None:
+    from .search.auto import AUTO, parse_search
+
+    if opts.pipeline != AUTO:
+        if opts.search is not None:
+            raise OptionError(f"search settings apply to pipeline='auto'; the pipeline is {opts.pipeline!r}")
+        return
+    if opts.calibration is None:
+        raise OptionError("pipeline='auto' needs calibration=[...] (the model's input tuples): the search "
+                          "calibrates, distils and, without a metric, scores on them")
+    object.__setattr__(opts, "search", parse_search(opts.search))
 
 
 def _checked_cache_dir(cache_dir: str | os.PathLike) -> str:
@@ -118,6 +137,7 @@ class EdgeCompilation:
     cache: Literal["hit", "miss"] | None = None  # None: no cache_dir, so no compile cache
     cache_entry: str | None = None               # the entry's directory (on a miss: where it was stored)
     graph: GraphOrigin = GraphOrigin(1)          # which of the model's graphs, and the break that ends it
+    auto: Any = None                             # pipeline="auto": the search.auto.AutoResult
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -181,7 +201,8 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     opts = parse_options(options)
     from .backends import get_target
 
-    pipeline = Pipeline.parse(opts.pipeline)
+    auto = opts.pipeline == "auto"
+    pipeline = None if auto else Pipeline.parse(opts.pipeline)
     target = get_target(opts.target, opts.target_options)
     frozen, user_positions = frozen_copy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -206,10 +227,14 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     def compile_with(calibration) -> Callable:
         """The compiled program of this graph, calibrated on `calibration` (batches of its own inputs)."""
         compiled_opts = dataclasses.replace(opts, calibration=calibration)
-        accuracy = _accuracy_control(opts, model, deferred, user_positions, target, user_inputs) \
-            if opts.metric else None
-        lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
-                                              prepared_s, accuracy)
+        scored = _scored_in_model(opts, model, deferred, user_positions) if opts.metric else None
+        if auto:
+            lowered, compilation = _compile_auto(canonical, user_inputs, compiled_opts, target, origin, prepared_s,
+                                                 scored)
+        else:
+            accuracy = _accuracy_control(opts, scored, target, user_inputs) if scored else None
+            lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
+                                                  prepared_s, accuracy)
 
         check_finite = _finite_inputs_check(origin) if opts.verify else None
 
@@ -286,36 +311,35 @@ def _same_tensor(given: torch.Tensor, frozen: torch.Tensor) -> bool:
     return given is frozen or (given.data_ptr() == frozen.data_ptr() and given.shape == frozen.shape)
 
 
-def _accuracy_control(opts: EdgeOptions, model, deferred, user_positions: list[int], target, user_inputs: tuple):
-    """The user's metric on the whole compiled model with this graph's candidate, lowered to the
-    target, in its place (graphs not compiled yet run in float): the metric sees the runtime's own
-    int8 arithmetic (OpenVINO's differs a little from PyTorch's fake-quant), as what ships will."""
-    from .analysis.shape_prop import propagate_fake
-    from .graph_utils import copy_sharing_weights
-    from .quant.accuracy_control import AccuracyControl, score
+def _scored_in_model(opts: EdgeOptions, model, deferred, user_positions: list[int]) -> Callable[[Callable], float]:
+    """The user's metric on the whole compiled model with a program of this graph (taking its user inputs)
+    in the graph's place; graphs not compiled yet run in float."""
+    from .quant.accuracy_control import score
 
-    def evaluate(candidate: torch.fx.GraphModule) -> float:
-        candidate = copy_sharing_weights(candidate)  # lowering may rewrite it; the search may return it
-        propagate_fake(candidate, user_inputs)
-        with _warnings_held_back():  # the chosen graph's own lowering says them, once
-            program = target.lower(candidate, user_inputs, strict=opts.strict, precision=opts.precision)
-
+    def scored(program: Callable) -> float:
         def run(*args):
             return program(*(args[i] for i in user_positions))
 
         return model.trial(deferred, run, lambda compiled: score(opts.metric, compiled, f"model ({deferred.origin})"))
 
+    return scored
+
+
+def _accuracy_control(opts: EdgeOptions, scored: Callable[[Callable], float], target, user_inputs: tuple):
+    """The metric of each candidate lowered to the target: the metric sees the runtime's own int8
+    arithmetic (OpenVINO's differs a little from PyTorch's fake-quant), as what ships will."""
+    from .analysis.shape_prop import propagate_fake
+    from .graph_utils import copy_sharing_weights
+    from .quant.accuracy_control import AccuracyControl
+
+    def evaluate(candidate: torch.fx.GraphModule) -> float:
+        candidate = copy_sharing_weights(candidate)  # lowering may rewrite it; the search may return it
+        propagate_fake(candidate, user_inputs)
+        with warnings_held_back():  # the chosen graph's own lowering says them, once
+            program = target.lower(candidate, user_inputs, strict=opts.strict, precision=opts.precision)
+        return scored(program)
+
     return AccuracyControl(evaluate, opts.max_drop)
-
-
-@contextlib.contextmanager
-def _warnings_held_back():
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target,
@@ -363,7 +387,64 @@ def _compile_cached(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: 
     hit = compile_cache.lookup(opts.cache_dir, key, target, user_inputs, strict=opts.strict,
                                precision=opts.precision)
     if hit is not None:
-        return *hit, "hit", compile_cache.entry_path(opts.cache_dir, key)
+        return *hit[:2], "hit", compile_cache.entry_path(opts.cache_dir, key)
     lowered, report, compressed = _compile(canonical, user_inputs, opts, pipeline, target)
     entry = compile_cache.store(opts.cache_dir, key, parts, compressed, lowered, user_inputs)
     return lowered, report, "miss", entry
+
+
+def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, origin: GraphOrigin,
+                  seconds_before: float, scored: Callable[[Callable], float] | None):
+    """(lowered program, EdgeCompilation) of pipeline="auto": the search's pick, through the compile cache
+    (whose entry also keeps the search's run directory, to resume it) when there is a cache_dir."""
+    from . import compile_cache
+    from .search.auto import AutoResult, auto_compress, check_auto_inputs
+
+    start = time.perf_counter()
+    batches = check_auto_inputs(opts.calibration)
+    with torch.no_grad(), torch._guards.tracing(None):
+        key = parts = None
+        if opts.cache_dir:
+            parts = {**compile_cache.key_parts(canonical, opts, target), **_auto_key_parts(opts, canonical, scored)}
+            key = compile_cache.cache_key(parts)
+            hit = compile_cache.lookup(opts.cache_dir, key, target, user_inputs, strict=opts.strict,
+                                       precision=opts.precision)
+            if hit is not None and "auto" in hit[2]:
+                lowered, report, extra = hit
+                return _auto_compiled(lowered, report, AutoResult.from_dict(extra["auto"]), opts, origin,
+                                      seconds_before + time.perf_counter() - start, "hit",
+                                      compile_cache.entry_path(opts.cache_dir, key))
+        run_dir = os.path.join(opts.cache_dir, "auto", key) if key else None
+        gm, lowered, result = auto_compress(canonical, user_inputs, batches, target=target, evaluate=scored,
+                                            max_drop=opts.max_drop, search=opts.search, run_dir=run_dir,
+                                            lower_kwargs={"strict": opts.strict, "precision": opts.precision})
+        report = getattr(gm, "edge_report", None) or PipelineReport("float (auto kept none)", [])
+        entry = compile_cache.store(opts.cache_dir, key, parts, gm, lowered, user_inputs,
+                                    extra={"auto": result.to_dict()}) if key else None
+    return _auto_compiled(lowered, report, result, opts, origin, seconds_before + time.perf_counter() - start,
+                          "miss" if key else None, entry)
+
+
+def _auto_compiled(lowered, report, result, opts: EdgeOptions, origin: GraphOrigin, seconds: float, cache, entry):
+    compilation = EdgeCompilation(report, lowered.edge_lowering, seconds, cache, entry and str(entry), origin,
+                                  auto=result)
+    log.info("edge: %s: %s (%.1f s%s)", origin, str(result).replace("\n", "\n  "), seconds,
+             f", compile cache {cache}" if cache else "")
+    if opts.on_compile is not None:
+        opts.on_compile(compilation)
+    return lowered, compilation
+
+
+def _auto_key_parts(opts: EdgeOptions, canonical, scored) -> dict[str, str]:
+    """What else decides auto's pick: its settings, and the metric (its code, and the float model's score on
+    it, which changes with the validation data behind it)."""
+    import json
+
+    metric = None
+    if opts.metric is not None:
+        code = getattr(opts.metric, "__code__", None)
+        metric = {"name": getattr(opts.metric, "__qualname__", type(opts.metric).__qualname__),
+                  "code": code and hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest(),
+                  "float_score": scored(canonical)}
+    return {"auto": json.dumps({"search": dataclasses.asdict(opts.search), "max_drop": opts.max_drop,
+                                "metric": metric}, sort_keys=True, default=repr)}

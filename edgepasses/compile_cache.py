@@ -60,13 +60,13 @@ def key_parts(canonical: torch.fx.GraphModule, opts: Any, target: Any) -> dict[s
 
     `canonical`: the graph before the pipeline; `opts`: the backend's EdgeOptions; `target`: what
     `get_target` built from them."""
-    pipeline = Pipeline.parse(opts.pipeline)
+    pipeline = opts.pipeline if opts.pipeline == "auto" else Pipeline.parse(opts.pipeline)  # auto: see backend
     return {
         "key_version": str(KEY_VERSION),
         "graph": graph_hash(canonical),
         "weights": weights_hash(canonical),
         "pipeline": str(pipeline),
-        "pipeline_uuid": pipeline.uuid(),
+        "pipeline_uuid": pipeline if isinstance(pipeline, str) else pipeline.uuid(),
         "calibration": calibration_hash(opts.calibration),
         "target": f"{opts.target} -> {target.name}",  # `auto` resolves to what is installed
         "target_options": json.dumps(opts.target_options or {}, sort_keys=True, default=repr),
@@ -126,8 +126,9 @@ def entry_path(cache_dir: str | os.PathLike, key: str) -> Path:
 
 
 def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: tuple, *, strict: bool,
-           precision: str) -> tuple[Callable, PipelineReport] | None:
-    """(program, pipeline report of the compile that stored it) for `key`, or None on a miss.
+           precision: str) -> tuple[Callable, PipelineReport, dict] | None:
+    """(program, pipeline report of the compile that stored it, the manifest's `extra`) for `key`, or None
+    on a miss.
 
     An entry that fails in any way (corrupt, modified, crafted, another format, native code
     someone else could have written, a program that does not build) is one WARNING, removed, and
@@ -145,7 +146,7 @@ def lookup(cache_dir: str | os.PathLike, key: str, target: Any, example_inputs: 
 
 
 def _use_entry(path: Path, cache_dir, key: str, target: Any, example_inputs: tuple, *, strict: bool,
-               precision: str) -> tuple[Callable, PipelineReport]:
+               precision: str) -> tuple[Callable, PipelineReport, dict]:
     own = written_by_this_user(path)
     if not own and artifacts.native_code(artifacts.read_manifest(path)):
         raise ArtifactError(f"load: {path} holds native code in a directory that another user owns or can write "
@@ -157,12 +158,12 @@ def _use_entry(path: Path, cache_dir, key: str, target: Any, example_inputs: tup
     report = _report(artifact.manifest.get("report"))
     if artifact.program is not None:
         artifact.program.edge_lowering = _lowering(extra.get("lowering"), artifact.program)
-        return artifact.program, report
+        return artifact.program, report, extra
     log.info("edge: compile cache entry %s holds the compressed graph; lowering it to %s again (%s)", path,
              target.name, "; ".join(artifact.notes) or "the lowering is not stored as one program")
     lowered = target.lower(artifact.graph, example_inputs, strict=strict, precision=precision,
                            cache_dir=str(cache_dir))
-    return lowered, report
+    return lowered, report, extra
 
 
 def written_by_this_user(path: Path) -> bool:
@@ -179,8 +180,9 @@ def written_by_this_user(path: Path) -> bool:
 
 
 def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compressed: torch.fx.GraphModule,
-          lowered: Any, example_inputs: tuple) -> Path | None:
-    """Write the entry for `key` atomically; None (with a WARNING) where it cannot be written.
+          lowered: Any, example_inputs: tuple, extra: dict | None = None) -> Path | None:
+    """Write the entry for `key` atomically; None (with a WARNING) where it cannot be written. `extra`: more
+    of the manifest's `extra` record (JSON), which `lookup` hands back.
 
     A whole-graph program its target can store is stored with the graph, anything else as the
     compressed graph alone. A failed store never fails the compile: the program runs uncached."""
@@ -189,7 +191,7 @@ def store(cache_dir: str | os.PathLike, key: str, parts: dict[str, str], compres
     root = Path(cache_dir) / ENTRIES
     target = saving_target(lowered)
     kind = target.name if target is not None else None
-    extra = {"cache_key": key, "key_parts": parts, "program": kind,
+    extra = {**(extra or {}), "cache_key": key, "key_parts": parts, "program": kind,
              "lowering": _lowering_dict(getattr(lowered, "edge_lowering", None))}
     tmp = root / f".{key[:12]}-{secrets.token_hex(6)}.tmp"
     try:

@@ -12,6 +12,7 @@ import itertools
 from typing import Callable, Iterable
 
 import torch
+import torch.utils._pytree as pytree
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
@@ -62,7 +63,13 @@ def keep_sparsity_masks(gm: torch.fx.GraphModule) -> int:
 
 def recovery_loss(logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
                   temperature: float, distill_weight: float) -> torch.Tensor:
-    """Cross-entropy on labels, logit distillation from the teacher, or their weighted sum."""
+    """Cross-entropy on labels, logit distillation from the teacher, or their weighted sum. Outputs that are
+    not one tensor (a Dynamo graph returns a tuple) add the loss of each floating-point output."""
+    if not isinstance(logits, torch.Tensor):
+        students = [t for t in pytree.tree_leaves(logits) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        teachers = [None] * len(students) if teacher_logits is None else \
+            [t for t in pytree.tree_leaves(teacher_logits) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return sum(recovery_loss(s, labels, t, temperature, distill_weight) for s, t in zip(students, teachers))
     terms = []
     if labels is not None:
         terms.append(((1.0 - distill_weight) if teacher_logits is not None else 1.0) * F.cross_entropy(logits, labels))

@@ -33,7 +33,7 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     from ..zoo import get_model
     from .evaluate import time_programs
     from .run import load_front
-    from .study import read_meta
+    from .study import read_meta, trial_params
 
     meta = read_meta(out)
     if max_accuracy_drop is None:
@@ -52,7 +52,7 @@ def confirm(out: "str | Path", rounds: int = 30, warmup: int = 3, max_accuracy_d
     evaluator = Evaluator(zoo.module, zoo.example_inputs, data, target=meta["target"], distill_steps=steps,
                           distill_data=distill_data, distill_lr=meta.get("distill_lr", 1e-4))
     space = _space(meta, zoo)  # exports the model: once
-    head, tail = space.split({**space.uniform("float"), **_params(out, point.trial)}, bool(data))
+    head, tail = space.split({**space.uniform("float"), **trial_params(out, point.trial)}, bool(data))
     gm, _, distilled = evaluator.compress(head, tail)
     assert str(edgepasses.Pipeline.parse(head + ("," + tail if tail else ""))) == point.pipeline
     program = lower(gm, zoo.example_inputs, target=meta["target"])
@@ -81,14 +81,6 @@ def _space(meta: dict, zoo):
     return SearchSpace(layer_groups(export_canonical(zoo.module, zoo.example_inputs)), quantize="quant" in knobs,
                        prune="prune" in knobs, lowrank="lowrank" in knobs, sparsify_24="sparse24" in knobs,
                        data_aware=meta.get("prune_criterion", "activation") == "activation")
-
-
-def _params(out, number: int) -> dict:
-    from .study import STUDY_NAME, storage_for
-    import optuna
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out))
-    return dict(study.trials[number].params)
 
 
 def check_lut(out: "str | Path", max_trials: int | None = None) -> dict:

@@ -31,6 +31,8 @@ class Spec:
     threads: int | None = None
     lut_dir: str | None = None      # screen with the per-layer latency table in this run directory
     distill_lr: float = 1e-4
+    canonical: bool = False         # model is a canonical GraphModule already (pipeline="auto")
+    deadline: float | None = None   # time.time() after which no trial starts (a search's budget_s)
     reference: Callable[..., Any] | None = field(default=None, repr=False)  # driver only, never shipped
 
     def evaluator(self) -> Evaluator:
@@ -39,7 +41,7 @@ class Spec:
         return Evaluator(self.model, self.example_inputs, self.data, eval_fn=self.eval_fn, target=self.target,
                          warmup=self.warmup, rounds=self.rounds, distill_steps=self.distill_steps,
                          distill_data=self.distill_data, reference=self.reference,
-                         distill_lr=self.distill_lr)
+                         distill_lr=self.distill_lr, canonical=self.canonical)
 
 
 def _known(study, pipeline: str) -> dict[str, Any] | None:
@@ -124,7 +126,15 @@ def run_local(study, spec: Spec, n_trials: int, evaluator: Evaluator | None = No
     objective = make_objective(spec, evaluator)
     steps = range(n_trials)
     for _ in (progress(steps, "search: trials") if show_progress else steps):
+        if out_of_time(spec):
+            return
         study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+
+
+def out_of_time(spec: Spec) -> bool:
+    import time
+
+    return spec.deadline is not None and time.time() >= spec.deadline
 
 
 def spec_without_reference(spec: Spec) -> Spec:

@@ -49,19 +49,24 @@ class Evaluator:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, data: Sequence[tuple], *,
                  eval_fn: EvalFn | None = None, target: str = "openvino", warmup: int = 2, rounds: int = 5,
                  distill_steps: int = 0, distill_data: Sequence | None = None,
-                 reference: Callable[..., Any] | None = None, distill_lr: float = 1e-4):
+                 reference: Callable[..., Any] | None = None, distill_lr: float = 1e-4, canonical: bool = False):
+        """`canonical`: `model` is a canonical GraphModule already (the `edge` backend's graph), not exported
+        again."""
         from ..backends import get_target
 
-        self.model, self.example_inputs = model.eval(), tuple(example_inputs)
+        if canonical:  # an exported graph refuses .eval(); its modules say training (distill checks it)
+            for module in model.modules():
+                module.training = False
+        self.model, self.example_inputs = (model if canonical else model.eval()), tuple(example_inputs)
         self.data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
-        self.eval_fn, self.target_name = eval_fn, target
-        self.target = get_target(target)
+        self.target = get_target(target) if isinstance(target, str) else target  # a name, or a built Target
+        self.eval_fn, self.target_name = eval_fn, self.target.name
         self.warmup, self.rounds = warmup, rounds
         self.distill_steps, self.distill_lr = distill_steps, distill_lr
         self.distill_data = list(distill_data) if distill_data is not None else [b[0] for b in self.data]
         self.reference = reference
         with torch.no_grad():
-            self.base = export_canonical(self.model, self.example_inputs)
+            self.base = model if canonical else export_canonical(self.model, self.example_inputs)
 
     def accuracy(self, fn: Callable[..., Any]) -> float:
         if self.eval_fn is not None:
@@ -86,7 +91,11 @@ class Evaluator:
         if self.distill_steps and any(s.name in ("prune", "lowrank", "sparsify_24") for s in Pipeline.parse(head)):
             from ..distill import distill
 
-            gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps, lr=self.distill_lr)
+            # Seeded: the same candidate again (auto rebuilds the one it picks); gradients even when the
+            # caller runs under no_grad (the edge backend compiles under it).
+            with torch.random.fork_rng(), torch.enable_grad():
+                torch.manual_seed(0)
+                gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps, lr=self.distill_lr)
             distilled = dict(gm.edge_distill)
         if tail:
             gm = self._run(gm, tail)
@@ -94,11 +103,9 @@ class Evaluator:
         return gm, records, distilled
 
     def measure(self, head: str, tail: str | None = None) -> Measurement:
-        from ..api import lower
-
         start = time.perf_counter()
         gm, records, distilled = self.compress(head, tail)
-        program = lower(gm, self.example_inputs, target=self.target_name)
+        program = self.target.lower(gm, self.example_inputs)
         build_s = time.perf_counter() - start
         lowering = program.edge_lowering
         programs = {"candidate": lambda: program(*self.example_inputs)}

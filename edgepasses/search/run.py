@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import Spec, run_local, spec_without_reference
+from .engine import Spec, out_of_time, run_local, spec_without_reference
 from .evaluate import EvalFn, Evaluator, time_programs
 from .front import Front, Point
 from .objectives import Scoring, parse_budget, parse_objectives
@@ -24,7 +24,8 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
            reference: "Callable[..., Any] | None" = None, reference_info: dict[str, Any] | None = None,
            space: SearchSpace | None = None, seed: int | None = 0, progress: bool = True,
            seed_configs: Sequence[dict[str, Any]] = (), lut: bool = False,
-           meta: dict[str, Any] | None = None, distill_lr: float = 1e-4) -> Front:
+           meta: dict[str, Any] | None = None, distill_lr: float = 1e-4, budget_s: float | None = None,
+           canonical: bool = False) -> Front:
     """Search per-group compression choices (quantize / prune / lowrank / sparsify_24) for `model` on
     `target`; return the Pareto front of the finished, feasible trials.
 
@@ -34,7 +35,9 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     directory (Optuna storage `study.db`, `search.json`); a rerun with the same `out` resumes, keeping
     every finished trial, until `trials` are done. `workers="ray"` (local) or "ray://..." runs trials in
     Ray tasks. `reference`: a callable timed interleaved with every candidate (e.g. NNCF int8), with
-    `reference_info` (latency/size/accuracy) stored for the report.
+    `reference_info` (latency/size/accuracy) stored for the report. `budget_s`: no trial starts after
+    that many seconds (the trials count still caps the run). `canonical`: `model` is a canonical
+    GraphModule already (the `edge` backend's graph).
     """
     import tempfile
 
@@ -42,13 +45,12 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     budget = parse_budget(budget)
     data = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
     example_inputs = tuple(example_inputs) if example_inputs is not None else data[0]
-    if eval_fn is None and "accuracy_drop" in budget:
-        pass  # with the SQNR proxy the drop is in dB from the float model's +inf: use a large budget
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgepasses-search-"))
     start = time.perf_counter()
+    deadline = time.time() + budget_s if budget_s is not None else None
     evaluator = Evaluator(model, example_inputs, data, eval_fn=eval_fn, target=target, warmup=warmup, rounds=rounds,
                           distill_steps=distill_steps, distill_data=distill_data, reference=reference,
-                          distill_lr=distill_lr)
+                          distill_lr=distill_lr, canonical=canonical)
     meta_path = out / "search.json"
     if meta_path.exists():
         baseline = read_meta(out)["baseline_accuracy"]
@@ -59,14 +61,15 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     if lut and workers:
         raise ValueError("lut=True screens in one process; it does not combine with workers (Ray)")
     spec = Spec(model, example_inputs, data, eval_fn, target, space, scoring, warmup, rounds, distill_steps,
-                distill_data, reference=reference, lut_dir=str(out) if lut else None, distill_lr=distill_lr)
+                distill_data, reference=reference, lut_dir=str(out) if lut else None, distill_lr=distill_lr,
+                canonical=canonical, deadline=deadline)
     study = open_study(storage_for(out, journal=workers is not None), scoring.directions,
                        make_sampler(sampler, trials, seed))
     interrupted = close_interrupted(study)
     if not study.get_trials(deepcopy=False):
         for seed_config in (space.uniform("int8"), space.uniform("float"), *seed_configs):  # baselines first
             study.enqueue_trial(seed_config)
-    write_meta(out, {"target": target, "objectives": list(objectives), "budget": budget, "trials": trials,
+    write_meta(out, {"target": getattr(target, "name", target), "objectives": list(objectives), "budget": budget, "trials": trials,
                      "sampler": sampler, "baseline_accuracy": baseline if eval_fn is not None else None,
                      "accuracy_metric": "eval_fn" if eval_fn is not None else "output SQNR dB (proxy)",
                      "groups": [g.name for g in space.groups], "warmup": warmup, "rounds": rounds,
@@ -83,7 +86,7 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
                     seed, num_workers)
         else:
             attempts = 0  # trials the latency table screens out (PRUNED) are not done: draw more, within reason
-            while remaining > 0 and attempts < 3 * trials:
+            while remaining > 0 and attempts < 3 * trials and not out_of_time(spec):
                 run_local(study, spec, remaining, evaluator, show_progress=progress)
                 attempts += remaining
                 remaining = max(0, trials - done_count(study))

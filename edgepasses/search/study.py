@@ -70,6 +70,14 @@ def done_count(study) -> int:
                if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
+def trial_params(out: "str | Path", number: int) -> dict[str, Any]:
+    """The configuration (Optuna params) of trial `number` of the run in `out`."""
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(out))
+    return dict(study.trials[number].params)
+
+
 def write_meta(out: "str | Path", meta: dict[str, Any]) -> None:
     path = Path(out) / META
     old = json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,355 @@
+"""`pipeline="auto"`: the fastest compression of a graph within the user's accuracy budget.
+
+The search (`run.search`) measures candidates on the target, each timed in the same interleaved rounds
+as the float program on that target, so that its objective is a latency ratio, which does not drift
+with the machine's load. The fastest front point within the budget is rebuilt (its flash distillation
+is seeded, so it is the candidate the search measured), scored again, and timed once more beside the
+float program and, where OpenVINO is installed, OpenVINO fp32 and NNCF int8: the `AutoResult`.
+
+Without a metric, the score is the mean cosine between the compressed and the float graph's outputs
+(each sample's flattened output) on a held-out part of the calibration batches, which the search never
+calibrates or distils on.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from ..errors import OptionError
+from ..pass_base import build_options, option
+from ..progress import warnings_held_back
+
+log = logging.getLogger("edgepasses")
+
+AUTO = "auto"
+FIDELITY = "mean cosine to the float model's outputs on the held-out calibration batches"
+KNOBS = ("quant", "prune", "lowrank", "sparse24")
+# 2:4 pays only where a kernel skips the zeros: the reference target's int8 2:4 Linear.
+SPARSE_TARGETS = ("reference",)
+FP32 = "fp32 on the target"
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """`options={"search": {...}}` of `pipeline="auto"`."""
+    budget_s: float = option(300.0, "No trial starts after this many seconds.")
+    trials: int = option(200, "At most this many finished trials (budget_s usually ends the search first).")
+    knobs: tuple = option(KNOBS, "What is searched per group of layers: quant, prune, lowrank, sparse24.")
+    prune_ratios: tuple = option((0.0, 0.25, 0.375, 0.5, 0.625), "The prune ratios a group may take.")
+    distill_steps: int = option(200, "Flash-distillation steps (on the calibration batches) after pruning, "
+                                     "low-rank or 2:4; 0: none.")
+    distill_lr: float = option(1e-3, "Its learning rate.")
+    rounds: int = option(5, "Interleaved timing rounds per trial.")
+    warmup: int = option(2, "Untimed calls of each program before them.")
+    confirm_rounds: int = option(20, "Timing rounds of the final comparison (auto, fp32, OpenVINO fp32, NNCF).")
+    compare: bool = option(True, "Time NNCF int8 and OpenVINO fp32 beside the result (needs openvino, nncf).")
+    holdout: float = option(0.25, "Without a metric: the share of calibration batches held out for scoring.")
+    sampler: Literal["tpe", "nsga2", "random"] = option("tpe", "The Optuna sampler after the seed trials.")
+    workers: str | None = option(None, "'ray' (local) or 'ray://host:port': trials as Ray tasks.")
+    num_workers: int | None = option(None, "How many Ray workers.")
+    lut: bool = option(False, "Screen candidates with the per-layer latency table (one process only).")
+    progress: bool = option(False, "Show a progress bar over the trials.")
+
+    def __post_init__(self):
+        unknown = set(self.knobs) - set(KNOBS)
+        if unknown or not self.knobs:
+            raise OptionError(f"search knobs are names of {', '.join(KNOBS)}; got {self.knobs}")
+        if not self.budget_s > 0 or self.trials < 1:
+            raise OptionError(f"search budget_s and trials must be positive; got {self.budget_s}, {self.trials}")
+        if not 0 < self.holdout < 1:
+            raise OptionError(f"search holdout is a share of the calibration batches in (0, 1); got {self.holdout}")
+
+
+def parse_search(value: Any) -> SearchOptions:
+    if value is None:
+        return SearchOptions()
+    if isinstance(value, SearchOptions):
+        return value
+    if not isinstance(value, dict):
+        raise OptionError(f"search must be a dict such as {{'budget_s': 600}}; got {value!r:.80}")
+    return build_options(SearchOptions, value, where="pipeline='auto' search")
+
+
+@dataclass
+class AutoResult:
+    """What `pipeline="auto"` chose, and what it measured (EdgeCompilation.auto, gm.edge_auto)."""
+    pipeline: str | None            # None: no candidate held the budget; the float program runs
+    target: str
+    metric: str                     # what was scored: "metric" (yours) or FIDELITY
+    baseline: float                 # the float model's score
+    score: float                    # the result's score, measured again after the rebuild
+    max_drop: float                 # the share of the baseline it may lose
+    distilled: dict | None = None
+    trials: int = 0                 # finished trials
+    search_s: float = 0.0
+    budget_s: float = 0.0
+    front: list[dict] = field(default_factory=list)    # pipeline, speedup vs fp32 on the target, score
+    latency_ms: dict[str, dict] = field(default_factory=dict)  # confirmation: program -> median, min, max
+    scores: dict[str, float] = field(default_factory=dict)     # confirmation: program -> score
+    run_dir: str | None = None
+
+    @property
+    def speedup(self) -> dict[str, float]:
+        """Each compared program's median / the result's, from the same interleaved rounds."""
+        ours = self.latency_ms.get(AUTO, {}).get("median")
+        return {name: t["median"] / ours for name, t in self.latency_ms.items() if name != AUTO and ours}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "AutoResult":
+        return cls(**record)
+
+    def __str__(self) -> str:
+        lines = [f"auto on {self.target}: {self.pipeline or 'float (no candidate held the budget)'}",
+                 f"  {self.metric}: {self.score:.5g} (float {self.baseline:.5g}, max_drop {self.max_drop:g}); "
+                 f"{self.trials} trials in {self.search_s:.0f} s of {self.budget_s:.0f} s"]
+        for name, t in self.latency_ms.items():
+            ratio = self.speedup.get(name)
+            lines.append(f"  {name}: {t['median']:.3g} ms ({t['min']:.3g}-{t['max']:.3g})"
+                         + (f", auto is {ratio:.2f}x" if ratio else "")
+                         + (f", score {self.scores[name]:.5g}" if name in self.scores else ""))
+        return "\n".join(lines)
+
+
+def mean_cosine(reference: list, outputs: list) -> float:
+    """The mean over samples of the cosine between flattened outputs (every tensor output, each sample
+    a row of its first dimension)."""
+    cosines = []
+    for want, got in zip(reference, outputs):
+        for a, b in zip(_tensors(want), _tensors(got)):
+            a, b = a.float().reshape(len(a), -1) if a.dim() > 1 else a.float()[None], \
+                b.float().reshape(len(b), -1) if b.dim() > 1 else b.float()[None]
+            cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12))
+    if not cosines:
+        raise OptionError("pipeline='auto' without a metric scores floating-point outputs; the graph has none: "
+                          "pass metric=...")
+    return float(torch.cat(cosines).mean())
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def fidelity(base: torch.fx.GraphModule, held_out: Sequence[tuple]) -> Callable[[Callable], float]:
+    with torch.no_grad():
+        reference = [base(*batch) for batch in held_out]
+
+    def score(program: Callable) -> float:
+        with torch.no_grad():
+            return mean_cosine(reference, [program(*batch) for batch in held_out])
+    return score
+
+
+def split_calibration(batches: list[tuple], holdout: float, with_metric: bool) -> tuple[list, list]:
+    """(batches to calibrate and distil on, batches to score on): all of them with a metric of yours."""
+    if with_metric:
+        return batches, []
+    if len(batches) < 2:
+        raise OptionError(f"pipeline='auto' without a metric scores on held-out calibration batches; got "
+                          f"{len(batches)} batch: pass at least 2 (better 8 or more), or metric=...")
+    held = max(1, round(len(batches) * holdout))
+    return batches[:-held], batches[-held:]
+
+
+def check_auto_inputs(calibration) -> list[tuple]:
+    from ..quant.calibration import as_batch
+
+    if calibration is None:
+        raise OptionError("pipeline='auto' needs calibration=[...] (input tuples): the search calibrates, "
+                          "distils and (without a metric) scores on them")
+    return [as_batch(b) for b in calibration]
+
+
+def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration: list[tuple], *,
+                  target: Any, evaluate: Callable[[Callable], float] | None = None, max_drop: float = 0.01,
+                  search: SearchOptions = SearchOptions(), run_dir: str | Path | None = None,
+                  lower_kwargs: dict | None = None) -> tuple[torch.fx.GraphModule, Callable, AutoResult]:
+    """(compressed graph, its program on `target`, AutoResult) for the canonical graph `base`; `target`: a
+    name, or a built Target (`backends.get_target`).
+
+    `evaluate(program) -> float`, higher is better (default: FIDELITY). With no candidate within
+    `max_drop`, one WARNING, and the float graph and program."""
+    from ..backends import get_target
+
+    batches, held_out = split_calibration(calibration, search.holdout, evaluate is not None)
+    metric_name = "metric" if evaluate is not None else FIDELITY
+    evaluate = evaluate or fidelity(base, held_out)
+    baseline = evaluate(base)
+    budget = max_drop * abs(baseline)
+    target = get_target(target) if isinstance(target, str) else target
+    scratch = run_dir is None  # the search's storage, removed at the end (a cache_dir keeps it, to resume)
+    run_dir = Path(tempfile.mkdtemp(prefix="edgepasses-auto-")) if scratch else Path(run_dir)
+    lower = functools.partial(_lower, target=target, example_inputs=example_inputs, **(lower_kwargs or {}))
+    reference = lower(copy.deepcopy(base))
+    space = _space(base, search, target.name)
+    start = time.perf_counter()
+    with warnings_held_back(), _optuna_quiet():  # every trial's pass WARNINGs; failures are summed up below
+        front = _search(base, example_inputs, batches, evaluate, target, space, budget, search, run_dir, reference)
+    _warn_failures(run_dir)
+    result = AutoResult(None, target.name, metric_name, baseline, baseline, max_drop, trials=len(front.all_points),
+                        search_s=time.perf_counter() - start, budget_s=search.budget_s,
+                        front=[_front_row(p) for p in front.points], run_dir=str(run_dir))
+    chosen = _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate, target, search, space,
+                                   run_dir, lower)
+    if chosen is None:
+        _warn_float(front, result, budget)
+        gm, program = copy.deepcopy(base), reference
+    else:
+        gm, program, point, score = chosen
+        result.pipeline, result.score, result.distilled = point.pipeline, score, getattr(gm, "edge_distill", None)
+    _confirm(result, program, reference, base, example_inputs, batches, evaluate, search)
+    if scratch:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result.run_dir = None
+    gm.edge_auto = result
+    return gm, program, result
+
+
+def _space(base: torch.fx.GraphModule, search: SearchOptions, resolved_target: str):
+    from .space import SearchSpace, layer_groups
+
+    knobs = set(search.knobs)
+    return SearchSpace(layer_groups(base), quantize="quant" in knobs, prune="prune" in knobs,
+                       lowrank="lowrank" in knobs,
+                       sparsify_24="sparse24" in knobs and resolved_target in SPARSE_TARGETS,
+                       prune_ratios=tuple(search.prune_ratios))
+
+
+@contextlib.contextmanager
+def _optuna_quiet():
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _lower(gm: torch.fx.GraphModule, *, target, example_inputs: tuple, **kwargs) -> Callable:
+    return target.lower(gm, tuple(example_inputs), **kwargs)
+
+
+def _search(base, example_inputs, batches, evaluate, target, space, budget, search, run_dir, reference):
+    from .run import search as run_search
+
+    seeds = space.prune_seeds(tuple(r for r in search.prune_ratios if r > 0))
+    # Ray ships the target by name (built Targets need not pickle), and times no reference (never shipped).
+    return run_search(base, batches, evaluate, example_inputs=example_inputs,
+                      target=target.name if search.workers else target, trials=search.trials,
+                      objectives=("latency", "accuracy"), budget={"accuracy_drop": budget}, out=run_dir,
+                      sampler=search.sampler, workers=search.workers, num_workers=search.num_workers,
+                      distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
+                      warmup=search.warmup, rounds=search.rounds,
+                      reference=None if search.workers else reference, space=space, seed_configs=seeds,
+                      progress=search.progress, lut=search.lut, distill_lr=search.distill_lr,
+                      budget_s=search.budget_s, canonical=True, meta={"auto": True})
+
+
+def _front_row(point) -> dict:
+    return {"trial": point.trial, "pipeline": point.pipeline, "speedup_vs_fp32": point.speedup,
+            "latency_ms": point.latency_ms, "score": point.accuracy, "drop": point.accuracy_drop}
+
+
+def _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate, target, search, space, run_dir,
+                          lower):
+    """(graph, program, point, score) of the fastest front point that holds the budget when rebuilt."""
+    from .evaluate import Evaluator
+    from .study import trial_params
+
+    candidates = [p for p in front.points if p.accuracy_drop <= budget]
+    candidates.sort(key=lambda p: -(p.speedup or 0.0) if all(q.speedup for q in candidates) else p.latency_ms)
+    evaluator = Evaluator(base, example_inputs, batches, eval_fn=evaluate, target=target,
+                          distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
+                          distill_lr=search.distill_lr, canonical=True)
+    for point in candidates:
+        head, tail = space.split({**space.uniform("float"), **trial_params(run_dir, point.trial)}, True)
+        gm, records, _ = evaluator.compress(head, tail)
+        program = lower(gm)
+        score = evaluate(program)
+        if front.baseline_accuracy - score <= budget:
+            from ..pipeline import PassRecord, PipelineReport
+
+            gm.edge_report = PipelineReport(point.pipeline, [PassRecord(**r) for r in records])
+            return gm, program, point, score
+        log.warning("edge: auto: trial %d (%s) scored %.4g when rebuilt, outside the budget (%.4g at most %.4g "
+                    "below the float %.4g); trying the next front point", point.trial, point.pipeline, score,
+                    front.baseline_accuracy - budget, budget, front.baseline_accuracy)
+    return None
+
+
+def _warn_failures(run_dir: Path) -> None:
+    from optuna.trial import TrialState
+
+    from .study import STUDY_NAME, storage_for
+    import optuna
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage_for(run_dir))
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+    if failed:
+        log.warning("edge: auto: %d of %d trials failed (the search went on without them); the first, %s: %s",
+                    len(failed), len(study.trials), failed[0].user_attrs.get("pipeline"),
+                    failed[0].user_attrs["error"].splitlines()[0])
+
+
+def _warn_float(front, result: AutoResult, budget: float) -> None:
+    if not front.all_points:
+        log.warning("edge: auto: no search trial finished within budget_s=%g s (%s); the float program runs: give "
+                    "the search more time (search={'budget_s': ...})", result.budget_s, result.run_dir)
+        return
+    best = min(front.all_points, key=lambda p: p.accuracy_drop)
+    log.warning("edge: auto: none of %d candidates kept %s within max_drop=%g of the float model's %.4g (the "
+                "closest, %s, lost %.4g); the float program runs: allow a larger max_drop, a longer search, or "
+                "another metric", len(front.all_points), result.metric, result.max_drop, result.baseline,
+                best.pipeline, best.accuracy_drop)
+
+
+def _confirm(result: AutoResult, program, reference, base, example_inputs, batches, evaluate, search) -> None:
+    """The result timed beside the float program on the target (and OpenVINO fp32 and NNCF int8 where
+    they are installed) in one interleaved run; their scores too."""
+    from .evaluate import time_programs
+
+    programs = {AUTO: program, FP32: reference, **(_peers(base, example_inputs, batches, result.target)
+                                                   if search.compare else {})}
+    timings = time_programs({name: (lambda fn=fn: fn(*example_inputs)) for name, fn in programs.items()},
+                            search.warmup, search.confirm_rounds)
+    result.latency_ms = {name: {"median": t.median_ms, "min": t.min_ms, "max": t.max_ms}
+                         for name, t in timings.items()}
+    result.scores = {name: evaluate(fn) for name, fn in programs.items() if name != AUTO}
+    result.scores[AUTO] = result.score
+
+
+def _peers(base, example_inputs, batches, resolved_target: str) -> dict[str, Callable]:
+    """OpenVINO fp32 (where the target is not OpenVINO itself) and NNCF int8 of the float graph."""
+    try:
+        from ..measure.peers import nncf_int8, openvino_direct
+    except ImportError as exc:
+        log.warning("edge: auto: compare=True needs openvino and nncf (%s); only the float program is timed "
+                    "beside the result", exc)
+        return {}
+    model_type = "TRANSFORMER" if _has_attention(base) else None
+    peers = {} if resolved_target == "openvino" else {"openvino fp32": openvino_direct(base, example_inputs)}
+    peers["nncf int8"] = nncf_int8(base, example_inputs, batches, model_type=model_type)
+    return peers
+
+
+def _has_attention(gm: torch.fx.GraphModule) -> bool:
+    """Whether NNCF's TRANSFORMER preset is the fair peer: the graph has softmax or fused attention."""
+    names = ("softmax", "scaled_dot_product")
+    return any(node.op == "call_function" and any(n in str(node.target) for n in names) for node in gm.graph.nodes)
