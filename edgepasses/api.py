@@ -13,16 +13,25 @@ from .pipeline import DEFAULT_PIPELINE, Pipeline
 
 def compress(model: torch.nn.Module, example_inputs: tuple, pipeline: "str | Pipeline" = DEFAULT_PIPELINE, *,
              calibration: Iterable[tuple] | None = None, target: str = "auto", verify: bool = False,
-             metric: Callable[[Callable], float] | None = None, max_drop: float = 0.01) -> torch.fx.GraphModule:
+             metric: Callable[[Callable], float] | None = None, max_drop: float = 0.01,
+             search: dict | None = None) -> torch.fx.GraphModule:
     """Export `model` to the canonical form and run `pipeline` over it.
 
     Returns the transformed GraphModule; `gm.edge_report` says what each pass did and how long it took.
     `calibration` (an iterable of input tuples) is the only data data-aware passes see. With
     `metric(model) -> float` (higher is better; called with a callable like `model`), quantize keeps
     the fewest most-sensitive layers float for it to lose at most `max_drop` of the float score.
+    `pipeline="auto"` searches for the fastest compression on `target` within `max_drop` (`search`: its
+    settings, docs/search.md); `gm.edge_auto` says what it chose and measured.
     """
     from .backends import get_target
 
+    if pipeline == "auto":
+        return _compress_auto(model, example_inputs, calibration, target, metric, max_drop, search)
+    if search is not None:
+        from .errors import OptionError
+
+        raise OptionError(f"search settings apply to pipeline='auto'; the pipeline is {pipeline!r}")
     parsed = Pipeline.parse(pipeline)  # fail on a bad pipeline before the (slow) export
     accuracy = accuracy_control(metric, max_drop)
     _check_model_and_inputs(model, example_inputs)
@@ -32,6 +41,23 @@ def compress(model: torch.nn.Module, example_inputs: tuple, pipeline: "str | Pip
                       accuracy=accuracy)
     with torch.no_grad():
         return parsed.run(gm, ctx, verify=verify)
+
+
+def _compress_auto(model, example_inputs, calibration, target: str, metric, max_drop: float, search):
+    from .quant.accuracy_control import check_max_drop, check_metric, score
+    from .search.auto import auto_compress, check_auto_inputs, parse_search
+
+    check_max_drop(max_drop)
+    if metric is not None:
+        check_metric(metric)
+    settings, batches = parse_search(search), check_auto_inputs(calibration)
+    _check_model_and_inputs(model, example_inputs)
+    gm = export_canonical(model, tuple(example_inputs))
+    evaluate = (lambda program: score(metric, program, "compressed model")) if metric is not None else None
+    with torch.no_grad():
+        compressed, _, _ = auto_compress(gm, tuple(example_inputs), batches, target=target, evaluate=evaluate,
+                                         max_drop=max_drop, search=settings)
+    return compressed
 
 
 def _check_model_and_inputs(model, example_inputs) -> None:

@@ -132,8 +132,8 @@ def mean_cosine(reference: list, outputs: list) -> float:
     cosines = []
     for want, got in zip(reference, outputs):
         for a, b in zip(_tensors(want), _tensors(got)):
-            a, b = a.float().reshape(len(a), -1) if a.dim() > 1 else a.float()[None], \
-                b.float().reshape(len(b), -1) if b.dim() > 1 else b.float()[None]
+            a, b = (t.detach().float().reshape(len(t), -1) if t.dim() > 1 else t.detach().float()[None]
+                    for t in (a, b))
             cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12))
     if not cosines:
         raise OptionError("pipeline='auto' without a metric scores floating-point outputs; the graph has none: "
@@ -199,7 +199,8 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     space = _space(base, search, target.name)
     start = time.perf_counter()
     with warnings_held_back(), _optuna_quiet():  # every trial's pass WARNINGs; failures are summed up below
-        front = _search(base, example_inputs, batches, evaluate, target, space, budget, search, run_dir, reference)
+        front = _search(base, example_inputs, batches, evaluate, baseline, target, space, budget, search, run_dir,
+                        reference)
     _warn_failures(run_dir)
     result = AutoResult(None, target.name, metric_name, baseline, baseline, max_drop, trials=len(front.all_points),
                         search_s=time.perf_counter() - start, budget_s=search.budget_s,
@@ -246,7 +247,7 @@ def _lower(gm: torch.fx.GraphModule, *, target, example_inputs: tuple, **kwargs)
     return target.lower(gm, tuple(example_inputs), **kwargs)
 
 
-def _search(base, example_inputs, batches, evaluate, target, space, budget, search, run_dir, reference):
+def _search(base, example_inputs, batches, evaluate, baseline, target, space, budget, search, run_dir, reference):
     from .run import search as run_search
 
     seeds = space.prune_seeds(tuple(r for r in search.prune_ratios if r > 0))
@@ -259,7 +260,7 @@ def _search(base, example_inputs, batches, evaluate, target, space, budget, sear
                       warmup=search.warmup, rounds=search.rounds,
                       reference=None if search.workers else reference, space=space, seed_configs=seeds,
                       progress=search.progress, lut=search.lut, distill_lr=search.distill_lr,
-                      budget_s=search.budget_s, canonical=True, meta={"auto": True})
+                      budget_s=search.budget_s, canonical=True, baseline=baseline, meta={"auto": True})
 
 
 def _front_row(point) -> dict:

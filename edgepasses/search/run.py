@@ -25,7 +25,7 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
            space: SearchSpace | None = None, seed: int | None = 0, progress: bool = True,
            seed_configs: Sequence[dict[str, Any]] = (), lut: bool = False,
            meta: dict[str, Any] | None = None, distill_lr: float = 1e-4, budget_s: float | None = None,
-           canonical: bool = False) -> Front:
+           canonical: bool = False, baseline: float | None = None) -> Front:
     """Search per-group compression choices (quantize / prune / lowrank / sparsify_24) for `model` on
     `target`; return the Pareto front of the finished, feasible trials.
 
@@ -37,7 +37,8 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     Ray tasks. `reference`: a callable timed interleaved with every candidate (e.g. NNCF int8), with
     `reference_info` (latency/size/accuracy) stored for the report. `budget_s`: no trial starts after
     that many seconds (the trials count still caps the run). `canonical`: `model` is a canonical
-    GraphModule already (the `edge` backend's graph).
+    GraphModule already (the `edge` backend's graph); `baseline`: `eval_fn` of the float model, when the
+    caller has it.
     """
     import tempfile
 
@@ -55,7 +56,8 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     if meta_path.exists():
         baseline = read_meta(out)["baseline_accuracy"]
     else:
-        baseline = evaluator.baseline_accuracy() if eval_fn is not None else float("inf")
+        baseline = float("inf") if eval_fn is None else baseline if baseline is not None else \
+            evaluator.baseline_accuracy()
     space = space or SearchSpace(layer_groups(evaluator.base))
     scoring = Scoring(objectives, budget, baseline if baseline != float("inf") else 200.0)
     if lut and workers:
