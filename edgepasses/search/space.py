@@ -1,8 +1,8 @@
 """The search space: per-group compression choices, written as pipeline text.
 
-Layers (conv/linear, by `graph_utils.layer_name`) are grouped by the first component of their
-module path (`conv1`, `layer1`, ..., `fc` on a ResNet): one choice per group keeps the space
-small. A configuration (a dict of choices, as Optuna suggests them) becomes one pipeline whose
+Layers (conv/linear, by `graph_utils.layer_name`) are grouped by the start of their module path
+(`conv1`, `layer1`, ..., `fc` on a ResNet; `encoder.layer.0`, ... on a transformer): one choice per
+group keeps the space small. A configuration (a dict of choices, as Optuna suggests them) becomes one pipeline whose
 per-group choices are `ignore=[...]` lists, so every trial's result is text a user can paste.
 """
 from __future__ import annotations
@@ -29,20 +29,38 @@ class Group:
     patterns: tuple[str, ...]  # whole-name regexes matching exactly this group's layers (and their
                                # low-rank factors), free of backslashes so the text stays readable
 
+    @property
+    def prunable(self) -> bool:
+        """Convs, or several Linears (a transformer layer's FFN and heads): not a lone classifier."""
+        return not self.linear_only or len(self.layers) > 1
+
+
+MIN_GROUPS = 4     # fewer groups than this at the first level: group one level deeper (a transformer's layers)
+MAX_DEPTH = 4
+
 
 def layer_groups(gm: torch.fx.GraphModule) -> list[Group]:
-    """Conv/linear layers of a canonical graph grouped by the first component of their module path."""
-    layers: dict[str, list[tuple[str, bool]]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and (node.target in CONV_OPS or node.target in LINEAR_OPS):
-            name = layer_name(node)
-            layers.setdefault(name.split(".")[0], []).append((name, node.target in LINEAR_OPS))
+    """Conv/linear layers of a canonical graph grouped by the start of their module path: its first
+    component (`conv1`, `layer1`, ... on a ResNet), or as many as give at least MIN_GROUPS groups
+    (`encoder.layer.0` ... on a transformer, whose layers all sit under `encoder`)."""
+    layers = [(layer_name(n), n.target in LINEAR_OPS) for n in gm.graph.nodes
+              if n.op == "call_function" and (n.target in CONV_OPS or n.target in LINEAR_OPS)]
+    counts = {d: len({_prefix(name, d) for name, _ in layers}) for d in range(1, MAX_DEPTH + 1)}
+    depth = next((d for d in counts if counts[d] >= MIN_GROUPS), max(counts, key=lambda d: (counts[d], -d)))
+    grouped: dict[str, list[tuple[str, bool]]] = {}
+    for name, linear in layers:
+        grouped.setdefault(_prefix(name, depth), []).append((name, linear))
     groups = []
-    for key, members in layers.items():
+    for key, members in grouped.items():
         names = tuple(dict.fromkeys(n for n, _ in members))
-        patterns = (f"{key}([.].*)?",)  # the layer `key`, the layers under it, and low-rank factors
-        groups.append(Group(key, names, all(linear for _, linear in members), tuple(patterns)))
+        # the layer `key`, the layers under it, and low-rank factors; [.] keeps the text free of backslashes
+        patterns = (key.replace(".", "[.]") + "([.].*)?",)
+        groups.append(Group(key, names, all(linear for _, linear in members), patterns))
     return groups
+
+
+def _prefix(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth])
 
 
 @dataclass
@@ -66,7 +84,7 @@ class SearchSpace:
             if self.quantize:
                 config[f"quant:{g.name}"] = trial.suggest_categorical(
                     f"quant:{g.name}", QUANT_LINEAR if g.linear_only else QUANT_CONV)
-            if self.prune and not g.linear_only:
+            if self.prune and g.prunable:
                 config[f"prune:{g.name}"] = trial.suggest_categorical(f"prune:{g.name}", self.prune_ratios)
             if self.lowrank:
                 config[f"lowrank:{g.name}"] = trial.suggest_categorical(f"lowrank:{g.name}", self.lowrank_energies)
@@ -80,7 +98,7 @@ class SearchSpace:
         for g in self.groups:
             if self.quantize:
                 config[f"quant:{g.name}"] = quant
-            if self.prune and not g.linear_only:
+            if self.prune and g.prunable:
                 config[f"prune:{g.name}"] = 0.0
             if self.lowrank:
                 config[f"lowrank:{g.name}"] = 0.0
@@ -91,7 +109,7 @@ class SearchSpace:
     def prune_seeds(self, ratios: tuple[float, ...]) -> list[dict[str, Any]]:
         """Seed trials near where int8 + structure should pay: int8 everywhere, each ratio on the later
         half of the prunable groups, then on all of them after the first (the stem stays whole)."""
-        prunable = [g for g in self.groups if not g.linear_only]
+        prunable = [g for g in self.groups if g.prunable]
         if not self.prune or not prunable:
             return []
         late, rest = prunable[len(prunable) // 2:], prunable[1:]
