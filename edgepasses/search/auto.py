@@ -211,8 +211,8 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
         _warn_float(front, result, budget)
         gm, program = copy.deepcopy(base), reference
     else:
-        gm, program, point, score = chosen
-        result.pipeline, result.score, result.distilled = point.pipeline, score, getattr(gm, "edge_distill", None)
+        gm, program, point, score, result.distilled = chosen
+        result.pipeline, result.score = point.pipeline, score
     _confirm(result, program, reference, base, example_inputs, batches, evaluate, search)
     if scratch:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -270,7 +270,8 @@ def _front_row(point) -> dict:
 
 def _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate, target, search, space, run_dir,
                           lower):
-    """(graph, program, point, score) of the fastest front point that holds the budget when rebuilt."""
+    """(graph, program, point, score, distillation stats) of the fastest front point that holds the budget when
+    rebuilt."""
     from .evaluate import Evaluator
     from .study import trial_params
 
@@ -281,14 +282,14 @@ def _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate
                           distill_lr=search.distill_lr, canonical=True)
     for point in candidates:
         head, tail = space.split({**space.uniform("float"), **trial_params(run_dir, point.trial)}, True)
-        gm, records, _ = evaluator.compress(head, tail)
+        gm, records, distilled = evaluator.compress(head, tail)
         program = lower(gm)
         score = evaluate(program)
         if front.baseline_accuracy - score <= budget:
             from ..pipeline import PassRecord, PipelineReport
 
             gm.edge_report = PipelineReport(point.pipeline, [PassRecord(**r) for r in records])
-            return gm, program, point, score
+            return gm, program, point, score, distilled
         log.warning("edge: auto: trial %d (%s) scored %.4g when rebuilt, outside the budget (%.4g at most %.4g "
                     "below the float %.4g); trying the next front point", point.trial, point.pipeline, score,
                     front.baseline_accuracy - budget, budget, front.baseline_accuracy)
