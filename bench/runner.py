@@ -13,7 +13,9 @@ Rows, all timed side by side in one run (`edgepasses.measure.timing`):
   batches the edge rows get, compiled with the same configuration and called through the same
   wrapper. The ratio between an edge int8 row and it shows how our int8 compares with the best
   int8 flow OpenVINO has.
-- "edge: <pipeline>": `torch.compile(model, backend="edge", dynamic=False, options=...)`.
+- "edge: <pipeline>": `torch.compile(model, backend="edge", dynamic=False, options=...)`; "edge: auto"
+  (pipeline="auto", the search) with the options `edge_options["auto"]` adds (metric, search, cache_dir),
+  its `AutoResult` kept in the row.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ PEER_LABEL = "openvino direct"
 NNCF_LABEL = "nncf int8 + openvino"
 OPTIONAL_PEERS = ("nncf",)
 CALIBRATION_BATCHES = 8  # only data-aware passes (quantization) and the NNCF peer read them
+AUTO_PIPELINE = "auto"
 
 
 def edge_label(pipeline: str) -> str:
@@ -113,6 +116,9 @@ class Row:
     fallbacks: int                 # ops left to PyTorch
     int8_ops: int | None           # compute ops the runtime ran in integer precision; None: eager
     samples_ms: tuple[float, ...]
+    cosine: float | None = None    # mean cosine of the outputs to eager's on inputs no row calibrated on
+                                   # (bench_model's cosine_batches); None when not asked for
+    auto: dict | None = None       # "edge: auto": the search's AutoResult (as a dict)
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ _COLUMNS = (
     _Column("max abs err", lambda row: f"{row.max_abs_error:.1e}"),
     _Column("err vs own fake-quant", lambda row: _optional(row.error_vs_fake_quant, ".1e"), optional=True),
     _Column("top-1 %", lambda row: _optional(row.top1, ".1f")),
+    _Column("cosine to eager", lambda row: _optional(row.cosine, ".4f"), optional=True),
     _Column("compile s", lambda row: _optional(row.compile_s, ".1f")),
     _Column("precision", lambda row: row.precision),
     _Column("int8 ops", lambda row: _optional(row.int8_ops, "d")),
@@ -202,9 +209,12 @@ class _Candidate:
     # Edge int8 rows: the pipeline's quantize/dequantize graph, run eagerly as the reference for
     # what lowering adds on top of the quantization error itself.
     own_fake_quant: Callable[..., Any] | None = None
+    auto: dict | None = None  # pipeline="auto": the AutoResult of the model's first graph, as a dict
 
 
 def _quantizes(pipeline: str) -> bool:
+    if pipeline == AUTO_PIPELINE:  # the search decides; its pick has no Q/DQ reference graph to compare with
+        return False
     return any(step.name == "quantize" for step in edgepasses.Pipeline.parse(pipeline).steps)
 
 
@@ -236,10 +246,10 @@ def _nncf(zoo: ZooModel, calibration: list[tuple] | None, precision: str) -> _Ca
 
 
 def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
-          precision: str) -> _Candidate:
+          precision: str, extra: dict | None = None, fake_quant_reference: bool = True) -> _Candidate:
     compilations: list = []  # edgepasses.backend.EdgeCompilation, one per graph Dynamo hands over
-    options = {"pipeline": pipeline, "target": target, "precision": precision, "calibration": calibration,
-               "on_compile": compilations.append,
+    options = {**(extra or {}), "pipeline": pipeline, "target": target, "precision": precision,
+               "calibration": calibration, "on_compile": compilations.append,
                # The backend freezes the weights into the OpenVINO program, so Dynamo's per-call guards
                # on the module tree protect nothing it uses; they cost time on every call (torch.compile
                # takes this option itself, the backend never sees it).
@@ -254,13 +264,14 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
                            "would time eager PyTorch")
     # Quantizing pipelines only: their Q/DQ graph run in PyTorch is the reference for what lowering adds.
     own_fake_quant = edgepasses.compress(zoo.module, zoo.example_inputs, pipeline, calibration=calibration,
-                                         target=target) if _quantizes(pipeline) else None
+                                         target=target) if fake_quant_reference and _quantizes(pipeline) else None
     precisions = ",".join(sorted({c.lowering.precision for c in compilations}))
     fallbacks = sum(len(c.lowering.fallbacks) for c in compilations)
     int8_ops = sum(c.lowering.int8_ops for c in compilations)
     weights_mb = sum(c.lowering.weights_mb for c in compilations)
+    auto = next((c.auto.to_dict() for c in compilations if getattr(c, "auto", None) is not None), None)
     return _Candidate(edge_label(pipeline), compiled, weights_mb, compile_s, precisions, fallbacks,
-                      int8_ops, own_fake_quant=own_fake_quant)
+                      int8_ops, own_fake_quant=own_fake_quant, auto=auto)
 
 
 def _edge_direct(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target: str,
@@ -308,8 +319,23 @@ def _fake_quant_errors(candidates: list[_Candidate], inputs: tuple) -> dict[str,
             for c in candidates if c.own_fake_quant is not None}
 
 
+def _cosines(zoo: ZooModel, candidates: list[_Candidate], batches: int, calibrated: int) -> dict[str, float]:
+    """Each candidate's mean output cosine to eager on `batches` inputs past the calibration ones (the
+    zoo's calibration inputs are a seeded sequence, so these are inputs no row calibrated on)."""
+    if not batches or not zoo.calibration:
+        return {}
+    from edgepasses.search.auto import mean_cosine
+
+    unseen = zoo.calibration(calibrated + batches)[calibrated:]
+    if not unseen:
+        return {}
+    reference = [zoo.module(*inputs) for inputs in unseen]
+    return {c.label: mean_cosine(reference, [c.run(*inputs) for inputs in unseen]) for c in candidates}
+
+
 def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict[str, float],
-          fake_quant_errors: dict[str, float], top1: dict[str, float]) -> tuple[Row, ...]:
+          fake_quant_errors: dict[str, float], top1: dict[str, float],
+          cosines: dict[str, float] | None = None) -> tuple[Row, ...]:
     eager, peer = timings[EAGER_LABEL].median_ms, timings[PEER_LABEL].median_ms
     nncf = timings[NNCF_LABEL].median_ms if NNCF_LABEL in timings else None
     rows = []
@@ -318,33 +344,41 @@ def _rows(candidates: list[_Candidate], timings: dict[str, Timing], errors: dict
         rows.append(Row(c.label, t.median_ms, t.min_ms, t.max_ms, eager / t.median_ms, t.median_ms / peer,
                         t.median_ms / nncf if nncf is not None else None, c.size_mb, errors[c.label],
                         fake_quant_errors.get(c.label), top1.get(c.label), c.compile_s, c.precision,
-                        c.fallbacks, c.int8_ops, t.samples))
+                        c.fallbacks, c.int8_ops, t.samples, (cosines or {}).get(c.label), c.auto))
     return tuple(rows)
 
 
 def bench_model(model: str | ZooModel, pipelines: list[str], batch_size: int = 1, target: str = "openvino",
                 precision: str = "f32", warmup: int = 10, rounds: int = 50,
-                progress: bool | None = None, peers: tuple[str, ...] = (), direct: bool = False) -> BenchResult:
+                progress: bool | None = None, peers: tuple[str, ...] = (), direct: bool = False,
+                edge_options: dict[str, dict] | None = None, cosine_batches: int = 0,
+                fake_quant_reference: bool = True, calibration_batches: int = CALIBRATION_BATCHES) -> BenchResult:
     """Measure `model` (a zoo name, built at `batch_size`, or a `ZooModel` such as `user_model`'s) eagerly,
     as OpenVINO direct, and through `edge` with each pipeline.
 
     The NNCF int8 peer joins when a pipeline quantizes or `peers` names "nncf". `direct` adds, per
-    pipeline, the `compress` + `lower` program called without torch.compile.
+    pipeline, the `compress` + `lower` program called without torch.compile. `edge_options`: per pipeline,
+    more torch.compile options for its edge row (pipeline "auto": {"metric": ..., "search": {...}}).
+    `cosine_batches`: each row's mean output cosine to eager on that many inputs no row calibrated on.
+    `fake_quant_reference=False` spares quantizing edge rows the second compression that their "err vs own
+    fake-quant" column needs. `calibration_batches`: how many the quantizing rows and NNCF calibrate on.
     """
     with_nncf = _wants_nncf(pipelines, peers)  # fail on a bad peer before the slow part
     torch._dynamo.reset()  # the previous model's compiled code and recompile counts must not carry over
     machine = Machine.here()  # before our own work raises the load average
     zoo = get_model(model, batch_size) if isinstance(model, str) else model
     name = zoo.name
-    calibration = zoo.calibration(CALIBRATION_BATCHES) if zoo.calibration else None  # one set for all rows
+    calibration = zoo.calibration(calibration_batches) if zoo.calibration else None  # one set for all rows
     builders = [(EAGER_LABEL, partial(_eager, zoo)), (PEER_LABEL, partial(_peer, zoo, precision))]
     if with_nncf:
         builders.append((NNCF_LABEL, partial(_nncf, zoo, calibration, precision)))
-    builders += [(edge_label(p), partial(_edge, zoo, calibration, p, target, precision))
+    extra = edge_options or {}
+    builders += [(edge_label(p), partial(_edge, zoo, calibration, p, target, precision, extra.get(p),
+                                         fake_quant_reference))
                  for p in dict.fromkeys(pipelines)]
     if direct:
         builders += [(direct_label(p), partial(_edge_direct, zoo, calibration, p, target, precision))
-                     for p in dict.fromkeys(pipelines)]
+                     for p in dict.fromkeys(pipelines) if p != AUTO_PIPELINE]
     total = len(builders) * (2 if zoo.accuracy_fn else 1) + rounds
     with torch.no_grad(), _progress(bool(progress), name, total) as update:
         candidates = [_build(label, build, update) for label, build in builders]
@@ -352,12 +386,13 @@ def bench_model(model: str | ZooModel, pipelines: list[str], batch_size: int = 1
         errors = {c.label: _max_abs_error(expected, c.run(*zoo.example_inputs)) for c in candidates}
         fake_quant_errors = _fake_quant_errors(candidates, zoo.example_inputs)
         top1 = _top1(zoo, candidates, update) if zoo.accuracy_fn else {}
+        cosines = _cosines(zoo, candidates, cosine_batches, calibration_batches)
         update(f"timing {rounds} rounds")
         timings = measure_side_by_side({c.label: partial(c.run, *zoo.example_inputs) for c in candidates},
                                        warmup, rounds, on_round=partial(update, advance=1))
     shapes = tuple(tuple(x.shape) for x in zoo.example_inputs if isinstance(x, torch.Tensor))
     return BenchResult(name, zoo.description, shapes, target, precision, warmup, rounds, machine,
-                       _rows(candidates, timings, errors, fake_quant_errors, top1))
+                       _rows(candidates, timings, errors, fake_quant_errors, top1, cosines))
 
 
 def user_model(spec: str, input_shapes: list[str], calibration_file: str | None = None) -> ZooModel:
