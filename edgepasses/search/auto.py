@@ -45,13 +45,13 @@ FP32 = "fp32 on the target"
 @dataclass(frozen=True)
 class SearchOptions:
     """`options={"search": {...}}` of `pipeline="auto"`."""
-    budget_s: float = option(300.0, "No trial starts after this many seconds.")
+    budget_s: float = option(600.0, "No trial starts after this many seconds.")
     trials: int = option(200, "At most this many finished trials (budget_s usually ends the search first).")
     knobs: tuple = option(KNOBS, "What is searched per group of layers: quant, prune, lowrank, sparse24.")
     prune_ratios: tuple = option((0.0, 0.25, 0.375, 0.5, 0.625), "The prune ratios a group may take.")
-    distill_steps: int = option(200, "Flash-distillation steps (on the calibration batches) after pruning, "
+    distill_steps: int = option(400, "Flash-distillation steps (on the calibration batches) after pruning, "
                                      "low-rank or 2:4; 0: none.")
-    distill_lr: float = option(1e-3, "Its learning rate.")
+    distill_lr: float = option(3e-4, "Its learning rate.")
     rounds: int = option(5, "Interleaved timing rounds per trial.")
     warmup: int = option(2, "Untimed calls of each program before them.")
     confirm_rounds: int = option(20, "Timing rounds of the final comparison (auto, fp32, OpenVINO fp32, NNCF).")
@@ -248,19 +248,59 @@ def _lower(gm: torch.fx.GraphModule, *, target, example_inputs: tuple, **kwargs)
 
 
 def _search(base, example_inputs, batches, evaluate, baseline, target, space, budget, search, run_dir, reference):
+    """The seed trials (all int8, all float), a bisection of one prune ratio, then the sampler, until
+    budget_s or trials."""
     from .run import search as run_search
 
-    seeds = space.prune_seeds(tuple(r for r in search.prune_ratios if r > 0))
-    # Ray ships the target by name (built Targets need not pickle), and times no reference (never shipped).
-    return run_search(base, batches, evaluate, example_inputs=example_inputs,
-                      target=target.name if search.workers else target, trials=search.trials,
-                      objectives=("latency", "accuracy"), budget={"accuracy_drop": budget}, out=run_dir,
-                      sampler=search.sampler, workers=search.workers, num_workers=search.num_workers,
-                      distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
-                      warmup=search.warmup, rounds=search.rounds,
-                      reference=None if search.workers else reference, space=space, seed_configs=seeds,
-                      progress=search.progress, lut=search.lut, distill_lr=search.distill_lr,
-                      budget_s=search.budget_s, canonical=True, baseline=baseline, meta={"auto": True})
+    deadline = time.time() + search.budget_s
+
+    def run_until(trials: int):
+        # Ray ships the target by name (built Targets need not pickle), and times no reference (never shipped).
+        return run_search(base, batches, evaluate, example_inputs=example_inputs,
+                          target=target.name if search.workers else target, trials=trials,
+                          objectives=("latency", "accuracy"), budget={"accuracy_drop": budget}, out=run_dir,
+                          sampler=search.sampler, workers=search.workers, num_workers=search.num_workers,
+                          distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
+                          warmup=search.warmup, rounds=search.rounds,
+                          reference=None if search.workers else reference, space=space, progress=search.progress,
+                          lut=search.lut, distill_lr=search.distill_lr, budget_s=max(0.0, deadline - time.time()),
+                          canonical=True, baseline=baseline, meta={"auto": True})
+
+    front = run_until(min(2, search.trials))
+    int8 = _feasible(front, space.pipeline(space.uniform("int8")))
+    _bisect_prune(space, sorted(r for r in search.prune_ratios if r > 0), "int8" if int8 else "float",
+                  lambda config: _try(config, space, run_dir, run_until, deadline, search.trials))
+    return run_until(search.trials)
+
+
+def _bisect_prune(space, ratios: list[float], quant: str, try_config: Callable[[dict], bool | None]) -> None:
+    """The largest uniform prune ratio (on every prunable group but the stem) that holds the budget, found
+    in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A cheap start for the sampler,
+    which then mixes ratios per group around it."""
+    groups = space.prunable_after_first()
+    feasible, infeasible = -1, len(ratios)
+    while groups and infeasible - feasible > 1:
+        middle = (feasible + infeasible + 1) // 2
+        held = try_config(space.pruned(ratios[middle], groups, quant))
+        if held is None:  # out of time or trials
+            return
+        feasible, infeasible = (middle, infeasible) if held else (feasible, middle)
+
+
+def _try(config: dict, space, run_dir: Path, run_until, deadline: float, trials: int) -> bool | None:
+    """Whether `config` holds the budget, measured as the next trial; None when no trial is left."""
+    from .study import done_count, open_study, storage_for
+
+    study = open_study(storage_for(run_dir), ["minimize", "maximize"])
+    done = done_count(study)
+    if time.time() >= deadline or done >= trials:
+        return None
+    study.enqueue_trial(config)
+    return _feasible(run_until(done + 1), space.pipeline(config))
+
+
+def _feasible(front, pipeline: str) -> bool:
+    return any(p.pipeline == pipeline and p.feasible for p in front.all_points)
 
 
 def _front_row(point) -> dict:

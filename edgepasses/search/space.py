@@ -106,19 +106,28 @@ class SearchSpace:
                 config[f"sparse24:{g.name}"] = False
         return config
 
+    def pruned(self, ratio: float, groups: list[Group], quant: str = "int8") -> dict[str, Any]:
+        """`quant` everywhere and `ratio` on `groups`, nothing else."""
+        config = self.uniform(quant)
+        config.update({f"prune:{g.name}": ratio for g in groups})
+        return config
+
+    def prunable_after_first(self) -> list[Group]:
+        """The groups a uniform prune ratio goes to: every prunable group but the first (the stem)."""
+        return [g for g in self.groups if g.prunable][1:] if self.prune else []
+
     def prune_seeds(self, ratios: tuple[float, ...]) -> list[dict[str, Any]]:
         """Seed trials near where int8 + structure should pay: int8 everywhere, each ratio on the later
         half of the prunable groups, then on all of them after the first (the stem stays whole)."""
         prunable = [g for g in self.groups if g.prunable]
         if not self.prune or not prunable:
             return []
-        late, rest = prunable[len(prunable) // 2:], prunable[1:]
+        late, rest = prunable[len(prunable) // 2:], self.prunable_after_first()
         seeds = []
         for chosen in (late, rest):
             for ratio in ratios:
                 if ratio in self.prune_ratios and ratio > 0:
-                    config = self.uniform("int8")
-                    config.update({f"prune:{g.name}": ratio for g in chosen})
+                    config = self.pruned(ratio, chosen)
                     if config not in seeds:
                         seeds.append(config)
         return seeds
