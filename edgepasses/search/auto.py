@@ -57,6 +57,8 @@ class SearchOptions:
     confirm_rounds: int = option(20, "Timing rounds of the final comparison (auto, fp32, OpenVINO fp32, NNCF).")
     compare: bool = option(True, "Time NNCF int8 and OpenVINO fp32 beside the result (needs openvino, nncf).")
     holdout: float = option(0.25, "Without a metric: the share of calibration batches held out for scoring.")
+    calibration_batches: int = option(16, "At most this many of the calibration batches (spread over them) for "
+                                          "quantize and the data-aware passes; distillation uses all.")
     sampler: Literal["tpe", "nsga2", "random"] = option("tpe", "The Optuna sampler after the seed trials.")
     workers: str | None = option(None, "'ray' (local) or 'ray://host:port': trials as Ray tasks.")
     num_workers: int | None = option(None, "How many Ray workers.")
@@ -69,6 +71,8 @@ class SearchOptions:
             raise OptionError(f"search knobs are names of {', '.join(KNOBS)}; got {self.knobs}")
         if not self.budget_s > 0 or self.trials < 1:
             raise OptionError(f"search budget_s and trials must be positive; got {self.budget_s}, {self.trials}")
+        if self.calibration_batches < 1:
+            raise OptionError(f"search calibration_batches must be positive; got {self.calibration_batches}")
         if not 0 < self.holdout < 1:
             raise OptionError(f"search holdout is a share of the calibration batches in (0, 1); got {self.holdout}")
 
@@ -155,6 +159,20 @@ def fidelity(base: torch.fx.GraphModule, held_out: Sequence[tuple]) -> Callable[
     return score
 
 
+@dataclass(frozen=True)
+class Data:
+    calibration: list[tuple]       # what quantize and the data-aware passes observe
+    distillation: list[tuple]      # (inputs, None): every batch the search may train on
+
+
+def spread_batches(batches: list[tuple], most: int) -> list[tuple]:
+    """At most `most` batches, evenly spaced: observers and bias correction pass over each one, several
+    times per trial, and a few dozen batches settle the ranges."""
+    if len(batches) <= most:
+        return batches
+    return [batches[round(i * (len(batches) - 1) / (most - 1))] for i in range(most)] if most > 1 else batches[:1]
+
+
 def split_calibration(batches: list[tuple], holdout: float, with_metric: bool) -> tuple[list, list]:
     """(batches to calibrate and distil on, batches to score on): all of them with a metric of yours."""
     if with_metric:
@@ -197,15 +215,16 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     lower = functools.partial(_lower, target=target, example_inputs=example_inputs, **(lower_kwargs or {}))
     reference = lower(copy.deepcopy(base))
     space = _space(base, search, target.name)
+    data = Data(spread_batches(batches, search.calibration_batches), [(b, None) for b in batches])
     start = time.perf_counter()
     with warnings_held_back(), _optuna_quiet():  # every trial's pass WARNINGs; failures are summed up below
-        front = _search(base, example_inputs, batches, evaluate, baseline, target, space, budget, search, run_dir,
+        front = _search(base, example_inputs, data, evaluate, baseline, target, space, budget, search, run_dir,
                         reference)
     _warn_failures(run_dir)
     result = AutoResult(None, target.name, metric_name, baseline, baseline, max_drop, trials=len(front.all_points),
                         search_s=time.perf_counter() - start, budget_s=search.budget_s,
                         front=[_front_row(p) for p in front.points], run_dir=str(run_dir))
-    chosen = _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate, target, search, space,
+    chosen = _rebuild_first_within(front, budget, base, example_inputs, data, evaluate, target, search, space,
                                    run_dir, lower)
     if chosen is None:
         _warn_float(front, result, budget)
@@ -213,7 +232,7 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     else:
         gm, program, point, score, result.distilled = chosen
         result.pipeline, result.score = point.pipeline, score
-    _confirm(result, program, reference, base, example_inputs, batches, evaluate, search)
+    _confirm(result, program, reference, base, example_inputs, data.calibration, evaluate, search)
     if scratch:
         shutil.rmtree(run_dir, ignore_errors=True)
         result.run_dir = None
@@ -247,7 +266,7 @@ def _lower(gm: torch.fx.GraphModule, *, target, example_inputs: tuple, **kwargs)
     return target.lower(gm, tuple(example_inputs), **kwargs)
 
 
-def _search(base, example_inputs, batches, evaluate, baseline, target, space, budget, search, run_dir, reference):
+def _search(base, example_inputs, data: "Data", evaluate, baseline, target, space, budget, search, run_dir, reference):
     """The seed trials (all int8, all float), a bisection of one prune ratio, then the sampler, until
     budget_s or trials."""
     from .run import search as run_search
@@ -256,11 +275,11 @@ def _search(base, example_inputs, batches, evaluate, baseline, target, space, bu
 
     def run_until(trials: int):
         # Ray ships the target by name (built Targets need not pickle), and times no reference (never shipped).
-        return run_search(base, batches, evaluate, example_inputs=example_inputs,
+        return run_search(base, data.calibration, evaluate, example_inputs=example_inputs,
                           target=target.name if search.workers else target, trials=trials,
                           objectives=("latency", "accuracy"), budget={"accuracy_drop": budget}, out=run_dir,
                           sampler=search.sampler, workers=search.workers, num_workers=search.num_workers,
-                          distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
+                          distill_steps=search.distill_steps, distill_data=data.distillation,
                           warmup=search.warmup, rounds=search.rounds,
                           reference=None if search.workers else reference, space=space, progress=search.progress,
                           lut=search.lut, distill_lr=search.distill_lr, budget_s=max(0.0, deadline - time.time()),
@@ -308,7 +327,7 @@ def _front_row(point) -> dict:
             "latency_ms": point.latency_ms, "score": point.accuracy, "drop": point.accuracy_drop}
 
 
-def _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate, target, search, space, run_dir,
+def _rebuild_first_within(front, budget, base, example_inputs, data: "Data", evaluate, target, search, space, run_dir,
                           lower):
     """(graph, program, point, score, distillation stats) of the fastest front point that holds the budget when
     rebuilt."""
@@ -317,8 +336,8 @@ def _rebuild_first_within(front, budget, base, example_inputs, batches, evaluate
 
     candidates = [p for p in front.points if p.accuracy_drop <= budget]
     candidates.sort(key=lambda p: -(p.speedup or 0.0) if all(q.speedup for q in candidates) else p.latency_ms)
-    evaluator = Evaluator(base, example_inputs, batches, eval_fn=evaluate, target=target,
-                          distill_steps=search.distill_steps, distill_data=[(b, None) for b in batches],
+    evaluator = Evaluator(base, example_inputs, data.calibration, eval_fn=evaluate, target=target,
+                          distill_steps=search.distill_steps, distill_data=data.distillation,
                           distill_lr=search.distill_lr, canonical=True)
     for point in candidates:
         head, tail = space.split({**space.uniform("float"), **trial_params(run_dir, point.trial)}, True)
