@@ -216,16 +216,17 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     reference = lower(copy.deepcopy(base))
     space = _space(base, search, target.name)
     data = Data(spread_batches(batches, search.calibration_batches), [(b, None) for b in batches])
+    kept = KeptFastest(baseline, budget)
     start = time.perf_counter()
     with warnings_held_back(), _optuna_quiet():  # every trial's pass WARNINGs; failures are summed up below
         front = _search(base, example_inputs, data, evaluate, baseline, target, space, budget, search, run_dir,
-                        reference)
+                        reference, kept)
     _warn_failures(run_dir)
     result = AutoResult(None, target.name, metric_name, baseline, baseline, max_drop, trials=len(front.all_points),
                         search_s=time.perf_counter() - start, budget_s=search.budget_s,
                         front=[_front_row(p) for p in front.points], run_dir=str(run_dir))
-    chosen = _rebuild_first_within(front, budget, base, example_inputs, data, evaluate, target, search, space,
-                                   run_dir, lower)
+    chosen = _first_within(front, budget, kept, base, example_inputs, data, evaluate, target, search, space,
+                           run_dir, lower)
     if chosen is None:
         _warn_float(front, result, budget)
         gm, program = copy.deepcopy(base), reference
@@ -266,7 +267,8 @@ def _lower(gm: torch.fx.GraphModule, *, target, example_inputs: tuple, **kwargs)
     return target.lower(gm, tuple(example_inputs), **kwargs)
 
 
-def _search(base, example_inputs, data: "Data", evaluate, baseline, target, space, budget, search, run_dir, reference):
+def _search(base, example_inputs, data: "Data", evaluate, baseline, target, space, budget, search, run_dir, reference,
+            kept: "KeptFastest"):
     """The seed trials (all int8, all float), a bisection of one prune ratio, then the sampler, until
     budget_s or trials."""
     from .run import search as run_search
@@ -283,7 +285,7 @@ def _search(base, example_inputs, data: "Data", evaluate, baseline, target, spac
                           warmup=search.warmup, rounds=search.rounds,
                           reference=None if search.workers else reference, space=space, progress=search.progress,
                           lut=search.lut, distill_lr=search.distill_lr, budget_s=max(0.0, deadline - time.time()),
-                          canonical=True, baseline=baseline, meta={"auto": True})
+                          canonical=True, baseline=baseline, on_built=kept, meta={"auto": True})
 
     front = run_until(min(2, search.trials))
     int8 = _feasible(front, space.pipeline(space.uniform("int8")))
@@ -327,15 +329,46 @@ def _front_row(point) -> dict:
             "latency_ms": point.latency_ms, "score": point.accuracy, "drop": point.accuracy_drop}
 
 
-def _rebuild_first_within(front, budget, base, example_inputs, data: "Data", evaluate, target, search, space, run_dir,
-                          lower):
-    """(graph, program, point, score, distillation stats) of the fastest front point that holds the budget when
-    rebuilt."""
+@dataclass
+class KeptFastest:
+    """The fastest candidate within the budget that this process built, kept (graph and program) so that
+    the pick is not built again: its flash distillation alone takes minutes."""
+    baseline: float
+    budget: float
+    best: tuple | None = None   # (Measurement, graph, program, distillation stats)
+
+    def __call__(self, measurement, gm, program, distilled) -> None:
+        if self.baseline - measurement.accuracy > self.budget:
+            return
+        if self.best is None or _speed(measurement) > _speed(self.best[0]):
+            self.best = (measurement, gm, program, distilled)
+
+    def get(self, pipeline: str) -> tuple | None:
+        return self.best if self.best is not None and self.best[0].pipeline == pipeline else None
+
+
+def _speed(measurement) -> float:
+    """Speed-up over the reference timed in the same rounds, else 1 / ms (Ray trials time no reference)."""
+    if measurement.reference_ms:
+        return measurement.reference_ms / measurement.latency_ms
+    return 1.0 / measurement.latency_ms
+
+
+def _first_within(front, budget, kept: KeptFastest, base, example_inputs, data: "Data", evaluate, target, search,
+                  space, run_dir, lower):
+    """(graph, program, point, score, distillation stats) of the fastest front point within the budget: the
+    one this process kept, or else (Ray workers, a resumed search) rebuilt and scored again, taking the next
+    point when a rebuilt one misses the budget."""
+    from ..pipeline import PassRecord, PipelineReport
     from .evaluate import Evaluator
     from .study import trial_params
 
     candidates = [p for p in front.points if p.accuracy_drop <= budget]
     candidates.sort(key=lambda p: -(p.speedup or 0.0) if all(q.speedup for q in candidates) else p.latency_ms)
+    if candidates and kept.get(candidates[0].pipeline):
+        measurement, gm, program, distilled = kept.get(candidates[0].pipeline)
+        gm.edge_report = PipelineReport(measurement.pipeline, [PassRecord(**r) for r in measurement.passes])
+        return gm, program, candidates[0], measurement.accuracy, distilled
     evaluator = Evaluator(base, example_inputs, data.calibration, eval_fn=evaluate, target=target,
                           distill_steps=search.distill_steps, distill_data=data.distillation,
                           distill_lr=search.distill_lr, canonical=True)
@@ -345,8 +378,6 @@ def _rebuild_first_within(front, budget, base, example_inputs, data: "Data", eva
         program = lower(gm)
         score = evaluate(program)
         if front.baseline_accuracy - score <= budget:
-            from ..pipeline import PassRecord, PipelineReport
-
             gm.edge_report = PipelineReport(point.pipeline, [PassRecord(**r) for r in records])
             return gm, program, point, score, distilled
         log.warning("edge: auto: trial %d (%s) scored %.4g when rebuilt, outside the budget (%.4g at most %.4g "

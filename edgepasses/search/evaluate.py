@@ -49,9 +49,11 @@ class Evaluator:
     def __init__(self, model: torch.nn.Module, example_inputs: tuple, data: Sequence[tuple], *,
                  eval_fn: EvalFn | None = None, target: str = "openvino", warmup: int = 2, rounds: int = 5,
                  distill_steps: int = 0, distill_data: Sequence | None = None,
-                 reference: Callable[..., Any] | None = None, distill_lr: float = 1e-4, canonical: bool = False):
+                 reference: Callable[..., Any] | None = None, distill_lr: float = 1e-4, canonical: bool = False,
+                 on_built: Callable[..., None] | None = None):
         """`canonical`: `model` is a canonical GraphModule already (the `edge` backend's graph), not exported
-        again."""
+        again. `on_built(measurement, graph, program, distilled)` hears of every measured candidate (auto keeps
+        the one it will pick rather than build it again)."""
         from ..backends import get_target
 
         if canonical:  # an exported graph refuses .eval(); its modules say training (distill checks it)
@@ -114,7 +116,10 @@ class Evaluator:
         timings = time_programs(programs, self.warmup, self.rounds)
         t = timings["candidate"]
         pipeline = str(Pipeline.parse(head + ("," + tail if tail else "")))
-        return Measurement(pipeline, t.median_ms, t.min_ms, t.max_ms, lowering.weights_mb,
-                           self.accuracy(program),
-                           timings["reference"].median_ms if "reference" in timings else None,
-                           [str(f) for f in lowering.fallbacks], records, distilled, build_s)
+        measurement = Measurement(pipeline, t.median_ms, t.min_ms, t.max_ms, lowering.weights_mb,
+                                  self.accuracy(program),
+                                  timings["reference"].median_ms if "reference" in timings else None,
+                                  [str(f) for f in lowering.fallbacks], records, distilled, build_s)
+        if self.on_built is not None:
+            self.on_built(measurement, gm, program, distilled)
+        return measurement

@@ -25,7 +25,8 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
            space: SearchSpace | None = None, seed: int | None = 0, progress: bool = True,
            seed_configs: Sequence[dict[str, Any]] = (), lut: bool = False,
            meta: dict[str, Any] | None = None, distill_lr: float = 1e-4, budget_s: float | None = None,
-           canonical: bool = False, baseline: float | None = None) -> Front:
+           canonical: bool = False, baseline: float | None = None,
+           on_built: Callable[..., None] | None = None) -> Front:
     """Search per-group compression choices (quantize / prune / lowrank / sparsify_24) for `model` on
     `target`; return the Pareto front of the finished, feasible trials.
 
@@ -38,7 +39,7 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     `reference_info` (latency/size/accuracy) stored for the report. `budget_s`: no trial starts after
     that many seconds (the trials count still caps the run). `canonical`: `model` is a canonical
     GraphModule already (the `edge` backend's graph); `baseline`: `eval_fn` of the float model, when the
-    caller has it.
+    caller has it; `on_built`: see `Evaluator` (trials in this process only).
     """
     import tempfile
 
@@ -51,7 +52,7 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
     deadline = time.time() + budget_s if budget_s is not None else None
     evaluator = Evaluator(model, example_inputs, data, eval_fn=eval_fn, target=target, warmup=warmup, rounds=rounds,
                           distill_steps=distill_steps, distill_data=distill_data, reference=reference,
-                          distill_lr=distill_lr, canonical=canonical)
+                          distill_lr=distill_lr, canonical=canonical, on_built=on_built)
     meta_path = out / "search.json"
     if meta_path.exists():
         baseline = read_meta(out)["baseline_accuracy"]
