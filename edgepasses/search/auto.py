@@ -57,7 +57,7 @@ class SearchOptions:
     confirm_rounds: int = option(20, "Timing rounds of the final comparison (auto, fp32, OpenVINO fp32, NNCF).")
     compare: bool = option(True, "Time NNCF int8 and OpenVINO fp32 beside the result (needs openvino, nncf).")
     holdout: float = option(0.25, "Without a metric: the share of calibration batches held out for scoring.")
-    calibration_batches: int = option(16, "At most this many of the calibration batches (spread over them) for "
+    calibration_batches: int = option(8, "At most this many of the calibration batches (spread over them) for "
                                           "quantize and the data-aware passes; distillation uses all.")
     sampler: Literal["tpe", "nsga2", "random"] = option("tpe", "The Optuna sampler after the seed trials.")
     workers: str | None = option(None, "'ray' (local) or 'ray://host:port': trials as Ray tasks.")
@@ -94,7 +94,7 @@ class AutoResult:
     target: str
     metric: str                     # what was scored: "metric" (yours) or FIDELITY
     baseline: float                 # the float model's score
-    score: float                    # the result's score, measured again after the rebuild
+    score: float                    # the result's score: as the search measured it (again after a rebuild)
     max_drop: float                 # the share of the baseline it may lose
     distilled: dict | None = None
     trials: int = 0                 # finished trials
