@@ -66,7 +66,7 @@ class Evaluator:
         self.warmup, self.rounds = warmup, rounds
         self.distill_steps, self.distill_lr = distill_steps, distill_lr
         self.distill_data = list(distill_data) if distill_data is not None else [b[0] for b in self.data]
-        self.reference = reference
+        self.reference, self.on_built = reference, on_built
         with torch.no_grad():
             self.base = model if canonical else export_canonical(self.model, self.example_inputs)
 
