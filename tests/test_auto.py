@@ -172,3 +172,27 @@ def test_a_metric_that_fails_on_the_float_model_is_named():
     compiled, _ = compile_auto(small_cnn(), metric=broken)
     with pytest.raises(OptionError, match="metric raised RuntimeError.*validation set missing"):
         compiled(*batches()[0])
+
+
+def test_prune_bisection_finds_the_largest_ratio_within_budget_in_few_trials():
+    from edgepasses.search.auto import _bisect_prune
+    from edgepasses.search.space import SearchSpace, layer_groups
+
+    space = SearchSpace(layer_groups(edgepasses.compress(small_cnn(), batches()[0], "fold_bn")))
+    tried = []
+
+    def holds_up_to(limit):
+        def try_config(config):
+            ratio = max(v for k, v in config.items() if k.startswith("prune:"))
+            tried.append(ratio)
+            return ratio <= limit
+        return try_config
+
+    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.5))
+    assert tried == [0.5, 0.625]
+    tried.clear()
+    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.3))
+    assert tried == [0.5, 0.375, 0.25]
+    tried.clear()
+    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", lambda config: tried.append(1))  # out of time: None
+    assert tried == [1]
