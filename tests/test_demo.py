@@ -81,7 +81,7 @@ def test_demo_on_the_digits_cnn_times_every_program_and_plots_the_search(tmp_pat
     assert payload["rows"][0]["model"] == "digits_cnn" and payload["wall_s"] > 0
     png = out / "demo-search-digits_cnn.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Pareto front" in (out / "demo-search-digits_cnn.md").read_text()
+    assert "![Pareto front](demo-search-digits_cnn.png)" in (out / "demo-search-digits_cnn.md").read_text()
     assert str(png) in table
 
 
@@ -98,7 +98,7 @@ def test_short_pipeline_keeps_pass_names_and_counts_lists():
     from edgepasses.bench.demo import short_pipeline
 
     assert short_pipeline("fold_bn,quantize,dce") == "fold_bn,quantize,dce"
-    assert short_pipeline(None) == "float (none held)"
+    assert short_pipeline(None) == "float (none within max_drop)"
     assert len(short_pipeline("fold_bn,prune(ratio=0.25),quantize,dce", width=20)) == 20
 
 
