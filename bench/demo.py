@@ -18,7 +18,6 @@ reported: its Pareto plot goes to bench/results/ with the table.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -74,9 +73,6 @@ BUDGETS: dict[str, Budget] = {
 METRIC_NAMES = {"digits_cnn": "top-1 %", "digits_resnet18": "top-1 %", "char_lm": "next-char %",
                 "minilm_l6": "neighbour %"}
 COSINE = "cosine"
-# NNCF's default preset fails on MiniLM (KeyError on its embedding Gather, in the quantizer propagation),
-# and the zoo names no model type for it: its TRANSFORMER preset, as bench/accuracy.py gives it.
-NNCF_MODEL_TYPES = {"minilm_l6": "TRANSFORMER"}
 # The order of the table: the trained models first (their metric is a real accuracy), the largest last.
 LARGEST = ("resnet50", "densenet121")
 DEMO_ORDER = (*(n for n in ZOO_NAMES if n in METRIC_NAMES), *(n for n in ZOO_NAMES if n not in METRIC_NAMES
@@ -246,8 +242,6 @@ def bench_demo_model(name: str, budget: Budget | None = None, cache_dir: Path | 
                     cosine_batches=COSINE_BATCHES, fake_quant_reference=False, calibration_batches=budget.calibration)
     try:
         zoo = get_model(name, 1)
-        if zoo.nncf_model_type is None and name in NNCF_MODEL_TYPES:
-            zoo = dataclasses.replace(zoo, nncf_model_type=NNCF_MODEL_TYPES[name])
         options = _auto_options(name, budget, zoo.accuracy_fn, cache_dir)
         try:
             demo.result = bench_model(zoo, [INT8_PIPELINE, AUTO_PIPELINE], edge_options={AUTO_PIPELINE: options},

@@ -10,7 +10,7 @@
     edgepasses compress mypkg.models:build --input-shape 1,3,224,224 --pipeline fold_bn,quantize \\
         --calibration calib.pt --target openvino --out out/   # your own model (or a .pt2) -> an artifact
     edgepasses passes [--markdown]   # registered passes, each option described, and the presets
-    edgepasses demo        # every zoo model through torch.compile(backend="edge"), default options
+    edgepasses demo        # every zoo model: eager, OpenVINO fp32, NNCF int8, edge int8, edge pipeline="auto"
     edgepasses report --model bert_encoder [--min-sqnr 30]   # int8 sensitivity, layers ranked
     edgepasses search --model digits_resnet18 --budget accuracy_drop=1 --trials 60 --out runs/r18  # Pareto front
     edgepasses report runs/r18                                # the search report (Markdown, HTML, PNG)
@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     passes.add_argument("--markdown", action="store_true",
                         help="print docs/passes.md instead (edgepasses passes --markdown > docs/passes.md)")
     passes.set_defaults(handler=_passes)
-    subparsers.add_parser("demo", help="every zoo model through torch.compile(backend='edge')"
+    subparsers.add_parser("demo", help="every zoo model: eager, OpenVINO fp32, NNCF int8, edge int8 and edge auto in one table"
                           ).set_defaults(handler=_demo)
     return parser
 

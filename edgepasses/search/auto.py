@@ -285,7 +285,8 @@ def _search(base, example_inputs, data: "Data", evaluate, baseline, target, spac
                           warmup=search.warmup, rounds=search.rounds,
                           reference=None if search.workers else reference, space=space, progress=search.progress,
                           lut=search.lut, distill_lr=search.distill_lr, budget_s=max(0.0, deadline - time.time()),
-                          canonical=True, baseline=baseline, on_built=kept, meta={"auto": True})
+                          canonical=True, baseline=baseline, on_built=kept, meta={"auto": True},
+                          reference_info={"label": FP32})
 
     front = run_until(min(2, search.trials))
     int8 = _feasible(front, space.pipeline(space.uniform("int8")))

