@@ -257,22 +257,6 @@ def bench_demo_model(name: str, budget: Budget | None = None, cache_dir: Path | 
     return demo
 
 
-def _record_reference(run_dir: str, auto: dict[str, Any], fp32: Row | None) -> None:
-    """An auto run directory times every trial beside the float program on the target but keeps no record
-    of it (search.json has no "reference"), so the report would plot no float point and name no reference
-    for its speed-ups: the demo adds it, from the AutoResult's confirmation."""
-    from edgepasses.search.auto import FP32
-    from edgepasses.search.study import read_meta, write_meta
-
-    timing = auto.get("latency_ms", {}).get(FP32)
-    if "reference" in read_meta(run_dir) or not timing:
-        return
-    write_meta(run_dir, {"reference": {
-        "label": f"float ({FP32})", "latency_ms": timing["median"], "latency_min_ms": timing["min"],
-        "latency_max_ms": timing["max"], "size_mb": fp32.size_mb if fp32 else float("nan"),
-        "accuracy": auto.get("baseline")}})
-
-
 def write_pareto(demo: DemoRow, out_dir: Path) -> list[Path]:
     """The search report (report.md and pareto.png) of the model's auto run, copied to `out_dir`."""
     from edgepasses.search.report import write_report
@@ -281,7 +265,6 @@ def write_pareto(demo: DemoRow, out_dir: Path) -> list[Path]:
     run_dir = (auto.auto or {}).get("run_dir") if auto else None
     if not run_dir:
         return []
-    _record_reference(run_dir, auto.auto, _row_or_none(demo.result, PEER_LABEL))
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "Using an existing study ..."

@@ -234,6 +234,7 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
         gm, program, point, score, result.distilled = chosen
         result.pipeline, result.score = point.pipeline, score
     _confirm(result, program, reference, base, example_inputs, data.calibration, evaluate, search)
+    _record_reference(run_dir, result, reference)
     if scratch:
         shutil.rmtree(run_dir, ignore_errors=True)
         result.run_dir = None
@@ -385,6 +386,17 @@ def _first_within(front, budget, kept: KeptFastest, base, example_inputs, data: 
                     "below the float %.4g); trying the next front point", point.trial, point.pipeline, score,
                     front.baseline_accuracy - budget, budget, front.baseline_accuracy)
     return None
+
+
+def _record_reference(run_dir: Path, result: AutoResult, reference) -> None:
+    """The float program's figures from the final comparison, for `edgepasses report` on the run directory
+    (its plot's float point, its speed-ups' reference)."""
+    from .study import write_meta
+
+    timing = result.latency_ms[FP32]
+    write_meta(run_dir, {"reference": {"label": FP32, "latency_ms": timing["median"], "latency_min_ms": timing["min"],
+                                       "latency_max_ms": timing["max"], "accuracy": result.baseline,
+                                       "size_mb": reference.edge_lowering.weights_mb}})
 
 
 def _warn_failures(run_dir: Path) -> None:
