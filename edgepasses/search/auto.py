@@ -286,8 +286,7 @@ def _search(base, example_inputs, data: "Data", evaluate, baseline, target, spac
                           warmup=search.warmup, rounds=search.rounds,
                           reference=None if search.workers else reference, space=space, progress=search.progress,
                           lut=search.lut, distill_lr=search.distill_lr, budget_s=max(0.0, deadline - time.time()),
-                          canonical=True, baseline=baseline, on_built=kept, meta={"auto": True},
-                          reference_info={"label": FP32})
+                          canonical=True, baseline=baseline, on_built=kept, meta={"auto": True})
 
     front = run_until(min(2, search.trials))
     int8 = _feasible(front, space.pipeline(space.uniform("int8")))
