@@ -196,3 +196,19 @@ def test_search_with_latency_table_screens_and_records(tmp_path):
 
     assert main(["report", str(tmp_path)]) == 0
     assert "## Latency table" in (tmp_path / "report.md").read_text()
+
+
+def test_mixed_weight_only_and_int8_groups_build_one_valid_pipeline():
+    """A later quantize step's ignore list leaves out the groups an earlier step quantized: they are no
+    longer quantizable, and a pattern matching nothing is an error."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = (torch.randn(2, 8),)
+    space = SearchSpace(layer_groups(edgepasses.compress(model, x, "fold_bn")), prune=False, lowrank=False,
+                        sparsify_24=False)
+    for combo in [("int8", "w8", "w4"), ("w8", "w4", "float")]:
+        pipeline = space.pipeline({f"quant:{g.name}": q for g, q in zip(space.groups, combo)})
+        gm = edgepasses.compress(model, x, pipeline, calibration=[x, x], target="reference")
+        assert all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(gm(*x)))

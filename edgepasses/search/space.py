@@ -170,10 +170,13 @@ class SearchSpace:
         static = self._by_value(config, "quant", "float").pop("int8", [])
         if static:
             steps.append(self._step("quantize", {}, static))
+        quantized = list(static)  # an earlier step's layers are no longer quantizable: not in later ignores
         for mode, bits in (("w8", 8), ("w4", 4)):
             groups = [g for g in self.groups if config.get(f"quant:{g.name}") == mode]
             if groups:  # weight-only sees Linears only: ignore the other Linear-only groups
-                others = [p for g in self.groups if g.linear_only and g not in groups for p in g.patterns]
+                others = [p for g in self.groups if g.linear_only and g not in groups and g not in quantized
+                          for p in g.patterns]
+                quantized += groups
                 options: dict[str, Any] = {"weight_only": True, "bits": bits}
                 if others:
                     options["ignore"] = tuple(others)
