@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -132,8 +133,6 @@ def run_local(study, spec: Spec, n_trials: int, evaluator: Evaluator | None = No
 
 
 def out_of_time(spec: Spec) -> bool:
-    import time
-
     return spec.deadline is not None and time.time() >= spec.deadline
 
 
