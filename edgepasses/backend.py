@@ -404,8 +404,10 @@ def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, orig
     batches = check_auto_inputs(opts.calibration)
     with torch.no_grad(), torch._guards.tracing(None):
         key = parts = None
+        # The metric's score of the float graph: part of the cache key, and the search's baseline.
+        baseline = scored(canonical) if scored is not None else None
         if opts.cache_dir:
-            parts = {**compile_cache.key_parts(canonical, opts, target), **_auto_key_parts(opts, canonical, scored)}
+            parts = {**compile_cache.key_parts(canonical, opts, target), **_auto_key_parts(opts, baseline)}
             key = compile_cache.cache_key(parts)
             hit = compile_cache.lookup(opts.cache_dir, key, target, user_inputs, strict=opts.strict,
                                        precision=opts.precision)
@@ -417,7 +419,8 @@ def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, orig
         run_dir = os.path.join(opts.cache_dir, "auto", key) if key else None
         gm, lowered, result = auto_compress(canonical, user_inputs, batches, target=target, evaluate=scored,
                                             max_drop=opts.max_drop, search=opts.search, run_dir=run_dir,
-                                            lower_kwargs={"strict": opts.strict, "precision": opts.precision})
+                                            lower_kwargs={"strict": opts.strict, "precision": opts.precision},
+                                            baseline=baseline)
         report = getattr(gm, "edge_report", None) or PipelineReport("float (auto kept none)", [])
         entry = compile_cache.store(opts.cache_dir, key, parts, gm, lowered, user_inputs,
                                     extra={"auto": result.to_dict()}) if key else None
@@ -435,7 +438,7 @@ def _auto_compiled(lowered, report, result, opts: EdgeOptions, origin: GraphOrig
     return lowered, compilation
 
 
-def _auto_key_parts(opts: EdgeOptions, canonical, scored) -> dict[str, str]:
+def _auto_key_parts(opts: EdgeOptions, float_score: float | None) -> dict[str, str]:
     """What else decides auto's pick: its settings, and the metric (its code, and the float model's score on
     it, which changes with the validation data behind it)."""
     import json
@@ -445,6 +448,6 @@ def _auto_key_parts(opts: EdgeOptions, canonical, scored) -> dict[str, str]:
         code = getattr(opts.metric, "__code__", None)
         metric = {"name": getattr(opts.metric, "__qualname__", type(opts.metric).__qualname__),
                   "code": code and hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest(),
-                  "float_score": scored(canonical)}
+                  "float_score": float_score}
     return {"auto": json.dumps({"search": dataclasses.asdict(opts.search), "max_drop": opts.max_drop,
                                 "metric": metric}, sort_keys=True, default=repr)}

@@ -196,18 +196,19 @@ def check_auto_inputs(calibration) -> list[tuple]:
 def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration: list[tuple], *,
                   target: Any, evaluate: Callable[[Callable], float] | None = None, max_drop: float = 0.01,
                   search: SearchOptions = SearchOptions(), run_dir: str | Path | None = None,
-                  lower_kwargs: dict | None = None) -> tuple[torch.fx.GraphModule, Callable, AutoResult]:
+                  lower_kwargs: dict | None = None,
+                  baseline: float | None = None) -> tuple[torch.fx.GraphModule, Callable, AutoResult]:
     """(compressed graph, its program on `target`, AutoResult) for the canonical graph `base`; `target`: a
     name, or a built Target (`backends.get_target`).
 
-    `evaluate(program) -> float`, higher is better (default: FIDELITY). With no candidate within
-    `max_drop`, one WARNING, and the float graph and program."""
+    `evaluate(program) -> float`, higher is better (default: FIDELITY); `baseline`: its score of `base`, when
+    the caller has it. With no candidate within `max_drop`, one WARNING, and the float graph and program."""
     from ..backends import get_target
 
     batches, held_out = split_calibration(calibration, search.holdout, evaluate is not None)
     metric_name = "metric" if evaluate is not None else FIDELITY
     evaluate = evaluate or fidelity(base, held_out)
-    baseline = evaluate(base)
+    baseline = evaluate(base) if baseline is None else baseline
     budget = max_drop * abs(baseline)
     target = get_target(target) if isinstance(target, str) else target
     scratch = run_dir is None  # the search's storage, removed at the end (a cache_dir keeps it, to resume)
@@ -364,8 +365,7 @@ def _first_within(front, budget, kept: KeptFastest, base, example_inputs, data: 
     from .evaluate import Evaluator
     from .study import trial_params
 
-    candidates = [p for p in front.points if p.accuracy_drop <= budget]
-    candidates.sort(key=lambda p: -(p.speedup or 0.0) if all(q.speedup for q in candidates) else p.latency_ms)
+    candidates = front.ranked(max_accuracy_drop=budget)
     if candidates and kept.get(candidates[0].pipeline):
         measurement, gm, program, distilled = kept.get(candidates[0].pipeline)
         gm.edge_report = PipelineReport(measurement.pipeline, [PassRecord(**r) for r in measurement.passes])

@@ -84,9 +84,9 @@ class Front:
                 unique.append(p)
         return cls(unique, points, objectives, baseline_accuracy, reference)
 
-    def pick(self, max_accuracy_drop: float | None = None, max_latency_ms: float | None = None,
-             max_size_mb: float | None = None) -> Point:
-        """The fastest front point within the limits (accuracy drop in eval_fn's units: points for %).
+    def ranked(self, max_accuracy_drop: float | None = None, max_latency_ms: float | None = None,
+               max_size_mb: float | None = None) -> list[Point]:
+        """The front points within the limits (accuracy drop in eval_fn's units: points for %), fastest first.
 
         Fastest relative to the reference timed in the same rounds when every candidate has one: trials
         run minutes apart under whatever else loads the machine, and the ratio does not drift with it."""
@@ -94,13 +94,19 @@ class Front:
               if (max_accuracy_drop is None or p.accuracy_drop <= max_accuracy_drop)
               and (max_latency_ms is None or p.latency_ms <= max_latency_ms)
               and (max_size_mb is None or p.size_mb <= max_size_mb)]
+        if timed_with_reference(ok):
+            return sorted(ok, key=lambda p: (-p.speedup, -p.accuracy))
+        return sorted(ok, key=lambda p: (p.latency_ms, -p.accuracy))
+
+    def pick(self, max_accuracy_drop: float | None = None, max_latency_ms: float | None = None,
+             max_size_mb: float | None = None) -> Point:
+        """The fastest front point within the limits (see `ranked`)."""
+        ok = self.ranked(max_accuracy_drop, max_latency_ms, max_size_mb)
         if not ok:
             raise ValueError(f"no front point within max_accuracy_drop={max_accuracy_drop}, "
                              f"max_latency_ms={max_latency_ms}, max_size_mb={max_size_mb}; front: "
                              + "; ".join(f"{p.latency_ms:.3g} ms, drop {p.accuracy_drop:.3g}" for p in self.points))
-        if timed_with_reference(ok):
-            return max(ok, key=lambda p: (p.speedup, p.accuracy))
-        return min(ok, key=lambda p: (p.latency_ms, -p.accuracy))
+        return ok[0]
 
     def __len__(self) -> int:
         return len(self.points)
