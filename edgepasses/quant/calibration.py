@@ -5,6 +5,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..dynamic_shapes import fits, shape_text
 from ..errors import OptionError
 from ..progress import progress
 
@@ -21,11 +22,11 @@ def _check_batch(index: int, batch: tuple, example_inputs: tuple) -> None:
     for position, (got, want) in enumerate(zip(batch, example_inputs)):
         if not isinstance(want, torch.Tensor):
             continue
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        if not isinstance(got, torch.Tensor) or not fits(got, want) or got.dtype != want.dtype:
             described = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
             raise OptionError(f"calibration batch {index}, input {position}: got {described}, expected "
-                              f"{tuple(want.shape)} {want.dtype} like the example inputs (the graph is "
-                              "compiled for static shapes)")
+                              f"{shape_text(want)} {want.dtype} like the example inputs (the graph is "
+                              "compiled for these shapes)")
         check_finite(got, f"calibration batch {index}, input {position}")
 
 
