@@ -19,7 +19,7 @@ import torch.fx
 
 from ..analysis.observe import NodeObserver
 from ..errors import OptionError
-from ..graph_utils import LINEAR_OPS, add_constant, constant_value, replace_arg
+from ..graph_utils import LINEAR_OPS, add_constant, constant_value, copy_sharing_weights, replace_arg
 from . import patterns
 from .patterns import WeightQDQ
 
@@ -38,21 +38,54 @@ def quantized_layers(gm: torch.fx.GraphModule, keep: Callable[[WeightQDQ], bool]
     return [m for m in found if m is not None and keep(m)]
 
 
+def weights_dequantized(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, torch.fx.Node]]:
+    """A copy of `gm` to evaluate on calibration data, and the node of the copy that computes each of
+    `gm`'s node names. In the copy every quantize/dequantize of constants (a weight's pair, or the
+    dequantize of folded codes) is computed once, by the graph's own ops: its readers read the result as
+    a constant. Every call of `gm` re-quantizes each weight, which costs more than the rest of a CNN's
+    forward at batch 1; the copy computes the same values at the cost of a float forward. `gm` itself
+    keeps its Q/DQ pairs (what targets lower)."""
+    evaluation = copy_sharing_weights(gm)
+    node_of = {node.name: node for node in evaluation.graph.nodes}
+    computed: dict[torch.fx.Node, torch.Tensor] = {}
+
+    def value(arg):
+        return computed[arg] if arg in computed else constant_value(evaluation, arg)
+
+    for node in list(evaluation.graph.nodes):
+        if not (patterns.is_quantize(node) or patterns.is_dequantize(node)) or not all(
+                n in computed or n.op == "get_attr" for n in node.all_input_nodes):
+            continue
+        with torch.no_grad():
+            computed[node] = node.target(*torch.fx.node.map_arg(node.args, value),
+                                         **torch.fx.node.map_arg(node.kwargs, value))
+        if patterns.is_dequantize(node):
+            constant = add_constant(evaluation, f"{node.name}_value", computed[node], before=node)
+            node.replace_all_uses_with(constant)
+            node_of[node.name] = constant
+    if computed:
+        evaluation.graph.eliminate_dead_code()
+        evaluation.recompile()
+    return evaluation, node_of
+
+
 def observe_layer_inputs(gm: torch.fx.GraphModule, layers: list[WeightQDQ], batches: list[tuple],
                          on_input: Callable[[WeightQDQ, torch.Tensor], None], *, needed_by: str) -> None:
     """One run of `gm` over `batches`, handing every layer's actual input (what its arg 0 computes,
     in the quantized graph: the dequantized activation) to `on_input`. One run for all layers, not one
-    per layer: that would cost layers x batches forward passes."""
+    per layer: that would cost layers x batches forward passes. The run is of `weights_dequantized(gm)`:
+    the same values, each weight quantized once."""
     if not batches:
         raise OptionError(f"{needed_by} needs calibration batches; got none")
-    readers: dict[torch.fx.Node, list[WeightQDQ]] = defaultdict(list)
+    readers: dict[str, list[WeightQDQ]] = defaultdict(list)
     for layer in layers:
-        readers[layer.layer.args[0]].append(layer)
+        readers[layer.layer.args[0].name].append(layer)
 
     def watcher(group: list[WeightQDQ]) -> Callable[[torch.Tensor], None]:
         return lambda x: [on_input(layer, x) for layer in group]
 
-    observer = NodeObserver(gm, {node: watcher(group) for node, group in readers.items()})
+    evaluation, node_of = weights_dequantized(gm)
+    observer = NodeObserver(evaluation, {node_of[name]: watcher(group) for name, group in readers.items()})
     with torch.no_grad():
         for batch in batches:
             observer.run(*batch)

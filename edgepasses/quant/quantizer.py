@@ -22,7 +22,7 @@ from ..analysis.sqnr import SqnrAccumulator
 from ..graph_utils import (ACTIVATION_MATMUL_OPS, CONV_OPS, LINEAR_OPS, RESHAPE_OPS, copy_sharing_weights, ignore_matcher,
                            layer_name, readers_through_reshapes, remove_unused_attributes, weight_layers)
 from .awq import SAMPLE_ROWS, search_scale
-from .bias_correction import correct_biases
+from .bias_correction import correct_biases, weights_dequantized
 from .calibration import calibrate, checked_batches
 from .channel_scale import apply_input_scale, collect_stats, linear_groups, smooth_linears
 from .gptq import apply_gptq
@@ -386,8 +386,9 @@ def _outputs(gm: torch.fx.GraphModule, batches: list[tuple]) -> list[list[torch.
 
 
 def _sqnr(reference: list[list[torch.Tensor]], gm: torch.fx.GraphModule, batches: list[tuple]) -> float:
+    """The output SQNR of `gm` against `reference` (its weights quantized once, not once per batch)."""
     total = SqnrAccumulator()
-    for expected, got in zip(reference, _outputs(gm, batches)):
+    for expected, got in zip(reference, _outputs(weights_dequantized(gm)[0], batches)):
         for a, b in zip(expected, got):
             total.add(a, b)
     return total.db
