@@ -27,38 +27,62 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) * (2 // len(value)) if isinstance(value, (list, tuple)) else (value, value)
 
 
-def _rows(layer: torch.fx.Node, codes: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions x channels x taps) activations and (out x channels x taps) weights: the kernel pairs
-    neighbouring channels at the same tap."""
+def _rows(layer: torch.fx.Node, values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions x channels x taps) inputs, every `_step`-th position of `values` (at most about
+    POSITIONS), and (out x channels x taps) weights: the kernel pairs neighbouring channels at the
+    same tap. Only the kept positions are gathered: a conv's sample has tens of thousands of patches."""
     if layer.target in LINEAR_OPS:  # (its input may be read through a reshape: a classifier's flatten)
-        return codes.reshape(-1, weight.shape[1], 1), weight.unsqueeze(-1)
-    kernel = weight.shape[2:]
+        rows = values.reshape(-1, weight.shape[1], 1)
+        return rows[::_step(rows.shape[0])], weight.unsqueeze(-1)
     stride, padding, dilation = (_pair(layer.args[i]) if len(layer.args) > i else default
                                  for i, default in ((3, (1, 1)), (4, (0, 0)), (5, (1, 1))))
-    patches = F.unfold(codes, kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*taps, L
-    patches = patches.transpose(1, 2).reshape(-1, weight.shape[1], kernel.numel())
-    return patches, weight.flatten(2)
+    return _patches(values, weight.shape[2:], stride, padding, dilation), weight.flatten(2)
+
+
+def _step(positions: int) -> int:
+    return max(1, positions // POSITIONS)
+
+
+def _patches(values: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """What `F.unfold` gives as (positions x channels x taps), every `_step`-th position only."""
+    values = values if values.dim() == 4 else values.unsqueeze(0)
+    n, _, height, width = values.shape
+    out_h, out_w = ((size + 2 * pad - dil * (k - 1) - 1) // st + 1
+                    for size, pad, dil, k, st in zip((height, width), padding, dilation, kernel, stride))
+    kept = torch.arange(0, n * out_h * out_w, _step(n * out_h * out_w))
+    image, place = kept // (out_h * out_w), kept % (out_h * out_w)
+    top = (place // out_w * stride[0])[:, None, None] + dilation[0] * torch.arange(kernel[0])[None, :, None]
+    left = (place % out_w * stride[1])[:, None, None] + dilation[1] * torch.arange(kernel[1])[None, None, :]
+    padded = F.pad(values, (padding[1], padding[1], padding[0], padding[0]))
+    patches = padded[image[:, None, None], :, top, left]  # positions x kernel rows x kernel columns x channels
+    return patches.permute(0, 3, 1, 2).flatten(2)
+
+
+FLAGGED_CHUNK = 4096    # (position, pair, tap) triples whose pair sums are computed at once, for every output
 
 
 def _pair_sums(rows: torch.Tensor, weights: torch.Tensor):
-    """Each chunk of neighbouring-channel pair sums, positions x pairs x taps x outputs, skipping the
-    chunks whose largest codes times the weights cannot leave int16 (most of them)."""
+    """(positions, pair sums: triples x outputs) for each chunk of the (position, pair, tap) triples whose
+    neighbouring-channel pair sum can leave int16 for some output; the others (most) cannot saturate:
+    their |sum| is at most the codes times each channel's largest weight over the outputs."""
     if rows.shape[1] % 2:  # an odd channel count: the last channel pairs with zero padding
         rows, weights = F.pad(rows, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
-    pairs_x, pairs_w = rows.unflatten(1, (-1, 2)), weights.unflatten(1, (-1, 2))
-    largest = pairs_x.abs().amax(0)                 # pairs x 2 x taps
-    for start in range(0, pairs_x.shape[1], 16):    # a few channel pairs at a time bounds the memory
-        chunk = slice(start, start + 16)
-        if torch.einsum("cjt,ocjt->cto", largest[chunk], pairs_w[:, chunk].abs()).max() > INT16_MAX:
-            yield torch.einsum("pcjt,ocjt->pcto", pairs_x[:, chunk], pairs_w[:, chunk])
+    pairs_x = rows.unflatten(1, (-1, 2)).transpose(2, 3)            # positions x pairs x taps x 2
+    pairs_w = weights.unflatten(1, (-1, 2)).permute(1, 3, 2, 0)     # pairs x taps x 2 x outputs
+    bound = (pairs_x.abs() * pairs_w.abs().amax(-1)).sum(-1)        # positions x pairs x taps
+    position, pair, tap = (bound > INT16_MAX).nonzero(as_tuple=True)
+    for start in range(0, len(position), FLAGGED_CHUNK):
+        p, c, t = (index[start:start + FLAGGED_CHUNK] for index in (position, pair, tap))
+        x, w = pairs_x[p, c, t], pairs_w[c, t]                      # triples x 2; triples x 2 x outputs
+        yield p, x[:, :1] * w[:, 0] + x[:, 1:] * w[:, 1]
 
 
 def saturation_error(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per output channel, the squared error (in code units) int16 saturation of the pair sums of
     u8 `rows` and s8 `weights` adds to the layer's outputs, summed over the positions."""
     lost = torch.zeros(rows.shape[0], weights.shape[0], dtype=torch.float64)
-    for sums in _pair_sums(rows.float(), weights.float()):  # integers below 2**24: exact in float32
-        lost += (sums - sums.clamp(-INT16_MAX - 1, INT16_MAX)).sum(dim=(1, 2)).double()
+    for positions, sums in _pair_sums(rows.float(), weights.float()):  # integers below 2**24: exact in float32
+        lost.index_add_(0, positions, (sums - sums.clamp(-INT16_MAX - 1, INT16_MAX)).double())
     return lost.square().sum(0)
 
 
@@ -77,12 +101,11 @@ def _seven_bit_is_better(layer: torch.fx.Node, act: AutoRangeObserver, weight_ob
     rows, flat_weight = _rows(layer, codes - act.quant_min, weight)
     # The inputs as the layer sees them (a conv's padding is a real zero, not code 0).
     inputs, _ = _rows(layer, (codes - zero_point) * act_scale, weight)
-    step = max(1, rows.shape[0] // POSITIONS)
-    rows, inputs, weight = rows[::step], inputs[::step], flat_weight
     scale = weight_observer.calculate_qparams()[0].reshape(-1, 1, 1)  # of 8-bit codes
-    eight_bit = torch.clamp(torch.round(weight / scale), -127, 127)
+    eight_bit = torch.clamp(torch.round(flat_weight / scale), -127, 127)
     saturated = saturation_error(rows, eight_bit) * (act_scale * scale.flatten()).double().square()
-    extra = _rounding_error(inputs, weight, scale * 127 / SEVEN_BIT, SEVEN_BIT) - _rounding_error(inputs, weight, scale, 127)
+    extra = (_rounding_error(inputs, flat_weight, scale * 127 / SEVEN_BIT, SEVEN_BIT)
+             - _rounding_error(inputs, flat_weight, scale, 127))
     return bool(saturated.sum() > extra.sum())
 
 

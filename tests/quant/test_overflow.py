@@ -16,6 +16,8 @@ from edgepasses.quant.calibration import calibrate
 from edgepasses.quant.observers import AutoRangeObserver
 from edgepasses.quant.overflow import (
     INT16_MAX,
+    POSITIONS,
+    _rows,
     narrow_saturating_weights,
     saturation_error,
 )
@@ -297,3 +299,52 @@ def test_layers_whose_input_kept_no_sample_get_7_bits():
     prepared = _prepared(model, batches, calib="minmax")
     assert not any(isinstance(m, AutoRangeObserver) for m in prepared.modules())
     assert sorted(narrow_saturating_weights(prepared)) == ["linear", "linear_1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The check's shortcuts: the patches of the kept positions only, the pair sums only where they can
+# saturate; the same numbers as unfolding every patch and summing every pair.
+
+class _Conv:
+    """A stand-in conv node: `_rows` reads its target and stride/padding/dilation arguments."""
+
+    def __init__(self, stride, padding, dilation):
+        self.target, self.args = torch.ops.aten.conv2d.default, (None, None, None, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation", [
+    ((3, 5, 9, 7), (3, 3), [1, 1], [1, 1], [1, 1]),
+    ((2, 8, 12, 12), (3, 3), [2, 2], [0, 0], [2, 2]),
+    ((16, 4, 16, 16), (3, 1), [1, 2], [1, 0], [1, 1]),   # past POSITIONS: every step-th patch
+    ((1, 3, 5, 5), (1, 1), [1, 1], [0, 0], [1, 1]),
+])
+def test_conv_rows_are_every_step_th_patch_of_unfold(shape, kernel, stride, padding, dilation):
+    values = torch.rand(shape)
+    weight = torch.randn(6, shape[1], *kernel)
+    rows, flat = _rows(_Conv(stride, padding, dilation), values, weight)
+    patches = F.unfold(values, kernel, dilation=dilation, padding=padding, stride=stride)
+    patches = patches.transpose(1, 2).reshape(-1, shape[1], kernel[0] * kernel[1])
+    expected = patches[::max(1, patches.shape[0] // POSITIONS)]
+    assert rows.shape[0] <= 2 * POSITIONS
+    torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    torch.testing.assert_close(flat, weight.flatten(2), rtol=0, atol=0)
+
+
+def _every_pair_sum_saturation_error(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """saturation_error computed the plain way: every pair sum of every position, tap and output."""
+    if rows.shape[1] % 2:
+        rows, weights = F.pad(rows, (0, 0, 0, 1)), F.pad(weights, (0, 0, 0, 1))
+    sums = torch.einsum("pcjt,ocjt->pcto", rows.double().unflatten(1, (-1, 2)), weights.double().unflatten(1, (-1, 2)))
+    lost = (sums - sums.clamp(-INT16_MAX - 1, INT16_MAX)).sum(dim=(1, 2))
+    return lost.square().sum(0)
+
+
+@pytest.mark.parametrize("channels, taps, dense", [(33, 9, 0.3), (64, 1, 1.0), (16, 9, 0.05)])
+def test_saturation_error_equals_the_sum_over_every_pair(channels, taps, dense):
+    g = torch.Generator().manual_seed(channels)
+    rows = torch.randint(0, 256, (200, channels, taps), generator=g).float()
+    rows *= torch.rand(rows.shape, generator=g) < dense   # most codes zero, as after a ReLU
+    weights = torch.randint(-127, 128, (12, channels, taps), generator=g).float()
+    expected = _every_pair_sum_saturation_error(rows, weights)
+    assert expected.sum() > 0
+    torch.testing.assert_close(saturation_error(rows, weights), expected, rtol=0, atol=0)
