@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import is_fake
 
 from . import model_calibration
-from .canonical import (WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy, is_dynamo_weight,
-                        source_path)
-from .errors import DynamicShapesError, GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
+from .canonical import (FROZEN_NUMBERS, WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy,
+                        is_dynamo_weight, source_path)
+from .dynamic_shapes import dynamic_dims, dynamo_input_shapes, range_check
+from .errors import GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
+from .graph_utils import drop_export_guards
 from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options, option
 from .pipeline import DEFAULT_PIPELINE, Pipeline, PipelineReport
@@ -138,6 +139,7 @@ class EdgeCompilation:
     cache_entry: str | None = None               # the entry's directory (on a miss: where it was stored)
     graph: GraphOrigin = GraphOrigin(1)          # which of the model's graphs, and the break that ends it
     auto: Any = None                             # pipeline="auto": the search.auto.AutoResult
+    dynamic: tuple = ()                          # dynamic_shapes.DynamicDim: the inputs' dynamic dims, ranges
 
 
 def parse_options(options: dict | None) -> EdgeOptions:
@@ -149,48 +151,33 @@ def parse_options(options: dict | None) -> EdgeOptions:
     return build_options(EdgeOptions, options or {}, where="torch.compile(backend='edge')")
 
 
-def _refuse_python_numbers(placeholders: list[torch.fx.Node], user_positions: list[int]) -> None:
-    """Dynamo passes a Python number the model reads (`self.scale`, a float argument) as a graph input
-    once it changes between calls; the graph then reads it with `.item()`, which torch.export cannot
-    capture into the canonical form."""
-    numbers = [placeholders[i].meta["grapharg"] for i in user_positions
-               if getattr(placeholders[i].meta.get("grapharg"), "pass_arg_as_tensor", False)]
-    if numbers:
-        names = ", ".join(_python_name(g.source.name) for g in numbers)
-        raise OptionError(f"the Python number(s) {names} changed between calls, so Dynamo made them inputs of this "
-                          "graph, and the edge backend compiles Python numbers as constants: compile again after "
-                          "changing them (torch._dynamo.reset(), then torch.compile), or pass them to forward as "
-                          "tensors")
+def _numbers_check(frozen: torch.fx.GraphModule, placeholders: list[torch.fx.Node]) -> Callable[[tuple], None]:
+    """A check, for each call, that the Python numbers compiled as constants keep their values.
+
+    Dynamo passes a number the model reads (`self.scale`, an int argument) as a graph input once it
+    changed between calls, and under dynamic=True every float from the start; the program holds the
+    value of the compile, so another one must not run silently."""
+    numbers = frozen.meta.get(FROZEN_NUMBERS, {})
+    if not numbers:
+        return lambda args: None
+    names = {i: _python_name(placeholders[i].meta["grapharg"].source.name) for i in numbers}
+
+    def check(args: tuple) -> None:
+        for i, value in numbers.items():
+            given = args[i].item() if isinstance(args[i], torch.Tensor) else args[i]
+            if given != value:
+                raise OptionError(
+                    f"the Python number {names[i]} is {given!r} where the edge backend compiled it as the constant "
+                    f"{value!r} (Dynamo passes a number that changed between calls, or under dynamic=True any "
+                    "float, as a graph input): compile again (torch._dynamo.reset(), then torch.compile), or pass "
+                    "it to forward as a tensor")
+    return check
 
 
 def _python_name(source_name: str) -> str:
     """A Dynamo source as the user wrote it: `L['self']._modules['sub'].scale` -> `self.sub.scale`."""
     name = re.sub(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]", r".\1", source_name)
     return re.sub(r"^L\[['\"]([^'\"]+)['\"]\]", r"\1", name)
-
-
-def _static_examples(placeholders: list[torch.fx.Node], example_inputs: list, user_positions: list[int]) -> tuple:
-    """Concrete tensors of the user inputs' static shapes; symbolic shapes are refused with what to do."""
-    dynamic = [d for d in (_dynamic_shape(placeholders[i], example_inputs[i]) for i in user_positions) if d]
-    if dynamic:
-        shapes = [d for d in dynamic if not d.endswith(": a size")] or dynamic  # sizes show in the shapes
-        raise DynamicShapesError(f"torch.compile gave this graph dynamic input shapes ({'; '.join(shapes)}), "
-                                 "as dynamic=True does, and the default dynamic=None does once a second input "
-                                 "shape arrives; the edge backend compiles static shapes only: pass dynamic=False "
-                                 "to torch.compile (one compile per input shape)")
-    return tuple(torch.zeros(v.shape, dtype=v.dtype) if is_fake(v) else v
-                 for v in (example_inputs[i] for i in user_positions))
-
-
-def _dynamic_shape(node: torch.fx.Node, value: Any) -> str | None:
-    """`x: (s33, 4)` for an input with a symbolic shape, `s33: a size` for a symbolic size, else None."""
-    name = re.sub(r"^l_(.+)_$", r"\1", node.name)  # Dynamo names input `x` l_x_
-    if not isinstance(value, torch.Tensor):
-        return f"{name}: a size"
-    shape = getattr(node.meta.get("example_value", value), "shape", value.shape)
-    if any(isinstance(s, torch.SymInt) for s in shape):
-        return f"{name}: ({', '.join(map(str, shape))})"
-    return None
 
 
 def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **unknown):
@@ -206,17 +193,21 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
     target = get_target(opts.target, opts.target_options)
     frozen, user_positions = frozen_copy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    _refuse_python_numbers(placeholders, user_positions)
-    user_inputs = _static_examples(placeholders, example_inputs, user_positions)
+    check_numbers = _numbers_check(frozen, placeholders)
+    user_inputs, dynamic_shapes = dynamo_input_shapes(placeholders, example_inputs, user_positions)
     try:
         check_no_grad_inputs(example_inputs, user_positions)
-        canonical = export_canonical_graph(frozen, user_inputs)
+        canonical = export_canonical_graph(frozen, user_inputs, dynamic_shapes)
+        # torch.export's input check of a graph exported within Dynamo's compile names Dynamo's sources
+        # (`L['x']`) and fails in any later export; Dynamo guards the shapes, and range_check the ranges.
+        drop_export_guards(canonical)
     except GradientsNeededError:
         if not opts.allow_training:
             raise
         log.warning("edge: the graph needs gradients; allow_training=True runs it uncompiled in PyTorch")
         return gm.forward
 
+    check_ranges = range_check(canonical)
     state = written_buffers(canonical)
     remember_user_paths(frozen, frozen.meta[WEIGHT_PATHS], state)
     check_weights = _weights_check(placeholders, user_positions)
@@ -240,7 +231,9 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
 
         def run(*args):
             check_weights(args)
+            check_numbers(args)
             inputs = [args[i] for i in user_positions]
+            check_ranges(inputs)
             if check_finite is not None:
                 check_finite(inputs)
             return lowered(*inputs)
@@ -359,7 +352,7 @@ def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: P
             lowered, report, _ = _compile(canonical, user_inputs, opts, pipeline, target, accuracy)
             cache = entry = None
     compilation = EdgeCompilation(report, lowered.edge_lowering, seconds_before + time.perf_counter() - start,
-                                  cache, entry and str(entry), origin)
+                                  cache, entry and str(entry), origin, dynamic=tuple(dynamic_dims(canonical)))
     log.info("edge: %s: %s on %s (%s)", origin, str(report).replace("\n", "\n  "),
              compilation.lowering.target, compilation.lowering.precision)
     if cache:
@@ -413,7 +406,7 @@ def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, orig
                                        precision=opts.precision)
             if hit is not None and "auto" in hit[2]:
                 lowered, report, extra = hit
-                return _auto_compiled(lowered, report, AutoResult.from_dict(extra["auto"]), opts, origin,
+                return _auto_compiled(canonical, lowered, report, AutoResult.from_dict(extra["auto"]), opts, origin,
                                       seconds_before + time.perf_counter() - start, "hit",
                                       compile_cache.entry_path(opts.cache_dir, key))
         run_dir = os.path.join(opts.cache_dir, "auto", key) if key else None
@@ -424,13 +417,14 @@ def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, orig
         report = getattr(gm, "edge_report", None) or PipelineReport("float (auto kept none)", [])
         entry = compile_cache.store(opts.cache_dir, key, parts, gm, lowered, user_inputs,
                                     extra={"auto": result.to_dict()}) if key else None
-    return _auto_compiled(lowered, report, result, opts, origin, seconds_before + time.perf_counter() - start,
+    return _auto_compiled(canonical, lowered, report, result, opts, origin, seconds_before + time.perf_counter() - start,
                           "miss" if key else None, entry)
 
 
-def _auto_compiled(lowered, report, result, opts: EdgeOptions, origin: GraphOrigin, seconds: float, cache, entry):
+def _auto_compiled(canonical, lowered, report, result, opts: EdgeOptions, origin: GraphOrigin, seconds: float, cache,
+                   entry):
     compilation = EdgeCompilation(report, lowered.edge_lowering, seconds, cache, entry and str(entry), origin,
-                                  auto=result)
+                                  auto=result, dynamic=tuple(dynamic_dims(canonical)))
     log.info("edge: %s: %s (%.1f s%s)", origin, str(result).replace("\n", "\n  "), seconds,
              f", compile cache {cache}" if cache else "")
     if opts.on_compile is not None:

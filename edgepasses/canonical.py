@@ -25,6 +25,8 @@ from .graph_utils import module_path
 aten = torch.ops.aten
 # GraphModule.meta key of a frozen Dynamo graph: its constants' paths in the user's model
 WEIGHT_PATHS = "edge_weight_paths"
+# GraphModule.meta key of a frozen Dynamo graph: {input position: value} of the Python numbers it made constants
+FROZEN_NUMBERS = "edge_frozen_numbers"
 
 
 def user_source(node: torch.fx.Node) -> str:
@@ -40,13 +42,18 @@ def export_canonical(module: torch.nn.Module, example_inputs: tuple) -> torch.fx
     return export_canonical_graph(module, example_inputs)
 
 
-def export_canonical_graph(module: torch.nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
-    """Export without the eval-mode check (Dynamo's graphs carry training semantics in their ops)."""
+def export_canonical_graph(module: torch.nn.Module, example_inputs: tuple,
+                           dynamic_shapes: tuple | None = None) -> torch.fx.GraphModule:
+    """Export without the eval-mode check (Dynamo's graphs carry training semantics in their ops).
+    `dynamic_shapes` (torch.export's) keeps those dims symbolic in the canonical form."""
     try:
         # run_decompositions functionalises (relu_ -> relu, add_ -> add) and decomposes only the fused
         # transformer ops, whose Linears no pass could reach: passes never reason about aliasing, and
-        # conv2d/linear stay whole for pattern matching.
-        exported = torch.export.export(module, tuple(example_inputs)).run_decompositions(FUSED_DECOMPOSITIONS)
+        # conv2d/linear stay whole for pattern matching. Outside Dynamo's tracing context, whose fake
+        # mode a dynamic export would otherwise add its guards to.
+        with torch._guards.tracing(None):
+            exported = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        exported = exported.run_decompositions(FUSED_DECOMPOSITIONS)
     except Exception as exc:  # torch.export raises many types; all mean the same to a user
         raise ExportFailedError(_explain_export_failure(module, exc)) from exc
     gm = exported.module()
@@ -128,9 +135,12 @@ def is_dynamo_weight(node: torch.fx.Node) -> bool:
 def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[int]]:
     """A copy of Dynamo's graph whose parameter/buffer placeholders are `get_attr` constants.
 
-    Returns it and the positions of the placeholders that stay user inputs. Weights are
+    Returns it and the positions of the placeholders that stay user inputs: the tensors. Weights are
     captured by reference: like Inductor's freezing, the compiled graph does not see later
-    in-place changes to the model's parameters.
+    in-place changes to the model's parameters. A size Dynamo passes beside a dynamic tensor (`s0`
+    for `x.size(0)`) is read from that tensor instead, and a Python number Dynamo made an input (one
+    that changed between calls; under dynamic=True any float) becomes a constant of its value now:
+    `meta[FROZEN_NUMBERS]` keeps {position: value} for the call-time check that it still holds.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -138,26 +148,81 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
     graph.output(out)
     constants: dict[str, object] = {}
     paths: dict[str, str] = {}
+    numbers: dict[int, object] = {}
     user_positions = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
-        if not is_dynamo_weight(node):
-            user_positions.append(index)
-            continue
         copied = env[node]
-        name = f"_frozen_{node.name}"
-        constants[name] = node.meta["grapharg"].example.detach()
-        paths[name] = source_path(node.meta["grapharg"].source.name)
-        with graph.inserting_before(copied):
-            attr = graph.get_attr(name)
-        copied.replace_all_uses_with(attr)
-        graph.erase_node(copied)
+        if is_dynamo_weight(node):
+            name = f"_frozen_{node.name}"
+            constants[name] = node.meta["grapharg"].example.detach()
+            paths[name] = source_path(node.meta["grapharg"].source.name)
+            with graph.inserting_before(copied):
+                attr = graph.get_attr(name)
+            copied.replace_all_uses_with(attr)
+            graph.erase_node(copied)
+        elif _python_number(node) is not None:
+            if not _read_from_shape(graph, copied, node, env, placeholders):
+                numbers[index] = _python_number(node)
+                _freeze_number(graph, copied, numbers[index], constants)
+        else:
+            user_positions.append(index)
     for node in graph.nodes:  # constants Dynamo itself put in the graph keep theirs
         if node.op in ("get_attr", "call_module") and node.target not in constants:
             constants[node.target] = operator.attrgetter(node.target)(gm)
     frozen = torch.fx.GraphModule(constants, graph)
     frozen.meta[WEIGHT_PATHS] = paths
+    frozen.meta[FROZEN_NUMBERS] = numbers
     return frozen, user_positions
+
+
+def _python_number(node: torch.fx.Node) -> int | float | bool | None:
+    """The value of a Python number Dynamo passes as a graph input (a float as a 0-d tensor read with
+    `.item()`, an int as a size), else None."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return None
+    if grapharg.pass_arg_as_tensor:
+        return grapharg.example.item()
+    example = grapharg.example
+    if isinstance(example, torch.SymInt):
+        return example.node.hint
+    return example if isinstance(example, (int, float, bool)) else None
+
+
+_SIZE_SOURCE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
+
+
+def _read_from_shape(graph: torch.fx.Graph, copied: torch.fx.Node, node: torch.fx.Node, env: dict,
+                     placeholders: list[torch.fx.Node]) -> bool:
+    """Replace a size input Dynamo derived from a tensor input (`L['x'].size()[0]`) by that tensor's
+    `sym_size`: the exported program then takes tensors only, and the size follows the tensor."""
+    match = _SIZE_SOURCE.match(node.meta["grapharg"].source.name)
+    owner = match and next((p for p in placeholders if p.meta.get("grapharg") is not None
+                            and p.meta["grapharg"].source.name == match.group(1)), None)
+    if owner is None:
+        return False
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_placeholder):
+        size = graph.call_function(aten.sym_size.int, (env[owner], int(match.group(2))))
+    copied.replace_all_uses_with(size)
+    graph.erase_node(copied)
+    return True
+
+
+def _freeze_number(graph: torch.fx.Graph, copied: torch.fx.Node, value, constants: dict) -> None:
+    """The number as a constant: a float's `.item()` reads become the value, other uses a 0-d tensor."""
+    for user in list(copied.users):
+        if user.op == "call_method" and user.target == "item":
+            user.replace_all_uses_with(value)
+            graph.erase_node(user)
+    if copied.users:
+        name = f"_frozen_{copied.name}"
+        constants[name] = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else None)
+        with graph.inserting_before(copied):
+            attr = graph.get_attr(name)
+        copied.replace_all_uses_with(attr)
+    graph.erase_node(copied)
 
 
 _DYNAMO_MEMBER = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")

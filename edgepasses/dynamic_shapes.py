@@ -51,7 +51,10 @@ def _symbolic_dims(value) -> dict[int, torch.SymInt]:
 
 
 def _input_name(node: torch.fx.Node) -> str:
-    return node.name.removeprefix("l_").removesuffix("_") if node.name.startswith("l_") else node.name
+    """The input's name in the user's call: Dynamo names `x` l_x_, a keyword argument l_kwargs_x_."""
+    if not node.name.startswith("l_"):
+        return node.name
+    return node.name.removeprefix("l_").removesuffix("_").removeprefix("kwargs_")
 
 
 def dynamic_dims(gm: torch.fx.GraphModule) -> list[DynamicDim]:

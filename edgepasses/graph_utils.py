@@ -47,6 +47,15 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     return None
 
 
+def drop_export_guards(gm: torch.fx.GraphModule) -> None:
+    """Remove torch.export's input check (`_guards_fn`) from an unlifted module."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
 def add_constant(gm: torch.fx.GraphModule, name_hint: str, value: torch.Tensor,
                  *, before: torch.fx.Node) -> torch.fx.Node:
     """Register `value` as a buffer of `gm` under a fresh name and return a `get_attr` node for it."""

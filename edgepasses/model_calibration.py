@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import DynamicShapesError, EdgeError, OptionError
+from .errors import EdgeError, OptionError
 from .quant.calibration import as_batch, check_finite
 from .state import state_kept
 
@@ -92,12 +92,15 @@ class DeferredGraph:
             self.model.calibrate()
         return self.compiled(*args)
 
-    def finish(self) -> None:
+    def finish(self, unlike: str = "") -> None:
+        """Compile with the recorded batches; `unlike`: how the first batch differs from the call, the
+        likely reason when none reached this graph."""
         if not self.recorded:
             raise OptionError(
-                f"{self.origin} of the model was not reached by any calibration batch, so it cannot be "
-                "calibrated: add calibration inputs that take the path this call takes (another branch or "
-                "input shape)")
+                f"{self.origin} of the model was not reached by any calibration batch"
+                f"{f' (batch 0: {unlike})' if unlike else ''}, so it cannot be calibrated: add calibration "
+                "inputs that take the path this call takes (another branch or input shape), or, for other "
+                "sizes, compile with dynamic=True (one graph serves them all)")
         self.compiled = self.compile_with(self.recorded)
         self.recorded = []
 
@@ -149,10 +152,11 @@ class ModelCalibration:
         model = self.entry()
         self.running = True
         try:
-            batches = 0
+            batches, first = 0, None
             # In the grad mode of the call that started it: Dynamo guards on it, and under another mode
             # the batches would reach a recompiled graph instead of the graphs waiting here.
             for batches, batch in enumerate(self.calibration, start=1):
+                first = batch if first is None else first
                 _check_finite(batches - 1, batch)
                 _call_naming_batch(model, batch, batches - 1, call)
         finally:
@@ -162,7 +166,7 @@ class ModelCalibration:
         log.info("edge: %d calibration batch(es) ran through the model: %d graph(s), %d graph break(s)%s",
                  batches, self.graphs, len(self.breaks), "".join(f"\n  - {b}" for b in self.breaks))
         for graph in list(self.waiting):  # one that fails stays waiting, to fail the same way next call
-            graph.finish()
+            graph.finish(_unlike_call(first, call))
             self.waiting.remove(graph)
 
 
@@ -210,17 +214,11 @@ def _unlike_call(batch: Any, call: tuple[tuple, dict] | None) -> str:
 
 
 def _call_naming_batch(model: Callable, batch: Any, index: int, call: tuple[tuple, dict] | None) -> None:
-    """One calibration batch into the model; a failure names the batch and how it differs from the call
-    (a batch of another shape makes torch.compile's default dynamic=None compile a dynamic graph)."""
+    """One calibration batch into the model; a failure names the batch and how it differs from the call."""
     try:
         _call(model, batch)
     except Exception as exc:  # the model's own code, or a graph compiled for it: any type
         unlike = _unlike_call(batch, call)
-        if isinstance(exc, DynamicShapesError) and unlike:
-            raise OptionError(f"calibration batch {index} has other shapes than the call ({unlike}), so "
-                              "torch.compile's default dynamic=None made the graph dynamic: give every batch the "
-                              "call's shapes, or pass dynamic=False (each shape then compiles and calibrates its own "
-                              "graph)") from exc
         if isinstance(exc, EdgeError):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]

@@ -82,20 +82,6 @@ def test_cache_dir_accepts_a_path(tmp_path):
     assert parse_options({"cache_dir": tmp_path}).cache_dir == str(tmp_path)
 
 
-DYNAMIC = re.escape("torch.compile gave this graph dynamic input shapes (") + r"\w+: \(s\d+, 4\)" + re.escape(
-    "), as dynamic=True does, and the default dynamic=None does once a second input shape arrives; the edge "
-    "backend compiles static shapes only: pass dynamic=False to torch.compile (one compile per input shape)")
-
-
-@pytest.mark.parametrize("dynamic", [None, True])
-def test_dynamic_shapes_are_one_clear_line_saying_pass_dynamic_false(dynamic):
-    compiled = torch.compile(_model(), backend="edge", dynamic=dynamic, options={"target": "reference"})
-    with torch.no_grad(), pytest.raises(OptionError) as exc:
-        for batch in (2, 3):
-            compiled(torch.randn(batch, 4))
-    assert re.fullmatch(DYNAMIC, _first_line(exc))
-
-
 def test_dynamic_false_compiles_once_per_shape():
     model = _model()
     compiled = torch.compile(model, backend="edge", dynamic=False, options={"target": "reference"})
@@ -143,11 +129,6 @@ FORM = " (each batch is a tuple of the model's inputs, or a dict of keyword argu
 
 
 @pytest.mark.parametrize("batch, message", [
-    ((torch.randn(3, 4),), re.escape("calibration batch 1 has other shapes than the call (its input 0 is (3, 4) "
-                                     "torch.float32 where the call has (2, 4) torch.float32), so torch.compile's "
-                                     "default dynamic=None made the graph dynamic: give every batch the call's "
-                                     "shapes, or pass dynamic=False (each shape then compiles and calibrates its own "
-                                     "graph)")),
     ((torch.randn(2, 4, dtype=torch.float64),), re.escape(
         "calibration batch 1 failed in the model (its input 0 is (2, 4) torch.float64 where the call has (2, 4) "
         "torch.float32): RuntimeError: ") + ".*" + re.escape(FORM)),
@@ -162,6 +143,19 @@ def test_a_calibration_batch_unlike_the_call_is_named_under_torch_compile(batch,
         _compile_and_call({"target": "reference", "pipeline": "quantize",
                            "calibration": [(torch.randn(2, 4),), batch]})
     assert re.fullmatch(message, _first_line(exc))
+
+
+def test_a_calibration_batch_of_another_shape_calibrates_the_dynamic_graph_it_makes():
+    """Under the default dynamic=None, Dynamo compiles a dynamic graph for it; that graph serves any batch."""
+    model, compilations = _model(), []
+    compiled = torch.compile(model, backend="edge", options={
+        "target": "reference", "pipeline": "smooth", "on_compile": compilations.append,
+        "calibration": [(torch.randn(2, 4),), (torch.randn(3, 4),)]})
+    with torch.no_grad():
+        for batch in (2, 3, 5, 7):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert [bool(c.dynamic) for c in compilations] == [False, True]
 
 
 def test_calibration_batches_of_another_shape_are_fine_with_dynamic_false():
@@ -202,7 +196,8 @@ def test_a_non_string_option_key_is_named():
 
 
 def test_a_python_number_changed_after_compiling_is_one_clear_line():
-    """Dynamo then passes it as a graph input read with .item(), which torch.export cannot capture."""
+    """Once it changed, Dynamo passes it as a graph input (read with .item()); the backend compiles the value
+    of that compile as a constant, and refuses to run the program with another."""
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
@@ -216,12 +211,14 @@ def test_a_python_number_changed_after_compiling_is_one_clear_line():
     with torch.no_grad():
         compiled(x)
         model.scale = 3.0
+        torch.testing.assert_close(compiled(x), model(x))  # the recompile holds 3.0
+        model.scale = 5.0
         with pytest.raises(OptionError) as exc:
             compiled(x)
     assert _first_line(exc) == (
-        "the Python number(s) self.scale changed between calls, so Dynamo made them inputs of this graph, and the "
-        "edge backend compiles Python numbers as constants: compile again after changing them "
-        "(torch._dynamo.reset(), then torch.compile), or pass them to forward as tensors")
+        "the Python number self.scale is 5.0 where the edge backend compiled it as the constant 3.0 (Dynamo "
+        "passes a number that changed between calls, or under dynamic=True any float, as a graph input): compile "
+        "again (torch._dynamo.reset(), then torch.compile), or pass it to forward as a tensor")
 
 
 @pytest.mark.parametrize("content, message", [

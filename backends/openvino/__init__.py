@@ -20,6 +20,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from edgepasses.dynamic_shapes import export, symbol_range
 from edgepasses.errors import ArtifactError, OptionError, first_line
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
@@ -143,9 +144,23 @@ def _root_logger_kept():
         root.filters = filters
 
 
-def _input_shapes(exported: torch.export.ExportedProgram) -> list[list[int]]:
+def _input_shapes(exported: torch.export.ExportedProgram) -> list:
+    """Each user input's shape for OpenVINO: static sizes as they are, a dynamic dim as its bounded range
+    (unbounded: -1), so that one compiled model serves every size the exported program takes."""
+    import openvino as ov
+
     placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-    return [list(placeholders[name].meta["val"].shape) for name in exported.graph_signature.user_inputs]
+    shapes = []
+    for name in exported.graph_signature.user_inputs:
+        dims = []
+        for size in placeholders[name].meta["val"].shape:
+            if isinstance(size, torch.SymInt):
+                low, high = symbol_range(size)
+                dims.append(ov.Dimension(low, high) if high is not None else ov.Dimension(low, -1))
+            else:
+                dims.append(ov.Dimension(size))
+        shapes.append(ov.PartialShape(dims))
+    return shapes
 
 
 def input_positions(ov_model, exported: torch.export.ExportedProgram) -> list[int]:
@@ -180,7 +195,7 @@ class OpenVINOProgram(torch.nn.Module):
         super().__init__()
         self.input_positions = input_positions(ov_model, exported)
         shapes = _input_shapes(exported)
-        ov_model.reshape({port: ov.PartialShape(shapes[i]) for port, i in zip(ov_model.inputs, self.input_positions)})
+        ov_model.reshape({port: shapes[i] for port, i in zip(ov_model.inputs, self.input_positions)})
         self.weights_mb = constants_mb(ov_model)
         self.compiled = compiled = ov.Core().compile_model(ov_model, "CPU", compile_config(precision, cache_dir))
         self.request = compiled.create_infer_request()
@@ -193,7 +208,7 @@ class OpenVINOProgram(torch.nn.Module):
     @classmethod
     def from_module(cls, module: torch.nn.Module, example_inputs: tuple, precision: str,
                     cache_dir: str | None = None) -> "OpenVINOProgram":
-        return cls.from_exported(torch.export.export(module, example_inputs), precision, cache_dir)
+        return cls.from_exported(export(module, example_inputs), precision, cache_dir)
 
     @classmethod
     def from_exported(cls, exported: torch.export.ExportedProgram, precision: str,
@@ -302,7 +317,7 @@ class OpenVINOTarget(TargetBase):
                cache_dir: str | None) -> Callable:
         from openvino.frontend import OpConversionFailure
 
-        exported = torch.export.export(gm, example_inputs)
+        exported = export(gm, example_inputs)
         if state_writes(gm, self.name):  # a whole-graph program would read the state as a constant
             return self._lower_partitioned(exported, {}, "", strict=strict, precision=precision, cache_dir=cache_dir)
         try:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx
 
+from edgepasses.graph_utils import drop_export_guards
+
 
 class InductorProgram(torch.nn.Module):
     """A lowered graph compiled by Inductor, behind the graph's calling convention (same inputs,
@@ -34,16 +36,6 @@ class InductorProgram(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         return self.compiled(*args)
-
-
-def _drop_export_guards(gm: torch.fx.GraphModule) -> None:
-    """Remove torch.export's input check (`_guards_fn`): the compiled code asserts every input's size and
-    stride itself, and the check can hold Python closures Inductor cannot key its FX graph cache on."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 @contextlib.contextmanager
@@ -65,7 +57,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: tuple) -> InductorPr
 
     # compile_fx takes ownership of the graph it compiles (it rewrites its codegen and output): give it a copy.
     owned = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    _drop_export_guards(owned)
+    # The compiled code asserts every input's size and stride itself, and torch.export's check can hold
+    # Python closures Inductor cannot key its FX graph cache on.
+    drop_export_guards(owned)
     start = time.perf_counter()
     with torch.no_grad(), _tracing_with_shape_env():
         compiled = compile_fx(owned, list(example_inputs))

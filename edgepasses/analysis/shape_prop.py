@@ -6,9 +6,22 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..dynamic_shapes import symbolic_inputs
+
 
 def propagate_fake(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
-    """Recompute `meta["val"]` of every node from `example_inputs` (real or fake tensors)."""
+    """Recompute `meta["val"]` of every node from `example_inputs` (real or fake tensors); a graph with
+    dynamic dims from its placeholders' symbolic values, so that its dims stay dynamic."""
+    symbolic = symbolic_inputs(gm)
+    if symbolic is not None:
+        mode = next(v.fake_mode for v in symbolic if isinstance(v, torch.Tensor))
+        allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True  # the graph's constants are real
+        try:
+            with mode:
+                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*symbolic)
+        finally:
+            mode.allow_non_fake_inputs = allowed
+        return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with mode:

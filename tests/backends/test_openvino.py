@@ -113,10 +113,16 @@ def test_inputs_requiring_grad_under_grad_mode_are_an_error():
         torch.testing.assert_close(torch.compile(model, backend="edge")(x), model(x))
 
 
-def test_dynamic_shapes_get_a_clear_error():
-    compiled = torch.compile(nn.Linear(4, 2).eval(), backend="edge", dynamic=True)
-    with pytest.raises(OptionError, match="dynamic=False"):
-        compiled(torch.randn(3, 4))
+def test_dynamic_batch_compiles_one_openvino_model_for_every_size():
+    model, compilations = nn.Linear(4, 2).eval(), []
+    compiled = torch.compile(model, backend="edge", dynamic=True,
+                             options={"target": "openvino", "on_compile": compilations.append})
+    with torch.no_grad():
+        for batch in (3, 5, 9):  # Dynamo specializes size 1: batch 1 would compile a graph of its own
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x))
+    assert len(compilations) == 1 and compilations[0].lowering.target == "openvino"
+    assert [(d.input, d.dim) for d in compilations[0].dynamic] == [("x", 0)]
 
 
 class TwoOutputsWithGraphBreak(nn.Module):

@@ -41,7 +41,7 @@ NONFINITE = [
     ("-Inf in the last batch", lambda: _poisoned(float("-inf"), 3), r"batch 3.*Inf"),
 ]
 FORM = [
-    ("a batch of the wrong shape", lambda: _batches(2) + [(randn(3, 16),)], r"batch 2.*\(3, 16\)"),
+    ("a batch of the wrong shape", lambda: _batches(2) + [(randn(2, 17),)], r"batch 2.*\(2, 17\)"),
     ("a float64 batch", lambda: _batches(2) + [(randn(2, 16, dtype=torch.float64),)], r"batch 2.*float64"),
     ("a batch with two inputs", lambda: _batches(1) + [(x_ln(), x_ln())], r"batch 1.*2 input"),
     ("a string batch", lambda: ["abc"], r"batch 0"),
