@@ -8,6 +8,7 @@ keeps the dims dynamic without knowing about them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,10 +52,12 @@ def _symbolic_dims(value) -> dict[int, torch.SymInt]:
 
 
 def _input_name(node: torch.fx.Node) -> str:
-    """The input's name in the user's call: Dynamo names `x` l_x_, a keyword argument l_kwargs_x_."""
+    """The input's name in the user's call: Dynamo names `x` l_x_, a keyword argument l_kwargs_x_, and the
+    first of `*args` l_args_0_ (args[0])."""
     if not node.name.startswith("l_"):
         return node.name
-    return node.name.removeprefix("l_").removesuffix("_").removeprefix("kwargs_")
+    name = node.name.removeprefix("l_").removesuffix("_").removeprefix("kwargs_")
+    return re.sub(r"^args_(\d+)$", r"args[\1]", name)
 
 
 def dynamic_dims(gm: torch.fx.GraphModule) -> list[DynamicDim]:

@@ -122,7 +122,7 @@ def test_dynamic_batch_compiles_one_openvino_model_for_every_size():
             x = torch.randn(batch, 4)
             torch.testing.assert_close(compiled(x), model(x))
     assert len(compilations) == 1 and compilations[0].lowering.target == "openvino"
-    assert [(d.input, d.dim) for d in compilations[0].dynamic] == [("x", 0)]
+    assert [(d.input, d.dim) for d in compilations[0].dynamic] == [("args[0]", 0)]
 
 
 class TwoOutputsWithGraphBreak(nn.Module):
