@@ -7,6 +7,7 @@ from functools import partial
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..analysis.observe import NodeObserver
 from ..graph_utils import LINEAR_OPS, add_constant, constant_value, conv_args, layer_name, weight_layers
@@ -21,7 +22,7 @@ class Layer:
     node: torch.fx.Node
     name: str
     weight: torch.Tensor           # (out, in) or (out, in, kh, kw)
-    in_shape: torch.Size           # of the layer's input
+    in_shape: torch.Size           # of the layer's input, at the example inputs' sizes (costs only)
     out_shape: torch.Size
     bias_value: torch.Tensor | None = None
     stride: tuple[int, int] = (1, 1)
@@ -63,8 +64,10 @@ def _conv_args(node: torch.fx.Node) -> tuple | str:
 
 
 def _val_shape(node) -> torch.Size | None:
+    """The shape of `node`'s value, a dynamic dim by its example size: the MAC counts that decide a split
+    read it. Read without a guard: `int()` of a symbolic size would make the whole graph static."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return val.shape if isinstance(val, torch.Tensor) else None
+    return torch.Size(optimization_hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def describe(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Layer | str:

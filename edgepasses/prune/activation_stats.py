@@ -67,25 +67,31 @@ def weighted_reads(an: Analysis) -> list[Read]:
     return reads
 
 
-def _add_mean_square(sums: dict[torch.fx.Node, torch.Tensor], node: torch.fx.Node, reduce: tuple[int, ...],
+def _add_square_sums(sums: dict[torch.fx.Node, list], node: torch.fx.Node, reduce: tuple[int, ...],
                      value: torch.Tensor) -> None:
-    """Adds the batch's mean x² over the non-channel dims `reduce` to `sums[node]`."""
-    batch_mean = value.detach().double().square()
-    batch_mean = batch_mean.mean(dim=reduce) if reduce else batch_mean  # mean(dim=()) means all
-    sums[node] = sums[node] + batch_mean if node in sums else batch_mean
+    """Adds the batch's Σx² over the non-channel dims `reduce`, and how many values each sum holds, to
+    `sums[node]`."""
+    squares = value.detach().double().square()
+    total = squares.sum(dim=reduce) if reduce else squares  # sum(dim=()) would sum all
+    count = squares.numel() // max(total.numel(), 1)
+    if node in sums:
+        sums[node][0] += total
+        sums[node][1] += count
+    else:
+        sums[node] = [total, count]
 
 
 def collect(an: Analysis, batches, example_inputs: tuple, *, needed_by: str) -> ActivationStats:
-    """One pass over the calibration batches: E[x²] per channel position at every weighted read.
-    Batches have the example inputs' static shapes, so the mean of batch means is the overall mean."""
+    """One pass over the calibration batches: E[x²] per channel position at every weighted read, over
+    all their values (batches may differ in their dynamic dims, so each counts by its size)."""
     reads = weighted_reads(an)
     watched = {}
     for read in reads:
         ndim = read.input.meta["val"].dim()
         watched[read.input] = tuple(d for d in range(ndim) if d not in read.chan.dims)
-    sums: dict[torch.fx.Node, torch.Tensor] = {}
-    watch = {node: partial(_add_mean_square, sums, node, reduce) for node, reduce in watched.items()}
+    sums: dict[torch.fx.Node, list] = {}
+    watch = {node: partial(_add_square_sums, sums, node, reduce) for node, reduce in watched.items()}
     observer = NodeObserver(an.gm, watch)
     count = calibrate(observer.run, batches, example_inputs, needed_by=needed_by)
-    means = {node: (total / count).numpy() for node, total in sums.items()}
+    means = {node: (total / values).numpy() for node, (total, values) in sums.items()}
     return ActivationStats(reads, means, count)

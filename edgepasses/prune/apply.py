@@ -45,13 +45,10 @@ class Masks:
         mask = self.axes(c)[c.dims.index(dim)]
         return None if mask.all() else mask
 
-    def new_shape(self, node) -> list[int]:
-        shape = [int(s) for s in node.meta["val"].shape]
+    def new_sizes(self, node) -> dict[int, int]:
+        """The kept size of each channel dim of `node`'s output."""
         c = self.of(node)
-        if c is not None:
-            for d, m in zip(c.dims, self.axes(c)):
-                shape[d] = int(m.sum())
-        return shape
+        return {} if c is None else {d: int(m.sum()) for d, m in zip(c.dims, self.axes(c))}
 
 
 def _take(t: torch.Tensor, dim: int, mask: np.ndarray | None) -> torch.Tensor:
@@ -132,10 +129,18 @@ def _binary(gm, m: Masks, node, constants):
 
 
 def _view(gm, m: Masks, node, _):
-    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        shape = m.new_shape(node)
-        if shape != list(node.args[1]):
-            node.update_arg(1, shape)
+    """Rewrite the channel dims' sizes only: the others keep their arguments (a dynamic dim's
+    `sym_size` node, -1), so that the view stays right at every input size."""
+    if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return
+    shape = list(node.args[1])
+    for dim, size in m.new_sizes(node).items():
+        if isinstance(shape[dim], torch.fx.Node):  # the analysis keeps channels off dynamic dims
+            raise RuntimeError(f"prune: {node.name} ({node.target}) takes the size of channel dim {dim} from "
+                               f"{shape[dim].name} at run time; cannot set it to the {size} kept channels")
+        shape[dim] = size
+    if shape != list(node.args[1]):
+        node.update_arg(1, shape)
 
 
 def _split(gm, m: Masks, node, dim):

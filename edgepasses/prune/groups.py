@@ -15,9 +15,11 @@ import operator
 from dataclasses import dataclass, field
 
 import numpy as np
+import sympy
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..graph_utils import CONV_OPS, FUNCTIONAL_CONV_OPS, LINEAR_OPS, constant_value, conv_args, layer_name
 from ..graph_utils import ignore_matcher as graph_ignore_matcher
@@ -178,7 +180,23 @@ def _val(node):
 
 
 def _shape(node) -> tuple[int, ...]:
-    return tuple(int(s) for s in _val(node).shape)
+    """Sizes as ints; a dynamic dim by its example value, read without a guard (`int()` would specialize
+    the symbol for the whole graph). Channel maps never rest on those values: `_static_channels` and
+    `_view`'s symbolic check see to it."""
+    return tuple(optimization_hint(s) for s in _val(node).shape)
+
+
+def _size_exprs(node) -> tuple:
+    """Sizes as ints or sympy expressions of the graph's input symbols."""
+    return tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in _val(node).shape)
+
+
+def _is_dynamic(size) -> bool:
+    return isinstance(size, sympy.Expr) and not size.is_number
+
+
+def _may_exceed_one(size) -> bool:
+    return _is_dynamic(size) or size > 1
 
 
 def _conv_channel_dim(node: torch.fx.Node) -> int:
@@ -206,6 +224,17 @@ def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[i
     groups[-1][0].extend(range(i, len(a)))
     groups[-1][1].extend(range(j, len(b)))
     return groups
+
+
+def _runs_hold_symbolically(runs, ins: tuple, outs: tuple) -> bool:
+    """Whether runs matched on example sizes hold for every size of the dynamic dims (equal products as
+    expressions), so that no run boundary rests on a coincidence of example values."""
+    if not any(map(_is_dynamic, ins + outs)):
+        return True  # static: the runs were matched on the sizes themselves
+    for ia, jb in runs:
+        if sympy.expand(sympy.Mul(*[ins[d] for d in ia]) - sympy.Mul(*[outs[d] for d in jb])) != 0:
+            return False
+    return True
 
 
 def _feeds_matmul(node: torch.fx.Node, depth: int = 5) -> bool:
@@ -239,8 +268,21 @@ def analyze(gm: torch.fx.GraphModule, is_ignored=lambda node: False) -> Analysis
                 _unknown(an, node)
             continue
         handler = _HANDLERS.get(node.target, _dispatch_by_set(node.target))
-        an.chans[node] = handler(an, node)
+        an.chans[node] = _static_channels(an, node, handler(an, node))
     return an
+
+
+def _static_channels(an: Analysis, node: torch.fx.Node, chans):
+    """`chans`, or None where channels would sit on a dynamic dim of `node`: their count changes with the
+    input, so no fixed set can be removed (the groups they touch stay whole)."""
+    vals = _val(node)
+    if isinstance(chans, Chan) and isinstance(vals, torch.Tensor):
+        sizes = _size_exprs(node)
+        dynamic = [d for d in chans.dims if _is_dynamic(sizes[d])]
+        if dynamic:
+            an.fix(chans, f"channels on dynamic dim {dynamic[0]} of {node.name} (size {sizes[dynamic[0]]})")
+            return None
+    return chans
 
 
 def _inputs(an: Analysis, node: torch.fx.Node):
@@ -428,9 +470,14 @@ def _view(an: Analysis, node: torch.fx.Node):
         return None
     ins, outs = _shape(node.args[0]), _shape(node)
     runs = _reshape_groups(ins, outs)
-    if runs is None:
+    in_exprs, out_exprs = _size_exprs(node.args[0]), _size_exprs(node)
+    if runs is None or not _runs_hold_symbolically(runs, in_exprs, out_exprs):
         return _unknown(an, node)
     chan_runs = [(ia, jb) for ia, jb in runs if set(ia) & set(c.dims)]
+    if any(_is_dynamic(in_exprs[d]) for ia, _ in chan_runs for d in ia) or \
+            any(_is_dynamic(out_exprs[d]) for _, jb in chan_runs for d in jb):
+        an.fix(c, f"{node.name} merges channels with a dynamic dim")
+        return None
     in_dims = [d for ia, _ in chan_runs for d in ia]
     out_dims = [d for _, jb in chan_runs for d in jb]
     # broadcast the ids over the non-channel dims of those runs, then reshape run by run
@@ -504,6 +551,8 @@ def _slice(an: Analysis, node: torch.fx.Node):
     size = _shape(node.args[0])[dim]
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    if not isinstance(start, int) or not isinstance(end, int):
+        return _unknown(an, node)  # bounds computed at run time: which channels it takes is not fixed
     start, end = (start % size if start < 0 else min(start, size)), (end % size if end < 0 else min(end, size))
     an.roles[node] = ("slice", (dim, start, end))
     return Chan(c.dims, c.ids[start:end])
@@ -523,9 +572,10 @@ def _matmul(an: Analysis, node: torch.fx.Node):
         return _unknown(an, node)
     if ca is None or cb is None:
         lab, ids = pb if ca is None else pa
-        other = sb if ca is not None else sa
+        other = _size_exprs(b if ca is not None else a)
+        # a dynamic size may exceed 1 at run time: shared, not broadcast
         shared = [x for x in lab if x == "K" or (len(other) - len(so) + x >= 0
-                                                  and other[len(other) - len(so) + x] > 1)]
+                                                  and _may_exceed_one(other[len(other) - len(so) + x]))]
         return _unknown(an, node) if shared else _mm_drop_k(an, lab, ids)
     if ("K" in pa[0]) != ("K" in pb[0]):
         return _unknown(an, node)
