@@ -1,6 +1,7 @@
 """`save` / `load`: a compressed graph and its target's program in one checked directory.
 
-    path/graph.pt2             torch.export.save of torch.export.export(gm, example_inputs)
+    path/graph.pt2             torch.export.save of torch.export.export(gm, example_inputs), with the
+                               graph's dynamic dims and their ranges (`dynamic_shapes.export`)
     path/<target>/...          the target's program, the files its `artifact_files` declare
                                (openvino: model.xml/.bin, OpenVINO IR; tvm: model.so, a Relax VM
                                library, machine code for the CPU it was built on)
@@ -8,7 +9,8 @@
                                pipeline (text and uuid), the target and what it needs to load its
                                program (`target_info`: its runtime's version, ...), the inputs, a
                                SHA-256 per file, and `extra` (what the caller keeps there: the
-                               compile cache's key)
+                               compile cache's key); an input's dynamic dim is its symbol in
+                               `shape` and its range in `dynamic`
 
 At most one target's program is there (none for a graph-only artifact). Targets write and read
 their own files (`Target.save_program` / `load_program`); this module checks them.
@@ -19,9 +21,11 @@ whoever can write the files can write the manifest. So `load` trusts no byte of 
   target, only inside its folder; the folder holds exactly those files (no extra file, no
   symbolic link); each file has its SHA-256;
 - `graph.pt2` is deserialized only after its archive is checked to hold nothing that loads by
-  unpickling (torch.export.load unpickles with weights_only=False) or by evaluating text
-  (symbolic shapes go through sympy.sympify): raw tensor bytes, JSON, example inputs that load
-  with torch.load(weights_only=True), and calls of torch operators only;
+  unpickling (torch.export.load unpickles with weights_only=False) or by evaluating text: raw
+  tensor bytes, JSON, example inputs that load with torch.load(weights_only=True), calls of torch
+  operators (and size arithmetic) only, and symbolic shapes (which torch parses with
+  sympy.sympify, and whose guards `module()` executes) only in a grammar of size arithmetic
+  (`pt2_check`); `save` checks what it wrote the same way, so what it saves loads;
 - a target's files are data for its runtime's reader, unless it declares them native code (TVM's
   library): loading those runs them, so `load` loads them only with `trust_native_code=True`.
 Every failure is an `ArtifactError` naming the file and what to do. `save` writes a sibling
@@ -47,8 +51,10 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from .dynamic_shapes import export as export_with_dynamic_dims
+from .dynamic_shapes import symbol_range
 from .errors import ArtifactError, first_line
-from .pt2_check import load_checked
+from .pt2_check import check_pt2, load_checked
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +155,30 @@ def _check_replaceable(path: Path) -> None:
 
 def _check_data_only(exported: torch.export.ExportedProgram) -> None:
     """What torch.export.save would pickle (tensor subclasses, script or opaque objects), load refuses;
-    refuse it here, where the graph was made, and static shapes alike (load refuses symbolic ones)."""
+    refuse it here, where the graph was made."""
     for kind, values in (("weight", exported.state_dict), ("constant", exported.constants)):
         for name, value in values.items():
             if type(value) not in (torch.Tensor, torch.nn.Parameter):
                 raise ArtifactError(f"save: {kind} {name!r} is a {type(value).__name__}, which torch.export "
                                     f"stores pickled; artifacts hold plain tensors only, so that loading runs "
                                     f"no code")
-    if exported.range_constraints:
-        raise ArtifactError("save: the graph has symbolic shapes; artifacts hold static shapes only (export it "
-                            "with example inputs and no dynamic_shapes)")
+
+
+def _save_graph(exported: torch.export.ExportedProgram, file: Path) -> None:
+    """torch.export.save, then load's own check of the bytes written (symbolic shapes in its grammar):
+    an artifact that would not load is an error here, where the graph was made."""
+    torch.export.save(exported, file)
+    try:
+        check_pt2(file.read_bytes(), file)
+    except ArtifactError as exc:
+        raise ArtifactError(f"save: the graph would not load back ({str(exc).removeprefix('load: ')}); save it "
+                            f"with static shapes (no dynamic dims)") from exc
 
 
 def _write(folder: Path, exported, gm, target, program, required: bool, artifact_options: dict,
            extra: dict | None) -> None:
     """The graph, the target's program and the manifest, into `folder`."""
-    torch.export.save(exported, folder / GRAPH)
+    _save_graph(exported, folder / GRAPH)
     info = _write_program(folder, target, exported, program, required, artifact_options) if target else None
     target_files = [f"{target.name}/{name}" for name in target.artifact_files] if info is not None else []
     report = getattr(gm, "edge_report", None) if gm is not None else None
@@ -179,12 +193,21 @@ def _write(folder: Path, exported, gm, target, program, required: bool, artifact
         "report": _jsonable(report.to_dict()) if hasattr(report, "to_dict") else None,
         "target": target.name if info is not None else None,
         "target_info": _jsonable(info),
-        "inputs": [{"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                   for v in _user_input_vals(exported)],
+        "inputs": [_input_record(v) for v in _user_input_vals(exported)],
         "files": {name: _sha256(folder / name) for name in [GRAPH, *target_files]},
         "extra": _jsonable(extra),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _input_record(val: torch.Tensor) -> dict[str, Any]:
+    """An input's shape (a dynamic dim as its symbol: ["s31", 3, 8, 8]), dtype, and each dynamic dim's range."""
+    symbolic = {d: s for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt)}
+    record = {"shape": [str(s) if d in symbolic else int(s) for d, s in enumerate(val.shape)],
+              "dtype": str(val.dtype).removeprefix("torch.")}
+    if symbolic:
+        record["dynamic"] = {str(d): list(symbol_range(s)) for d, s in symbolic.items()}
+    return record
 
 
 def _write_program(folder: Path, target, exported, program, required: bool, options: dict) -> dict | None:
@@ -410,7 +433,9 @@ def _sources(obj: Any, example_inputs: tuple | None):
         for module in obj.modules():  # the graph is fixed already; torchao's convert_pt2e forbids .eval()
             module.training = False
         try:
-            exported = torch.export.export(obj, args, kwargs)
+            exported = _export(obj, args, kwargs)
+        except ArtifactError:
+            raise
         except Exception as exc:
             raise ArtifactError(f"save: torch.export could not capture the graph: {exc}") from exc
         return exported, None, obj
@@ -422,6 +447,17 @@ def _sources(obj: Any, example_inputs: tuple | None):
     raise ArtifactError(f"save: {type(obj).__name__} is not a graph from edgepasses.compress, nor a lowered "
                         f"program that keeps its source (`exported`); save the GraphModule that was lowered, "
                         f"with program=<what lower returned>")
+
+
+def _export(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """The graph exported with its dynamic dims and their ranges (static where it has none)."""
+    if not kwargs:
+        return export_with_dynamic_dims(gm, args)
+    if any(isinstance(s, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
+           for s in getattr(n.meta.get("val"), "shape", ())):
+        raise ArtifactError("save: a graph with dynamic dims is saved from positional example inputs; pass "
+                            "example_inputs as a tuple (keyword inputs keep no dynamic dims)")
+    return torch.export.export(gm, args, kwargs)
 
 
 def _example_args(gm: torch.fx.GraphModule, example_inputs: tuple | None) -> tuple[tuple, dict]:

@@ -5,7 +5,7 @@ Opt-in: only `torch.compile(..., options={"cache_dir": ...})` reads or writes it
 
 The key is a SHA-256 over everything that changes what a compile produces, so a hit can
 never hand back another model's program: the canonical graph's structure (ops, wiring,
-shapes, dtypes), the values of its weights and constants, the pipeline (canonical text and
+shapes, dtypes), its dynamic dims and their ranges, the values of its weights and constants, the pipeline (canonical text and
 `Pipeline.uuid()`, which covers every pass's version and options), the calibration tensors'
 values, the target list, its `target_options`, precision and strict, the quantizer's view of
 the target (`quant_caps`, which reads this CPU), the library versions, and the target's own
@@ -13,7 +13,9 @@ the target (`quant_caps`, which reads this CPU), the library versions, and the t
 
 An entry is an `edgepasses.artifacts` directory (graph.pt2, the target artifact, a manifest
 with a SHA-256 per file), written into a temporary sibling and renamed into place, so a killed
-compile never leaves half an entry. Entries are read as untrusted data (`artifacts.load`
+compile never leaves half an entry. A dynamic graph's entry keeps its symbolic shapes (the artifact
+is exported with its dynamic dims), so a hit serves every input shape in range, not the example's
+alone. Entries are read as untrusted data (`artifacts.load`
 deserializes nothing that runs code); the one exception is a program that is native code (TVM's
 library), loaded only from an entry this user wrote and no one else can write to
 (docs/artifacts.md). An entry that does not load, for whatever reason, is one WARNING, removed,
@@ -45,13 +47,14 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from . import artifacts
+from .dynamic_shapes import describe, dynamic_dims
 from .errors import ArtifactError, first_line
 from .pipeline import PassRecord, Pipeline, PipelineReport
 
 log = logging.getLogger("edgepasses")
 
 ENTRIES = "compiled"      # <cache_dir>/compiled/<key>/: next to the targets' own caches in cache_dir
-KEY_VERSION = 2           # bump when what goes into the key, or what an entry holds, changes
+KEY_VERSION = 3           # 3: dynamic dims in the key and in entries. Bump when what goes into the key, or what an entry holds, changes
 STALE_TMP_S = 3600        # temporary directories older than this belong to a killed compile
 
 
@@ -64,6 +67,7 @@ def key_parts(canonical: torch.fx.GraphModule, opts: Any, target: Any) -> dict[s
     return {
         "key_version": str(KEY_VERSION),
         "graph": graph_hash(canonical),
+        "dynamic": describe(dynamic_dims(canonical)),  # a graph with other ranges builds another program
         "weights": weights_hash(canonical),
         "pipeline": str(pipeline),
         "pipeline_uuid": pipeline if isinstance(pipeline, str) else pipeline.uuid(),

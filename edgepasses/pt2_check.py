@@ -1,11 +1,14 @@
 """Is a torch.export archive (.pt2) data only? `torch.export.load` unpickles weights with
 weights_only=False, unpickles opaque constants, retries example inputs with weights_only=False,
-evaluates symbolic shapes with sympy.sympify and resolves call targets by name: each a way for a
+evaluates symbolic shapes with sympy.sympify and resolves call targets by name, and
+`ExportedProgram.module()` executes the shape guards' Python text (`guards_code`): each a way for a
 crafted file to run code. These checks refuse all of them before and after deserializing
-(docs/artifacts.md).
+(docs/artifacts.md). Symbolic shapes are data when every expression fits a size-arithmetic grammar
+(`check_sym_expr`, `check_guard`), which is checked on the JSON before torch reads any of it.
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
 import operator
@@ -28,7 +31,126 @@ _PT2_ENTRY = re.compile(r"archive_format|archive_version|byteorder|\.data/versio
                         r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
 _PT2_PAYLOADS = (("weight", "data/weights/", "model_weights_config.json", "weight_"),
                  ("constant", "data/constants/", "model_constants_config.json", "tensor_"))
-_OP_TARGET = re.compile(r"torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.getitem")
+# Python's integer arithmetic on sizes (a dynamic graph computes a view's size from sym_size): pure functions.
+_SIZE_ARITHMETIC = {f"_operator.{op.__name__}": op for op in (
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)}
+_SIZE_ARITHMETIC.update({"torch.sym_max": torch.sym_max, "torch.sym_min": torch.sym_min})
+_OP_TARGET = re.compile(r"torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.getitem|"
+                        + "|".join(map(re.escape, _SIZE_ARITHMETIC)))
+
+# --- the grammar of symbolic shapes -----------------------------------------------------------
+# Expressions are sympy's printed form (srepr: `Mul(Integer(2), Symbol('s31', positive=True,
+# integer=True))`) or plain arithmetic (`2*s31 + 1`); guards are the Python torch writes for them
+# (`L['x'].size()[0] <= 64`). Both are parsed with `ast` (which evaluates nothing) and every node must
+# be one of these; torch only sees text that passed.
+_SYMBOL = re.compile(r"[su]\d{1,9}")  # torch's size symbols: backed (s) and unbacked (u)
+_SYMBOL_ASSUMPTIONS = frozenset({"integer", "positive", "nonnegative"})
+_SYMPY_FUNCTIONS = frozenset({  # the classes shape arithmetic produces (torch.utils._sympy.functions and sympy's)
+    "Add", "Mul", "Max", "Min", "FloorDiv", "CleanDiv", "Mod", "PythonMod", "CeilToInt", "FloorToInt",
+    "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan"})
+_MAX_POWER = 8            # Pow(s, n): a square or cube of a size; a huge n would only make sympy work hard
+_MAX_EXPR_CHARS = 20_000
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+_COMPARISONS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_SIZE_METHODS = frozenset({"size", "stride"})
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")  # an input's name in a guard's `L['x']`
+
+
+def check_sym_expr(text: Any) -> bool:
+    """Whether `text` is a size expression: symbols, integers, + - * // %, and `_SYMPY_FUNCTIONS`."""
+    tree = _parse(text)
+    return tree is not None and _is_sym_expr(tree.body)
+
+
+def check_guard(text: Any) -> bool:
+    """Whether `text` is a shape guard: comparisons (and/or/not) of integer arithmetic on inputs' sizes."""
+    tree = _parse(text)
+    return tree is not None and _is_guard(tree.body)
+
+
+def _parse(text: Any) -> ast.Expression | None:
+    if not isinstance(text, str) or len(text) > _MAX_EXPR_CHARS or not text.isascii():
+        return None
+    try:
+        return ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _is_int(node: ast.AST) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int
+
+
+def _is_sym_expr(node: ast.AST) -> bool:
+    if _is_int(node):
+        return True
+    if isinstance(node, ast.Name):
+        return bool(_SYMBOL.fullmatch(node.id))
+    if isinstance(node, ast.UnaryOp):
+        return isinstance(node.op, ast.USub) and _is_sym_expr(node.operand)
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, _ARITHMETIC) and _is_sym_expr(node.left) and _is_sym_expr(node.right)
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return False
+    name, args = node.func.id, node.args
+    if name == "Symbol":
+        return (len(args) == 1 and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str)
+                and bool(_SYMBOL.fullmatch(args[0].value))
+                and all(k.arg in _SYMBOL_ASSUMPTIONS and isinstance(k.value, ast.Constant)
+                        and type(k.value.value) is bool for k in node.keywords))
+    if node.keywords:
+        return False
+    if name == "Integer":
+        return len(args) == 1 and _is_int(args[0])
+    if name == "Pow":
+        return (len(args) == 2 and _is_sym_expr(args[0]) and isinstance(args[1], ast.Call)
+                and isinstance(args[1].func, ast.Name) and args[1].func.id == "Integer" and len(args[1].args) == 1
+                and isinstance(args[1].args[0], ast.Constant) and args[1].args[0].value in range(2, _MAX_POWER + 1))
+    return name in _SYMPY_FUNCTIONS and bool(args) and all(map(_is_sym_expr, args))
+
+
+def _is_guard(node: ast.AST) -> bool:
+    if isinstance(node, ast.BoolOp):
+        return all(map(_is_guard, node.values))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return _is_guard(node.operand)
+    if isinstance(node, ast.Compare):
+        return (all(isinstance(op, _COMPARISONS) for op in node.ops)
+                and all(map(_is_size_arithmetic, [node.left, *node.comparators])))
+    return False
+
+
+def _is_size_arithmetic(node: ast.AST) -> bool:
+    if _is_int(node) or _is_size_of_input(node):
+        return True
+    if isinstance(node, ast.UnaryOp):
+        return isinstance(node.op, ast.USub) and _is_size_arithmetic(node.operand)
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, _ARITHMETIC) and _is_size_arithmetic(node.left) and _is_size_arithmetic(node.right)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("max", "min"):
+        return not node.keywords and len(node.args) >= 2 and all(map(_is_size_arithmetic, node.args))
+    return False
+
+
+def _is_size_of_input(node: ast.AST) -> bool:
+    """`L['x'].size()[1]` (or `.stride()[1]`), `L['x']` possibly indexed further (`L['args'][0]`)."""
+    if not (isinstance(node, ast.Subscript) and _is_int(node.slice) and isinstance(node.value, ast.Call)):
+        return False
+    call = node.value
+    return (not call.args and not call.keywords and isinstance(call.func, ast.Attribute)
+            and call.func.attr in _SIZE_METHODS and _is_input(call.func.value))
+
+
+def _is_input(node: ast.AST) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id == "L"
+    if not isinstance(node, ast.Subscript) or not isinstance(node.slice, ast.Constant):
+        return False
+    key = node.slice.value
+    return (type(key) is int or (isinstance(key, str) and bool(_NAME.fullmatch(key)))) and _is_input(node.value)
 
 
 def load_checked(data: bytes, file: Path) -> torch.export.ExportedProgram:
@@ -110,13 +232,16 @@ def _check_example_inputs(data: bytes, file: Path) -> None:
 
 
 def _check_model(model: Any, file: Path) -> set[str]:
-    """No symbolic shape (torch parses those with sympy.sympify, which evaluates Python) and only
-    torch operators as calls; returns the operators' names."""
+    """Symbolic shapes only in the grammar above (torch evaluates them as Python) and only torch operators
+    (and size arithmetic) as calls; returns the operators' names."""
+    if not isinstance(model, dict):
+        raise ArtifactError(f"load: {file}'s models/model.json is not a serialized exported program (corrupt or "
+                            f"modified)")
+    _check_shape_records(model, file)
     targets: set[str] = set()
     for item in _dicts(model):
-        if "expr_str" in item:
-            raise ArtifactError(f"load: {file} holds a symbolic shape expression, which loading would evaluate "
-                                f"as Python: not loaded (artifacts hold static shapes only)")
+        if "expr_str" in item and not check_sym_expr(item["expr_str"]):
+            raise _code_in_shapes(file, "symbolic shape expression", item["expr_str"])
         if {"target", "inputs", "outputs"} <= item.keys():
             targets.add(str(item["target"]))
         if "as_operator" in item:  # an operator passed as an argument (to a higher-order op)
@@ -125,6 +250,29 @@ def _check_model(model: Any, file: Path) -> set[str]:
         if not _OP_TARGET.fullmatch(target):
             raise ArtifactError(f"load: {file} calls {target!r}, which is not a torch operator: not loaded")
     return targets
+
+
+def _check_shape_records(model: dict, file: Path) -> None:
+    """The guards (Python that `module()` executes) and the range of each symbol (names and integers)."""
+    guards = model.get("guards_code", [])
+    if not isinstance(guards, list):
+        raise _code_in_shapes(file, "shape guard list", guards)
+    for guard in guards:
+        if not check_guard(guard):
+            raise _code_in_shapes(file, "shape guard", guard)
+    ranges = model.get("range_constraints", {})
+    if not isinstance(ranges, dict):
+        raise _code_in_shapes(file, "range constraint list", ranges)
+    for symbol, bounds in ranges.items():
+        if not (_SYMBOL.fullmatch(symbol) and isinstance(bounds, dict) and set(bounds) <= {"min_val", "max_val"}
+                and all(v is None or type(v) is int for v in bounds.values())):
+            raise _code_in_shapes(file, "range constraint", f"{symbol}: {bounds}")
+
+
+def _code_in_shapes(file: Path, what: str, text: Any) -> ArtifactError:
+    shown = repr(text) if len(repr(text)) <= 50 else repr(text)[:47] + "..."
+    return ArtifactError(f"load: {file} holds the {what} {shown}, which is not size arithmetic (torch would "
+                         f"run it as Python): not loaded")
 
 
 def _dicts(value: Any):
@@ -171,4 +319,5 @@ def _callable_args(node: torch.fx.Node) -> list:
 
 
 def _is_operator(target: Any) -> bool:
-    return isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
+    return (isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
+            or any(target is op for op in _SIZE_ARITHMETIC.values()))
