@@ -19,6 +19,7 @@ from torch._dynamo.source import is_from_unspecialized_param_buffer_source
 
 from .canonical_forms import canonicalize_layers
 from .decompositions import FUSED_DECOMPOSITIONS
+from .dynamic_shapes import export_with_shapes
 from .errors import ExportFailedError, GradientsNeededError
 from .graph_utils import module_path
 
@@ -49,11 +50,8 @@ def export_canonical_graph(module: torch.nn.Module, example_inputs: tuple,
     try:
         # run_decompositions functionalises (relu_ -> relu, add_ -> add) and decomposes only the fused
         # transformer ops, whose Linears no pass could reach: passes never reason about aliasing, and
-        # conv2d/linear stay whole for pattern matching. Outside Dynamo's tracing context, whose fake
-        # mode a dynamic export would otherwise add its guards to.
-        with torch._guards.tracing(None):
-            exported = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-        exported = exported.run_decompositions(FUSED_DECOMPOSITIONS)
+        # conv2d/linear stay whole for pattern matching.
+        exported = export_with_shapes(module, example_inputs, dynamic_shapes, FUSED_DECOMPOSITIONS)
     except Exception as exc:  # torch.export raises many types; all mean the same to a user
         raise ExportFailedError(_explain_export_failure(module, exc)) from exc
     gm = exported.module()
@@ -161,10 +159,11 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
                 attr = graph.get_attr(name)
             copied.replace_all_uses_with(attr)
             graph.erase_node(copied)
+        elif _read_from_shape(graph, copied, node, env, placeholders):
+            continue
         elif _python_number(node) is not None:
-            if not _read_from_shape(graph, copied, node, env, placeholders):
-                numbers[index] = _python_number(node)
-                _freeze_number(graph, copied, numbers[index], constants)
+            numbers[index] = _python_number(node)
+            _freeze_number(graph, copied, numbers[index], constants)
         else:
             user_positions.append(index)
     for node in graph.nodes:  # constants Dynamo itself put in the graph keep theirs
@@ -197,7 +196,8 @@ def _read_from_shape(graph: torch.fx.Graph, copied: torch.fx.Node, node: torch.f
                      placeholders: list[torch.fx.Node]) -> bool:
     """Replace a size input Dynamo derived from a tensor input (`L['x'].size()[0]`) by that tensor's
     `sym_size`: the exported program then takes tensors only, and the size follows the tensor."""
-    match = _SIZE_SOURCE.match(node.meta["grapharg"].source.name)
+    grapharg = node.meta.get("grapharg")
+    match = grapharg is not None and _SIZE_SOURCE.match(grapharg.source.name)
     owner = match and next((p for p in placeholders if p.meta.get("grapharg") is not None
                             and p.meta["grapharg"].source.name == match.group(1)), None)
     if owner is None:

@@ -39,7 +39,9 @@ class DynamicDim:
 
 def symbol_range(size: torch.SymInt) -> tuple[int, int | None]:
     """The range the shape environment knows for a symbolic size (what export and Dynamo derived)."""
-    bounds = size.node.shape_env.bound_sympy(size.node.expr)
+    env, expr = size.node.shape_env, size.node.expr
+    # A symbol's own range: bound_sympy narrows a size to 2.. where export allowed 0 and 1.
+    bounds = env.var_to_range[expr] if expr in env.var_to_range else env.bound_sympy(expr)
     upper = None if bounds.upper in (int_oo, float("inf")) or not bounds.upper.is_finite else int(bounds.upper)
     return max(int(bounds.lower), 0), upper
 
@@ -90,8 +92,26 @@ def export(module: torch.nn.Module, example_inputs: tuple, shapes_of: torch.fx.G
     """`torch.export.export` keeping the dynamic dims of `shapes_of` (by default `module`, a graph)."""
     graph = shapes_of if shapes_of is not None else module
     shapes = export_shapes(graph) if isinstance(graph, torch.fx.GraphModule) else None
-    with torch._guards.tracing(None):  # a fake mode of an enclosing trace must not take in the export's
-        return torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
+    return export_with_shapes(module, example_inputs, shapes)
+
+
+def export_with_shapes(module: torch.nn.Module, example_inputs: tuple, shapes: tuple | None,
+                       decompositions: dict | None = None):
+    """`torch.export.export` with `dynamic_shapes` (then `run_decompositions(decompositions)`, if given).
+    A range that takes sizes 0 or 1 (Dynamo's with mark_unbacked or backed_size_oblivious: it traced the
+    model for them) is exported size-obliviously, as Dynamo traced it; export would otherwise claim 2 as
+    the least size."""
+    takes_size_one = any(getattr(hint, "min", 2) is not None and getattr(hint, "min", 2) < 2
+                         for dims in shapes or () for hint in (dims or {}).values())
+    with torch._guards.tracing(None), \
+            torch.fx.experimental._config.patch(backed_size_oblivious=takes_size_one or _oblivious_now()):
+        # Outside any enclosing trace: its fake mode must not take in the export's guards.
+        exported = torch.export.export(module, tuple(example_inputs), dynamic_shapes=shapes)
+        return exported if decompositions is None else exported.run_decompositions(decompositions)
+
+
+def _oblivious_now() -> bool:
+    return bool(torch.fx.experimental._config.backed_size_oblivious)
 
 
 def describe(dims: list[DynamicDim]) -> str:
