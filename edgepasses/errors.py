@@ -42,7 +42,7 @@ class ArtifactError(EdgeError):
 
 
 class DynamicShapesError(OptionError):
-    """Dynamo handed the backend a graph with symbolic shapes, which it does not compile."""
+    """Dynamo handed the backend a graph input it cannot compile as a dynamic shape (an unbacked size)."""
 
 
 class StaleWeightsError(EdgeError, RuntimeError):
