@@ -153,12 +153,8 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
         copied = env[node]
         if is_dynamo_weight(node):
             name = f"_frozen_{node.name}"
-            constants[name] = node.meta["grapharg"].example.detach()
             paths[name] = source_path(node.meta["grapharg"].source.name)
-            with graph.inserting_before(copied):
-                attr = graph.get_attr(name)
-            copied.replace_all_uses_with(attr)
-            graph.erase_node(copied)
+            _freeze(graph, copied, name, node.meta["grapharg"].example.detach(), constants)
         elif _read_from_shape(graph, copied, node, env, placeholders):
             continue
         elif _python_number(node) is not None:
@@ -200,7 +196,7 @@ def _read_from_shape(graph: torch.fx.Graph, copied: torch.fx.Node, node: torch.f
     match = grapharg is not None and _SIZE_SOURCE.match(grapharg.source.name)
     owner = match and next((p for p in placeholders if p.meta.get("grapharg") is not None
                             and p.meta["grapharg"].source.name == match.group(1)), None)
-    if owner is None:
+    if not owner:
         return False
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_placeholder):
@@ -217,12 +213,20 @@ def _freeze_number(graph: torch.fx.Graph, copied: torch.fx.Node, value, constant
             user.replace_all_uses_with(value)
             graph.erase_node(user)
     if copied.users:
-        name = f"_frozen_{copied.name}"
-        constants[name] = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else None)
-        with graph.inserting_before(copied):
-            attr = graph.get_attr(name)
-        copied.replace_all_uses_with(attr)
-    graph.erase_node(copied)
+        tensor = torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else None)
+        _freeze(graph, copied, f"_frozen_{copied.name}", tensor, constants)
+    else:
+        graph.erase_node(copied)
+
+
+def _freeze(graph: torch.fx.Graph, placeholder: torch.fx.Node, name: str, value: torch.Tensor,
+            constants: dict) -> None:
+    """Replace `placeholder` by the constant `name` holding `value`."""
+    constants[name] = value
+    with graph.inserting_before(placeholder):
+        attr = graph.get_attr(name)
+    placeholder.replace_all_uses_with(attr)
+    graph.erase_node(placeholder)
 
 
 _DYNAMO_MEMBER = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
