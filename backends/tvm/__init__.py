@@ -12,6 +12,10 @@ Quantized graphs (`quantize`'s Q/DQ) are rewritten first (`quant.py`): Q/DQ conv
 int8 C++ kernels from Relax, activation matmuls become integer Relax matmuls, other Q/DQ Relax
 elementwise ops; `Lowering.int8_ops` counts the integer layers.
 
+A graph with dynamic dims (`torch.compile(..., dynamic=True)`) becomes one static program per input
+shape, each built on the first call with its shape (`per_shape.py` says why, with measurements); the
+lowering warns once that each new shape costs a build.
+
 The budget: `TVMTarget(trials=N, time_limit_s=T)` (N MetaSchedule trials per fused op; 0 =
 untuned plain loops), the same keywords on `lower`, or the backend option
 `target_options={"tvm": {"trials": N, "time_limit_s": T}}`; `EDGEPASSES_TVM_TRIALS` sets the
@@ -30,6 +34,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from edgepasses.dynamic_shapes import dynamic_dims
 from edgepasses.errors import ArtifactError, OptionError, first_line
 from edgepasses.quant import QuantCaps, cpu_int8_saturates
 
@@ -187,7 +192,18 @@ class TVMTarget(TargetBase):
 
         int8 = rewrite_int8(gm)
         report_float_ops(self.name, int8.float_ops, strict=strict)
-        exported = torch.export.export(int8.gm, example_inputs)
+        if dynamic_dims(gm):
+            from .per_shape import PerShapeProgram, warn_one_program_per_shape
+
+            warn_one_program_per_shape(gm)
+            return PerShapeProgram(gm, lambda args, kwargs: self._lower_static(
+                int8, args, kwargs, strict=strict, precision=precision, options=options), example_inputs)
+        return self._lower_static(int8, example_inputs, {}, strict=strict, precision=precision, options=options)
+
+    def _lower_static(self, int8, args: tuple, kwargs: dict, *, strict: bool, precision: str,
+                      options: dict) -> Callable:
+        """The program for the shapes of `args`/`kwargs` (a graph with dynamic dims is exported static here)."""
+        exported = torch.export.export(int8.gm, tuple(args), kwargs or None)
         if state_writes(int8.gm, self.name):  # a whole-graph program would read the state as a constant
             lowered = self._lower_partitioned(exported, set(), strict=strict, options=options)
             lowered.edge_lowering.int8_ops = int8.int8_ops
