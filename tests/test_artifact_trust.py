@@ -88,6 +88,13 @@ def _symbolic_shape(entries: dict, marker: Path) -> None:
     entries["models/model.json"] = json.dumps(model).encode()
 
 
+def _shape_guard(entries: dict, marker: Path) -> None:
+    """ExportedProgram.module() executes each shape guard's text when the loaded graph runs."""
+    model = json.loads(entries["models/model.json"])
+    model["guards_code"] = [f"__import__('os').system('touch {marker}') == 0"]
+    entries["models/model.json"] = json.dumps(model).encode()
+
+
 def _function_call(entries: dict, marker: Path) -> None:
     """A node calling os.system (reachable as torch.os.system) would run it when the graph runs."""
     model = json.loads(entries["models/model.json"])
@@ -113,6 +120,7 @@ ATTACKS = {
     "pickled opaque constant": (_opaque_constant, True, "holds '.*opaque_obj_0', which a graph saved by edgepasses"),
     "pickled example inputs": (_example_inputs, True, "example inputs are not plain tensors"),
     "symbolic shape evaluated by sympify": (_symbolic_shape, True, "symbolic shape expression"),
+    "shape guard executed by module()": (_shape_guard, False, "shape guard .*not size arithmetic"),
     "call of a Python function": (_function_call, False, "calls 'torch.os.system', which is not a torch operator"),
     "Python function as an argument": (_function_argument, False, "calls 'torch.os.system', which is not a torch"),
     "AOTInductor library": (_native_library, False, "holds '.*aotinductor/model/model.so'"),

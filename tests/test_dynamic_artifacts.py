@@ -74,6 +74,23 @@ def test_a_dynamic_openvino_artifact_runs_at_every_shape(tmp_path):
             torch.testing.assert_close(artifact.program(_batch(size)), model(_batch(size)), rtol=1e-4, atol=1e-4)
 
 
+class ComputedSizes(nn.Module):
+    """Sizes computed from the input's (operator.mul, operator.floordiv nodes in the graph)."""
+
+    def forward(self, x):
+        return x.reshape(x.shape[0] * x.shape[1], -1).sum(0) + torch.ones(x.shape[0] * x.shape[1] // 2).sum()
+
+
+def test_a_graph_computing_sizes_saves_and_loads(tmp_path):
+    x = torch.randn(4, 6, 5)
+    gm = export_canonical_graph(ComputedSizes(), (x,), ({0: Dim.DYNAMIC(min=2, max=32), 1: Dim.DYNAMIC(min=2, max=32)},))
+    assert {"mul", "floordiv"} <= {getattr(n.target, "__name__", "") for n in gm.graph.nodes}
+    artifact = load(save(gm, tmp_path / "sizes", (x,), target_artifact=False))
+    for shape in [(3, 4, 5), (8, 2, 5)]:
+        y = torch.randn(shape)
+        torch.testing.assert_close(artifact(y), ComputedSizes()(y))
+
+
 # --- crafted files: code where torch expects shapes ---------------------------------------------
 
 def _rewrite_model_json(folder: Path, change) -> bytes:
