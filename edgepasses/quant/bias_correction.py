@@ -70,11 +70,11 @@ def weights_dequantized(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule,
 
 
 def observe_layer_inputs(gm: torch.fx.GraphModule, layers: list[WeightQDQ], batches: list[tuple],
-                         on_input: Callable[[WeightQDQ, torch.Tensor], None], *, needed_by: str) -> None:
+                         on_input: Callable[[WeightQDQ, torch.Tensor], None], *, needed_by: str) -> list:
     """One run of `gm` over `batches`, handing every layer's actual input (what its arg 0 computes,
     in the quantized graph: the dequantized activation) to `on_input`. One run for all layers, not one
     per layer: that would cost layers x batches forward passes. The run is of `weights_dequantized(gm)`:
-    the same values, each weight quantized once."""
+    the same values, each weight quantized once. Returns the graph's outputs on each batch."""
     if not batches:
         raise OptionError(f"{needed_by} needs calibration batches; got none")
     readers: dict[str, list[WeightQDQ]] = defaultdict(list)
@@ -87,8 +87,7 @@ def observe_layer_inputs(gm: torch.fx.GraphModule, layers: list[WeightQDQ], batc
     evaluation, node_of = weights_dequantized(gm)
     observer = NodeObserver(evaluation, {node_of[name]: watcher(group) for name, group in readers.items()})
     with torch.no_grad():
-        for batch in batches:
-            observer.run(*batch)
+        return [observer.run(*batch) for batch in batches]
 
 
 def _has_constant_bias(gm: torch.fx.GraphModule, layer: WeightQDQ) -> bool:
@@ -106,9 +105,10 @@ def _output_error(layer: WeightQDQ, x: torch.Tensor, weight_error: torch.Tensor)
     return error.movedim(channel_dim, 0).reshape(error.shape[channel_dim], -1)
 
 
-def correct_biases(gm: torch.fx.GraphModule, batches: list[tuple]) -> int:
+def correct_biases(gm: torch.fx.GraphModule, batches: list[tuple], uncorrected_outputs: list | None = None) -> int:
     """Subtract from each quantized linear/conv's bias the mean output shift its weight rounding
-    causes on `batches`. In place; returns how many layers were corrected.
+    causes on `batches`. In place; returns how many layers were corrected. `uncorrected_outputs`, a
+    list, gets `gm`'s outputs on `batches` before the correction (the run that measures it computes them).
 
     Layers: every linear/conv whose weight passes through a quantize-dequantize pair (`weight_qdq`)
     and which has a constant bias. Layers without a bias are left alone: adding one would change the
@@ -130,7 +130,9 @@ def correct_biases(gm: torch.fx.GraphModule, batches: list[tuple]) -> int:
         sums[layer.layer] = sums.get(layer.layer, 0) + error.sum(dim=1)
         counts[layer.layer] += error.shape[1]
 
-    observe_layer_inputs(gm, layers, batches, accumulate, needed_by="bias correction")
+    outputs = observe_layer_inputs(gm, layers, batches, accumulate, needed_by="bias correction")
+    if uncorrected_outputs is not None:
+        uncorrected_outputs.extend(outputs)
     for layer in layers:
         bias_node = layer.layer.args[2]
         bias = constant_value(gm, bias_node)

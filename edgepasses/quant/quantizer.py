@@ -372,8 +372,10 @@ def _adjust_weights(converted: torch.fx.GraphModule, setup: QuantSetup, batches:
         steps["gptq_linears"] = apply_gptq(converted, batches)
     if setup.bias_correction != "off":
         corrected = copy_sharing_weights(converted) if reference is not None else converted
-        count = correct_biases(corrected, batches)
-        if reference is None or _sqnr(reference, corrected, batches) > _sqnr(reference, converted, batches):
+        uncorrected = []  # `converted`'s outputs, which the run measuring the correction computes anyway
+        count = correct_biases(corrected, batches, uncorrected)
+        if reference is None or _sqnr(reference, _outputs(weights_dequantized(corrected)[0], batches)) > \
+                _sqnr(reference, uncorrected):
             converted, steps["biases_corrected"] = corrected, count
         else:
             steps["biases_corrected"] = "none: lowered the output SQNR on the calibration data"
@@ -385,11 +387,11 @@ def _outputs(gm: torch.fx.GraphModule, batches: list[tuple]) -> list[list[torch.
         return [pytree.tree_leaves(gm(*batch)) for batch in batches]
 
 
-def _sqnr(reference: list[list[torch.Tensor]], gm: torch.fx.GraphModule, batches: list[tuple]) -> float:
-    """The output SQNR of `gm` against `reference` (its weights quantized once, not once per batch)."""
+def _sqnr(reference: list[list[torch.Tensor]], outputs: list) -> float:
+    """The SQNR of `outputs` (a graph's, batch by batch) against the `reference` outputs."""
     total = SqnrAccumulator()
-    for expected, got in zip(reference, _outputs(weights_dequantized(gm)[0], batches)):
-        for a, b in zip(expected, got):
+    for expected, got in zip(reference, outputs):
+        for a, b in zip(expected, pytree.tree_leaves(got)):
             total.add(a, b)
     return total.db
 
