@@ -59,23 +59,22 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")  # an input's name in a guard
 
 def check_sym_expr(text: Any) -> bool:
     """Whether `text` is a size expression: symbols, integers, + - * // %, and `_SYMPY_FUNCTIONS`."""
-    tree = _parse(text)
-    return tree is not None and _is_sym_expr(tree.body)
+    return _fits(text, _is_sym_expr)
 
 
 def check_guard(text: Any) -> bool:
     """Whether `text` is a shape guard: comparisons (and/or/not) of integer arithmetic on inputs' sizes."""
-    tree = _parse(text)
-    return tree is not None and _is_guard(tree.body)
+    return _fits(text, _is_guard)
 
 
-def _parse(text: Any) -> ast.Expression | None:
+def _fits(text: Any, grammar) -> bool:
+    """Whether `text` parses (as a Python expression, evaluating nothing) into a tree `grammar` accepts."""
     if not isinstance(text, str) or len(text) > _MAX_EXPR_CHARS or not text.isascii():
-        return None
+        return False
     try:
-        return ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
+        return grammar(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep to parse, or to walk: not a shape
+        return False
 
 
 def _is_int(node: ast.AST) -> bool:
