@@ -437,8 +437,8 @@ def _binary(an: Analysis, node: torch.fx.Node):
     for i, a in tensors:
         if _tracked(an, a) is not None:
             continue
-        shape = (1,) * (nd - len(_shape(a))) + _shape(a)
-        if all(shape[d] == 1 for d in out.dims):
+        sizes = (1,) * (nd - len(_shape(a))) + _size_exprs(a)
+        if not any(_may_exceed_one(sizes[d]) for d in out.dims):
             continue  # broadcast along the channels: nothing to slice
         if constant_value(an.gm, a) is None:
             an.fix(out, f"{node.target} at {node.name} with {a.name}, which is not prunable")
