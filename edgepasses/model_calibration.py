@@ -98,9 +98,8 @@ class DeferredGraph:
         if not self.recorded:
             raise OptionError(
                 f"{self.origin} of the model was not reached by any calibration batch"
-                f"{f' (batch 0: {unlike})' if unlike else ''}, so it cannot be calibrated: add calibration "
-                "inputs that take the path this call takes (another branch or input shape), or, for other "
-                "sizes, compile with dynamic=True (one graph serves them all)")
+                f"{f' (batch 0: {unlike})' if unlike else ''}: add batches that take this call's path "
+                "(branch, sizes), or compile with dynamic=True")
         self.compiled = self.compile_with(self.recorded)
         self.recorded = []
 

@@ -184,11 +184,15 @@ class Scaled(nn.Module):
 
 
 def _python_attribute_changed():
+    """The recompile after the first change holds the new value as a constant; a second change reaches
+    that program as an input, which must not run with the stale constant."""
     model = Scaled().eval()
     compiled = torch.compile(model, backend="edge", options={"target": "reference"})
     with torch.no_grad():
         compiled(x_mlp())
         model.scale = 3.0
+        close(model(x_mlp()), compiled(x_mlp()))
+        model.scale = 5.0
         return compiled(x_mlp())
 
 
