@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from ..errors import DynamicShapesError
 from ..graph_utils import add_constant, constant_value, conv_args, replace_arg
 from .groups import Analysis, Chan
 
@@ -136,8 +137,8 @@ def _view(gm, m: Masks, node, _):
     shape = list(node.args[1])
     for dim, size in m.new_sizes(node).items():
         if isinstance(shape[dim], torch.fx.Node):  # the analysis keeps channels off dynamic dims
-            raise RuntimeError(f"prune: {node.name} ({node.target}) takes the size of channel dim {dim} from "
-                               f"{shape[dim].name} at run time; cannot set it to the {size} kept channels")
+            raise DynamicShapesError(f"prune: {node.name} ({node.target}) takes the size of channel dim {dim} from "
+                                     f"{shape[dim].name} at run time; cannot set it to the {size} kept channels")
         shape[dim] = size
     if shape != list(node.args[1]):
         node.update_arg(1, shape)
