@@ -254,7 +254,7 @@ def _edge(zoo: ZooModel, calibration: list[tuple] | None, pipeline: str, target:
                # on the module tree protect nothing it uses; they cost time on every call (torch.compile
                # takes this option itself, the backend never sees it).
                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    # dynamic=False: the backend compiles static shapes, one compile per input shape.
+    # dynamic=False: one static program for the benchmark's one shape (no shape inference per call).
     compiled = torch.compile(zoo.module, backend="edge", dynamic=False, options=options)
     start = time.perf_counter()
     compiled(*zoo.example_inputs)
