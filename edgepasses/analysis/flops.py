@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..graph_utils import CONV_OPS, constant_value
 
@@ -38,7 +39,13 @@ def _val(node) -> torch.Tensor | None:
 
 
 def node_macs(node: torch.fx.Node) -> int:
-    """Multiply-accumulates of one node; 0 for what the counter ignores or cannot size."""
+    """Multiply-accumulates of one node; 0 for what the counter ignores or cannot size. On a dynamic
+    graph, at the example's sizes: reading a symbolic count as a number would add a guard that fixes
+    the dims for the whole graph."""
+    return optimization_hint(_symbolic_macs(node))
+
+
+def _symbolic_macs(node: torch.fx.Node):
     out = _val(node)
     if node.op != "call_function" or out is None:
         return 0
