@@ -45,14 +45,20 @@ def _outputs(model, compiled, shapes=SHAPES) -> list[tuple[torch.Tensor, torch.T
         return [(model(**_tokens(*s)).last_hidden_state, compiled(**_tokens(*s)).last_hidden_state) for s in shapes]
 
 
-@pytest.mark.parametrize("target", ["reference", "openvino"])
-def test_a_bert_encoder_compiles_once_for_every_batch_and_length(target, size_oblivious):
+def _dynamic_bert(target: str, **options):
+    """(eager BERT, its dynamic compile, the compilations list)."""
     if target == "openvino":
         pytest.importorskip("openvino")
     model, compilations = _bert(), []
     compiled = torch.compile(model, backend="edge", dynamic=True, options={
-        "target": target, "on_compile": compilations.append, "verify": True,
-        "target_options": {"reference": {"compile": False}}})
+        "target": target, "on_compile": compilations.append, "target_options": {"reference": {"compile": False}},
+        **options})
+    return model, compiled, compilations
+
+
+@pytest.mark.parametrize("target", ["reference", "openvino"])
+def test_a_bert_encoder_compiles_once_for_every_batch_and_length(target, size_oblivious):
+    model, compiled, compilations = _dynamic_bert(target, verify=True)
     for expected, got in _outputs(model, compiled):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert len(compilations) == 1
@@ -62,13 +68,8 @@ def test_a_bert_encoder_compiles_once_for_every_batch_and_length(target, size_ob
 
 @pytest.mark.parametrize("target", ["reference", "openvino"])
 def test_int8_calibrates_on_batches_of_several_lengths_and_serves_every_length(target, size_oblivious):
-    if target == "openvino":
-        pytest.importorskip("openvino")
-    model, compilations = _bert(), []
-    compiled = torch.compile(model, backend="edge", dynamic=True, options={
-        "target": target, "pipeline": "fold_bn,quantize,dce", "on_compile": compilations.append,
-        "calibration": [_tokens(2, n) for n in (8, 24, 64, 100)],
-        "target_options": {"reference": {"compile": False}}})
+    model, compiled, compilations = _dynamic_bert(target, pipeline="fold_bn,quantize,dce",
+                                                  calibration=[_tokens(2, n) for n in (8, 24, 64, 100)])
     sqnrs = [_sqnr_db(expected, got) for expected, got in _outputs(model, compiled)]
     assert len(compilations) == 1 and compilations[0].lowering.int8_ops > 0
     assert min(sqnrs) > 25, sqnrs
