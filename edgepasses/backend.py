@@ -366,9 +366,19 @@ def _compile(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipelin
     """(lowered program, pipeline report, compressed graph): the pipeline, then the target's lowering."""
     ctx = PassContext(example_inputs=user_inputs, calibration=opts.calibration, target=target, accuracy=accuracy)
     compressed = pipeline.run(canonical, ctx, verify=opts.verify)
+    _check_dims_kept(canonical, compressed, pipeline)
     lowered = target.lower(compressed, user_inputs, strict=opts.strict, precision=opts.precision,
                            cache_dir=opts.cache_dir)
     return lowered, compressed.edge_report, compressed
+
+
+def _check_dims_kept(canonical, compressed, pipeline: Pipeline) -> None:
+    """A pass that made a dynamic dim static would leave a program that fails on every other size."""
+    dims = {(d.input, d.dim) for d in dynamic_dims(compressed)}
+    lost = [str(d) for d in dynamic_dims(canonical) if (d.input, d.dim) not in dims]
+    if lost:
+        raise RuntimeError(f"the pipeline {pipeline} made the dynamic dim(s) {', '.join(lost)} static (a bug in a "
+                           "pass: please report it); compile with dynamic=False meanwhile")
 
 
 def _compile_cached(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: Pipeline, target):
