@@ -24,7 +24,7 @@ import torch.fx
 from . import model_calibration
 from .canonical import (FROZEN_NUMBERS, WEIGHT_PATHS, check_no_grad_inputs, export_canonical_graph, frozen_copy,
                         is_dynamo_weight, source_path)
-from .dynamic_shapes import dynamic_dims, dynamo_input_shapes, range_check
+from .dynamic_shapes import describe, dynamic_dims, dynamo_input_shapes, range_check
 from .errors import GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
 from .graph_utils import drop_export_guards
 from .model_calibration import GraphOrigin
@@ -353,8 +353,9 @@ def _compile_graph(canonical, user_inputs: tuple, opts: EdgeOptions, pipeline: P
             cache = entry = None
     compilation = EdgeCompilation(report, lowered.edge_lowering, seconds_before + time.perf_counter() - start,
                                   cache, entry and str(entry), origin, dynamic=tuple(dynamic_dims(canonical)))
-    log.info("edge: %s: %s on %s (%s)", origin, str(report).replace("\n", "\n  "),
-             compilation.lowering.target, compilation.lowering.precision)
+    log.info("edge: %s: %s on %s (%s)%s", origin, str(report).replace("\n", "\n  "),
+             compilation.lowering.target, compilation.lowering.precision,
+             f"; dynamic: {describe(compilation.dynamic)}" if compilation.dynamic else "")
     if cache:
         log.info("edge: compile cache %s, %s (%.2f s)", cache, entry or "not stored", compilation.seconds)
     if opts.on_compile is not None:
