@@ -122,3 +122,16 @@ def test_a_static_compile_reports_no_dynamic_dims():
     with torch.no_grad():
         compiled(torch.randn(3, 4))
     assert compilations[0].dynamic == ()
+
+
+def test_mark_dynamic_with_a_range_compiles_once_for_that_range():
+    model, compilations = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), []
+    compiled = torch.compile(model, backend="edge", options={"target": "reference",
+                                                            "on_compile": compilations.append})
+    first = torch.randn(4, 8)
+    torch._dynamo.mark_dynamic(first, 0, min=2, max=64)
+    with torch.no_grad():
+        for x in (first, torch.randn(2, 8), torch.randn(64, 8), torch.randn(33, 8)):
+            torch.testing.assert_close(compiled(x), model(x))
+    assert len(compilations) == 1
+    assert [(d.dim, d.min, d.max) for d in compilations[0].dynamic] == [(0, 2, 64)]
