@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
@@ -37,12 +36,6 @@ from ..pass_base import PassContext, PassResult, ignore_option, option, register
 log = logging.getLogger("edgepasses")
 
 DEFAULT_ENERGY = 0.9
-
-
-def _example_macs(cost) -> int:
-    """MACs at the example inputs' sizes: on a dynamic graph `count_cost` gives an expression of its
-    input sizes, and stats hold numbers (read without a guard, which would make the graph static)."""
-    return optimization_hint(cost.macs)
 
 
 @dataclass(frozen=True)
@@ -150,6 +143,6 @@ def lowrank(gm: torch.fx.GraphModule, opts: LowRankOptions, ctx: PassContext) ->
         warn_nothing_reached(log, "lowrank", "split", weight_layers(gm), skipped)
     after = count_cost(gm)
     return PassResult(gm, modified=bool(split), stats={
-        "layers_split": len(split), "data_aware": data_aware, "macs_before": _example_macs(before),
-        "macs_after": _example_macs(after), "params_before": before.params, "params_after": after.params,
+        "layers_split": len(split), "data_aware": data_aware, "macs_before": before.macs,
+        "macs_after": after.macs, "params_before": before.params, "params_after": after.params,
         "layers": split, "skipped": skipped})

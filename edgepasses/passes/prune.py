@@ -23,7 +23,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..analysis.flops import count_cost
 from ..analysis.shape_prop import propagate_fake
@@ -37,12 +36,6 @@ from ..prune.groups import Chan, Group, analyze, ignore_matcher
 from ..quant.calibration import checked_batches
 
 log = logging.getLogger("edgepasses")
-
-
-def _example_macs(cost) -> int:
-    """MACs at the example inputs' sizes: on a dynamic graph `count_cost` gives an expression of its
-    input sizes, and stats hold numbers (read without a guard, which would make the graph static)."""
-    return optimization_hint(cost.macs)
 
 
 @dataclass(frozen=True)
@@ -126,7 +119,7 @@ def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> Pas
     left_whole.update({g.name: "a single channel unit" for g in groups if not g.reasons and len(g.atoms) < 2})
     prunable = [i for i, g in enumerate(groups) if g.name not in left_whole]
     stats = {"groups": len(groups), "groups_left_whole": len(left_whole), "params_before": before.params,
-             "macs_before": _example_macs(before), "criterion": opts.criterion, "calibration_batches": 0}
+             "macs_before": before.macs, "criterion": opts.criterion, "calibration_batches": 0}
     chosen = {}
     if opts.ratio > 0 and prunable:
         scores = _scores(an, opts.criterion, batches, ctx, stats)
@@ -144,7 +137,7 @@ def prune(gm: torch.fx.GraphModule, opts: PruneOptions, ctx: PassContext) -> Pas
         gm.recompile()
         propagate_fake(gm, ctx.example_inputs)
     after = count_cost(gm)
-    stats.update({"groups_pruned": len(removed), "params_after": after.params, "macs_after": _example_macs(after),
+    stats.update({"groups_pruned": len(removed), "params_after": after.params, "macs_after": after.macs,
                   "channels_removed": removed, "left_whole": left_whole, "skipped": skipped})
     if not removed and opts.ratio > 0:
         _warn_nothing_pruned(layers, left_whole, skipped)
