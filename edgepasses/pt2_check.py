@@ -51,6 +51,7 @@ _SYMPY_FUNCTIONS = frozenset({  # the classes shape arithmetic produces (torch.u
     "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan"})
 _MAX_POWER = 8            # Pow(s, n): a square or cube of a size; a huge n would only make sympy work hard
 _MAX_EXPR_CHARS = 20_000
+_MAX_DEPTH = 200          # nesting torch never writes; deeper trees would reach the recursion limit when walked
 _ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
 _COMPARISONS = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 _SIZE_METHODS = frozenset({"size", "stride"})
@@ -72,9 +73,20 @@ def _fits(text: Any, grammar) -> bool:
     if not isinstance(text, str) or len(text) > _MAX_EXPR_CHARS or not text.isascii():
         return False
     try:
-        return grammar(ast.parse(text, mode="eval").body)
+        tree = ast.parse(text, mode="eval").body
+        return _depth(tree) <= _MAX_DEPTH and grammar(tree)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep to parse, or to walk: not a shape
         return False
+
+
+def _depth(tree: ast.AST) -> int:
+    """How deep `tree` nests, found without recursion (the grammar's own walk recurses)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _is_int(node: ast.AST) -> bool:

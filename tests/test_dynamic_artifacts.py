@@ -214,7 +214,7 @@ def test_size_expressions_torch_writes_are_accepted(text):
     "hn1",  # a sympy function's name, not a size symbol
     "Add()",
     "Add(" * 5000 + ")" * 5000,
-    "+".join(["s1"] * 1500),  # parses, but deeper than Python's recursion limit to walk
+    "+".join(["s1"] * 1500),  # parses, but nests deeper than any shape torch writes
     "s\u0661",  # a non-ASCII digit
     42,
 ])

@@ -49,7 +49,7 @@ def _kernel_call(gm, node, x: ActivationQDQ, w: WeightCodes):
     codes = add_constant(gm, f"{node.name}_codes", prepared, before=node)
     scale = add_constant(gm, f"{node.name}_scale", w.scale, before=node)
     sums = add_constant(gm, f"{node.name}_sum", ops.int8_weight_sum(w.codes), before=node)
-    bias = optional_arg(node, 2)
+    bias = _bias_copy(gm, node)
     source = x.float_input(gm, before=node)
     if is_linear:
         return torch.ops.edge.int8_linear.default, (source, codes, scale, sums, bias, x.scale, x.uint8_zero_point,
@@ -57,6 +57,14 @@ def _kernel_call(gm, node, x: ActivationQDQ, w: WeightCodes):
     conv = conv_args(node)
     return torch.ops.edge.int8_conv2d.default, (source, codes, scale, sums, bias, conv.stride, conv.padding,
                                                 conv.dilation, conv.groups, x.scale, x.uint8_zero_point, w.bits)
+
+
+def _bias_copy(gm, node):
+    """The layer's bias as a constant of its own: the weight codes are frozen copies, so a bias shared
+    with the model's parameter would let a later in-place edit reach half of the layer."""
+    bias = optional_arg(node, 2)
+    value = constant_value(gm, bias)
+    return bias if value is None else add_constant(gm, f"{node.name}_bias", value.clone(), before=node)
 
 
 def bmm_mismatch(pattern: QDQPattern) -> str | None:
