@@ -267,10 +267,10 @@ def _version(module_name: str) -> str:
 
 def machine_header() -> dict[str, Any]:
     from .report import git_commit
-    from .runner import cpu_model
+    from .report import cpu_text
 
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": git_commit(),
-            "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_text(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "versions": {name: _version(name) for name in
                          ("torch", "openvino", "transformers", "timm", "torchvision", "torchao")}}

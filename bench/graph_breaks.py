@@ -21,7 +21,7 @@ from torch import nn
 import edgepasses
 from edgepasses.analysis.sqnr import sqnr_db
 
-from .runner import cpu_model
+from .report import cpu_text
 
 
 class _Block(nn.Module):
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="openvino")
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args(argv)
-    print(f"{cpu_model()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+    print(f"{cpu_text()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, target {args.target}, {args.batches} calibration batches\n")
     print("| model | graphs compiled | graph breaks | layers quantized (all graphs) | torch.compile int8 SQNR dB | "
           "compress (no break) int8 SQNR dB | where Dynamo broke |")

@@ -60,6 +60,13 @@ def _cpu_facts(lines: list[str]) -> tuple[str, int, set[str]]:
     return model or platform.processor() or "unknown CPU", len(cores) or (os.cpu_count() or 0), flags
 
 
+def cpu_text() -> str:
+    """The CPU's model name and the int8 path our kernels take on it: one model name ("AMD EPYC") covers
+    CPUs with and without VNNI, whose int8 figures differ."""
+    model, _, flags = _cpu_facts(_cpuinfo())
+    return f"{model} ({kernel_cpu_path(flags)})"
+
+
 def kernel_cpu_path(flags: set[str], environ: dict[str, str] | None = None) -> str:
     """The path our C++ kernels take on this CPU, as kernels/csrc chooses it at run time (CPUID AVX2,
     EDGE_KERNELS_PORTABLE=1 forcing the portable code), and which wider int8 units the CPU has."""

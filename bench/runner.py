@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +36,8 @@ from edgepasses.backends import tensors_mb
 from edgepasses.measure.peers import nncf_int8, openvino_direct
 from edgepasses.measure.timing import Timing, measure_side_by_side
 from edgepasses.zoo import ZooModel, get_model
+
+from .report import cpu_text
 
 EAGER_LABEL = "eager fp32"
 PEER_LABEL = "openvino direct"
@@ -67,7 +68,7 @@ class Machine:
     def here(cls) -> "Machine":
         import openvino
 
-        return cls(cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
+        return cls(cpu_text(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
                    openvino.__version__, os.getloadavg()[0])
 
     @property
@@ -84,14 +85,6 @@ class Machine:
             text += (". The machine was busy: eager timings and speedups vs eager are inflated; "
                      "ratios vs OpenVINO direct hold up better")
         return text
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 @dataclass(frozen=True)
