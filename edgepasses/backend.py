@@ -26,7 +26,7 @@ from .canonical import (FROZEN_NUMBERS, WEIGHT_PATHS, check_no_grad_inputs, expo
                         is_dynamo_weight, source_path)
 from .dynamic_shapes import describe, dynamic_dims, dynamo_input_shapes, range_check
 from .errors import GradientsNeededError, NonFiniteInputError, OptionError, StaleWeightsError
-from .graph_utils import drop_export_guards
+from .graph_utils import drop_export_guards, dynamo_caches_kept
 from .model_calibration import GraphOrigin
 from .pass_base import PassContext, build_options, option
 from .pipeline import DEFAULT_PIPELINE, Pipeline, PipelineReport
@@ -219,13 +219,14 @@ def edge_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict |
         """The compiled program of this graph, calibrated on `calibration` (batches of its own inputs)."""
         compiled_opts = dataclasses.replace(opts, calibration=calibration)
         scored = _scored_in_model(opts, model, deferred, user_positions) if opts.metric else None
-        if auto:
-            lowered, compilation = _compile_auto(canonical, user_inputs, compiled_opts, target, origin, prepared_s,
-                                                 scored)
-        else:
-            accuracy = _accuracy_control(opts, scored, target, user_inputs) if scored else None
-            lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target, origin,
-                                                  prepared_s, accuracy)
+        with dynamo_caches_kept():  # a strict torch.export on the way would drop this very model's code
+            if auto:
+                lowered, compilation = _compile_auto(canonical, user_inputs, compiled_opts, target, origin,
+                                                     prepared_s, scored)
+            else:
+                accuracy = _accuracy_control(opts, scored, target, user_inputs) if scored else None
+                lowered, compilation = _compile_graph(canonical, user_inputs, compiled_opts, pipeline, target,
+                                                      origin, prepared_s, accuracy)
 
         check_finite = _finite_inputs_check(origin) if opts.verify else None
 

@@ -2,10 +2,12 @@
 call, conv arguments, ignore lists, the weight layers in every form."""
 from __future__ import annotations
 
+import contextlib
+
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.fx
@@ -310,3 +312,19 @@ def through_reshapes(node):
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in RESHAPE_OPS:
         node = node.args[0]
     return node
+
+
+@contextlib.contextmanager
+def dynamo_caches_kept() -> Iterator[None]:
+    """Passes run with `torch._dynamo.reset` as a no-op. torch.export(strict=True) starts with that reset,
+    which drops the compiled code of every torch.compile'd model in the process, the one being compiled
+    included: it would recompile, and recalibrate, on every call. torchao's convert_pt2e exports its
+    conv-bn patterns that way whenever a BatchNorm is left in the graph (DenseNet's pre-activation ones)."""
+    import torch._dynamo
+
+    reset = torch._dynamo.reset
+    torch._dynamo.reset = lambda: None
+    try:
+        yield
+    finally:
+        torch._dynamo.reset = reset

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch.fx
 
 from .errors import OptionError, PassVerificationError
+from .graph_utils import dynamo_caches_kept
 from .pass_base import PassContext, PassInfo, get_pass, registered_passes
 from .state import state_kept, written_buffers
 
@@ -228,7 +229,8 @@ class Pipeline:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext, *, verify: bool = False) -> torch.fx.GraphModule:
         """Run every step in order; attach the `PipelineReport` as `gm.edge_report`. Buffers the graph
         writes (a step counter) hold the same values after as before."""
-        with state_kept(written_buffers(gm)):  # passes run calibration data through the graph
+        # Passes run calibration data through the graph; some reach a strict torch.export.
+        with state_kept(written_buffers(gm)), dynamo_caches_kept():
             gm = self._run_steps(gm, ctx, verify)
         return gm
 
