@@ -48,7 +48,7 @@ require_torchao()  # the friendly message, before the imports below fail
 
 from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant  # noqa: E402
 from torchao.quantization.pt2e.fake_quantize import FakeQuantize  # noqa: E402
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e  # noqa: E402
 from torchao.quantization.pt2e.quantizer import QuantizationSpec  # noqa: E402
 
 from ..analysis.shape_prop import propagate_fake  # noqa: E402
@@ -57,7 +57,7 @@ from ..pass_base import PassContext  # noqa: E402
 from ..pipeline import PassRecord, Pipeline, PipelineReport, Step  # noqa: E402
 from .calibration import calibrate, checked_batches  # noqa: E402
 from ..finetune import make_weights_trainable  # noqa: E402
-from .quantizer import EdgeQuantizer  # noqa: E402
+from .quantizer import EdgeQuantizer, convert  # noqa: E402
 
 __all__ = ["convert_qat", "prepare_qat"]
 
@@ -165,7 +165,7 @@ def convert_qat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     delattr(gm, _STATE)
     with torch.no_grad():
         _observe_current_weights(gm)
-        converted = convert_pt2e(gm, fold_quantize=False)
+        converted = convert(gm)
     converted.requires_grad_(False)
     for module in converted.modules():  # convert_pt2e forbids .eval(); the graph is fixed already
         module.training = False

@@ -1,4 +1,5 @@
-"""Quantizing inside one compiled model must not drop the compiled code of the others (or its own)."""
+"""A BatchNorm that fold_bn cannot fold reaches torchao's convert_pt2e, whose QAT conv-bn step
+strict-exports pattern graphs: quantize skips that step (same result) and keeps Dynamo's caches."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,9 @@ import torch
 from torch import nn
 
 pytest.importorskip("torchao")
+
+import edgepasses  # noqa: E402
+from edgepasses.quant import quantizer  # noqa: E402
 
 
 class PreActivation(nn.Module):
@@ -39,3 +43,18 @@ def test_quantizing_a_graph_with_a_batchnorm_left_keeps_every_compiled_model():
             quantized(x)
         other(y)
     assert [len(first_compiles), len(compiles)] == [1, 1]  # neither recompiled (nor recalibrated)
+
+
+def test_convert_without_the_qat_step_is_bit_exact(monkeypatch):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    model, x = PreActivation().eval(), torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(2, 3, 8, 8),) for _ in range(3)]
+
+    def quantized_output():
+        with torch.no_grad():
+            return edgepasses.compress(model, (x,), "fold_bn,quantize", calibration=calibration)(x)
+
+    ours = quantized_output()
+    monkeypatch.setattr(quantizer, "convert", lambda prepared: convert_pt2e(prepared, fold_quantize=False))
+    assert torch.equal(ours, quantized_output())
