@@ -3,7 +3,6 @@ call, conv arguments, ignore lists, the weight layers in every form."""
 from __future__ import annotations
 
 import contextlib
-
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -318,8 +317,9 @@ def through_reshapes(node):
 def dynamo_caches_kept() -> Iterator[None]:
     """Passes run with `torch._dynamo.reset` as a no-op. torch.export(strict=True) starts with that reset,
     which drops the compiled code of every torch.compile'd model in the process, the one being compiled
-    included: it would recompile, and recalibrate, on every call. torchao's convert_pt2e exports its
-    conv-bn patterns that way whenever a BatchNorm is left in the graph (DenseNet's pre-activation ones)."""
+    included: it would recompile, and recalibrate, on every call. torchao's convert_pt2e did so for its
+    QAT conv-bn patterns whenever a BatchNorm was left (DenseNet); `quant.quantizer.convert` now skips
+    that step, and this keeps any other strict export (a registered pass's, a peer's) harmless."""
     import torch._dynamo
 
     reset = torch._dynamo.reset
