@@ -157,9 +157,9 @@ def frozen_copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[in
             _freeze(graph, copied, name, node.meta["grapharg"].example.detach(), constants)
         elif _read_from_shape(graph, copied, node, env, placeholders):
             continue
-        elif _python_number(node) is not None:
-            numbers[index] = _python_number(node)
-            _freeze_number(graph, copied, numbers[index], constants)
+        elif (number := _python_number(node)) is not None:
+            numbers[index] = number
+            _freeze_number(graph, copied, number, constants)
         else:
             user_positions.append(index)
     for node in graph.nodes:  # constants Dynamo itself put in the graph keep theirs

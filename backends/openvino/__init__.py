@@ -156,7 +156,7 @@ def _input_shapes(exported: torch.export.ExportedProgram) -> list:
         for size in placeholders[name].meta["val"].shape:
             if isinstance(size, torch.SymInt):
                 low, high = symbol_range(size)
-                dims.append(ov.Dimension(low, high) if high is not None else ov.Dimension(low, -1))
+                dims.append(ov.Dimension(low, -1 if high is None else high))
             else:
                 dims.append(ov.Dimension(size))
         shapes.append(ov.PartialShape(dims))
