@@ -176,23 +176,57 @@ def test_a_metric_that_fails_on_the_float_model_is_named():
 
 def test_prune_bisection_finds_the_largest_ratio_within_budget_in_few_trials():
     from edgepasses.search.auto import _bisect_prune
-    from edgepasses.search.space import SearchSpace, layer_groups
 
-    space = SearchSpace(layer_groups(edgepasses.compress(small_cnn(), batches()[0], "fold_bn")))
+    space = _small_space()
     tried = []
 
     def holds_up_to(limit):
         def try_config(config):
-            ratio = max(v for k, v in config.items() if k.startswith("prune:"))
+            ratio = _ratio(config)
             tried.append(ratio)
-            return ratio <= limit
+            return ratio <= limit, ratio - limit
         return try_config
 
-    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.5))
+    assert _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.5)) == (3, pytest.approx(0.125))
     assert tried == [0.5, 0.625]
     tried.clear()
-    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.3))
+    assert _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(0.3)) == (1, pytest.approx(0.075))
     assert tried == [0.5, 0.375, 0.25]
     tried.clear()
-    _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", lambda config: tried.append(1))  # out of time: None
+    assert _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", holds_up_to(1.0)) is None  # every ratio held
+    tried.clear()
+    assert _bisect_prune(space, [0.25, 0.375, 0.5, 0.625], "int8", lambda config: tried.append(1)) is None  # no time
     assert tried == [1]
+
+
+def _small_space():
+    from edgepasses.search.space import SearchSpace, layer_groups
+
+    return SearchSpace(layer_groups(edgepasses.compress(small_cnn(), batches()[0], "fold_bn")))
+
+
+def _ratio(config: dict) -> float:
+    return max(v for k, v in config.items() if k.startswith("prune:"))
+
+
+def test_a_near_miss_prune_ratio_is_tried_again_with_longer_distillation(monkeypatch):
+    """The bisection's first miss, within RECOVERABLE_MISS budgets, is bisected again with recover_steps of
+    distillation: a real trial in the study, whose distillation length the rebuild reads back."""
+    from edgepasses.search import auto
+
+    tried = []
+
+    def fake_try(config, space, run_dir, run_until, deadline, trials, distill_steps=None):
+        tried.append((_ratio(config), distill_steps))
+        limit = 0.5 if distill_steps else 0.25  # longer distillation holds a larger ratio
+        return _ratio(config) <= limit, 0.02 if _ratio(config) <= 0.5 else 0.5
+
+    monkeypatch.setattr(auto, "_try", fake_try)
+    monkeypatch.setattr(auto, "_feasible", lambda front, pipeline: True)   # the int8 seed held
+    monkeypatch.setattr("edgepasses.search.run.search", lambda *args, **kwargs: None)  # no real trials
+    search = auto.SearchOptions(prune_ratios=(0.0, 0.25, 0.375, 0.5, 0.625), recover_steps=900)
+    auto._search(None, (), auto.Data([], []), None, 1.0, None, _small_space(), 0.01, search, None, None, None)
+    assert tried == [(0.5, None), (0.375, None), (0.25, None), (0.5, 900), (0.625, 900)]
+    tried.clear()
+    auto._search(None, (), auto.Data([], []), None, 1.0, None, _small_space(), 0.001, search, None, None, None)
+    assert tried == [(0.5, None), (0.375, None), (0.25, None)]  # a miss of 20 budgets: no recovery

@@ -40,6 +40,7 @@ KNOBS = ("quant", "prune", "lowrank", "sparse24")
 # 2:4 pays only where a kernel skips the zeros: the reference target's int8 2:4 Linear.
 SPARSE_TARGETS = ("reference",)
 FP32 = "fp32 on the target"
+RECOVERABLE_MISS = 3.0  # a uniform prune ratio that lost at most this many budgets gets a recovery try
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class SearchOptions:
     distill_steps: int = option(400, "Flash-distillation steps (on the calibration batches) after pruning, "
                                      "low-rank or 2:4; 0: none.")
     distill_lr: float = option(3e-4, "Its learning rate.")
+    recover_steps: int = option(1200, "Distillation steps of the recovery trials: where the largest uniform "
+                                      "prune ratio that holds the budget is followed by a near miss, the larger "
+                                      "ratios are tried again with this longer distillation; 0: none.")
     rounds: int = option(5, "Interleaved timing rounds per trial.")
     warmup: int = option(2, "Untimed calls of each program before them.")
     confirm_rounds: int = option(20, "Timing rounds of the final comparison (auto, fp32, OpenVINO fp32, NNCF).")
@@ -291,35 +295,54 @@ def _search(base, example_inputs, data: "Data", evaluate, baseline, target, spac
 
     front = run_until(min(2, search.trials))
     int8 = _feasible(front, space.pipeline(space.uniform("int8")))
-    _bisect_prune(space, sorted(r for r in search.prune_ratios if r > 0), "int8" if int8 else "float",
-                  lambda config: _try(config, space, run_dir, run_until, deadline, search.trials))
+    ratios = sorted(r for r in search.prune_ratios if r > 0)
+
+    def try_config(config: dict, distill_steps: int | None = None) -> tuple[bool, float] | None:
+        return _try(config, space, run_dir, run_until, deadline, search.trials, distill_steps)
+
+    quant = "int8" if int8 else "float"
+    missed = _bisect_prune(space, ratios, quant, try_config)
+    if search.recover_steps and missed is not None and missed[1] <= RECOVERABLE_MISS * budget:
+        _bisect_prune(space, ratios[missed[0]:], quant, lambda config: try_config(config, search.recover_steps))
     return run_until(search.trials)
 
 
-def _bisect_prune(space, ratios: list[float], quant: str, try_config: Callable[[dict], bool | None]) -> None:
+def _bisect_prune(space, ratios: list[float], quant: str,
+                  try_config: Callable[[dict], tuple[bool, float] | None]) -> tuple[int, float] | None:
     """The largest uniform prune ratio (on every prunable group but the stem) that holds the budget, found
     in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A cheap start for the sampler,
-    which then mixes ratios per group around it."""
+    which then mixes ratios per group around it. Returns (index, accuracy drop) of the smallest ratio
+    found to miss the budget; None when none did, or no trial was left."""
     groups = space.prunable_after_first()
-    feasible, infeasible = -1, len(ratios)
+    feasible, infeasible, missed = -1, len(ratios), None
     while groups and infeasible - feasible > 1:
         middle = (feasible + infeasible + 1) // 2
-        held = try_config(space.pruned(ratios[middle], groups, quant))
-        if held is None:  # out of time or trials
-            return
-        feasible, infeasible = (middle, infeasible) if held else (feasible, middle)
+        tried = try_config(space.pruned(ratios[middle], groups, quant))
+        if tried is None:  # out of time or trials
+            return None
+        held, drop = tried
+        if held:
+            feasible = middle
+        else:
+            infeasible, missed = middle, (middle, drop)
+    return missed
 
 
-def _try(config: dict, space, run_dir: Path, run_until, deadline: float, trials: int) -> bool | None:
-    """Whether `config` holds the budget, measured as the next trial; None when no trial is left."""
+def _try(config: dict, space, run_dir: Path, run_until, deadline: float, trials: int,
+         distill_steps: int | None = None) -> tuple[bool, float] | None:
+    """(whether `config` holds the budget, its accuracy drop), measured as the next trial (with
+    `distill_steps` of distillation, when not the search's); None when no trial is left."""
+    from .engine import DISTILL_STEPS
     from .study import done_count, open_study, storage_for
 
     study = open_study(storage_for(run_dir), ["minimize", "maximize"])
     done = done_count(study)
     if time.time() >= deadline or done >= trials:
         return None
-    study.enqueue_trial(config)
-    return _feasible(run_until(done + 1), space.pipeline(config))
+    study.enqueue_trial(config, user_attrs={DISTILL_STEPS: distill_steps} if distill_steps else None)
+    number = len(study.trials) - 1
+    point = next((p for p in run_until(done + 1).all_points if p.trial == number), None)
+    return (False, float("inf")) if point is None else (point.feasible, point.accuracy_drop)
 
 
 def _feasible(front, pipeline: str) -> bool:
@@ -375,7 +398,7 @@ def _first_within(front, budget, kept: KeptFastest, base, example_inputs, data: 
                           distill_lr=search.distill_lr, canonical=True)
     for point in candidates:
         head, tail = space.split({**space.uniform("float"), **trial_params(run_dir, point.trial)}, True)
-        gm, records, distilled = evaluator.compress(head, tail)
+        gm, records, distilled = evaluator.compress(head, tail, (point.distill or {}).get("steps"))
         program = lower(gm)
         score = evaluate(program)
         if front.baseline_accuracy - score <= budget:

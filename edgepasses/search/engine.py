@@ -45,12 +45,17 @@ class Spec:
                          distill_lr=self.distill_lr, canonical=self.canonical)
 
 
-def _known(study, pipeline: str) -> dict[str, Any] | None:
-    """The measurement of a finished trial with the same pipeline: samplers repeat themselves."""
+DISTILL_STEPS = "distill_steps"  # a trial's user attribute: its distillation length, when not the search's
+
+
+def _known(study, pipeline: str, distill_steps: int | None) -> dict[str, Any] | None:
+    """The measurement of a finished trial with the same pipeline and distillation: samplers repeat
+    themselves."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("pipeline") == pipeline and "latency_ms" in t.user_attrs:
+        if (t.user_attrs.get("pipeline") == pipeline and t.user_attrs.get(DISTILL_STEPS) == distill_steps
+                and "latency_ms" in t.user_attrs):
             return dict(t.user_attrs)
     return None
 
@@ -69,13 +74,14 @@ def make_objective(spec: Spec, evaluator: Evaluator | None = None) -> Callable[[
         head, tail = spec.space.split(config, with_calibration)
         pipeline = spec.space.pipeline(config, with_calibration)
         trial.set_user_attr("pipeline", pipeline)
-        attrs = _known(trial.study, pipeline)
+        distill_steps = trial.user_attrs.get(DISTILL_STEPS)  # enqueued with the trial (auto's recovery)
+        attrs = _known(trial.study, pipeline, distill_steps)
         lut_sum = None
         if attrs is None and table is not None:
             lut_sum = _screen(trial, spec, evaluator, table, config, head)
         if attrs is None:
             try:
-                attrs = evaluator.measure(head, tail).to_attrs()
+                attrs = evaluator.measure(head, tail, distill_steps).to_attrs()
                 if table is not None:
                     table.record(trial.number, lut_sum, attrs["latency_ms"], pipeline)
                     attrs["lut_sum_ms"] = lut_sum

@@ -85,28 +85,31 @@ class Evaluator:
         with torch.no_grad():
             return Pipeline.parse(pipeline).run(gm, ctx)
 
-    def compress(self, head: str, tail: str | None = None) -> tuple[torch.fx.GraphModule, list, dict | None]:
-        """Run `head`, flash-distil (when asked and `head` changed the structure), then `tail`."""
+    def compress(self, head: str, tail: str | None = None,
+                 distill_steps: int | None = None) -> tuple[torch.fx.GraphModule, list, dict | None]:
+        """Run `head`, flash-distil (when asked and `head` changed the structure), then `tail`;
+        `distill_steps`: this candidate's distillation length, when not the evaluator's."""
         gm = self._run(copy.deepcopy(self.base), head)
         records = [dataclasses.asdict(r) for r in gm.edge_report.records]
         distilled = None
-        if self.distill_steps and any(s.name in ("prune", "lowrank", "sparsify_24") for s in Pipeline.parse(head)):
+        steps = self.distill_steps if distill_steps is None else distill_steps
+        if steps and any(s.name in ("prune", "lowrank", "sparsify_24") for s in Pipeline.parse(head)):
             from ..distill import distill
 
             # Seeded: the same candidate again (auto rebuilds the one it picks); gradients even when the
             # caller runs under no_grad (the edge backend compiles under it).
             with torch.random.fork_rng(), torch.enable_grad():
                 torch.manual_seed(0)
-                gm = distill(gm, self.model, self.distill_data, steps=self.distill_steps, lr=self.distill_lr)
+                gm = distill(gm, self.model, self.distill_data, steps=steps, lr=self.distill_lr)
             distilled = dict(gm.edge_distill)
         if tail:
             gm = self._run(gm, tail)
             records += [dataclasses.asdict(r) for r in gm.edge_report.records]
         return gm, records, distilled
 
-    def measure(self, head: str, tail: str | None = None) -> Measurement:
+    def measure(self, head: str, tail: str | None = None, distill_steps: int | None = None) -> Measurement:
         start = time.perf_counter()
-        gm, records, distilled = self.compress(head, tail)
+        gm, records, distilled = self.compress(head, tail, distill_steps)
         program = self.target.lower(gm, self.example_inputs)
         build_s = time.perf_counter() - start
         lowering = program.edge_lowering
