@@ -103,6 +103,7 @@ class TargetBase:
     quant_caps = QuantCaps()
     artifact_files: tuple[str, ...] = ()
     native_code = False
+    sparse24_kernels = False  # runs 2:4-sparse Linears on a kernel that skips the zeros
 
     def unavailable_reason(self) -> str | None:
         return None

@@ -6,17 +6,26 @@ converter rejects, which it would otherwise leave to PyTorch) is split into part
 handed to the rest of the list, and so on down the list; only the last target's leftovers run
 in PyTorch. One WARNING per hand-over names the ops, and `Lowering.placements` says which
 target runs which partition.
+
+2:4-sparse Linears (`sparsify_24`) go to a later target with a 2:4 kernel when the first has none
+(OpenVINO's CPU plugin would run them dense): "openvino,reference" runs the rest of the graph on
+OpenVINO and those layers on the reference target's 2:4 kernel. `pipeline="auto"` measures whether
+that pays.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch.fx
 
-from . import Lowering, Target, TargetBase
-from .partition import compute_ops, handing_on_fallbacks, lower_by_partition, report_fallbacks
+from edgepasses.graph_utils import LINEAR_OPS
+
+from . import Lowering, Target, TargetBase, tensors_mb
+from .partition import (compute_ops, handing_on_fallbacks, lower_by_partition, report_fallbacks, sparse24_layers,
+                        with_quant_partners)
 
 log = logging.getLogger("edgepasses")
 
@@ -53,6 +62,11 @@ class TargetChain(TargetBase):
         return cls(available)
 
     @property
+    def sparse24_kernels(self) -> bool:
+        """Whether its 2:4 Linears run on a 2:4 kernel: on a later target where the first has none."""
+        return any(t.sparse24_kernels for t in self.targets)
+
+    @property
     def quant_caps(self):
         """Passes prepare the graph for the target that runs most of it: the first."""
         return self.targets[0].quant_caps
@@ -67,6 +81,10 @@ class TargetChain(TargetBase):
             lowered = first.lower(gm, example_inputs, strict=strict, precision=precision, cache_dir=cache_dir)
             _fill_placements(lowered.edge_lowering, lowered, compute_ops(gm))
             return lowered
+        sparse = _sparse_linears_for(first, rest, gm)
+        if sparse:
+            return self._sparse_on_rest(gm, sparse, first, rest, strict=strict, precision=precision,
+                                        cache_dir=cache_dir)
         with handing_on_fallbacks():
             lowered = first.lower(gm, example_inputs, strict=False, precision=precision, cache_dir=cache_dir)
         lowering = lowered.edge_lowering
@@ -80,6 +98,29 @@ class TargetChain(TargetBase):
                     len(lowering.fallbacks), rest.name, "\n".join(f"  - {f}" for f in lowering.fallbacks))
         return self._hand_on(lowered, lowering, handed, rest, strict=strict, precision=precision,
                              cache_dir=cache_dir)
+
+    def _sparse_on_rest(self, gm: torch.fx.GraphModule, sparse: set[str], first: Target, rest: "TargetChain",
+                        **options) -> torch.fx.GraphModule:
+        """`first` runs the graph but the 2:4-sparse Linears `sparse` (node names), which `rest` runs."""
+        lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # partitioning rewrites the graph
+        reason = f"2:4-sparse Linear: {first.name} has no 2:4 kernel, {rest.name} has"
+        handed = with_quant_partners(lowered, {n: reason for n in lowered.graph.nodes if n.name in sparse})
+        programs = []
+
+        def lower_on_first(sub: torch.fx.GraphModule, samples: tuple) -> Callable:
+            programs.append(first.lower(sub, samples, **options))
+            return programs[-1]
+
+        lower_by_partition(lowered, handed, lower_on_first, prefix=f"{first.name}_")
+        log.info("target %r: %d 2:4-sparse Linear(s) run on %s, the rest of the graph on %s", self.name,
+                 len(sparse), rest.name, first.name)
+        lowering = Lowering(first.name, ",".join(sorted({p.edge_lowering.precision for p in programs}))
+                            or options["precision"], len(programs),
+                            int8_ops=sum(p.edge_lowering.int8_ops for p in programs),
+                            weights_mb=sum(p.edge_lowering.weights_mb for p in programs) + tensors_mb(lowered))
+        names = {n.name for n in handed}
+        return self._hand_on(lowered, lowering, {n for n in lowered.graph.nodes if n.name in names}, rest,
+                             **options)
 
     def _hand_on(self, lowered: torch.fx.GraphModule, lowering: Lowering, handed: set[torch.fx.Node],
                  rest: "TargetChain", **options) -> torch.fx.GraphModule:
@@ -99,8 +140,17 @@ class TargetChain(TargetBase):
             target=",".join(dict.fromkeys([lowering.target] + [s.target for s in subs])),
             precision=lowering.precision, partitions=lowering.partitions + sum(s.partitions for s in subs),
             fallbacks=[f for s in subs for f in s.fallbacks], int8_ops=lowering.int8_ops + sum(s.int8_ops for s in subs),
+            sparse24_ops=lowering.sparse24_ops + sum(s.sparse24_ops for s in subs),
             weights_mb=lowering.weights_mb, placements=placements)
         return lowered
+
+
+def _sparse_linears_for(first: Target, rest: TargetChain, gm: torch.fx.GraphModule) -> set[str]:
+    """The 2:4-sparse Linears of `gm` (node names) that go to `rest`: where `first` has no 2:4 kernel
+    and a target in `rest` has."""
+    if first.sparse24_kernels or not any(t.sparse24_kernels for t in rest.targets):
+        return set()
+    return {n.name for n in sparse24_layers(gm) if n.target in LINEAR_OPS}
 
 
 def _handed_nodes(lowered, lowering: Lowering) -> set[torch.fx.Node]:

@@ -88,7 +88,8 @@ def warn_dense_sparse24(target: str, layers: list[torch.fx.Node], why: str) -> N
 
 
 def sparse24_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.meta.get(SPARSE24)]
+    # call_function only: a partition's placeholder copies the meta of the layer whose output it takes
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(SPARSE24)]
 
 
 def compute_ops(gm: torch.fx.GraphModule) -> int:

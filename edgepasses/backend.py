@@ -403,10 +403,11 @@ def _compile_auto(canonical, user_inputs: tuple, opts: EdgeOptions, target, orig
     """(lowered program, EdgeCompilation) of pipeline="auto": the search's pick, through the compile cache
     (whose entry also keeps the search's run directory, to resume it) when there is a cache_dir."""
     from . import compile_cache
-    from .search.auto import AutoResult, auto_compress, check_auto_inputs
+    from .search.auto import AutoResult, auto_compress, check_auto_inputs, with_2_4_kernel
 
     start = time.perf_counter()
     batches = check_auto_inputs(opts.calibration)
+    target = with_2_4_kernel(target, opts.search)
     with torch.no_grad(), torch._guards.tracing(None):
         key = parts = None
         # The metric's score of the float graph: part of the cache key, and the search's baseline.

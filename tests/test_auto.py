@@ -230,3 +230,21 @@ def test_a_near_miss_prune_ratio_is_tried_again_with_longer_distillation(monkeyp
     tried.clear()
     auto._search(None, (), auto.Data([], []), None, 1.0, None, _small_space(), 0.001, search, None, None, None)
     assert tried == [(0.5, None), (0.375, None), (0.25, None)]  # a miss of 20 budgets: no recovery
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_mixed_placement_adds_the_2_4_kernel_where_it_packs_the_targets_int8_weights(monkeypatch, saturates):
+    """On CPUs whose int8 path takes 7-bit weights, an OpenVINO search may run 2:4 Linears on the reference
+    kernel (the chain "openvino,reference"); with 8-bit weights that kernel would run them dense."""
+    from edgepasses.backends import get_target
+    from edgepasses.search.auto import SearchOptions, with_2_4_kernel
+
+    pytest.importorskip("openvino")
+    monkeypatch.setattr("edgepasses.quant.cpu_int8_saturates", lambda: saturates)
+    openvino = get_target("openvino")
+    chosen = with_2_4_kernel(openvino, SearchOptions())
+    assert chosen.name == ("openvino,reference" if saturates else "openvino")
+    assert chosen.sparse24_kernels == saturates
+    assert with_2_4_kernel(chosen, SearchOptions()) is chosen  # resolved once, by the backend before its cache
+    assert with_2_4_kernel(openvino, SearchOptions(mixed=False)) is openvino
+    assert with_2_4_kernel(openvino, SearchOptions(knobs=("quant", "prune"))) is openvino

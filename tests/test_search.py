@@ -39,6 +39,7 @@ def test_space_writes_parseable_per_group_pipelines():
     space = SearchSpace(layer_groups(gm))
     assert [g.name for g in space.groups] == ["0", "2", "5"]
     assert [g.linear_only for g in space.groups] == [False, False, True]
+    assert [g.has_linear for g in space.groups] == [False, False, True]  # where 2:4 is searched
     config = {**space.uniform("int8"), "prune:0": 0.25, "lowrank:5": 0.9, "quant:2": "float", "quant:5": "w4",
               "sparse24:2": True}
     text = space.pipeline(config)

@@ -38,6 +38,7 @@ class ReferenceTarget(TargetBase):
     # The int8 kernels are exact for any int8 weight, but their fast AVX2 path adds u8·s8 pairs in
     # 16 bits (vpmaddubsw), which is exact only for 7-bit weights: ask for those where it is the path.
     quant_caps = QuantCaps(bits=(8,), saturating_int8=cpu_int8_saturates())
+    sparse24_kernels = True  # float, and int8 on 7-bit codes
 
     def __init__(self, compile: bool | None = None):
         """`compile`: run the rewritten graph as Inductor's compiled C++ around our kernels (its glue

@@ -37,8 +37,6 @@ log = logging.getLogger("edgepasses")
 AUTO = "auto"
 FIDELITY = "mean cosine to the float model's outputs on the held-out calibration batches"
 KNOBS = ("quant", "prune", "lowrank", "sparse24")
-# 2:4 pays only where a kernel skips the zeros: the reference target's int8 2:4 Linear.
-SPARSE_TARGETS = ("reference",)
 FP32 = "fp32 on the target"
 RECOVERABLE_MISS = 3.0  # a uniform prune ratio that lost at most this many budgets gets a recovery try
 
@@ -66,6 +64,9 @@ class SearchOptions:
     sampler: Literal["tpe", "nsga2", "random"] = option("tpe", "The Optuna sampler after the seed trials.")
     workers: str | None = option(None, "'ray' (local) or 'ray://host:port': trials as Ray tasks.")
     num_workers: int | None = option(None, "How many Ray workers.")
+    mixed: bool = option(True, "Where the target has no 2:4 kernel (OpenVINO), candidates may run their 2:4 "
+                               "Linears on the reference target's kernel and the rest on the target; on CPUs "
+                               "whose int8 path takes 7-bit weights, the ones that kernel packs.")
     lut: bool = option(False, "Screen candidates with the per-layer latency table (one process only).")
     progress: bool = option(False, "Show a progress bar over the trials.")
 
@@ -214,12 +215,12 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     evaluate = evaluate or fidelity(base, held_out)
     baseline = evaluate(base) if baseline is None else baseline
     budget = max_drop * abs(baseline)
-    target = get_target(target) if isinstance(target, str) else target
+    target = with_2_4_kernel(get_target(target) if isinstance(target, str) else target, search)
     scratch = run_dir is None  # the search's storage, removed at the end (a cache_dir keeps it, to resume)
     run_dir = Path(tempfile.mkdtemp(prefix="edgepasses-auto-")) if scratch else Path(run_dir)
     lower = functools.partial(_lower, target=target, example_inputs=example_inputs, **(lower_kwargs or {}))
     reference = lower(copy.deepcopy(base))
-    space = _space(base, search, target.name)
+    space = _space(base, search, target)
     data = Data(spread_batches(batches, search.calibration_batches), [(b, None) for b in batches])
     kept = KeptFastest(baseline, budget)
     start = time.perf_counter()
@@ -247,13 +248,30 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     return gm, program, result
 
 
-def _space(base: torch.fx.GraphModule, search: SearchOptions, resolved_target: str):
+def with_2_4_kernel(target, search: SearchOptions):
+    """`target`, or "target,reference" when `mixed`: a candidate's 2:4 Linears then run on the reference
+    target's 2:4 kernel and the rest of it on `target`, measured like any candidate. The backend resolves
+    it before its cache lookup, so that a cache hit places the pick's layers as the search did."""
+    from ..backends import get_target
+    from ..backends.chain import TargetChain
+    from ..quant import cpu_int8_saturates
+
+    if not (search.mixed and "sparse24" in search.knobs) or target.sparse24_kernels:
+        return target
+    reference = get_target("reference")
+    # The int8 2:4 kernel takes 7-bit codes, what a target's quantization gives where int8 saturates.
+    if not cpu_int8_saturates() or reference.unavailable_reason() is not None:
+        return target
+    return TargetChain([target, reference])
+
+
+def _space(base: torch.fx.GraphModule, search: SearchOptions, target):
     from .space import SearchSpace, layer_groups
 
     knobs = set(search.knobs)
     return SearchSpace(layer_groups(base), quantize="quant" in knobs, prune="prune" in knobs,
                        lowrank="lowrank" in knobs,
-                       sparsify_24="sparse24" in knobs and resolved_target in SPARSE_TARGETS,
+                       sparsify_24="sparse24" in knobs and target.sparse24_kernels,
                        prune_ratios=tuple(search.prune_ratios))
 
 
@@ -471,7 +489,8 @@ def _peers(base, example_inputs, batches, resolved_target: str) -> dict[str, Cal
                     "beside the result", exc)
         return {}
     model_type = "TRANSFORMER" if _has_attention(base) else None
-    peers = {} if resolved_target == "openvino" else {"openvino fp32": openvino_direct(base, example_inputs)}
+    on_openvino = resolved_target.split(",")[0] == "openvino"  # "openvino,reference": mixed placement
+    peers = {} if on_openvino else {"openvino fp32": openvino_direct(base, example_inputs)}
     peers["nncf int8"] = nncf_int8(base, example_inputs, batches, model_type=model_type)
     return peers
 

@@ -26,6 +26,7 @@ class Group:
     name: str
     layers: tuple[str, ...]
     linear_only: bool
+    has_linear: bool           # 2:4 pays only on Linears: the one 2:4 kernel on CPUs is the reference target's
     patterns: tuple[str, ...]  # whole-name regexes matching exactly this group's layers (and their
                                # low-rank factors), free of backslashes so the text stays readable
 
@@ -55,7 +56,8 @@ def layer_groups(gm: torch.fx.GraphModule) -> list[Group]:
         names = tuple(dict.fromkeys(n for n, _ in members))
         # the layer `key`, the layers under it, and low-rank factors; [.] keeps the text free of backslashes
         patterns = (key.replace(".", "[.]") + "([.].*)?",)
-        groups.append(Group(key, names, all(linear for _, linear in members), patterns))
+        linears = [linear for _, linear in members]
+        groups.append(Group(key, names, all(linears), any(linears), patterns))
     return groups
 
 
@@ -88,7 +90,7 @@ class SearchSpace:
                 config[f"prune:{g.name}"] = trial.suggest_categorical(f"prune:{g.name}", self.prune_ratios)
             if self.lowrank:
                 config[f"lowrank:{g.name}"] = trial.suggest_categorical(f"lowrank:{g.name}", self.lowrank_energies)
-            if self.sparsify_24:
+            if self.sparsify_24 and g.has_linear:
                 config[f"sparse24:{g.name}"] = trial.suggest_categorical(f"sparse24:{g.name}", (False, True))
         return config
 
@@ -102,7 +104,7 @@ class SearchSpace:
                 config[f"prune:{g.name}"] = 0.0
             if self.lowrank:
                 config[f"lowrank:{g.name}"] = 0.0
-            if self.sparsify_24:
+            if self.sparsify_24 and g.has_linear:
                 config[f"sparse24:{g.name}"] = False
         return config
 

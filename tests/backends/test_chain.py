@@ -88,3 +88,45 @@ def test_target_options_configure_the_target_and_unknown_ones_are_refused():
         get_target("tvm", {"tvm": {"trails": 3}})
     with pytest.raises(OptionError, match="unknown target"):
         get_target("openvino", {"nvdla": {}})
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10)).eval()
+
+
+def test_sparse_linears_run_on_the_2_4_kernel_of_a_later_target_and_the_rest_on_openvino(caplog):
+    """OpenVINO has no 2:4 kernel: in "openvino,reference" the 2:4 Linears go to the reference kernel,
+    not dense onto OpenVINO, and nothing warns (no layer runs dense)."""
+    model, x = _mlp(), torch.randn(4, 64)
+    gm = edgepasses.compress(model, (x,), "sparsify_24(ignore=['4']),dce")
+    with caplog.at_level(logging.WARNING, logger="edgepasses"):
+        lowered = edgepasses.lower(gm, (x,), target="openvino,reference")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lowering = lowered.edge_lowering
+    assert lowering.target == "openvino,reference" and lowering.sparse24_ops == 2 and lowering.fallbacks == []
+    assert [p.target for p in lowering.placements].count("reference") == 2
+    assert [p.target for p in lowering.placements].count("openvino") >= 1
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_sparse_linears_keep_their_quantize_partners_on_the_same_target():
+    model, x = _mlp(), torch.randn(4, 64)
+    calibration = [(torch.randn(4, 64),) for _ in range(4)]
+    gm = edgepasses.compress(model, (x,), "sparsify_24(ignore=['4']),quantize,dce", calibration=calibration,
+                             target="openvino")
+    lowered = edgepasses.lower(gm, (x,), target="openvino,reference")
+    assert {p.target for p in lowered.edge_lowering.placements} == {"openvino", "reference"}
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(lowered(x).flatten(), gm(x).flatten(), dim=0)
+    assert cosine > 0.999
+
+
+def test_a_chain_without_a_2_4_kernel_after_openvino_runs_sparse_layers_dense_on_it():
+    pytest.importorskip("tvm", reason="TVM is not installed")
+    model, x = _mlp(), torch.randn(4, 64)
+    gm = edgepasses.compress(model, (x,), "sparsify_24(ignore=['4']),dce")
+    lowered = edgepasses.lower(gm, (x,), target="openvino,tvm")
+    assert lowered.edge_lowering.target == "openvino" and lowered.edge_lowering.sparse24_ops == 0
