@@ -200,9 +200,7 @@ def test_prune_bisection_finds_the_largest_ratio_within_budget_in_few_trials():
 
 
 def _small_space():
-    from edgepasses.search.space import SearchSpace, layer_groups
-
-    return SearchSpace(layer_groups(edgepasses.compress(small_cnn(), batches()[0], "fold_bn")))
+    return _small_space_of(edgepasses.compress(small_cnn(), batches()[0], "fold_bn"))
 
 
 def _ratio(config: dict) -> float:
@@ -248,3 +246,38 @@ def test_mixed_placement_adds_the_2_4_kernel_where_it_packs_the_targets_int8_wei
     assert with_2_4_kernel(chosen, SearchOptions()) is chosen  # resolved once, by the backend before its cache
     assert with_2_4_kernel(openvino, SearchOptions(mixed=False)) is openvino
     assert with_2_4_kernel(openvino, SearchOptions(knobs=("quant", "prune"))) is openvino
+
+
+def test_where_int8_misses_the_budget_the_sensitive_group_stays_float_in_the_seed():
+    """An input channel the first layer ignores but whose huge values set its per-tensor int8 input range
+    ruins that layer alone; accuracy control's sensitivity keeps it float, and the seed trial keeps its
+    group float and int8 elsewhere."""
+    from edgepasses.backends import get_target
+    from edgepasses.search.auto import Data, _sensitivity_seed, fidelity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8),
+                          nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0.0
+    g = torch.Generator().manual_seed(2)
+    scale = torch.ones(16)
+    scale[0] = 1e4
+    data = [(torch.randn(8, 16, generator=g) * scale,) for _ in range(6)]
+    base = edgepasses.compress(model, data[0], "fold_bn")
+    space = _small_space_of(base)
+    evaluate = fidelity(base, data[4:])
+    int8 = edgepasses.compress(model, data[0], "fold_bn,quantize", calibration=data[:4])
+    assert evaluate(int8) < 0.99, "the setup: int8 everywhere misses cosine 0.99"
+    tried = []
+    seed = _sensitivity_seed(base, data[0], Data(data[:4], []), evaluate, 0.01, 1.0,
+                             get_target("reference"), space,
+                             lambda config: tried.append(config) or (True, 0.0))
+    assert tried == [seed]
+    assert seed["quant:0"] == "float" and "int8" in {seed[f"quant:{g.name}"] for g in space.groups}
+
+
+def _small_space_of(gm):
+    from edgepasses.search.space import SearchSpace, layer_groups
+
+    return SearchSpace(layer_groups(gm))

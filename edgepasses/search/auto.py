@@ -318,17 +318,44 @@ def _search(base, example_inputs, data: "Data", evaluate, baseline, target, spac
     def try_config(config: dict, distill_steps: int | None = None) -> tuple[bool, float] | None:
         return _try(config, space, run_dir, run_until, deadline, search.trials, distill_steps)
 
-    quant = "int8" if int8 else "float"
+    if int8 or time.time() >= deadline:
+        quant = space.uniform("int8" if int8 else "float")
+    else:
+        quant = _sensitivity_seed(base, example_inputs, data, evaluate, budget, baseline, target, space, try_config)
     missed = _bisect_prune(space, ratios, quant, try_config)
     if search.recover_steps and missed is not None and missed[1] <= RECOVERABLE_MISS * budget:
         _bisect_prune(space, ratios[missed[0]:], quant, lambda config: try_config(config, search.recover_steps))
     return run_until(search.trials)
 
 
-def _bisect_prune(space, ratios: list[float], quant: str,
+def _sensitivity_seed(base, example_inputs, data: "Data", evaluate, budget: float, baseline: float, target, space,
+                      try_config) -> dict:
+    """Where int8 everywhere misses the budget: int8 on every group but those holding the layers that
+    quantize's accuracy control keeps float against the search's own score (its sensitivity ranking,
+    then the fewest float layers that hold), as the next trial. Its quant choices when it holds (the
+    bisection then prunes on top of them), else float everywhere."""
+    from ..pass_base import PassContext
+    from ..pipeline import Pipeline
+    from ..quant.accuracy_control import AccuracyControl
+
+    max_drop = budget / abs(baseline) if baseline else 0.0
+    ctx = PassContext(example_inputs=example_inputs, calibration=data.calibration, target=target,
+                      accuracy=AccuracyControl(evaluate, max_drop))
+    try:
+        gm = Pipeline.parse("fold_bn,quantize").run(copy.deepcopy(base), ctx)
+    except OptionError as exc:  # e.g. a metric that scores the float graph twice apart
+        log.info("edge: auto: no sensitivity seed (%s)", exc)
+        return space.uniform("float")
+    float_layers = next(r.stats for r in gm.edge_report.records if r.step.startswith("quantize"))["float_layers"]
+    config = space.float_where(set(float_layers))
+    tried = try_config(config)
+    return config if tried is not None and tried[0] else space.uniform("float")
+
+
+def _bisect_prune(space, ratios: list[float], quant: "str | dict",
                   try_config: Callable[[dict], tuple[bool, float] | None]) -> tuple[int, float] | None:
-    """The largest uniform prune ratio (on every prunable group but the stem) that holds the budget, found
-    in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A cheap start for the sampler,
+    """The largest uniform prune ratio (on every prunable group but the stem; the quant choices of `quant`)
+    that holds the budget, found in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A cheap start for the sampler,
     which then mixes ratios per group around it. Returns (index, accuracy drop) of the smallest ratio
     found to miss the budget; None when none did, or no trial was left."""
     groups = space.prunable_after_first()

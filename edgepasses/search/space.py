@@ -108,10 +108,17 @@ class SearchSpace:
                 config[f"sparse24:{g.name}"] = False
         return config
 
-    def pruned(self, ratio: float, groups: list[Group], quant: str = "int8") -> dict[str, Any]:
-        """`quant` everywhere and `ratio` on `groups`, nothing else."""
-        config = self.uniform(quant)
+    def pruned(self, ratio: float, groups: list[Group], quant: "str | dict[str, Any]" = "int8") -> dict[str, Any]:
+        """`quant` everywhere (or the quant choices of a configuration) and `ratio` on `groups`, nothing else."""
+        config = self.uniform(quant) if isinstance(quant, str) else dict(quant)
         config.update({f"prune:{g.name}": ratio for g in groups})
+        return config
+
+    def float_where(self, float_layers: set[str], quant: str = "int8") -> dict[str, Any]:
+        """`quant` everywhere but the groups holding one of `float_layers`, which stay float."""
+        config = self.uniform(quant)
+        if self.quantize:
+            config.update({f"quant:{g.name}": "float" for g in self.groups if float_layers & set(g.layers)})
         return config
 
     def prunable_after_first(self) -> list[Group]:
