@@ -31,6 +31,25 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
+def local_ray():
+    """A local Ray instance (its own processes), or a skip where Ray is not installed (`make test`
+    installs it: the ray extra); installed but not importable is a failure, not a skip."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("ray")
+    except PackageNotFoundError:
+        pytest.skip("Ray is not installed (pip install 'edgepasses[ray]')")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
 def one_thread():
     """Torch on one thread: repeatable float sums, and on two shared cores the small tensor ops of
     calibration run 10-20x faster than with the thread pool."""

@@ -281,3 +281,14 @@ def _small_space_of(gm):
     from edgepasses.search.space import SearchSpace, layer_groups
 
     return SearchSpace(layer_groups(gm))
+
+
+def test_auto_runs_its_trials_on_local_ray_workers(local_ray):
+    """The canonical graph reaches the workers as an artifact in the run directory: its node metadata,
+    which the passes read, does not survive pickling."""
+    compiled, seen = compile_auto(small_cnn(), search={**QUICK, "workers": "ray", "num_workers": 2})
+    x = batches(6)[5][0]
+    out = compiled(x)
+    (compilation,) = seen
+    assert compilation.auto.pipeline is not None and compilation.auto.trials >= 2
+    assert mean_cosine([small_cnn()(x)], [out]) >= 0.98

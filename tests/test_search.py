@@ -138,28 +138,8 @@ def test_resume_after_kill_loses_no_finished_trial(tmp_path):
     assert meta["trials"] == len(before) + 2
 
 
-def _installed_ray():
-    """Ray, or a skip where it is not installed (`make test` installs it: the ray extra); installed but
-    not importable is a failure, not a skip."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("ray")
-    except PackageNotFoundError:
-        pytest.skip("Ray is not installed (pip install 'edgepasses[ray]')")
-    import ray
-
-    return ray
-
-
-def test_search_on_local_ray(tmp_path):
-    ray = _installed_ray()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local instance, its own processes
-    try:
-        front = search(tiny(), tiny_data(), trials=3, out=tmp_path, workers="ray", num_workers=2,
-                       sampler="random", **FAST)
-    finally:
-        ray.shutdown()
+def test_search_on_local_ray(tmp_path, local_ray):
+    front = search(tiny(), tiny_data(), trials=3, out=tmp_path, workers="ray", num_workers=2, sampler="random", **FAST)
     assert len(front.all_points) == 3 and (tmp_path / "journal.log").exists()
     assert len(load_front(tmp_path).all_points) == 3
 

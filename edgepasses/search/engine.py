@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from .space import SearchSpace
 @dataclass
 class Spec:
     """Everything a worker needs to build the same objective (picklable: Ray ships it)."""
-    model: torch.nn.Module
+    model: torch.nn.Module | None    # None: loaded from `graph_artifact` (a canonical graph shipped to Ray)
     example_inputs: tuple
     data: Sequence[tuple]
     eval_fn: EvalFn | None
@@ -35,11 +36,17 @@ class Spec:
     canonical: bool = False         # model is a canonical GraphModule already (pipeline="auto")
     deadline: float | None = None   # time.time() after which no trial starts (a search's budget_s)
     reference: Callable[..., Any] | None = field(default=None, repr=False)  # driver only, never shipped
+    graph_artifact: str | None = None  # where workers load the canonical graph from (`artifacts.save`)
 
     def evaluator(self) -> Evaluator:
         if self.threads:
             torch.set_num_threads(self.threads)
-        return Evaluator(self.model, self.example_inputs, self.data, eval_fn=self.eval_fn, target=self.target,
+        model = self.model
+        if model is None:
+            from ..artifacts import load
+
+            model = load(self.graph_artifact, program=False).graph
+        return Evaluator(model, self.example_inputs, self.data, eval_fn=self.eval_fn, target=self.target,
                          warmup=self.warmup, rounds=self.rounds, distill_steps=self.distill_steps,
                          distill_data=self.distill_data, reference=self.reference,
                          distill_lr=self.distill_lr, canonical=self.canonical)
@@ -142,5 +149,15 @@ def out_of_time(spec: Spec) -> bool:
     return spec.deadline is not None and time.time() >= spec.deadline
 
 
-def spec_without_reference(spec: Spec) -> Spec:
-    return dataclasses.replace(spec, reference=None)
+def spec_for_workers(spec: Spec, out: Path) -> Spec:
+    """The spec Ray ships: no reference program (it stays with the driver); a canonical graph as an
+    artifact in the run directory, which the workers see (its node metadata, which the passes read,
+    does not survive pickling)."""
+    if not spec.canonical:
+        return dataclasses.replace(spec, reference=None)
+    from ..artifacts import save
+
+    path = out / "canonical-graph"
+    if not path.exists():
+        save(spec.model, path, spec.example_inputs, target_artifact=False)
+    return dataclasses.replace(spec, reference=None, model=None, graph_artifact=str(path.resolve()))

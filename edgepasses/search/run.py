@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import Spec, out_of_time, run_local, spec_without_reference
+from .engine import Spec, out_of_time, run_local, spec_for_workers
 from .evaluate import EvalFn, Evaluator, time_programs
 from .front import Front, Point
 from .objectives import Scoring, parse_budget, parse_objectives
@@ -85,7 +85,7 @@ def search(model: torch.nn.Module, data: Sequence, eval_fn: EvalFn | None = None
         if workers:
             from .ray_runner import run_ray
 
-            run_ray(workers, out, spec_without_reference(spec), scoring.directions, sampler, trials, remaining,
+            run_ray(workers, out, spec_for_workers(spec, out), scoring.directions, sampler, trials, remaining,
                     seed, num_workers)
         else:
             attempts = 0  # trials the latency table screens out (PRUNED) are not done: draw more, within reason
