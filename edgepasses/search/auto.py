@@ -224,7 +224,7 @@ def auto_compress(base: torch.fx.GraphModule, example_inputs: tuple, calibration
     data = Data(spread_batches(batches, search.calibration_batches), [(b, None) for b in batches])
     kept = KeptFastest(baseline, budget)
     start = time.perf_counter()
-    with warnings_held_back(), _optuna_quiet():  # every trial's pass WARNINGs; failures are summed up below
+    with warnings_held_back(), _optuna_quiet(), _workers(search):  # trials' pass WARNINGs: summed up below
         front = _search(base, example_inputs, data, evaluate, baseline, target, space, budget, search, run_dir,
                         reference, kept)
     _warn_failures(run_dir)
@@ -273,6 +273,15 @@ def _space(base: torch.fx.GraphModule, search: SearchOptions, target):
                        lowrank="lowrank" in knobs,
                        sparsify_24="sparse24" in knobs and target.sparse24_kernels,
                        prune_ratios=tuple(search.prune_ratios))
+
+
+def _workers(search: SearchOptions):
+    """Ray, started once for the whole search (its seeds, bisection and sampler each run trials on it)."""
+    if not search.workers:
+        return contextlib.nullcontext()
+    from .ray_runner import ray_session
+
+    return ray_session(search.workers, search.num_workers)
 
 
 @contextlib.contextmanager
