@@ -364,9 +364,9 @@ def _sensitivity_seed(base, example_inputs, data: "Data", evaluate, budget: floa
 def _bisect_prune(space, ratios: list[float], quant: "str | dict",
                   try_config: Callable[[dict], tuple[bool, float] | None]) -> tuple[int, float] | None:
     """The largest uniform prune ratio (on every prunable group but the stem; the quant choices of `quant`)
-    that holds the budget, found in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A cheap start for the sampler,
-    which then mixes ratios per group around it. Returns (index, accuracy drop) of the smallest ratio
-    found to miss the budget; None when none did, or no trial was left."""
+    that holds the budget, found in about log2(len(ratios)) trials: accuracy falls as the ratio grows. A
+    cheap start for the sampler, which then mixes ratios per group around it. Returns (index, accuracy
+    drop) of the smallest ratio found to miss the budget; None when none did, or no trial was left."""
     groups = space.prunable_after_first()
     feasible, infeasible, missed = -1, len(ratios), None
     while groups and infeasible - feasible > 1:
