@@ -148,7 +148,7 @@ class TargetChain(TargetBase):
 def _sparse_linears_for(first: Target, rest: TargetChain, gm: torch.fx.GraphModule) -> set[str]:
     """The 2:4-sparse Linears of `gm` (node names) that go to `rest`: where `first` has no 2:4 kernel
     and a target in `rest` has."""
-    if first.sparse24_kernels or not any(t.sparse24_kernels for t in rest.targets):
+    if first.sparse24_kernels or not rest.sparse24_kernels:
         return set()
     return {n.name for n in sparse24_layers(gm) if n.target in LINEAR_OPS}
 

@@ -114,9 +114,9 @@ class SearchSpace:
         config.update({f"prune:{g.name}": ratio for g in groups})
         return config
 
-    def float_where(self, float_layers: set[str], quant: str = "int8") -> dict[str, Any]:
-        """`quant` everywhere but the groups holding one of `float_layers`, which stay float."""
-        config = self.uniform(quant)
+    def float_where(self, float_layers: set[str]) -> dict[str, Any]:
+        """int8 everywhere but the groups holding one of `float_layers`, which stay float."""
+        config = self.uniform("int8")
         if self.quantize:
             config.update({f"quant:{g.name}": "float" for g in self.groups if float_layers & set(g.layers)})
         return config
