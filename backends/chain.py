@@ -25,7 +25,7 @@ from edgepasses.graph_utils import LINEAR_OPS
 
 from . import Lowering, Target, TargetBase, tensors_mb
 from .partition import (compute_ops, handing_on_fallbacks, lower_by_partition, report_fallbacks, sparse24_layers,
-                        with_quant_partners)
+                        with_quant_partners, with_their_dequantizes)
 
 log = logging.getLogger("edgepasses")
 
@@ -104,7 +104,8 @@ class TargetChain(TargetBase):
         """`first` runs the graph but the 2:4-sparse Linears `sparse` (node names), which `rest` runs."""
         lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # partitioning rewrites the graph
         reason = f"2:4-sparse Linear: {first.name} has no 2:4 kernel, {rest.name} has"
-        handed = with_quant_partners(lowered, {n: reason for n in lowered.graph.nodes if n.name in sparse})
+        layers = with_their_dequantizes(lowered, [n for n in lowered.graph.nodes if n.name in sparse])
+        handed = with_quant_partners(lowered, dict.fromkeys(layers, reason))
         programs = []
 
         def lower_on_first(sub: torch.fx.GraphModule, samples: tuple) -> Callable:

@@ -159,6 +159,17 @@ def with_quant_partners(gm: torch.fx.GraphModule, unsupported: dict[torch.fx.Nod
     return kept
 
 
+def with_their_dequantizes(gm: torch.fx.GraphModule, layers: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """`layers` and the dequantizes they read, to be placed apart from the rest of the graph: each such
+    dequantize first gets its own copy of a quantize it shares with other readers (q/k/v reading one
+    input), so that `with_quant_partners` moves the layers' quantizes and not their neighbours'."""
+    dequantizes = {a for n in layers for a in n.all_input_nodes if is_dequantize(a)}
+    for group in quant_groups(gm):
+        if group & dequantizes and len(group) > 2:
+            _one_quantize_per_reader(gm, group)
+    return set(layers) | dequantizes
+
+
 def _split_quant_groups(partitions, groups: list[set[torch.fx.Node]]) -> list[set[torch.fx.Node]]:
     """The groups whose nodes the proposed partitions put in different places."""
     where = {node: id(p) for p in partitions for node in p.nodes}
